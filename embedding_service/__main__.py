@@ -1,0 +1,5 @@
+import sys
+
+from embedding_service.launcher import main
+
+sys.exit(main())

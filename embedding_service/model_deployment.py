@@ -1,0 +1,137 @@
+"""The model deployment: one sentence-transformers model per replica.
+
+Each call brings one mini-batch (shard). It is tokenized on arrival, then
+waits in a `@serve.batch` queue where shards of concurrent requests are
+gathered, sorted by length and run through the model together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from embedding_service.config import ModelSettings
+from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _Pending:
+    sequences: list[np.ndarray]
+    prompt: str | None
+    enqueued_ns: int
+
+
+@dataclass
+class _Computed:
+    vectors: np.ndarray
+    queue_ns: int
+    inference_ns: int
+
+
+def _resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class EmbeddingModel:
+    def __init__(self, settings: ModelSettings) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from embedding_service.tokenization import InputEncoder
+
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = _resolve_device(settings.device)
+        source = settings.resolved_path()
+        self.model = SentenceTransformer(
+            source,
+            device=self.device,
+            backend=settings.backend,
+            trust_remote_code=settings.trust_remote_code,
+        )
+        self.model.eval()
+        if settings.max_seq_length is not None:
+            self.model.max_seq_length = settings.max_seq_length
+        self.encoder = InputEncoder(self.model)
+        self.info = ModelInfo(
+            name=settings.name,
+            dimension=int(self.model.get_embedding_dimension()),
+            max_sequence_length=self.encoder.max_length,
+            prompts=dict(self.model.prompts or {}),
+            device=self.device,
+            backend=settings.backend,
+            vocab_size=self.encoder.vocab_size,
+            source=settings.path,
+        )
+        self._run_batch.set_max_batch_size(settings.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()
+        logger.info("model %s loaded from %s on %s", settings.name, source, self.device)
+
+    def describe(self) -> ModelInfo:
+        return self.info
+
+    def batch_stats(self) -> dict[int, int]:
+        """How many gathered batches of each size (in sequences) this replica ran."""
+        return dict(self.batch_sizes)
+
+    async def embed(self, request: ShardRequest) -> ShardResult:
+        opts = request.options
+        prompt = self.info.prompts.get(opts.prompt_name) if opts.prompt_name else None
+        prepared = self.encoder.prepare(request.inputs, opts.truncation, prompt)
+        counts = prepared.token_counts
+        if prepared.too_long:
+            return ShardResult(vectors=None, token_counts=counts, too_long=prepared.too_long)
+        computed = await self._run_batch(_Pending(prepared.sequences, prompt, time.perf_counter_ns()))
+        vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
+        return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
+
+    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(len(i.sequences) for i in items))
+    async def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
+        start_ns = time.perf_counter_ns()
+        total = sum(len(i.sequences) for i in items)
+        self.batch_sizes[total] += 1
+        # Shards with different prompts may need different pooling features:
+        # each prompt group runs on its own.
+        outputs: list[np.ndarray | None] = [None] * len(items)
+        for prompt in {i.prompt for i in items}:
+            members = [k for k, i in enumerate(items) if i.prompt == prompt]
+            sequences = [s for k in members for s in items[k].sequences]
+            vectors = self._forward(sequences, prompt)
+            offset = 0
+            for k in members:
+                n = len(items[k].sequences)
+                outputs[k] = vectors[offset : offset + n]
+                offset += n
+        inference_ns = time.perf_counter_ns() - start_ns
+        return [
+            _Computed(vectors=out, queue_ns=start_ns - item.enqueued_ns, inference_ns=inference_ns)
+            for item, out in zip(items, outputs)
+        ]
+
+    def _forward(self, sequences: list[np.ndarray], prompt: str | None) -> np.ndarray:
+        import torch
+
+        order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k]))
+        out = np.empty((len(sequences), self.info.dimension), dtype=np.float32)
+        step = self.settings.forward_batch_size
+        with torch.inference_mode():
+            for i in range(0, len(order), step):
+                rows = order[i : i + step]
+                features = self.encoder.features([sequences[k] for k in rows], prompt)
+                features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
+                emb = self.model(features)["sentence_embedding"]
+                out[rows] = emb.float().cpu().numpy()
+        return out

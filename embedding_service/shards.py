@@ -1,0 +1,84 @@
+"""What the router and the model replicas exchange, and how a job is cut into shards.
+
+Plain dataclasses and numpy arrays: cheap to pickle between Ray processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from embedding_service.tokenization import Policy
+
+Input = str | np.ndarray  # a text, or int32 token ids without special tokens
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    dimension: int
+    max_sequence_length: int
+    prompts: dict[str, str]
+    device: str
+    backend: str
+    vocab_size: int
+    source: str
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Per-request options, validated by the router."""
+
+    dimensions: int | None = None
+    normalize: bool = True
+    truncation: Policy = "end"
+    prompt_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardRequest:
+    inputs: list[Input]
+    options: EmbedOptions
+
+
+@dataclass
+class ShardResult:
+    vectors: np.ndarray | None  # (n, d) float32; None when inputs were rejected
+    token_counts: np.ndarray  # (n,) tokens per input, special tokens included
+    too_long: list[int] = field(default_factory=list)  # shard positions over the limit
+    queue_ns: int = 0
+    inference_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Positions (in the request) of the inputs one mini-batch carries."""
+
+    positions: np.ndarray
+
+
+def input_length(x: Input) -> int:
+    return len(x)
+
+
+def plan_shards(inputs: Sequence[Input], shard_size: int) -> list[Shard]:
+    """Sort inputs by length and cut them into mini-batches of similar lengths.
+
+    Similar lengths in one mini-batch keep padding (wasted compute) low.
+    """
+    lengths = np.fromiter((input_length(x) for x in inputs), dtype=np.int64, count=len(inputs))
+    order = np.argsort(-lengths, kind="stable")
+    return [Shard(order[i : i + shard_size]) for i in range(0, len(order), shard_size)]
+
+
+def postprocess(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Matryoshka truncation, then L2 normalization, in float32."""
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return vectors

@@ -1,0 +1,123 @@
+"""Checks a request against the limits and the model before any work is done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedding_service import errors
+from embedding_service.config import Limits
+from embedding_service.shards import EmbedOptions, Input, ModelInfo
+from embedding_service.v1 import embedding_pb2 as pb
+
+_POLICIES = {
+    pb.TRUNCATION_POLICY_UNSPECIFIED: "end",
+    pb.TRUNCATION_POLICY_END: "end",
+    pb.TRUNCATION_POLICY_START: "start",
+    pb.TRUNCATION_POLICY_REJECT: "reject",
+}
+_ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTOR_ENCODING_FLOAT32_LE}
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    inputs: list[Input]
+    options: EmbedOptions
+    raw_bytes: bool  # VECTOR_ENCODING_FLOAT32_LE
+
+
+def resolve_model_name(request, known: list[str], default: str) -> str:
+    name = request.model or default
+    if name not in known:
+        raise errors.not_found("MODEL_NOT_FOUND", f"model {name!r} is not served; served models: {known}", model=name)
+    return name
+
+
+def check_envelope(request, limits: Limits, max_inputs: int) -> None:
+    """Checks that need no model: size and count."""
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise errors.invalid(
+            "REQUEST_TOO_LARGE",
+            f"request is {size} bytes; the limit is {limits.max_request_bytes}",
+            bytes=size,
+            limit=limits.max_request_bytes,
+        )
+    n = len(request.inputs)
+    if n == 0:
+        raise errors.invalid("NO_INPUTS", "inputs must contain at least one input", field="inputs")
+    if n > max_inputs:
+        raise errors.invalid(
+            "TOO_MANY_INPUTS", f"{n} inputs in one call; the limit is {max_inputs}", count=n, limit=max_inputs
+        )
+
+
+def build_job(request, model: ModelInfo, limits: Limits) -> Job:
+    inputs: list[Input] = []
+    for index, item in enumerate(request.inputs):
+        kind = item.WhichOneof("kind")
+        if kind == "text":
+            text = item.text
+            if not text:
+                raise errors.invalid("EMPTY_INPUT", f"input {index} is an empty string", index=index)
+            if len(text) > limits.max_chars_per_input:
+                raise errors.invalid(
+                    "INPUT_TOO_LARGE",
+                    f"input {index} has {len(text)} characters; the limit is {limits.max_chars_per_input}",
+                    index=index,
+                    limit=limits.max_chars_per_input,
+                )
+            inputs.append(text)
+        elif kind == "token_ids":
+            ids = np.asarray(item.token_ids.ids, dtype=np.int32)
+            if ids.size == 0:
+                raise errors.invalid("EMPTY_INPUT", f"input {index} has no token ids", index=index)
+            if ids.size > limits.max_token_ids_per_input:
+                raise errors.invalid(
+                    "INPUT_TOO_LARGE",
+                    f"input {index} has {ids.size} token ids; the limit is {limits.max_token_ids_per_input}",
+                    index=index,
+                    limit=limits.max_token_ids_per_input,
+                )
+            bad = np.flatnonzero((ids < 0) | (ids >= model.vocab_size))
+            if bad.size:
+                token = int(ids[bad[0]])
+                raise errors.invalid(
+                    "TOKEN_ID_OUT_OF_RANGE",
+                    f"input {index} has token id {token} outside [0, {model.vocab_size}) of model {model.name!r}",
+                    index=index,
+                    token_id=token,
+                    vocab_size=model.vocab_size,
+                )
+            inputs.append(ids)
+        else:
+            raise errors.invalid("INPUT_MISSING", f"input {index} has neither text nor token_ids", index=index)
+
+    dimensions = request.dimensions if request.HasField("dimensions") else None
+    if dimensions is not None and not 1 <= dimensions <= model.dimension:
+        raise errors.invalid(
+            "INVALID_DIMENSIONS",
+            f"dimensions must be between 1 and {model.dimension} for model {model.name!r}, got {dimensions}",
+            dimensions=dimensions,
+            max=model.dimension,
+        )
+    if request.truncation not in _POLICIES:
+        raise errors.invalid("INVALID_TRUNCATION", f"unknown truncation policy {request.truncation}")
+    if request.encoding not in _ENCODINGS:
+        raise errors.invalid("INVALID_ENCODING", f"unknown vector encoding {request.encoding}")
+    prompt_name = request.prompt_name or None
+    if prompt_name is not None and prompt_name not in model.prompts:
+        raise errors.invalid(
+            "UNKNOWN_PROMPT",
+            f"model {model.name!r} has no prompt {prompt_name!r}; its prompts: {sorted(model.prompts)}",
+            prompt_name=prompt_name,
+        )
+    options = EmbedOptions(
+        dimensions=dimensions,
+        normalize=request.normalize if request.HasField("normalize") else True,
+        truncation=_POLICIES[request.truncation],
+        prompt_name=prompt_name,
+    )
+    return Job(model.name, inputs, options, raw_bytes=request.encoding == pb.VECTOR_ENCODING_FLOAT32_LE)

