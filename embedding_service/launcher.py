@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -73,17 +74,42 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="start Ray, Serve's gRPC proxy and the service; serve until interrupted")
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
     run.add_argument("--address", default=None, help="Ray cluster address; default starts a local Ray")
+    run.add_argument("--gateway-port", type=int, default=8080, help="OpenAI REST gateway port (default: %(default)s)")
+    run.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI REST gateway")
     opts = parser.parse_args(argv)
 
-    target = start(load_config(opts.config), address=opts.address)
+    config = load_config(opts.config)
+    target = start(config, address=opts.address)
     print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
+    gateway = None
+    if not opts.no_gateway:
+        gateway = start_gateway(config, target, opts.gateway_port)
+        print(f"OpenAI gateway: http://127.0.0.1:{opts.gateway_port}/v1 (POST /v1/embeddings)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     print("shutting down", flush=True)
+    if gateway is not None:
+        gateway.terminate()
+        gateway.wait(timeout=30)
     stop()
     return 0
+
+
+def start_gateway(config: dict[str, Any], target: str, port: int) -> subprocess.Popen:
+    """The gateway runs as its own process (it scales apart from Ray), with the service's limits."""
+    from embedding_service.config import AppArgs
+
+    limits = AppArgs.parse(config["applications"][0].get("args")).limits
+    command = [
+        sys.executable, "-m", "gateway",
+        "--targets", target,
+        "--port", str(port),
+        "--max-inputs", str(limits.max_inputs_per_request),
+        "--max-body-bytes", str(limits.max_request_bytes),
+    ]
+    return subprocess.Popen(command)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import numpy as np
 import ray
 from ray.serve.handle import DeploymentHandle
 
+from grpc_health.v1 import health_pb2
+
 from embedding_service import errors
 from embedding_service.config import AppArgs
 from embedding_service.shards import ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
@@ -187,6 +189,46 @@ class EmbedRouter:
         except Exception as exc:
             errors.apply_to_context(errors.from_exception(exc), grpc_context)
             return pb.GetModelResponse()
+
+    # ---- grpc.health.v1.Health (Check and List; Watch comes with the recycler) ----
+
+    async def _model_status(self, name: str) -> int:
+        try:
+            await asyncio.wait_for(self.models[name].describe.remote(), timeout=5)
+            return health_pb2.HealthCheckResponse.SERVING
+        except Exception:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def _statuses(self) -> dict[str, int]:
+        per_model = dict(zip(self.models, await asyncio.gather(*(self._model_status(n) for n in self.models))))
+        serving = health_pb2.HealthCheckResponse.SERVING
+        whole = serving if serving in per_model.values() else health_pb2.HealthCheckResponse.NOT_SERVING
+        return {"": whole, pb.DESCRIPTOR.services_by_name["EmbedService"].full_name: whole, **per_model}
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        statuses = await self._statuses()
+        if request.service not in statuses:
+            errors.apply_to_context(
+                errors.not_found("SERVICE_UNKNOWN", f"unknown health service {request.service!r}"), grpc_context
+            )
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=statuses[request.service])
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        """Current status at once, then each change (polled; the recycler will push changes)."""
+        last = None
+        while True:
+            status = (await self._statuses()).get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(1.0)
+
+    async def List(self, request: health_pb2.HealthListRequest, grpc_context=None) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for name, status in (await self._statuses()).items():
+            response.statuses[name].status = status
+        return response
 
     async def batch_stats(self) -> dict[str, list[dict[int, int]]]:
         """Per model, the batch-size histogram of one replica (for benchmarks)."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible REST gateway in front of the gRPC embedding service."""

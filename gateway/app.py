@@ -1,0 +1,174 @@
+"""The FastAPI application: OpenAI's embeddings REST schema over the gRPC Embed API."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+from contextlib import asynccontextmanager
+
+import grpc
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from embedding_service.v1 import embedding_pb2 as pb
+from gateway import errors
+from gateway.grpc_client import EmbedClient
+from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
+from gateway.settings import GatewaySettings
+
+INT32_MAX = 2**31 - 1
+OWNER = "embedding-service"
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503, 504)}
+
+
+def _inputs(body: EmbeddingRequest, max_inputs: int) -> list[pb.EmbedInput]:
+    raw = body.input
+    if isinstance(raw, str):
+        items: list = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [raw]  # one token array
+    else:
+        items = list(raw)
+    if len(items) > max_inputs:
+        raise errors.invalid_request(f"{len(items)} inputs; at most {max_inputs} per request", "input")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(pb.EmbedInput(text=item))
+        else:
+            if any(not 0 <= t <= INT32_MAX for t in item):
+                raise errors.invalid_request("token ids must be non-negative 32-bit integers", "input")
+            out.append(pb.EmbedInput(token_ids=pb.TokenIds(ids=item)))
+    return out
+
+
+def _render(response: pb.EmbedResponse, base64_out: bool) -> dict:
+    data = []
+    for e in response.embeddings:
+        if base64_out:
+            vector: object = base64.b64encode(e.float32_le).decode("ascii")
+        else:
+            vector = np.frombuffer(e.float32_le, dtype="<f4").tolist()
+        data.append({"object": "embedding", "index": e.index, "embedding": vector})
+    usage = {"prompt_tokens": response.usage.prompt_tokens, "total_tokens": response.usage.total_tokens}
+    return {"object": "list", "data": data, "model": response.model, "usage": usage}
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    client_holder: dict[str, EmbedClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client_holder["client"] = EmbedClient(settings)
+        try:
+            yield
+        finally:
+            await client_holder.pop("client").close()
+
+    app = FastAPI(title="embedding-service OpenAI gateway", version="1", lifespan=lifespan)
+    app.add_exception_handler(errors.OpenAIError, errors.openai_error_handler)
+
+    async def call(method: str, request):
+        try:
+            return await client_holder["client"].call(method, request)
+        except grpc.aio.AioRpcError as err:
+            raise errors.from_grpc(err, settings.retry_after_s) from None
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        return errors.invalid_request(first.get("msg", "invalid request"), loc[0] if loc else None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return errors.OpenAIError(exc.status_code, str(exc.detail), kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return errors.OpenAIError(500, "internal error in the gateway", "api_error").response()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if settings.api_keys:
+                header = request.headers.get("authorization", "")
+                key = header[7:] if header.lower().startswith("bearer ") else ""
+                if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+                    return errors.unauthorized("missing or invalid API key (Authorization: Bearer <key>)").response()
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+                return errors.body_too_large(settings.max_body_bytes).response()
+        return await call_next(request)
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=CreateEmbeddingResponse,
+        responses=ERROR_RESPONSES,
+        # The body is parsed by hand (bounded, OpenAI errors); document it all the same.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def create_embeddings(request: Request) -> Response:
+        raw = bytearray()
+        async for part in request.stream():  # bounded even without Content-Length
+            raw += part
+            if len(raw) > settings.max_body_bytes:
+                raise errors.body_too_large(settings.max_body_bytes)
+        try:
+            body = EmbeddingRequest.model_validate_json(bytes(raw))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = [str(p) for p in first.get("loc", ())]
+            param = loc[0] if loc and loc[0] in EmbeddingRequest.model_fields else None
+            raise errors.invalid_request(first.get("msg", "invalid request body"), param) from None
+        if body.dimensions is not None and not 1 <= body.dimensions <= INT32_MAX:
+            raise errors.invalid_request("dimensions must be a positive integer", "dimensions")
+        request_pb = pb.EmbedRequest(
+            model=body.model,
+            inputs=_inputs(body, settings.max_inputs),
+            encoding=pb.VECTOR_ENCODING_FLOAT32_LE,
+        )
+        if body.dimensions is not None:
+            request_pb.dimensions = body.dimensions
+        response = await call("Embed", request_pb)
+        payload = json.dumps(_render(response, body.encoding_format == "base64"), separators=(",", ":"))
+        return Response(payload, media_type="application/json")
+
+    def _model(m: pb.Model) -> dict:
+        return Model(id=m.name, created=0, owned_by=OWNER).model_dump()
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models() -> dict:
+        listing = await call("ListModels", pb.ListModelsRequest())
+        return {"object": "list", "data": [_model(m) for m in listing.models]}
+
+    @app.get("/v1/models/{model:path}", response_model=Model, responses=ERROR_RESPONSES)
+    async def get_model(model: str) -> dict:
+        try:
+            return _model((await call("GetModel", pb.GetModelRequest(name=model))).model)
+        except errors.OpenAIError as exc:
+            if exc.status == 404:
+                raise errors.model_not_found(model) from None
+            raise
+
+    @app.get("/healthz")
+    async def liveness() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readiness() -> JSONResponse:
+        ready = await client_holder["client"].serving()
+        return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+    return app

@@ -1,0 +1,56 @@
+"""Gateway settings: typed, validated once at start-up, from the command line or GATEWAY_* variables."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid", frozen=True)
+
+    # gRPC targets of the embedding service (host:port); calls are spread
+    # round-robin and move to the next target when one is unavailable.
+    targets: list[str] = Field(default_factory=lambda: ["127.0.0.1:9000"], min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Bearer keys; empty disables auth, which is allowed on loopback only
+    # unless allow_unauthenticated is set.
+    api_keys: list[str] = Field(default_factory=list)
+    allow_unauthenticated: bool = False
+
+    # Deadline of one gRPC call, and of the whole request with its retries.
+    call_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    # Retries on UNAVAILABLE and RESOURCE_EXHAUSTED: exponential backoff, or
+    # the server's RetryInfo delay when it sends one.
+    max_retries: int = Field(3, ge=0)
+    backoff_initial_s: float = Field(0.1, ge=0)
+    backoff_max_s: float = Field(2.0, ge=0)
+    # Seconds in Retry-After of a 503.
+    retry_after_s: int = Field(1, ge=0)
+
+    # Bounds matching the service's limits.
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_inputs: int = Field(2048, ge=1)
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> GatewaySettings:
+        if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"no api_keys configured while listening on {self.host}: set api_keys, "
+                "or allow_unauthenticated to serve without auth"
+            )
+        return self

@@ -1,0 +1,30 @@
+"""grpc.health.v1 through Ray's proxy, with no metadata, as Kubernetes probes call it."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import MINILM, TINY
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def test_check_with_no_service_name_is_serving(service):
+    stub = health_pb2_grpc.HealthStub(service.channel)
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
+    for name in ("embedding_service.v1.EmbedService", MINILM, TINY):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=30).status == SERVING
+
+
+def test_unknown_service_is_not_found(service):
+    with pytest.raises(grpc.RpcError) as caught:
+        health_pb2_grpc.HealthStub(service.channel).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_list_names_every_service(service):
+    listing = health_pb2_grpc.HealthStub(service.channel).List(health_pb2.HealthListRequest(), timeout=30)
+    assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY}
+    assert all(s.status == SERVING for s in listing.statuses.values())
