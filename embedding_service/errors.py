@@ -7,6 +7,7 @@ google.rpc.Status with an ErrorInfo (reason, domain, metadata) in the
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import grpc
@@ -27,7 +28,7 @@ class ServiceError(Exception):
         code: grpc.StatusCode,
         reason: str,
         message: str,
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, object] | None = None,
         retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
@@ -56,21 +57,15 @@ class ServiceError(Exception):
 
 
 def invalid(reason: str, message: str, **metadata: object) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, {k: str(v) for k, v in metadata.items()})
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, metadata)
 
 
 def not_found(reason: str, message: str, **metadata: object) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, reason, message, {k: str(v) for k, v in metadata.items()})
+    return ServiceError(grpc.StatusCode.NOT_FOUND, reason, message, metadata)
 
 
 def unavailable(reason: str, message: str, retry_after_s: float = 1.0, **metadata: object) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        reason,
-        message,
-        {k: str(v) for k, v in metadata.items()},
-        retry_after_s=retry_after_s,
-    )
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata, retry_after_s=retry_after_s)
 
 
 def _is_instance(exc: BaseException, dotted: str) -> bool:
@@ -99,6 +94,23 @@ def from_exception(exc: BaseException) -> ServiceError:
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "TIMEOUT", "the request timed out")
     logger.exception("unexpected error while serving a request")
     return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the service logs")
+
+
+def unary(empty_response):
+    """Decorates a unary gRPC method: any failure becomes its mapped status, with an empty reply."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        async def handler(self, request, grpc_context=None):
+            try:
+                return await method(self, request, grpc_context)
+            except Exception as exc:  # mapped, never leaked as INTERNAL + stack trace
+                apply_to_context(from_exception(exc), grpc_context)
+                return empty_response()
+
+        return handler
+
+    return wrap
 
 
 def apply_to_context(error: ServiceError, grpc_context) -> None:

@@ -65,7 +65,7 @@ class EmbedRouter:
     # ---- the work -------------------------------------------------------
 
     async def _prepare(self, request, max_inputs: int) -> Job:
-        name = resolve_model_name(request, list(self.models), self.args.default_model_name)
+        name = resolve_model_name(request.model, list(self.models), self.args.default_model_name)
         check_envelope(request, self.args.limits, max_inputs)
         return build_job(request, await self._info(name), self.args.limits)
 
@@ -125,33 +125,30 @@ class EmbedRouter:
 
     # ---- gRPC methods (names must not collide with grpc.health.v1) -------
 
+    @errors.unary(pb.EmbedResponse)
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         started = time.perf_counter_ns()
-        try:
-            job = await self._prepare(request, self.args.limits.max_inputs_per_request)
-            n = len(job.inputs)
-            vectors: np.ndarray | None = None
-            counts = np.zeros(n, dtype=np.int64)
-            queue_ns = inference_ns = 0
-            async for shard, result in self._shard_results(job):
-                if vectors is None:
-                    vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
-                vectors[shard.positions] = result.vectors
-                counts[shard.positions] = result.token_counts
-                queue_ns += result.queue_ns
-                inference_ns += result.inference_ns
-            response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
-            self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
-            tokens = int(counts.sum())
-            response.usage.prompt_tokens = tokens
-            response.usage.total_tokens = tokens
-            response.timing.queue_time_ns = queue_ns
-            response.timing.inference_time_ns = inference_ns
-            response.timing.total_time_ns = time.perf_counter_ns() - started
-            return response
-        except Exception as exc:  # mapped, never leaked as INTERNAL + stack trace
-            errors.apply_to_context(errors.from_exception(exc), grpc_context)
-            return pb.EmbedResponse()
+        job = await self._prepare(request, self.args.limits.max_inputs_per_request)
+        n = len(job.inputs)
+        vectors: np.ndarray | None = None
+        counts = np.zeros(n, dtype=np.int64)
+        queue_ns = inference_ns = 0
+        async for shard, result in self._shard_results(job):
+            if vectors is None:
+                vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
+            vectors[shard.positions] = result.vectors
+            counts[shard.positions] = result.token_counts
+            queue_ns += result.queue_ns
+            inference_ns += result.inference_ns
+        response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
+        self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
+        tokens = int(counts.sum())
+        response.usage.prompt_tokens = tokens
+        response.usage.total_tokens = tokens
+        response.timing.queue_time_ns = queue_ns
+        response.timing.inference_time_ns = inference_ns
+        response.timing.total_time_ns = time.perf_counter_ns() - started
+        return response
 
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
         try:
@@ -169,28 +166,17 @@ class EmbedRouter:
             # A stream ends with an error only by raising; Ray keeps the code set first.
             raise errors.abort_stream(errors.from_exception(exc), grpc_context) from None
 
+    @errors.unary(pb.ListModelsResponse)
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        try:
-            infos = await asyncio.gather(*(self._info(name) for name in self.models))
-            return pb.ListModelsResponse(
-                models=[self._model_message(i) for i in infos], default_model=self.args.default_model_name
-            )
-        except Exception as exc:
-            errors.apply_to_context(errors.from_exception(exc), grpc_context)
-            return pb.ListModelsResponse()
+        infos = await asyncio.gather(*(self._info(name) for name in self.models))
+        return pb.ListModelsResponse(models=[self._model_message(i) for i in infos], default_model=self.args.default_model_name)
 
+    @errors.unary(pb.GetModelResponse)
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.GetModelResponse:
-        try:
-            if request.name not in self.models:
-                raise errors.not_found(
-                    "MODEL_NOT_FOUND", f"model {request.name!r} is not served; served: {list(self.models)}", model=request.name
-                )
-            return pb.GetModelResponse(model=self._model_message(await self._info(request.name)))
-        except Exception as exc:
-            errors.apply_to_context(errors.from_exception(exc), grpc_context)
-            return pb.GetModelResponse()
+        name = resolve_model_name(request.name, list(self.models), default="")
+        return pb.GetModelResponse(model=self._model_message(await self._info(name)))
 
-    # ---- grpc.health.v1.Health (Check and List; Watch comes with the recycler) ----
+    # ---- grpc.health.v1.Health: model reachability (the node recycler of issue 4 will refine it) ----
 
     async def _model_status(self, name: str) -> int:
         try:

@@ -28,8 +28,8 @@ class Job:
     raw_bytes: bool  # VECTOR_ENCODING_FLOAT32_LE
 
 
-def resolve_model_name(request, known: list[str], default: str) -> str:
-    name = request.model or default
+def resolve_model_name(requested: str, known: list[str], default: str) -> str:
+    name = requested or default
     if name not in known:
         raise errors.not_found("MODEL_NOT_FOUND", f"model {name!r} is not served; served models: {known}", model=name)
     return name

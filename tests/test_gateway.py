@@ -178,9 +178,11 @@ def test_second_target_serves_when_the_first_is_down(service):
 
 def test_deadline_is_504(service):
     with running_gateway(targets=[service.target], call_timeout_s=0.001, request_timeout_s=0.001) as base:
-        r = post(base, {"model": MINILM, "input": make_texts(500, seed=2), "encoding_format": "float"})
-    assert r.status_code == 504
-    assert r.json()["error"]["type"] == "timeout"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.embeddings.create(model=MINILM, input=make_texts(500, seed=2), encoding_format="float")
+    assert caught.value.status_code == 504
+    assert caught.value.body["type"] == "timeout"
 
 
 def test_readiness_follows_grpc_health_and_openapi_is_served(gateway):
