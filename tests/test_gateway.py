@@ -233,3 +233,28 @@ def test_auth_may_be_off_on_loopback_only():
     parsed = parse_args(["--targets", "a:1", "b:2", "--port", "9999", "--api-keys", "k1", "--call-timeout-s", "3"])
     assert parsed.targets == ["a:1", "b:2"] and parsed.port == 9999 and parsed.api_keys == ["k1"]
     assert parsed.call_timeout_s == 3
+
+
+def test_run_command_starts_the_gateway_as_its_own_process(service, reference_models):
+    from embedding_service import launcher
+
+    port = free_port()
+    process = launcher.start_gateway(service.config, service.target, port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, "the gateway process exited"
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused-on-loopback", max_retries=0)
+        response = client.embeddings.create(model=MINILM, input=["a separate process"], encoding_format="float")
+        expected = reference_models[MINILM].encode(["a separate process"], normalize_embeddings=True)
+        assert np.abs(np.array(response.data[0].embedding) - expected[0]).max() < TOL
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) is not None
