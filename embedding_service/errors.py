@@ -13,6 +13,7 @@ import logging
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -68,27 +69,18 @@ def unavailable(reason: str, message: str, retry_after_s: float = 1.0, **metadat
     return ServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata, retry_after_s=retry_after_s)
 
 
-def _is_instance(exc: BaseException, dotted: str) -> bool:
-    module, _, name = dotted.rpartition(".")
-    try:
-        cls = getattr(__import__(module, fromlist=[name]), name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(exc, cls)
-
-
 def from_exception(exc: BaseException) -> ServiceError:
     """Classify any exception that reached the edge of the router."""
     if isinstance(exc, ServiceError):
         return exc
-    if _is_instance(exc, "ray.serve.exceptions.BackPressureError"):
+    if isinstance(exc, BackPressureError):
         return ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "OVERLOADED",
             "the service is saturated; retry with backoff",
             retry_after_s=1.0,
         )
-    if _is_instance(exc, "ray.serve.exceptions.DeploymentUnavailableError"):
+    if isinstance(exc, DeploymentUnavailableError):
         return unavailable("MODEL_UNAVAILABLE", "no model replica is available; retry shortly")
     if isinstance(exc, TimeoutError):
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "TIMEOUT", "the request timed out")

@@ -215,7 +215,3 @@ class EmbedRouter:
         for name, status in (await self._statuses()).items():
             response.statuses[name].status = status
         return response
-
-    async def batch_stats(self) -> dict[str, list[dict[int, int]]]:
-        """Per model, the batch-size histogram of one replica (for benchmarks)."""
-        return {name: [await h.batch_stats.remote()] for name, h in self.models.items()}

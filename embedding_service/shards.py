@@ -59,16 +59,12 @@ class Shard:
     positions: np.ndarray
 
 
-def input_length(x: Input) -> int:
-    return len(x)
-
-
 def plan_shards(inputs: Sequence[Input], shard_size: int) -> list[Shard]:
     """Sort inputs by length and cut them into mini-batches of similar lengths.
 
     Similar lengths in one mini-batch keep padding (wasted compute) low.
     """
-    lengths = np.fromiter((input_length(x) for x in inputs), dtype=np.int64, count=len(inputs))
+    lengths = np.fromiter((len(x) for x in inputs), dtype=np.int64, count=len(inputs))
     order = np.argsort(-lengths, kind="stable")
     return [Shard(order[i : i + shard_size]) for i in range(0, len(order), shard_size)]
 
