@@ -56,6 +56,15 @@ class ModelSettings(_Strict):
     # many may wait for a replica before callers get RESOURCE_EXHAUSTED.
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(1024, ge=-1)
+    # Extra Ray resources per replica (placement), e.g. {"accelerator_type:A100": 0.001}.
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    # Device health: a callable "module:function" run every heartbeat and after
+    # inference errors; see embedding_service/gpu_health.py.
+    gpu_check: str = "embedding_service.gpu_health:cuda_check"
+    gpu_check_args: dict[str, Any] = Field(default_factory=dict)
+    # Serve's own health check of the replica (it fails on a quarantined node).
+    health_check_period_s: float = Field(2.0, gt=0)
 
     def resolved_path(self) -> str:
         if self.path.startswith(PACKAGE_PREFIX):
@@ -74,6 +83,10 @@ class Limits(_Strict):
     # Serialized request size the router accepts. The proxy's own transport
     # cap (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) should be set at or above this.
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Enforced by the router per call, so the proxy needs no request_timeout_s
+    # (which would also cut the never-ending health Watch streams).
+    request_timeout_s: float = Field(300.0, gt=0)
+    stream_timeout_s: float = Field(3600.0, gt=0)
 
 
 class RouterSettings(_Strict):
@@ -91,6 +104,33 @@ class RouterSettings(_Strict):
     num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=-1)
+    resources: dict[str, float] = Field(default_factory=dict)
+    health_check_period_s: float = Field(2.0, gt=0)
+
+
+class RecyclerSettings(_Strict):
+    """The node recycler (one replica, on the head node)."""
+
+    tick_s: float = Field(2.0, gt=0)
+    # Ticks a quarantined node waits (its replicas fail health checks, the
+    # router stops routing there) before the action.
+    grace_cycles: int = Field(1, ge=0)
+    # drain: Ray's node drain; command: run `command` (placeholders {node_id},
+    # {node_ip}, {reason}), e.g. "ssh {node_ip} docker stop ray-worker"; none: report only.
+    action: Literal["drain", "command", "none"] = "drain"
+    command: str | None = None
+    command_timeout_s: float = Field(120.0, gt=0)
+    drain_deadline_s: float = Field(120.0, ge=0)
+    report_retention_s: float = Field(3600.0, gt=0)
+    # Replicas heartbeat this often; one unheard for replica_ttl_s is forgotten.
+    heartbeat_s: float = Field(2.0, gt=0)
+    replica_ttl_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _command_needs_template(self) -> RecyclerSettings:
+        if self.action == "command" and not self.command:
+            raise ValueError("recycler.action 'command' needs recycler.command")
+        return self
 
 
 class AppArgs(_Strict):
@@ -101,6 +141,7 @@ class AppArgs(_Strict):
     default_model: str | None = None
     limits: Limits = Limits()
     router: RouterSettings = RouterSettings()
+    recycler: RecyclerSettings = RecyclerSettings()
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

@@ -29,6 +29,19 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+def prepare_environment(config: dict[str, Any]) -> None:
+    """Sets Ray's gRPC transport cap from the router's request bound; call before Ray starts."""
+    from embedding_service.config import AppArgs
+
+    bounds = [
+        AppArgs.parse(a.get("args")).limits.max_request_bytes
+        for a in config["applications"]
+        if a["import_path"].endswith(":build_app")
+    ]
+    if bounds:
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(bounds) * TRANSPORT_CAP_FACTOR))
+
+
 def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None) -> str:
     """Deploys every application of `config`; returns the gRPC target (host:port)."""
     import ray
@@ -36,13 +49,9 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
-    from embedding_service.config import AppArgs
-
     schema = ServeDeploySchema.model_validate(config)
     apps = schema.applications
-    limits = [AppArgs.parse(a.args).limits.max_request_bytes for a in apps if a.import_path.endswith(":build_app")]
-    if limits:
-        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(limits) * TRANSPORT_CAP_FACTOR))
+    prepare_environment(config)
     if not ray.is_initialized():
         runtime_env = apps[0].runtime_env if len(apps) == 1 else {}
         ray.init(address=address, namespace="serve", runtime_env=runtime_env or None, **(ray_init_kwargs or {}))

@@ -7,6 +7,7 @@ gathered, sorted by length and run through the model together.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from embedding_service.config import ModelSettings
+from embedding_service.gpu_health import load_check
 from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
 
 logger = logging.getLogger("ray.serve")
@@ -43,8 +45,12 @@ def _resolve_device(requested: str) -> str:
     return requested
 
 
+class ReplicaFaulted(Exception):
+    """The replica's device failed; the router retries the shard elsewhere."""
+
+
 class EmbeddingModel:
-    def __init__(self, settings: ModelSettings) -> None:
+    async def __init__(self, settings: ModelSettings, recycler, heartbeat_s: float) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -80,12 +86,57 @@ class EmbeddingModel:
         self.batch_sizes: Counter[int] = Counter()
         logger.info("model %s loaded from %s on %s", settings.name, source, self.device)
 
+        import ray
+
+        self.recycler = recycler
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._check = load_check(settings.gpu_check)
+        self._quarantine_reason: str | None = None
+        await self._heartbeat()  # known to the recycler before taking traffic
+        self._watchdog = asyncio.create_task(self._watch(heartbeat_s))
+
+    # ---- device health and the recycler ----------------------------------
+
+    async def _device_fault(self) -> str | None:
+        return await asyncio.to_thread(self._check, self.device, self.node_id, **self.settings.gpu_check_args)
+
+    async def _heartbeat(self) -> None:
+        quarantined, reason = await self.recycler.heartbeat.remote(self.replica_id, self.settings.name, self.node_id)
+        self._quarantine_reason = reason if quarantined else None
+
+    async def _check_and_report(self) -> str | None:
+        fault = await self._device_fault()
+        if fault is not None:
+            logger.error("replica %s on node %s: device fault: %s", self.replica_id, self.node_id, fault)
+            await self.recycler.report_failure.remote(self.replica_id, self.node_id, fault)
+        return fault
+
+    async def _watch(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self._check_and_report()
+                await self._heartbeat()
+            except Exception:
+                logger.exception("replica %s: health round failed", self.replica_id)
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails on a quarantined node, so Serve replaces this replica elsewhere."""
+        if self._quarantine_reason is not None:
+            raise RuntimeError(f"node {self.node_id} is quarantined: {self._quarantine_reason}")
+        if self._watchdog.done():
+            raise RuntimeError("the device watchdog stopped")
+
     def describe(self) -> ModelInfo:
         return self.info
 
     def batch_stats(self) -> dict[int, int]:
         """How many gathered batches of each size (in sequences) this replica ran."""
         return dict(self.batch_sizes)
+
+    def reset_batch_stats(self) -> None:
+        self.batch_sizes.clear()
 
     async def embed(self, request: ShardRequest) -> ShardResult:
         opts = request.options
@@ -94,7 +145,14 @@ class EmbeddingModel:
         counts = prepared.token_counts
         if prepared.too_long:
             return ShardResult(vectors=None, token_counts=counts, too_long=prepared.too_long)
-        computed = await self._run_batch(_Pending(prepared.sequences, prompt, time.perf_counter_ns()))
+        try:
+            computed = await self._run_batch(_Pending(prepared.sequences, prompt, time.perf_counter_ns()))
+        except Exception as exc:
+            # An inference error may be a device fault: check now, report, let the router retry.
+            fault = await self._check_and_report()
+            if fault is not None:
+                raise ReplicaFaulted(f"device fault on node {self.node_id}: {fault}") from exc
+            raise
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
 

@@ -18,8 +18,10 @@ from ray.serve.handle import DeploymentHandle
 
 from grpc_health.v1 import health_pb2
 
-from embedding_service import errors
+from embedding_service import errors, node_routing
 from embedding_service.config import AppArgs
+from embedding_service.model_deployment import ReplicaFaulted
+from embedding_service.node_state import NodeState, Snapshot
 from embedding_service.shards import ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
@@ -36,11 +38,59 @@ _RETRYABLE = (
 )
 
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+EMBED_SERVICE = pb.DESCRIPTOR.services_by_name["EmbedService"].full_name
+_NODE_STATES = {
+    NodeState.HEALTHY: pb.NODE_STATE_HEALTHY,
+    NodeState.QUARANTINED: pb.NODE_STATE_QUARANTINED,
+    NodeState.DRAINING: pb.NODE_STATE_DRAINING,
+    NodeState.RECYCLED: pb.NODE_STATE_RECYCLED,
+}
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE) or isinstance(exc, ReplicaFaulted) or isinstance(getattr(exc, "cause", None), ReplicaFaulted)
+
+
 class EmbedRouter:
-    def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle]) -> None:
+    async def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle], recycler: DeploymentHandle) -> None:
         self.args = args
         self.models = models
+        self.recycler = recycler
         self._infos: dict[str, ModelInfo] = {}
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._snapshot: Snapshot | None = None
+        self._changed = asyncio.Condition()
+        self._follower = asyncio.create_task(self._follow_recycler())
+
+    # ---- the recycler's view ---------------------------------------------
+
+    async def _follow_recycler(self) -> None:
+        """Long-polls the recycler; keeps routing off quarantined nodes and wakes Watch streams."""
+        version = -1
+        while True:
+            try:
+                snapshot = await self.recycler.wait_for_change.remote(version, 5.0)
+            except Exception:
+                logger.exception("router: recycler unreachable; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            if snapshot.version != version:
+                version = snapshot.version
+                self._snapshot = snapshot
+                node_routing.set_quarantined(snapshot.unhealthy())
+                async with self._changed:
+                    self._changed.notify_all()
+
+    def _own_node_quarantined(self) -> bool:
+        return self._snapshot is not None and self._snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)
+
+    async def check_health(self) -> None:
+        if self._own_node_quarantined():
+            raise RuntimeError(f"the router's node {self.node_id} is quarantined")
+        if self._follower.done():
+            raise RuntimeError("the recycler follower stopped")
 
     # ---- model metadata -------------------------------------------------
 
@@ -74,7 +124,9 @@ class EmbedRouter:
         for attempt in range(settings.shard_retries + 1):
             try:
                 return await handle.embed.remote(request)
-            except _RETRYABLE as exc:
+            except Exception as exc:
+                if not _retryable(exc):
+                    raise
                 if attempt == settings.shard_retries:
                     raise errors.unavailable(
                         "MODEL_UNAVAILABLE", "model replicas kept failing for this request; retry shortly"
@@ -83,8 +135,10 @@ class EmbedRouter:
                 await asyncio.sleep(settings.retry_backoff_s * (2**attempt))
         raise AssertionError("unreachable")
 
-    async def _shard_results(self, job: Job) -> AsyncIterator[tuple[Shard, ShardResult]]:
-        """Runs every shard, yielding each as it finishes; fails fast on the first error."""
+    async def _shard_results(self, job: Job, timeout_s: float) -> AsyncIterator[tuple[Shard, ShardResult]]:
+        """Runs every shard, yielding each as it finishes; fails fast on the first error or at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         handle = self.models[job.model]
         limit = asyncio.Semaphore(self.args.router.max_concurrent_shards)
 
@@ -108,7 +162,7 @@ class EmbedRouter:
         tasks = [asyncio.ensure_future(run(s)) for s in plan_shards(job.inputs, self.args.router.shard_size)]
         try:
             for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+                yield await asyncio.wait_for(next_done, max(0.0, deadline - loop.time()))
         finally:
             for t in tasks:
                 t.cancel()
@@ -133,7 +187,7 @@ class EmbedRouter:
         vectors: np.ndarray | None = None
         counts = np.zeros(n, dtype=np.int64)
         queue_ns = inference_ns = 0
-        async for shard, result in self._shard_results(job):
+        async for shard, result in self._shard_results(job, self.args.limits.request_timeout_s):
             if vectors is None:
                 vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
             vectors[shard.positions] = result.vectors
@@ -153,7 +207,7 @@ class EmbedRouter:
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
         try:
             job = await self._prepare(request, self.args.limits.max_inputs_per_stream)
-            async for shard, result in self._shard_results(job):
+            async for shard, result in self._shard_results(job, self.args.limits.stream_timeout_s):
                 chunk = pb.EmbedStreamResponse(model=job.model, dimensions=int(result.vectors.shape[1]))
                 self._fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
                 tokens = int(result.token_counts.sum())
@@ -176,23 +230,17 @@ class EmbedRouter:
         name = resolve_model_name(request.name, list(self.models), default="")
         return pb.GetModelResponse(model=self._model_message(await self._info(name)))
 
-    # ---- grpc.health.v1.Health: model reachability (the node recycler of issue 4 will refine it) ----
+    # ---- grpc.health.v1.Health, from the recycler's view ------------------
 
-    async def _model_status(self, name: str) -> int:
-        try:
-            await asyncio.wait_for(self.models[name].describe.remote(), timeout=5)
-            return health_pb2.HealthCheckResponse.SERVING
-        except Exception:
-            return health_pb2.HealthCheckResponse.NOT_SERVING
-
-    async def _statuses(self) -> dict[str, int]:
-        per_model = dict(zip(self.models, await asyncio.gather(*(self._model_status(n) for n in self.models))))
-        serving = health_pb2.HealthCheckResponse.SERVING
-        whole = serving if serving in per_model.values() else health_pb2.HealthCheckResponse.NOT_SERVING
-        return {"": whole, pb.DESCRIPTOR.services_by_name["EmbedService"].full_name: whole, **per_model}
+    def _statuses(self) -> dict[str, int]:
+        """A model is SERVING while it has a replica on a healthy node; "" also needs the router's node healthy."""
+        serving = self._snapshot.serving_models() if self._snapshot else set()
+        per_model = {name: SERVING if name in serving else NOT_SERVING for name in self.models}
+        whole = SERVING if serving & set(self.models) and not self._own_node_quarantined() else NOT_SERVING
+        return {"": whole, EMBED_SERVICE: whole, **per_model}
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        statuses = await self._statuses()
+        statuses = self._statuses()
         if request.service not in statuses:
             errors.apply_to_context(
                 errors.not_found("SERVICE_UNKNOWN", f"unknown health service {request.service!r}"), grpc_context
@@ -201,17 +249,46 @@ class EmbedRouter:
         return health_pb2.HealthCheckResponse(status=statuses[request.service])
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        """Current status at once, then each change (polled; the recycler will push changes)."""
+        """The current status at once, then one message per change; an unknown service gets
+        SERVICE_UNKNOWN and the stream stays open. It has no deadline of its own."""
         last = None
         while True:
-            status = (await self._statuses()).get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            status = self._statuses().get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
-            await asyncio.sleep(1.0)
+            async with self._changed:
+                await self._changed.wait()
 
     async def List(self, request: health_pb2.HealthListRequest, grpc_context=None) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
-        for name, status in (await self._statuses()).items():
+        for name, status in self._statuses().items():
             response.statuses[name].status = status
         return response
+
+    # ---- the operators' stream --------------------------------------------
+
+    def _nodes_message(self) -> pb.WatchNodesResponse:
+        snapshot = self._snapshot
+        response = pb.WatchNodesResponse(version=snapshot.version if snapshot else 0)
+        for node in snapshot.nodes if snapshot else ():
+            response.nodes.add(
+                node_id=node.node_id,
+                node_ip=node.node_ip,
+                state=_NODE_STATES[node.state],
+                reason=node.reason,
+                since_unix_ms=int(node.since * 1000),
+                replicas=[pb.NodeReplica(replica_id=r.replica_id, model=r.model) for r in node.replicas],
+            )
+        return response
+
+    async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
+        """Every node with its state, reason and replicas: now, then at each change."""
+        last = None
+        while True:
+            message = self._nodes_message()
+            if message != last:
+                last = message
+                yield message
+            async with self._changed:
+                await self._changed.wait()

@@ -24,6 +24,9 @@ TINY = "tiny-bert"
 TINY_DIM = 48
 TINY_MAX_SEQ = 32
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+HEAD = {"node:__internal_head__": 0.001}
+REQUEST_TIMEOUT_S = 20
+WORKER_CPUS = 2
 
 
 def free_port() -> int:
@@ -75,7 +78,7 @@ def reference_models(tiny_model_dir):
     }
 
 
-def make_test_config(tiny_model_dir: Path) -> dict:
+def make_test_config(tiny_model_dir: Path, fault_dir: Path) -> dict:
     from embedding_service import launcher
 
     config = copy.deepcopy(launcher.load_config())
@@ -93,8 +96,18 @@ def make_test_config(tiny_model_dir: Path) -> dict:
             "num_cpus": 0.5,
         }
     )
-    args["router"].update(shard_retries=5, retry_backoff_s=0.2)
+    args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD)
     args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
+    args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
+    args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)
+    for model in args["models"]:
+        model.update(
+            gpu_check="embedding_service.gpu_health:fault_file_check",
+            gpu_check_args={"directory": str(fault_dir)},
+            health_check_period_s=1,
+        )
+    # One proxy: proxies on several nodes of one machine would share the port.
+    config["proxy_location"] = "HeadOnly"
     return config
 
 
@@ -103,6 +116,8 @@ class Service:
     target: str
     channel: grpc.Channel
     config: dict
+    cluster: object  # ray.cluster_utils.Cluster
+    fault_dir: Path
 
     @property
     def stub(self):
@@ -112,18 +127,28 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model_dir) -> Service:
+def service(tiny_model_dir, tmp_path_factory) -> Service:
+    """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers."""
+    from ray.cluster_utils import Cluster
+
     from embedding_service import launcher
 
-    config = make_test_config(tiny_model_dir)
-    target = launcher.start(config, ray_init_kwargs={"num_cpus": 4, "include_dashboard": False})
+    fault_dir = tmp_path_factory.mktemp("faults")
+    config = make_test_config(tiny_model_dir, fault_dir)
+    launcher.prepare_environment(config)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=WORKER_CPUS)
+    cluster.wait_for_nodes()
+    target = launcher.start(config, address=cluster.address)
     channel = grpc.insecure_channel(
         target,
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
     grpc.channel_ready_future(channel).result(timeout=60)
     try:
-        yield Service(target, channel, config)
+        yield Service(target, channel, config, cluster, fault_dir)
     finally:
         channel.close()
         launcher.stop()
+        cluster.shutdown()

@@ -20,6 +20,9 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     assert "embedding_service.v1.embedding_pb2_grpc.add_EmbedServiceServicer_to_server" in (
         schema.grpc_options.grpc_servicer_functions
     )
+    # The proxy must not cut streams (health Watch); the router bounds calls itself.
+    assert schema.grpc_options.request_timeout_s is None
+    assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in schema.grpc_options.grpc_servicer_functions
     args = AppArgs.parse(app.args)
     assert args.default_model_name == "all-MiniLM-L6-v2"
     assert args.models[0].resolved_path().endswith("model")

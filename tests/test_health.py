@@ -28,3 +28,42 @@ def test_list_names_every_service(service):
     listing = health_pb2_grpc.HealthStub(service.channel).List(health_pb2.HealthListRequest(), timeout=30)
     assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY}
     assert all(s.status == SERVING for s in listing.statuses.values())
+
+
+def test_watch_sends_the_status_at_once_and_unknown_stays_open_past_any_request_timeout(service):
+    import threading
+    import time
+
+    from tests.conftest import REQUEST_TIMEOUT_S
+
+    stub = health_pb2_grpc.HealthStub(service.channel)
+    known = stub.Watch(health_pb2.HealthCheckRequest(service=MINILM))
+    unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no-such-service"))
+    assert next(known).status == SERVING
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+    # Nothing changes, so nothing more comes; the streams stay open well past
+    # the per-call timeout that bounds Embed calls.
+    received, errors = [], []
+
+    def drain(call):
+        try:
+            for item in call:
+                received.append(item)
+        except grpc.RpcError as err:
+            errors.append(err.code())
+
+    threads = [threading.Thread(target=drain, args=(c,), daemon=True) for c in (known, unknown)]
+    for t in threads:
+        t.start()
+    time.sleep(REQUEST_TIMEOUT_S + 5)
+    assert received == [] and errors == []
+    assert known.is_active() and unknown.is_active()
+
+    # Client cancellation ends them cleanly, and the service goes on.
+    known.cancel()
+    unknown.cancel()
+    for t in threads:
+        t.join(timeout=10)
+    assert errors == [grpc.StatusCode.CANCELLED] * 2
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING

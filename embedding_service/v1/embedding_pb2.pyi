@@ -19,6 +19,14 @@ class VectorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VECTOR_ENCODING_UNSPECIFIED: _ClassVar[VectorEncoding]
     VECTOR_ENCODING_FLOAT: _ClassVar[VectorEncoding]
     VECTOR_ENCODING_FLOAT32_LE: _ClassVar[VectorEncoding]
+
+class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
+    NODE_STATE_HEALTHY: _ClassVar[NodeState]
+    NODE_STATE_QUARANTINED: _ClassVar[NodeState]
+    NODE_STATE_DRAINING: _ClassVar[NodeState]
+    NODE_STATE_RECYCLED: _ClassVar[NodeState]
 TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_END: TruncationPolicy
 TRUNCATION_POLICY_START: TruncationPolicy
@@ -26,6 +34,11 @@ TRUNCATION_POLICY_REJECT: TruncationPolicy
 VECTOR_ENCODING_UNSPECIFIED: VectorEncoding
 VECTOR_ENCODING_FLOAT: VectorEncoding
 VECTOR_ENCODING_FLOAT32_LE: VectorEncoding
+NODE_STATE_UNSPECIFIED: NodeState
+NODE_STATE_HEALTHY: NodeState
+NODE_STATE_QUARANTINED: NodeState
+NODE_STATE_DRAINING: NodeState
+NODE_STATE_RECYCLED: NodeState
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -187,3 +200,39 @@ class GetModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: Model
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class NodeReplica(_message.Message):
+    __slots__ = ("replica_id", "model")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    model: str
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("node_id", "node_ip", "state", "reason", "since_unix_ms", "replicas")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    node_ip: str
+    state: NodeState
+    reason: str
+    since_unix_ms: int
+    replicas: _containers.RepeatedCompositeFieldContainer[NodeReplica]
+    def __init__(self, node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reason: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[NodeReplica, _Mapping]]] = ...) -> None: ...
+
+class WatchNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchNodesResponse(_message.Message):
+    __slots__ = ("version", "nodes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, version: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...

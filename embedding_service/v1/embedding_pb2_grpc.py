@@ -63,6 +63,11 @@ class EmbedServiceStub:
                 request_serializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.WatchNodes = channel.unary_stream(
+                '/embedding_service.v1.EmbedService/WatchNodes',
+                request_serializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
+                response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedServiceServicer:
@@ -106,6 +111,14 @@ class EmbedServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchNodes(self, request, context):
+        """For operators: every node with its state, the reason and the replicas on
+        it; the current view at once, then the whole view again at each change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_EmbedServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelRequest.FromString,
                     response_serializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelResponse.SerializeToString,
+            ),
+            'WatchNodes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNodes,
+                    request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesRequest.FromString,
+                    response_serializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -247,6 +265,33 @@ class EmbedService:
             '/embedding_service.v1.EmbedService/GetModel',
             embedding__service_dot_v1_dot_embedding__pb2.GetModelRequest.SerializeToString,
             embedding__service_dot_v1_dot_embedding__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/WatchNodes',
+            embedding__service_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
+            embedding__service_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

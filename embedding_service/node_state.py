@@ -1,0 +1,155 @@
+"""The recycler's book of nodes and replicas: a plain state machine, no Ray.
+
+HEALTHY --failure report--> QUARANTINED --grace cycles--> DRAINING --node gone--> RECYCLED
+A node that leaves the cluster while HEALTHY is RECYCLED too ("left the cluster").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class NodeState(str, Enum):
+    HEALTHY = "healthy"
+    QUARANTINED = "quarantined"
+    DRAINING = "draining"
+    RECYCLED = "recycled"
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica_id: str
+    model: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class NodeView:
+    node_id: str
+    node_ip: str
+    state: NodeState
+    reason: str
+    since: float
+    replicas: tuple[ReplicaView, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    nodes: tuple[NodeView, ...]
+
+    def unhealthy(self) -> set[str]:
+        return {n.node_id for n in self.nodes if n.state != NodeState.HEALTHY}
+
+    def serving_models(self) -> set[str]:
+        return {r.model for n in self.nodes if n.state == NodeState.HEALTHY for r in n.replicas}
+
+    def state_of(self, node_id: str) -> NodeState | None:
+        return next((n.state for n in self.nodes if n.node_id == node_id), None)
+
+
+@dataclass
+class _Node:
+    node_id: str
+    node_ip: str = ""
+    state: NodeState = NodeState.HEALTHY
+    reason: str = ""
+    since: float = 0.0
+    cycles: int = 0
+    reports: list[tuple[float, str, str]] = field(default_factory=list)  # (time, replica, reason)
+
+
+class NodeBook:
+    def __init__(self, grace_cycles: int, retention_s: float, replica_ttl_s: float) -> None:
+        self.grace_cycles = grace_cycles
+        self.retention_s = retention_s
+        self.replica_ttl_s = replica_ttl_s
+        self.version = 0
+        self._nodes: dict[str, _Node] = {}
+        self._replicas: dict[str, tuple[ReplicaView, float]] = {}
+
+    def _node(self, node_id: str, now: float) -> _Node:
+        if node_id not in self._nodes:
+            self._nodes[node_id] = _Node(node_id, since=now)
+            self.version += 1
+        return self._nodes[node_id]
+
+    def _set(self, node: _Node, state: NodeState, reason: str, now: float) -> None:
+        node.state, node.reason, node.since, node.cycles = state, reason, now, 0
+        self.version += 1
+
+    def heartbeat(self, replica_id: str, model: str, node_id: str, now: float) -> tuple[bool, str]:
+        """Records a live replica; answers whether its node is quarantined (and why)."""
+        node = self._node(node_id, now)
+        known = self._replicas.get(replica_id)
+        view = ReplicaView(replica_id, model, node_id)
+        if known is None or known[0] != view:
+            self.version += 1
+        self._replicas[replica_id] = (view, now)
+        return node.state != NodeState.HEALTHY, node.reason
+
+    def forget_replica(self, replica_id: str) -> None:
+        if self._replicas.pop(replica_id, None) is not None:
+            self.version += 1
+
+    def report(self, replica_id: str, node_id: str, reason: str, now: float) -> bool:
+        """A replica's failure report; returns True when it quarantined the node."""
+        node = self._node(node_id, now)
+        node.reports.append((now, replica_id, reason))
+        if node.state == NodeState.HEALTHY:
+            self._set(node, NodeState.QUARANTINED, f"{reason} (reported by replica {replica_id})", now)
+            return True
+        return False
+
+    def is_quarantined(self, node_id: str) -> bool:
+        node = self._nodes.get(node_id)
+        return node is not None and node.state != NodeState.HEALTHY
+
+    def tick(self, now: float, alive: dict[str, str]) -> list[NodeView]:
+        """Advances time given the alive nodes (id -> ip); returns the nodes to recycle now."""
+        to_recycle = []
+        for node_id, ip in alive.items():
+            node = self._nodes.get(node_id)
+            if node is None or node.state == NodeState.RECYCLED:
+                # New, or back after being recycled: tracked afresh.
+                self._nodes[node_id] = _Node(node_id, ip, since=now)
+                self.version += 1
+            elif node.node_ip != ip:
+                node.node_ip = ip
+                self.version += 1
+        for node in self._nodes.values():
+            node.reports = [r for r in node.reports if now - r[0] <= self.retention_s]
+            if node.state == NodeState.RECYCLED:
+                continue
+            if node.node_id not in alive:
+                reason = node.reason if node.state != NodeState.HEALTHY else "left the cluster"
+                self._set(node, NodeState.RECYCLED, reason, now)
+            elif node.state == NodeState.QUARANTINED:
+                node.cycles += 1
+                if node.cycles > self.grace_cycles:
+                    self._set(node, NodeState.DRAINING, node.reason, now)
+                    to_recycle.append(self._view(node))
+        stale = [rid for rid, (view, seen) in self._replicas.items()
+                 if now - seen > self.replica_ttl_s or self._nodes[view.node_id].state == NodeState.RECYCLED]
+        for rid in stale:
+            self.forget_replica(rid)
+        expired = [nid for nid, n in self._nodes.items()
+                   if n.state == NodeState.RECYCLED and now - n.since > self.retention_s]
+        for nid in expired:
+            del self._nodes[nid]
+            self.version += 1
+        return to_recycle
+
+    def _view(self, node: _Node) -> NodeView:
+        replicas = tuple(sorted((v for v, _ in self._replicas.values() if v.node_id == node.node_id),
+                                key=lambda v: v.replica_id))
+        return NodeView(node.node_id, node.node_ip, node.state, node.reason, node.since, replicas)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.version, tuple(self._view(n) for n in sorted(self._nodes.values(), key=lambda n: n.node_id)))
+
+    def reports(self, node_id: str) -> list[tuple[float, str, str]]:
+        node = self._nodes.get(node_id)
+        return list(node.reports) if node else []
+

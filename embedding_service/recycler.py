@@ -1,0 +1,116 @@
+"""The node recycler: one replica on the head node that turns GPU failure reports into node recycling.
+
+Replicas report faults (replica id, node id, reason) and heartbeat; the
+recycler quarantines the node at once, lets one grace cycle pass (replicas
+there fail their Serve health check, the router stops routing there), then
+acts on the node: Ray's own drain (default), a shell command, or nothing.
+Every step is logged with its reason. Callers long-poll `wait_for_change`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+
+import ray
+
+from embedding_service.config import RecyclerSettings
+from embedding_service.node_state import NodeBook, NodeView, Snapshot
+
+logger = logging.getLogger("ray.serve")
+
+
+def _alive_nodes() -> dict[str, str]:
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+
+class NodeRecycler:
+    async def __init__(self, settings: RecyclerSettings) -> None:
+        self.settings = settings
+        self.book = NodeBook(settings.grace_cycles, settings.report_retention_s, settings.replica_ttl_s)
+        self._changed = asyncio.Condition()
+        self._loop = asyncio.create_task(self._run())
+
+    async def _notify(self, before: int) -> None:
+        if self.book.version != before:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                before = self.book.version
+                alive = await asyncio.to_thread(_alive_nodes)
+                for node in self.book.tick(time.time(), alive):
+                    await self._recycle(node)
+                await self._notify(before)
+            except Exception:
+                logger.exception("recycler cycle failed")
+            await asyncio.sleep(self.settings.tick_s)
+
+    async def _recycle(self, node: NodeView) -> None:
+        replicas = ", ".join(r.replica_id for r in node.replicas) or "none"
+        logger.warning("recycler: draining node %s (%s): %s; replicas: %s", node.node_id, node.node_ip, node.reason, replicas)
+        action = self.settings.action
+        try:
+            if action == "drain":
+                await asyncio.to_thread(self._drain, node)
+            elif action == "command":
+                await self._command(node)
+            else:
+                logger.warning("recycler: action 'none': node %s is left to the operator", node.node_id)
+        except Exception:
+            logger.exception("recycler: acting on node %s failed", node.node_id)
+
+    def _drain(self, node: NodeView) -> None:
+        from ray.core.generated import autoscaler_pb2
+
+        gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+        deadline_ms = int((time.time() + self.settings.drain_deadline_s) * 1000)
+        accepted, why = gcs.drain_node(
+            node.node_id,
+            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            f"embedding-service recycler: {node.reason}",
+            deadline_ms,
+        )
+        logger.warning("recycler: Ray drain of node %s %s %s", node.node_id, "accepted" if accepted else "rejected:", why)
+
+    async def _command(self, node: NodeView) -> None:
+        command = self.settings.command.format(node_id=node.node_id, node_ip=node.node_ip, reason=shlex.quote(node.reason))
+        process = await asyncio.create_subprocess_shell(
+            command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=self.settings.command_timeout_s)
+        logger.warning("recycler: `%s` exited %s: %s", command, process.returncode, output.decode(errors="replace")[-2000:])
+
+    # ---- called by replicas and the router --------------------------------
+
+    async def heartbeat(self, replica_id: str, model: str, node_id: str) -> tuple[bool, str]:
+        before = self.book.version
+        verdict = self.book.heartbeat(replica_id, model, node_id, time.time())
+        await self._notify(before)
+        return verdict
+
+    async def report_failure(self, replica_id: str, node_id: str, reason: str) -> None:
+        before = self.book.version
+        if self.book.report(replica_id, node_id, reason, time.time()):
+            logger.warning("recycler: quarantined node %s: %s (replica %s)", node_id, reason, replica_id)
+        await self._notify(before)
+
+    async def is_quarantined(self, node_id: str) -> bool:
+        return self.book.is_quarantined(node_id)
+
+    async def wait_for_change(self, version: int, timeout_s: float) -> Snapshot:
+        """The current snapshot once its version differs from `version`, or after `timeout_s`."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.book.version != version), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.book.snapshot()
+
+    async def check_health(self) -> None:
+        if self._loop.done():
+            raise RuntimeError(f"recycler loop stopped: {self._loop.exception()!r}")

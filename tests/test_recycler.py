@@ -1,0 +1,178 @@
+"""A GPU fault on one worker of a real multi-node Ray cluster, under client load.
+
+The fault is injected through the model's pluggable device check (a flag file
+per node, since this machine has no GPU). Everything else is real: Ray's node
+drain, Serve replacing replicas, the proxy, the health Watch and the clients.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedding_service.v1 import embedding_pb2 as pb
+from tests.conftest import MINILM, TINY, WORKER_CPUS
+from tests.test_embed import vectors_of
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+
+
+class Stream:
+    """Collects a server stream's messages in a thread; cancel() ends it from the client side."""
+
+    def __init__(self, call) -> None:
+        self.call = call
+        self.items: list = []
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.call:
+                self.items.append((time.monotonic(), item))
+        except grpc.RpcError as err:
+            self.error = err
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(timeout=10)
+
+
+class Load:
+    """Clients that keep embedding on both models, retrying only on retryable statuses."""
+
+    def __init__(self, stub, reference) -> None:
+        self.stub = stub
+        self.reference = reference
+        self.done = threading.Event()
+        self.completed = 0
+        self.retried: list[grpc.StatusCode] = []
+        self.failed: list[str] = []
+        self.wrong: list[str] = []
+        self.threads = [threading.Thread(target=self._client, args=(m, k), daemon=True)
+                        for k, m in enumerate([MINILM, TINY, MINILM, TINY])]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, model: str, k: int) -> None:
+        n = 0
+        while not self.done.is_set():
+            texts = [f"client {k} request {n} sentence {i}" for i in range(8)]
+            for _attempt in range(30):
+                try:
+                    response = self.stub.Embed(pb.EmbedRequest(model=model, inputs=[pb.EmbedInput(text=t) for t in texts]), timeout=60)
+                except grpc.RpcError as err:
+                    if err.code() in RETRYABLE:
+                        self.retried.append(err.code())
+                        time.sleep(0.2)
+                        continue
+                    self.failed.append(f"{model}: {err.code()} {err.details()}")
+                    break
+                expected = self.reference[model].encode(texts, normalize_embeddings=True)
+                if np.abs(vectors_of(response) - expected).max() >= 1e-5:
+                    self.wrong.append(model)
+                self.completed += 1
+                break
+            else:
+                self.failed.append(f"{model}: still failing after 30 retries")
+            n += 1
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def latest_nodes(stream: Stream):
+    return stream.items[-1][1].nodes if stream.items else []
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for: {what}")
+        time.sleep(0.2)
+
+
+def node_of(stream: Stream, model: str) -> set[str]:
+    return {n.node_id for n in latest_nodes(stream) if n.state == pb.NODE_STATE_HEALTHY
+            for r in n.replicas if r.model == model}
+
+
+def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requests(service, reference_models):
+    stub = service.stub
+    health = health_pb2_grpc.HealthStub(service.channel)
+    nodes = Stream(stub.WatchNodes(pb.WatchNodesRequest()))
+    wait_until(lambda: len(node_of(nodes, MINILM)) >= 1 and len(node_of(nodes, TINY)) == 1, 60, "replicas registered")
+    (victim,) = node_of(nodes, TINY)
+    head = ray.get_runtime_context().get_node_id()
+    assert victim != head
+
+    tiny_watch = Stream(health.Watch(health_pb2.HealthCheckRequest(service=TINY)))
+    whole_watch = Stream(health.Watch(health_pb2.HealthCheckRequest(service="")))
+    wait_until(lambda: tiny_watch.items and whole_watch.items, 30, "first Watch messages")
+    assert tiny_watch.items[0][1].status == SERVING and whole_watch.items[0][1].status == SERVING
+
+    load = Load(stub, reference_models)
+    time.sleep(2)
+    (service.fault_dir / victim).write_text("CUDA error: an illegal memory access was encountered (injected)")
+
+    def state(node_id):
+        return next((n.state for n in latest_nodes(nodes) if n.node_id == node_id), None)
+
+    def track(target):
+        return state(victim) == target
+
+    wait_until(lambda: state(victim) in (pb.NODE_STATE_QUARANTINED, pb.NODE_STATE_DRAINING), 30, "quarantine")
+    quarantined = next(n for n in latest_nodes(nodes) if n.node_id == victim)
+    assert "illegal memory access" in quarantined.reason
+    wait_until(lambda: track(pb.NODE_STATE_DRAINING), 30, "drain")
+    # Serve brings the tiny model back on the healthy worker (the drained one takes no new replicas).
+    wait_until(lambda: node_of(nodes, TINY) and victim not in node_of(nodes, TINY), 120, "tiny replica elsewhere")
+
+    # The node leaves: by itself once drained, else the infrastructure (here the test) removes it.
+    victim_handle = next(n for n in service.cluster.worker_nodes if n.node_id == victim)
+    try:
+        wait_until(lambda: not any(n["NodeID"] == victim and n["Alive"] for n in ray.nodes()), 20, "node exit")
+    except TimeoutError:
+        service.cluster.remove_node(victim_handle)
+    wait_until(lambda: track(pb.NODE_STATE_RECYCLED), 60, "recycled")
+    # The operators' stream told every step, in order.
+    history = []
+    for _, view in nodes.items:
+        current = next((n.state for n in view.nodes if n.node_id == victim), None)
+        if current is not None and (not history or history[-1] != current):
+            history.append(current)
+    assert history == [pb.NODE_STATE_HEALTHY, pb.NODE_STATE_QUARANTINED, pb.NODE_STATE_DRAINING, pb.NODE_STATE_RECYCLED], history
+
+    wait_until(lambda: tiny_watch.items[-1][1].status == SERVING and len(tiny_watch.items) >= 3, 60, "Watch back to SERVING")
+    time.sleep(2)
+    load.stop()
+
+    statuses = [item.status for _, item in tiny_watch.items]
+    assert statuses[:3] == [SERVING, NOT_SERVING, SERVING], statuses
+    assert all(a != b for a, b in zip(statuses, statuses[1:])), "one message per change"
+    assert all(item.status == SERVING for _, item in whole_watch.items), "another model kept the service up"
+    assert not load.failed, load.failed
+    assert not load.wrong, load.wrong
+    assert load.completed > 20
+    assert stub.Embed(pb.EmbedRequest(model=TINY, inputs=[pb.EmbedInput(text="after")]), timeout=60).embeddings
+
+    # Capacity comes back: a new worker is tracked afresh, healthy.
+    (service.fault_dir / victim).unlink()
+    added = service.cluster.add_node(num_cpus=WORKER_CPUS)
+    wait_until(lambda: state(added.node_id) == pb.NODE_STATE_HEALTHY, 60, "new node tracked")
+
+    for stream in (tiny_watch, whole_watch, nodes):
+        stream.cancel()
+        assert stream.error is None or stream.error.code() == grpc.StatusCode.CANCELLED
