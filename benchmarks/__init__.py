@@ -1,0 +1,1 @@
+"""Benchmarks of the embedding service (see run.py)."""

