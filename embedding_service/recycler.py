@@ -111,6 +111,10 @@ class NodeRecycler:
                 pass
         return self.book.snapshot()
 
+    async def node_id(self) -> str:
+        """Where this recycler runs (the head node)."""
+        return ray.get_runtime_context().get_node_id()
+
     async def check_health(self) -> None:
         if self._loop.done():
             raise RuntimeError(f"recycler loop stopped: {self._loop.exception()!r}")

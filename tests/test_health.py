@@ -67,3 +67,14 @@ def test_watch_sends_the_status_at_once_and_unknown_stays_open_past_any_request_
         t.join(timeout=10)
     assert errors == [grpc.StatusCode.CANCELLED] * 2
     assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
+
+
+def test_recycler_is_one_replica_on_the_head_node(service):
+    import ray
+    from ray import serve
+
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__"))
+    recycler = serve.get_deployment_handle("NodeRecycler", app_name="embedding")
+    assert recycler.node_id.remote().result(timeout_s=30) == head
+    deployments = serve.status().applications["embedding"].deployments
+    assert deployments["NodeRecycler"].replica_states == {"RUNNING": 1}
