@@ -28,13 +28,14 @@ from embedding_service.validation import Job, build_job, check_envelope, resolve
 
 logger = logging.getLogger("ray.serve")
 
-# Failures that mean "the replica went away", not "the request is bad": the
-# shard is sent again, to a live replica.
+# Failures that mean "the replica went away or its device failed", not "the request
+# is bad": the shard is sent again, to a live replica.
 _RETRYABLE = (
     ray.exceptions.RayActorError,
     ray.exceptions.ActorUnavailableError,
     ray.exceptions.WorkerCrashedError,
     ray.exceptions.NodeDiedError,
+    ReplicaFaulted,
 )
 
 
@@ -50,7 +51,8 @@ _NODE_STATES = {
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, _RETRYABLE) or isinstance(exc, ReplicaFaulted) or isinstance(getattr(exc, "cause", None), ReplicaFaulted)
+    # A replica's own ReplicaFaulted reaches the caller wrapped in a RayTaskError.
+    return isinstance(exc, _RETRYABLE) or isinstance(getattr(exc, "cause", None), ReplicaFaulted)
 
 
 class EmbedRouter:
@@ -177,6 +179,24 @@ class EmbedRouter:
             else:
                 embeddings.add(index=int(pos), values=vec.tolist(), tokens=int(counts[row]))
 
+    @staticmethod
+    def _stamp(message, tokens: int, queue_ns: int, inference_ns: int) -> None:
+        message.usage.prompt_tokens = tokens
+        message.usage.total_tokens = tokens
+        message.timing.queue_time_ns = queue_ns
+        message.timing.inference_time_ns = inference_ns
+
+    async def _each_change(self, render) -> AsyncIterator:
+        """render() now, then again after each change of the recycler's view, whenever it differs."""
+        last = None
+        while True:
+            message = render()
+            if message != last:
+                last = message
+                yield message
+            async with self._changed:
+                await self._changed.wait()
+
     # ---- gRPC methods (names must not collide with grpc.health.v1) -------
 
     @errors.unary(pb.EmbedResponse)
@@ -196,11 +216,7 @@ class EmbedRouter:
             inference_ns += result.inference_ns
         response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
         self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
-        tokens = int(counts.sum())
-        response.usage.prompt_tokens = tokens
-        response.usage.total_tokens = tokens
-        response.timing.queue_time_ns = queue_ns
-        response.timing.inference_time_ns = inference_ns
+        self._stamp(response, int(counts.sum()), queue_ns, inference_ns)
         response.timing.total_time_ns = time.perf_counter_ns() - started
         return response
 
@@ -210,11 +226,7 @@ class EmbedRouter:
             async for shard, result in self._shard_results(job, self.args.limits.stream_timeout_s):
                 chunk = pb.EmbedStreamResponse(model=job.model, dimensions=int(result.vectors.shape[1]))
                 self._fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
-                tokens = int(result.token_counts.sum())
-                chunk.usage.prompt_tokens = tokens
-                chunk.usage.total_tokens = tokens
-                chunk.timing.queue_time_ns = result.queue_ns
-                chunk.timing.inference_time_ns = result.inference_ns
+                self._stamp(chunk, int(result.token_counts.sum()), result.queue_ns, result.inference_ns)
                 yield chunk
         except Exception as exc:
             # A stream ends with an error only by raising; Ray keeps the code set first.
@@ -251,14 +263,9 @@ class EmbedRouter:
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
         """The current status at once, then one message per change; an unknown service gets
         SERVICE_UNKNOWN and the stream stays open. It has no deadline of its own."""
-        last = None
-        while True:
-            status = self._statuses().get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            if status != last:
-                last = status
-                yield health_pb2.HealthCheckResponse(status=status)
-            async with self._changed:
-                await self._changed.wait()
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        async for status in self._each_change(lambda: self._statuses().get(request.service, unknown)):
+            yield health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: health_pb2.HealthListRequest, grpc_context=None) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
@@ -284,11 +291,5 @@ class EmbedRouter:
 
     async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
         """Every node with its state, reason and replicas: now, then at each change."""
-        last = None
-        while True:
-            message = self._nodes_message()
-            if message != last:
-                last = message
-                yield message
-            async with self._changed:
-                await self._changed.wait()
+        async for message in self._each_change(self._nodes_message):
+            yield message

@@ -81,9 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        return errors.invalid_request(first.get("msg", "invalid request"), loc[0] if loc else None).response()
+        return errors.from_validation(list(exc.errors()), EmbeddingRequest.model_fields).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -128,10 +126,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             body = EmbeddingRequest.model_validate_json(bytes(raw))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = [str(p) for p in first.get("loc", ())]
-            param = loc[0] if loc and loc[0] in EmbeddingRequest.model_fields else None
-            raise errors.invalid_request(first.get("msg", "invalid request body"), param) from None
+            raise errors.from_validation(exc.errors(), EmbeddingRequest.model_fields) from None
         if body.dimensions is not None and not 1 <= body.dimensions <= INT32_MAX:
             raise errors.invalid_request("dimensions must be a positive integer", "dimensions")
         request_pb = pb.EmbedRequest(

@@ -63,6 +63,14 @@ def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
 
 
+def from_validation(problems: list[dict], known_params) -> OpenAIError:
+    """A pydantic/FastAPI validation failure as OpenAI's 400, naming the request field when it is one."""
+    first = problems[0] if problems else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = loc[0] if loc and loc[0] in known_params else None
+    return invalid_request(first.get("msg", "invalid request body"), param)
+
+
 def rich_status(err: grpc.RpcError) -> tuple[str | None, float | None]:
     """The service's ErrorInfo reason and RetryInfo delay, when it sent them."""
     metadata = err.trailing_metadata() or ()
