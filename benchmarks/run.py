@@ -63,6 +63,33 @@ class InProcess:
         return out
 
 
+class InProcessBackend(InProcess):
+    """The service's compiled backend (ONNX Runtime / OpenVINO) run in-process, the same way the replica runs it."""
+
+    def __init__(self, model, runtime) -> None:
+        super().__init__(model)
+        self.runtime = runtime
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        return np.concatenate([self.runtime.embed(self.model.preprocess(texts[i : i + batch_size]))
+                               for i in range(0, len(texts), batch_size)])
+
+    def rate(self, texts: list[str], batch_size: int, repeats: int = 2) -> float:
+        self.encode(texts[:batch_size], batch_size)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.encode(texts, batch_size)
+        return repeats * len(texts) / (time.perf_counter() - start)
+
+    def latency(self, text: str, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.encode([text])
+            out.append(time.perf_counter() - t)
+        return out
+
+
 class GrpcClient:
     def __init__(self, target: str) -> None:
         import grpc
@@ -175,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from embedding_service import launcher
     from embedding_service.app import model_deployment_name
     from embedding_service.config import AppArgs
+    from embedding_service.runtimes import load_runtime
 
     import yaml
 
@@ -212,6 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     results["in_process"] = {"rate_by_batch_size": best, "limit": limit, "limit_batch_size": limit_bs,
                              "w1_p50_ms": pct(single, 50) * 1e3, "w1_p99_ms": pct(single, 99) * 1e3, "w4_rate": w4_inproc,
                              "w5_rate_sample": w5_inproc}
+    # The service's backend in-process as well: the ratios above are to torch `encode`
+    # (the issue's reference); these say how much of the compiled backend's own limit we keep.
+    settings = args.models[0]
+    backend, runtime = load_runtime(model, settings.backend, "cpu", settings.threads or torch.get_num_threads())
+    results["backend"] = backend
+    if backend != "torch":
+        same = InProcessBackend(model, runtime)
+        same_best = {bs: same.rate(w2_texts, bs) for bs in (16, 32, 64, 128)}
+        same_single = same.latency("how do I reset my password", sizes["w1_n"])
+        diff = float(np.abs(same.encode(w2_texts[:64]) - model.encode(w2_texts[:64])).max())
+        results["in_process_backend"] = {"rate_by_batch_size": same_best, "limit": max(same_best.values()),
+                                         "w1_p50_ms": pct(same_single, 50) * 1e3, "max_abs_diff_vs_torch": diff}
+    del runtime
     del model, inproc
     gc.collect()
 
@@ -240,9 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             lat = [client.embed(["how do I reset my password"]) for _ in range(sizes["w1_n"])]
             w[f"W1_{name}"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
                                "p50_over_in_process_ms": (pct(lat, 50) - pct(single, 50)) * 1e3, "batches": ran_batches()}
+            if "in_process_backend" in results:
+                w[f"W1_{name}"]["p50_over_same_backend_ms"] = pct(lat, 50) * 1e3 - results["in_process_backend"]["w1_p50_ms"]
             wall, lat = concurrent(client.embed, [w2_texts] * sizes["w2_requests"], 2)
             rate = 256 * sizes["w2_requests"] / wall
             w[f"W2_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": ran_batches()}
+            if "in_process_backend" in results:
+                w[f"W2_{name}"]["ratio_same_backend"] = rate / results["in_process_backend"]["limit"]
             one = sentences(sizes["w3_requests"], 12, 3)
             wall, lat = concurrent(lambda s: client.embed([s]), one, 64)
             rate = len(one) / wall
@@ -278,6 +323,16 @@ def table(r: dict) -> str:
         f"in-process limit: {ip['limit']:.0f} sentences/s at batch {ip['limit_batch_size']} "
         f"(by batch size: { {k: round(v) for k, v in ip['rate_by_batch_size'].items()} }); "
         f"one sentence p50 {ip['w1_p50_ms']:.1f} ms; W4 inputs in-process {ip['w4_rate']:.0f}/s",
+    ]
+    if "in_process_backend" in r:
+        b = r["in_process_backend"]
+        lines.append(f"service backend {r['backend']} in-process: limit {b['limit']:.0f} sentences/s "
+                     f"({b['limit'] / ip['limit']:.2f}x torch), one sentence p50 {b['w1_p50_ms']:.1f} ms, "
+                     f"max |diff| vs torch {b['max_abs_diff_vs_torch']:.1e}")
+    lines += [
+        "ratios: to in-process torch encode" + (f"; W2 to in-process {r['backend']}: " + ", ".join(
+            f"{n} {v['ratio_same_backend']:.2f}" for n, v in r["workloads"].items() if "ratio_same_backend" in v)
+            if "in_process_backend" in r else ""),
         "",
         f"{'workload':<18}{'rate/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}  batch sizes run (size: count)",
     ]

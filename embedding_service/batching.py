@@ -1,0 +1,97 @@
+"""Continuous batching: the model runs whatever has queued up since its last batch.
+
+Why not `@serve.batch`: it forms the next batch as soon as the previous one is
+launched, so with a short window a busy model gets many tiny batches queued
+behind it, and with a long window an idle model makes every lone request wait
+out the window (measured: +5.6 ms on a single sentence). Here the batch is
+formed when the model is free: an idle model starts a request at once, and
+what arrives while it computes (in a worker thread, so the event loop keeps
+accepting and tokenizing) becomes the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ContinuousBatcher(Generic[T, R]):
+    """Feeds `run(items) -> results` (same order, same length) with batches of queued items.
+
+    `max_size` bounds a batch in units of `size(item)` (an item larger than that
+    runs alone). `max_wait_s` optionally holds an idle model for more arrivals.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], list[R]],
+        max_size: int,
+        size: Callable[[T], int] = lambda _: 1,
+        max_wait_s: float = 0.0,
+        thread_initializer: Callable[[], None] | None = None,
+    ) -> None:
+        self._run = run
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self._size = size
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future]] = asyncio.Queue()
+        self._held: tuple[T, asyncio.Future] | None = None  # did not fit the last batch
+        # One thread: batches run one after another, the model is not re-entered.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward", initializer=thread_initializer)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() + (self._held is not None)
+
+    async def submit(self, item: T) -> R:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
+        first = self._held or await self._queue.get()
+        self._held = None
+        batch, total = [first], self._size(first[0])
+        if self.max_wait_s > 0 and total < self.max_size:
+            await asyncio.sleep(self.max_wait_s)
+        while total < self.max_size and not self._queue.empty():
+            entry = self._queue.get_nowait()
+            n = self._size(entry[0])
+            if total + n > self.max_size:
+                self._held = entry
+                break
+            batch.append(entry)
+            total += n
+        return [e for e in batch if not e[1].cancelled()]
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, [item for item, _ in batch])
+            except BaseException as exc:  # every waiter learns of the failure; the loop goes on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,183 @@
+"""Inference backends for a loaded sentence-transformers model: torch, ONNX Runtime, OpenVINO.
+
+The ONNX and OpenVINO backends compile only the transformer (the model's first
+module) and keep sentence-transformers' own pooling and normalization modules,
+so prompts, pooling options and Matryoshka behave exactly as with torch.
+
+Why not sentence-transformers' `backend="onnx"/"openvino"`: it goes through
+optimum, whose ONNX exporter (optimum-onnx) requires transformers < 4.58 while
+sentence-transformers 6 requires transformers >= 5, and whose OpenVINO package
+(optimum-intel) pins transformers < 5.6 and drags in a torchvision that does not
+load beside CPU builds of torch. Exporting the transformer with torch and
+running the graph with the runtime's own API needs neither.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+logger = logging.getLogger("ray.serve")
+
+# Inputs a BERT-like transformer may take, in the order the graph declares them.
+_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class Runtime(Protocol):
+    def embed(self, features: dict) -> np.ndarray:
+        """Tokenized features (torch tensors on the model's device) -> float32 [batch, dim]."""
+
+
+class TorchRuntime:
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def embed(self, features: dict) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(features)["sentence_embedding"].float().cpu().numpy()
+
+
+class _CompiledTransformer:
+    """The transformer runs in a compiled graph; the remaining modules run in torch."""
+
+    def __init__(self, model) -> None:
+        first = model[0]
+        auto_model = getattr(first, "auto_model", None)
+        if auto_model is None:
+            raise ValueError(
+                f"the {type(self).__name__} backend needs a model whose first module is a "
+                f"sentence-transformers Transformer; this one starts with {type(first).__name__}"
+            )
+        accepted = inspect.signature(auto_model.forward).parameters
+        self.input_names = [n for n in _INPUT_NAMES if n in accepted]
+        self.tail = list(model)[1:]
+        self.auto_model = auto_model
+
+    def _graph_module(self):
+        import torch
+
+        auto_model, names = self.auto_model, self.input_names
+
+        class LastHiddenState(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = auto_model
+
+            def forward(self, *inputs):
+                return self.inner(**dict(zip(names, inputs)), return_dict=True).last_hidden_state
+
+        return LastHiddenState().eval()
+
+    def _example(self):
+        import torch
+
+        # Two rows of different lengths, so traced shapes stay dynamic.
+        ids = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]])
+        values = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
+        return tuple(values[n] for n in self.input_names)
+
+    def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, features: dict) -> np.ndarray:
+        import torch
+
+        inputs = {n: features[n].cpu().numpy().astype(np.int64, copy=False) for n in self.input_names}
+        features = dict(features)
+        features["token_embeddings"] = torch.from_numpy(np.ascontiguousarray(self._run_graph(inputs), dtype=np.float32))
+        with torch.inference_mode():
+            for module in self.tail:
+                features = module(features)
+        return features["sentence_embedding"].float().numpy()
+
+
+class OnnxRuntime(_CompiledTransformer):
+    def __init__(self, model, device: str, threads: int | None) -> None:
+        super().__init__(model)
+        import onnxruntime as ort
+        import torch
+
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("backend onnx on cuda needs onnxruntime-gpu (CUDAExecutionProvider is missing)")
+            providers.insert(0, "CUDAExecutionProvider")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "transformer.onnx"
+            dynamic = {n: {0: "batch", 1: "sequence"} for n in [*self.input_names, "last_hidden_state"]}
+            # The TorchScript exporter: the torch.export one needs onnxscript and
+            # gains nothing for a plain encoder. Its tracer warnings are about
+            # shapes the tolerance test covers (batch sizes, lengths, padding).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(self._graph_module().cpu(), self._example(), str(path), input_names=self.input_names,
+                                  output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False)
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["last_hidden_state"], inputs)[0]
+
+
+class OpenVinoRuntime(_CompiledTransformer):
+    def __init__(self, model, device: str, threads: int | None) -> None:
+        super().__init__(model)
+        if device != "cpu":
+            raise ValueError("backend openvino runs on cpu here; use backend torch or onnx on cuda")
+        import openvino as ov
+
+        with warnings.catch_warnings():  # tracer warnings, as for onnx above
+            warnings.simplefilter("ignore")
+            graph = ov.convert_model(self._graph_module().cpu(), example_input=self._example())
+        # fp32 on purpose: OpenVINO defaults to bf16 on CPUs that have it (about 1e-3 off).
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(graph, "CPU", config)
+        self._request = self.compiled.create_infer_request()
+
+    def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        # One request object, reused: batches run one at a time (one forward thread).
+        # Traced from positional inputs: the graph's inputs are in input_names order.
+        return self._request.infer([inputs[n] for n in self.input_names])[0].copy()
+
+
+_RUNTIMES = {"onnx": (OnnxRuntime, "onnxruntime"), "openvino": (OpenVinoRuntime, "openvino")}
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """"auto": OpenVINO on CPU (about 2x torch here, within 1e-6 of it), torch on GPU."""
+    if backend != "auto":
+        return backend
+    return "openvino" if device == "cpu" else "torch"
+
+
+def load_runtime(model, backend: str, device: str, threads: int | None) -> tuple[str, Runtime]:
+    """(the backend that runs, its runtime). "auto" falls back to torch where compiling fails."""
+    resolved = resolve_backend(backend, device)
+    if resolved == "torch":
+        return resolved, TorchRuntime(model)
+    if resolved not in _RUNTIMES:
+        raise ValueError(f"unknown backend {backend!r}")
+    cls, package = _RUNTIMES[resolved]
+    try:
+        return resolved, cls(model, device, threads)
+    except ImportError as exc:
+        error: Exception = ValueError(f"backend {resolved} needs the {package} package: {exc}")
+    except Exception as exc:
+        error = exc
+    if backend != "auto":
+        raise error
+    logger.warning("backend auto: %s could not compile this model (%s); running it with torch", resolved, error)
+    return "torch", TorchRuntime(model)

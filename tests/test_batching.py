@@ -1,0 +1,108 @@
+"""The continuous batcher: batches form when the model is free, from what queued meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from embedding_service.batching import ContinuousBatcher
+
+
+class _Model:
+    """Records each batch; the first batch blocks until released, as a long forward would."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.batches.append(list(items))
+        self.started.set()
+        self.release.wait(10)
+        if self.fail_on in items:
+            raise RuntimeError("forward failed")
+        return [i.upper() for i in items]
+
+
+async def _until(condition) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
+def test_arrivals_during_a_forward_form_the_next_batch_in_order():
+    async def main():
+        model = _Model()
+        batcher = ContinuousBatcher(model, max_size=100)
+        first = asyncio.create_task(batcher.submit("a"))
+        await asyncio.to_thread(model.started.wait, 10)
+        assert model.batches == [["a"]]  # an idle model starts a lone item at once
+        rest = [asyncio.create_task(batcher.submit(x)) for x in "bcdef"]
+        await _until(lambda: batcher.queued == 5)  # the event loop kept accepting during the forward
+        model.release.set()
+        assert await first == "A"
+        assert await asyncio.gather(*rest) == list("BCDEF")
+        assert model.batches == [["a"], list("bcdef")]
+        batcher.close()
+
+    asyncio.run(main())
+
+
+def test_batches_respect_the_size_budget_and_keep_the_overflow_for_the_next():
+    async def main():
+        model = _Model()
+        batcher = ContinuousBatcher(model, max_size=5, size=len)
+        blocker = asyncio.create_task(batcher.submit("x"))
+        await asyncio.to_thread(model.started.wait, 10)
+        items = ["aa", "bb", "cc", "dddddddd", "e"]  # sizes 2, 2, 2, 8 (alone: over budget), 1
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in items]
+        await _until(lambda: batcher.queued == len(items))
+        model.release.set()
+        assert await asyncio.gather(blocker, *tasks) == ["X", "AA", "BB", "CC", "DDDDDDDD", "E"]
+        assert model.batches[1:] == [["aa", "bb"], ["cc"], ["dddddddd"], ["e"]]
+        batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_batch_fails_its_callers_only_and_the_batcher_goes_on():
+    async def main():
+        model = _Model(fail_on="bad")
+        batcher = ContinuousBatcher(model, max_size=10)
+        blocker = asyncio.create_task(batcher.submit("x"))
+        await asyncio.to_thread(model.started.wait, 10)
+        doomed = [asyncio.create_task(batcher.submit(i)) for i in ("bad", "ok")]
+        cancelled = asyncio.create_task(batcher.submit("gone"))
+        await _until(lambda: batcher.queued == 3)
+        cancelled.cancel()
+        model.release.set()
+        assert await blocker == "X"
+        for task in doomed:
+            with pytest.raises(RuntimeError, match="forward failed"):
+                await task
+        assert ["gone"] not in model.batches and all("gone" not in b for b in model.batches)
+        assert await batcher.submit("later") == "LATER"
+        batcher.close()
+
+    asyncio.run(main())
+
+
+def test_an_idle_wait_gathers_arrivals_when_asked():
+    async def main():
+        model = _Model()
+        model.release.set()
+        batcher = ContinuousBatcher(model, max_size=10, max_wait_s=0.2)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in "ab"]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(batcher.submit("c")))
+        assert await asyncio.gather(*tasks) == ["A", "B", "C"]
+        assert model.batches == [["a", "b", "c"]]
+        batcher.close()
+
+    asyncio.run(main())

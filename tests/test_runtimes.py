@@ -1,0 +1,93 @@
+"""ONNX Runtime and OpenVINO backends: vectors within the stated tolerance of torch.
+
+Stated tolerance (README): max absolute difference 1e-5 per component, the
+project's correctness bar, against sentence-transformers' own torch `encode`.
+Measured here: about 1e-7.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import pytest
+
+from embedding_service.runtimes import OnnxRuntime, OpenVinoRuntime, TorchRuntime, load_runtime, resolve_backend
+from embedding_service.tokenization import InputEncoder
+
+from .conftest import MINILM, TINY
+
+TOLERANCE = 1e-5
+WORDS = "semantic search ranks documents dense vectors transformer query product weather music ü 東京 🙂".split()
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    # 1 to 400 words: short, padded, and past the 256-token limit (truncated).
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 3, 12, 40, 120, 400]))) for _ in range(n)]
+
+
+def _embed(runtime, encoder: InputEncoder, texts: list[str], prompt: str | None, batch: int) -> np.ndarray:
+    sequences = encoder.prepare(texts, "end", prompt).sequences
+    out = [runtime.embed(encoder.features(sequences[i : i + batch], prompt)) for i in range(0, len(texts), batch)]
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("model_name", [MINILM, TINY])
+def test_backend_matches_torch_within_tolerance(backend, model_name, reference_models):
+    model = reference_models[model_name]
+    resolved, runtime = load_runtime(model, backend, "cpu", threads=1)
+    assert resolved == backend
+    assert isinstance(runtime, OnnxRuntime if backend == "onnx" else OpenVinoRuntime)
+    encoder = InputEncoder(model)
+    texts = _texts(70, seed=len(model_name))
+    prompts = [None] + (["query: "] if model_name == TINY else [])
+    for prompt in prompts:
+        expected = model.encode([(prompt or "") + t for t in texts], batch_size=16)
+        for batch in (1, 7, 32):  # padding differs with the batch: the graph's shapes are dynamic
+            got = _embed(runtime, encoder, texts, prompt, batch)
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            assert np.abs(got - expected).max() < TOLERANCE, (backend, model_name, prompt, batch)
+
+
+def test_torch_runtime_is_the_model_itself(reference_models):
+    model = reference_models[MINILM]
+    _, runtime = load_runtime(model, "torch", "cpu", threads=None)
+    assert isinstance(runtime, TorchRuntime)
+    encoder = InputEncoder(model)
+    texts = _texts(10, seed=3)
+    np.testing.assert_allclose(_embed(runtime, encoder, texts, None, 4), model.encode(texts), atol=TOLERANCE)
+
+
+def test_compiled_backends_refuse_what_they_cannot_run(reference_models):
+    with pytest.raises(ValueError, match="openvino runs on cpu"):
+        load_runtime(reference_models[TINY], "openvino", "cuda", threads=None)
+
+    class NoTransformer(list):
+        pass
+
+    with pytest.raises(ValueError, match="first module is a sentence-transformers Transformer"):
+        load_runtime(NoTransformer([object()]), "onnx", "cpu", threads=None)
+
+
+def test_auto_is_openvino_on_cpu_torch_on_gpu_and_falls_back_to_torch(reference_models):
+    assert resolve_backend("auto", "cpu") == "openvino" and resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("onnx", "cpu") == "onnx"
+    resolved, runtime = load_runtime(reference_models[TINY], "auto", "cpu", threads=1)
+    assert resolved == "openvino" and isinstance(runtime, OpenVinoRuntime)
+
+    class NoTransformer(list):
+        pass
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # Ray's logging setup stops propagation, so caplog would not see it
+    logging.getLogger("ray.serve").addHandler(handler)
+    try:
+        resolved, runtime = load_runtime(NoTransformer([object()]), "auto", "cpu", threads=None)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    assert resolved == "torch" and isinstance(runtime, TorchRuntime)
+    assert any("running it with torch" in r.getMessage() for r in records)
