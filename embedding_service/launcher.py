@@ -30,16 +30,22 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def prepare_environment(config: dict[str, Any]) -> None:
-    """Sets Ray's gRPC transport cap from the router's request bound; call before Ray starts."""
+    """Environment for the Ray processes this launcher starts; call before Ray starts.
+
+    Ray's gRPC transport cap comes from the router's request bound. The
+    application's runtime_env env_vars reach its replicas through Serve; they are
+    exported here too so the controller and proxies run with the same Ray Serve
+    settings (on a cluster, the Ray nodes' environment does that).
+    """
     from embedding_service.config import AppArgs
 
-    bounds = [
-        AppArgs.parse(a.get("args")).limits.max_request_bytes
-        for a in config["applications"]
-        if a["import_path"].endswith(":build_app")
-    ]
+    ours = [a for a in config["applications"] if a["import_path"].endswith(":build_app")]
+    bounds = [AppArgs.parse(a.get("args")).limits.max_request_bytes for a in ours]
     if bounds:
         os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(bounds) * TRANSPORT_CAP_FACTOR))
+    for app in ours:
+        for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items():
+            os.environ.setdefault(key, str(value))
 
 
 def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None) -> str:

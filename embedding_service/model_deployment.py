@@ -140,12 +140,10 @@ class EmbeddingModel:
     def describe(self) -> ModelInfo:
         return self.info
 
-    def batch_stats(self) -> dict[int, int]:
-        """How many gathered batches of each size (in sequences) this replica ran."""
-        return dict(self.batch_sizes)
-
-    def reset_batch_stats(self) -> None:
-        self.batch_sizes.clear()
+    def take_batch_stats(self) -> dict[int, int]:
+        """How many gathered batches of each size (in sequences) this replica ran since the last call."""
+        stats, self.batch_sizes = self.batch_sizes, Counter()
+        return dict(stats)
 
     async def embed(self, request: ShardRequest) -> ShardResult:
         opts = request.options

@@ -90,7 +90,10 @@ class _CompiledTransformer:
     def embed(self, features: dict) -> np.ndarray:
         import torch
 
-        inputs = {n: features[n].cpu().numpy().astype(np.int64, copy=False) for n in self.input_names}
+        ids = features["input_ids"].cpu().numpy().astype(np.int64, copy=False)
+        # A tokenizer without token types (RoBERTa's) feeds a model that takes them: zeros, as torch defaults.
+        inputs = {n: features[n].cpu().numpy().astype(np.int64, copy=False) if n in features else np.zeros_like(ids)
+                  for n in self.input_names}
         features = dict(features)
         features["token_embeddings"] = torch.from_numpy(np.ascontiguousarray(self._run_graph(inputs), dtype=np.float32))
         with torch.inference_mode():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
@@ -55,3 +57,17 @@ def test_empty_args_give_the_packaged_default():
 def test_bad_args_are_rejected_before_anything_starts(bad):
     with pytest.raises(ValidationError):
         build_app(bad)
+
+
+def test_the_launcher_gives_ray_the_transport_cap_and_the_apps_serve_settings(monkeypatch):
+    config = launcher.load_config()
+    for key in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # already set by the operator: kept
+    launcher.prepare_environment(config)
+    args = config["applications"][0]["args"]
+    assert os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 * args["limits"]["max_request_bytes"])
+    # The speed bundle, with Serve's gRPC proxy kept (no direct ingress).
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert os.environ["HF_HUB_OFFLINE"] == "0"

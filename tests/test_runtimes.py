@@ -91,3 +91,13 @@ def test_auto_is_openvino_on_cpu_torch_on_gpu_and_falls_back_to_torch(reference_
         logging.getLogger("ray.serve").removeHandler(handler)
     assert resolved == "torch" and isinstance(runtime, TorchRuntime)
     assert any("running it with torch" in r.getMessage() for r in records)
+
+
+def test_a_tokenizer_without_token_types_feeds_zeros_as_torch_does(reference_models):
+    model = reference_models[MINILM]
+    _, runtime = load_runtime(model, "onnx", "cpu", threads=1)
+    encoder = InputEncoder(model)
+    texts = ["a short one", "and a somewhat longer sentence than that"]
+    features = encoder.features(encoder.prepare(texts, "end").sequences)
+    del features["token_type_ids"]  # as a RoBERTa-style tokenizer would give
+    assert np.abs(runtime.embed(features) - model.encode(texts)).max() < TOLERANCE

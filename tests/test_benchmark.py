@@ -1,0 +1,39 @@
+"""The benchmark's measuring code, run against the session's service (not a second Ray) at small sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .conftest import MINILM
+from .gateway_helpers import running_gateway
+
+
+def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service, reference_models, tmp_path, capsys):
+    from benchmarks.run import GrpcClient, RestClient, Work, measure_in_process, measure_service, take_batch_stats, write
+
+    work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 300})
+    results = measure_in_process(reference_models[MINILM], work, "auto", threads=1)
+    # The service's default backend, compiled in-process too, and within the stated tolerance of torch.
+    assert results["backend"] == "openvino"
+    assert results["in_process_backend"]["max_abs_diff_vs_torch"] < 1e-5
+    assert results["in_process"]["limit"] > 0 and results["in_process_backend"]["limit"] > 0
+
+    with running_gateway(targets=[service.target]) as base:
+        results["workloads"] = measure_service(GrpcClient(service.target), RestClient(base, MINILM), work, results,
+                                               lambda: take_batch_stats("model-all-MiniLM-L6-v2"))
+    w = results["workloads"]
+    assert set(w) == {f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")} | {"W5_grpc_stream"}
+    for name, v in w.items():
+        assert v.get("ratio", 1) > 0 and v.get("p50_ms", 1) > 0, name
+        # Batch sizes the replica ran: whole sequences, never over the configured maximum.
+        assert all(1 <= size <= 128 and count > 0 for size, count in v["batches"].items()), (name, v["batches"])
+    assert w["W5_grpc_stream"]["inputs"] == 300
+    assert np.isclose(w["W5_grpc_stream"]["result_mib"], 300 * 384 * 4 / 2**20)
+
+    write(results, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["workloads"]["W3_grpc"]["rate"] == w["W3_grpc"]["rate"]
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "W3_grpc" in printed and "service backend openvino in-process" in printed
