@@ -29,27 +29,41 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+def export_app_env(config: dict[str, Any]) -> None:
+    """Gives this process (and the Ray processes it starts) the application's runtime_env env_vars.
+
+    Serve hands them to the replicas itself; exported here they also reach the
+    controller and proxies, and this process: Ray Serve reads its settings when
+    `ray.serve` is first imported, and deployment handles built here (by
+    `build_app`) carry them. Call before importing ray.serve.
+    """
+    for app in config["applications"]:
+        if app["import_path"].endswith(":build_app"):
+            for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items():
+                os.environ.setdefault(key, str(value))
+
+
 def prepare_environment(config: dict[str, Any]) -> None:
     """Environment for the Ray processes this launcher starts; call before Ray starts.
 
-    Ray's gRPC transport cap comes from the router's request bound. The
-    application's runtime_env env_vars reach its replicas through Serve; they are
-    exported here too so the controller and proxies run with the same Ray Serve
-    settings (on a cluster, the Ray nodes' environment does that).
+    Ray's gRPC transport cap comes from the router's request bound (on a cluster,
+    set it in the Ray nodes' environment, as the app's Serve settings).
     """
     from embedding_service.config import AppArgs
 
-    ours = [a for a in config["applications"] if a["import_path"].endswith(":build_app")]
-    bounds = [AppArgs.parse(a.get("args")).limits.max_request_bytes for a in ours]
+    export_app_env(config)
+    bounds = [
+        AppArgs.parse(a.get("args")).limits.max_request_bytes
+        for a in config["applications"]
+        if a["import_path"].endswith(":build_app")
+    ]
     if bounds:
         os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(bounds) * TRANSPORT_CAP_FACTOR))
-    for app in ours:
-        for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items():
-            os.environ.setdefault(key, str(value))
 
 
 def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None) -> str:
     """Deploys every application of `config`; returns the gRPC target (host:port)."""
+    prepare_environment(config)  # before ray.serve is imported (see export_app_env)
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -57,7 +71,6 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
 
     schema = ServeDeploySchema.model_validate(config)
     apps = schema.applications
-    prepare_environment(config)
     if not ray.is_initialized():
         runtime_env = apps[0].runtime_env if len(apps) == 1 else {}
         ray.init(address=address, namespace="serve", runtime_env=runtime_env or None, **(ray_init_kwargs or {}))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -84,6 +85,19 @@ class _CompiledTransformer:
         values = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
         return tuple(values[n] for n in self.input_names)
 
+    def _export_onnx(self, path: Path) -> None:
+        """The transformer as an ONNX graph (inputs in input_names order, dynamic batch and length)."""
+        import torch
+
+        dynamic = {n: {0: "batch", 1: "sequence"} for n in [*self.input_names, "last_hidden_state"]}
+        # The TorchScript exporter: the torch.export one needs onnxscript and
+        # gains nothing for a plain encoder. Its tracer warnings are about
+        # shapes the tolerance test covers (batch sizes, lengths, padding).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(self._graph_module().cpu(), self._example(), str(path), input_names=self.input_names,
+                              output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False)
+
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
@@ -106,31 +120,47 @@ class OnnxRuntime(_CompiledTransformer):
     def __init__(self, model, device: str, threads: int | None) -> None:
         super().__init__(model)
         import onnxruntime as ort
-        import torch
 
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ValueError("backend onnx on cuda needs onnxruntime-gpu (CUDAExecutionProvider is missing)")
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "transformer.onnx"
-            dynamic = {n: {0: "batch", 1: "sequence"} for n in [*self.input_names, "last_hidden_state"]}
-            # The TorchScript exporter: the torch.export one needs onnxscript and
-            # gains nothing for a plain encoder. Its tracer warnings are about
-            # shapes the tolerance test covers (batch sizes, lengths, padding).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(self._graph_module().cpu(), self._example(), str(path), input_names=self.input_names,
-                                  output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False)
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-                options.inter_op_num_threads = 1
+            self._export_onnx(path)
             self.session = ort.InferenceSession(str(path), options, providers=providers)
 
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(["last_hidden_state"], inputs)[0]
+
+
+def import_openvino():
+    """`openvino`, without its usage telemetry.
+
+    Importing openvino posts an event to Google Analytics from a forked process
+    (openvino-telemetry, a dependency of the wheel), and so does
+    `ov.convert_model`: a server must not phone home, and where there is no
+    network the fork hangs the interpreter's exit. With `openvino_telemetry`
+    unimportable during the import, openvino binds its own no-op stub.
+    """
+    if "openvino" not in sys.modules:
+        saved = sys.modules.get("openvino_telemetry")
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+        try:
+            import openvino  # noqa: F401
+        finally:
+            if saved is None:
+                del sys.modules["openvino_telemetry"]
+            else:
+                sys.modules["openvino_telemetry"] = saved
+    import openvino as ov
+
+    return ov
 
 
 class OpenVinoRuntime(_CompiledTransformer):
@@ -138,25 +168,26 @@ class OpenVinoRuntime(_CompiledTransformer):
         super().__init__(model)
         if device != "cpu":
             raise ValueError("backend openvino runs on cpu here; use backend torch or onnx on cuda")
-        import openvino as ov
-
-        with warnings.catch_warnings():  # tracer warnings, as for onnx above
-            warnings.simplefilter("ignore")
-            graph = ov.convert_model(self._graph_module().cpu(), example_input=self._example())
-        # fp32 on purpose: OpenVINO defaults to bf16 on CPUs that have it (about 1e-3 off).
+        ov = import_openvino()
+        # OpenVINO reads the ONNX graph itself: one export path for both backends.
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        # fp32 on purpose: OpenVINO defaults to bf16 on CPUs that have it (about 1e-3 off).
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(graph, "CPU", config)
+        core = ov.Core()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "transformer.onnx"
+            self._export_onnx(path)
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self._request = self.compiled.create_infer_request()
 
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         # One request object, reused: batches run one at a time (one forward thread).
-        # Traced from positional inputs: the graph's inputs are in input_names order.
+        # The graph's inputs are in input_names order.
         return self._request.infer([inputs[n] for n in self.input_names])[0].copy()
 
 
-_RUNTIMES = {"onnx": (OnnxRuntime, "onnxruntime"), "openvino": (OpenVinoRuntime, "openvino")}
+_RUNTIMES = {"onnx": (OnnxRuntime, "onnxruntime"), "openvino": (OpenVinoRuntime, "openvino and onnx")}
 
 
 def resolve_backend(backend: str, device: str) -> str:

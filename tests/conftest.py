@@ -8,7 +8,6 @@ built here, of another dimension) and a small request-size bound.
 from __future__ import annotations
 
 import copy
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from embedding_service import launcher  # imports no Ray
+
+# The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before
+# any test module imports ray.serve: Serve reads its settings at import, and the
+# deployment handles built in this process carry them.
+launcher.export_app_env(launcher.load_config())
 
 MINILM = "all-MiniLM-L6-v2"
 TINY = "tiny-bert"
@@ -79,8 +82,6 @@ def reference_models(tiny_model_dir):
 
 
 def make_test_config(tiny_model_dir: Path, fault_dir: Path) -> dict:
-    from embedding_service import launcher
-
     config = copy.deepcopy(launcher.load_config())
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = free_port()
@@ -131,8 +132,6 @@ class Service:
 def service(tiny_model_dir, tmp_path_factory) -> Service:
     """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers."""
     from ray.cluster_utils import Cluster
-
-    from embedding_service import launcher
 
     fault_dir = tmp_path_factory.mktemp("faults")
     config = make_test_config(tiny_model_dir, fault_dir)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,7 +77,14 @@ def test_recycler_is_one_replica_on_the_head_node(service):
     from ray import serve
 
     head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__"))
-    recycler = serve.get_deployment_handle("NodeRecycler", app_name="embedding")
-    assert recycler.node_id.remote().result(timeout_s=30) == head
+
+    async def recycler_node() -> str:
+        return await serve.get_deployment_handle("NodeRecycler", app_name="embedding").node_id.remote()
+
+    # With the shipped Serve settings a handle's router runs on its caller's event
+    # loop, which must outlive the handle (Serve shuts cached handles down at exit).
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    assert asyncio.run_coroutine_threadsafe(recycler_node(), loop).result(timeout=30) == head
     deployments = serve.status().applications["embedding"].deployments
     assert deployments["NodeRecycler"].replica_states == {"RUNNING": 1}

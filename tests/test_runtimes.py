@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,3 +103,17 @@ def test_a_tokenizer_without_token_types_feeds_zeros_as_torch_does(reference_mod
     features = encoder.features(encoder.prepare(texts, "end").sequences)
     del features["token_type_ids"]  # as a RoBERTa-style tokenizer would give
     assert np.abs(runtime.embed(features) - model.encode(texts)).max() < TOLERANCE
+
+
+def test_openvino_is_imported_without_its_usage_telemetry():
+    # A fresh interpreter: importing openvino posts telemetry from a forked process
+    # unless the service imports it its own way (and a server must not phone home).
+    script = """
+import multiprocessing, sys
+from embedding_service.runtimes import import_openvino
+ov = import_openvino()
+from openvino.tools.ovc import telemetry_utils
+print(telemetry_utils.tm.__name__, "openvino_telemetry" in sys.modules, len(multiprocessing.active_children()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False", "0"], out.stderr[-2000:]
