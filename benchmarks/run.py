@@ -9,13 +9,11 @@ Ratios are to in-process `encode` measured in the same run (these machines are n
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import os
 import random
 import sys
-import threading
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -48,32 +46,8 @@ class InProcess:
     def __init__(self, model) -> None:
         self.model = model
 
-    def rate(self, texts: list[str], batch_size: int, repeats: int = 2) -> float:
-        self.model.encode(texts[:batch_size], batch_size=batch_size)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.model.encode(texts, batch_size=batch_size)
-        return repeats * len(texts) / (time.perf_counter() - start)
-
-    def latency(self, text: str, n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            self.model.encode([text])
-            out.append(time.perf_counter() - t)
-        return out
-
-
-class InProcessBackend(InProcess):
-    """The service's compiled backend (ONNX Runtime / OpenVINO) run in-process, the same way the replica runs it."""
-
-    def __init__(self, model, runtime) -> None:
-        super().__init__(model)
-        self.runtime = runtime
-
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        return np.concatenate([self.runtime.embed(self.model.preprocess(texts[i : i + batch_size]))
-                               for i in range(0, len(texts), batch_size)])
+        return self.model.encode(texts, batch_size=batch_size)
 
     def rate(self, texts: list[str], batch_size: int, repeats: int = 2) -> float:
         self.encode(texts[:batch_size], batch_size)
@@ -89,6 +63,22 @@ class InProcessBackend(InProcess):
             self.encode([text])
             out.append(time.perf_counter() - t)
         return out
+
+    def profile(self, work: Work) -> tuple[dict[int, float], list[float]]:
+        """(W2 sentences/s by batch size, one-sentence latencies)."""
+        return {bs: self.rate(work.w2, bs) for bs in (16, 32, 64, 128)}, self.latency(W1_TEXT, work.sizes["w1_n"])
+
+
+class InProcessBackend(InProcess):
+    """The service's compiled backend (ONNX Runtime / OpenVINO) run in-process, the same way the replica runs it."""
+
+    def __init__(self, model, runtime) -> None:
+        super().__init__(model)
+        self.runtime = runtime
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        return np.concatenate([self.runtime.embed(self.model.preprocess(texts[i : i + batch_size]))
+                               for i in range(0, len(texts), batch_size)])
 
 
 class GrpcClient:
@@ -148,25 +138,18 @@ def concurrent(call, payloads: list, in_flight: int) -> tuple[float, list[float]
     return time.perf_counter() - start, latencies
 
 
-_handle_loop: asyncio.AbstractEventLoop | None = None
-
-
 def take_batch_stats(model_deployment: str) -> dict[int, int]:
     """The batch sizes the model replica ran since the last call (and resets them)."""
-    global _handle_loop
     from ray import serve
 
-    if _handle_loop is None:
-        # One long-lived loop for handle calls: works whatever Serve's handle settings.
-        _handle_loop = asyncio.new_event_loop()
-        threading.Thread(target=_handle_loop.run_forever, daemon=True).start()
+    from embedding_service.launcher import call_handles
 
     async def take():
         handle = serve.get_deployment_handle(model_deployment, app_name="embedding")
         stats = await handle.take_batch_stats.remote()  # one call: read and reset on the same replica
         return {int(k): v for k, v in sorted(stats.items())}
 
-    return asyncio.run_coroutine_threadsafe(take(), _handle_loop).result(timeout=60)
+    return call_handles(take())
 
 
 W1_TEXT = "how do I reset my password"
@@ -197,9 +180,8 @@ def measure_in_process(model, work: Work, backend: str, threads: int) -> dict:
     from embedding_service.runtimes import load_runtime
 
     inproc = InProcess(model)
-    best = {bs: inproc.rate(work.w2, bs) for bs in (16, 32, 64, 128)}
+    best, single = inproc.profile(work)
     limit_bs, limit = max(best.items(), key=lambda kv: kv[1])
-    single = inproc.latency(W1_TEXT, work.sizes["w1_n"])
     t = time.perf_counter()
     for p in work.w4:
         model.encode(p, batch_size=32)
@@ -212,8 +194,7 @@ def measure_in_process(model, work: Work, backend: str, threads: int) -> dict:
     out["backend"], runtime = load_runtime(model, backend, "cpu", threads)
     if out["backend"] != "torch":
         same = InProcessBackend(model, runtime)
-        same_best = {bs: same.rate(work.w2, bs) for bs in (16, 32, 64, 128)}
-        same_single = same.latency(W1_TEXT, work.sizes["w1_n"])
+        same_best, same_single = same.profile(work)
         diff = float(np.abs(same.encode(work.w2[:64]) - model.encode(work.w2[:64])).max())
         out["in_process_backend"] = {"rate_by_batch_size": same_best, "limit": max(same_best.values()),
                                      "w1_p50_ms": pct(same_single, 50) * 1e3, "max_abs_diff_vs_torch": diff}

@@ -33,7 +33,6 @@ class ContinuousBatcher(Generic[T, R]):
         max_size: int,
         size: Callable[[T], int] = lambda _: 1,
         max_wait_s: float = 0.0,
-        thread_initializer: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
         self.max_size = max_size
@@ -42,7 +41,7 @@ class ContinuousBatcher(Generic[T, R]):
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] = asyncio.Queue()
         self._held: tuple[T, asyncio.Future] | None = None  # did not fit the last batch
         # One thread: batches run one after another, the model is not re-entered.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward", initializer=thread_initializer)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
 
     @property

@@ -8,15 +8,19 @@ application, prints where it listens and serves until interrupted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve-config.yaml"
 # The proxy's transport cap, as a multiple of the router's own request bound:
@@ -29,6 +33,10 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+def _service_apps(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for a in config["applications"] if a["import_path"].endswith(":build_app")]
+
+
 def export_app_env(config: dict[str, Any]) -> None:
     """Gives this process (and the Ray processes it starts) the application's runtime_env env_vars.
 
@@ -37,10 +45,9 @@ def export_app_env(config: dict[str, Any]) -> None:
     `ray.serve` is first imported, and deployment handles built here (by
     `build_app`) carry them. Call before importing ray.serve.
     """
-    for app in config["applications"]:
-        if app["import_path"].endswith(":build_app"):
-            for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items():
-                os.environ.setdefault(key, str(value))
+    for app in _service_apps(config):
+        for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items():
+            os.environ.setdefault(key, str(value))
 
 
 def prepare_environment(config: dict[str, Any]) -> None:
@@ -52,11 +59,7 @@ def prepare_environment(config: dict[str, Any]) -> None:
     from embedding_service.config import AppArgs
 
     export_app_env(config)
-    bounds = [
-        AppArgs.parse(a.get("args")).limits.max_request_bytes
-        for a in config["applications"]
-        if a["import_path"].endswith(":build_app")
-    ]
+    bounds = [AppArgs.parse(a.get("args")).limits.max_request_bytes for a in _service_apps(config)]
     if bounds:
         os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(bounds) * TRANSPORT_CAP_FACTOR))
 
@@ -84,6 +87,23 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
         builder = getattr(__import__(module, fromlist=[attr]), attr)
         serve.run(builder(app.args), name=app.name, route_prefix=app.route_prefix, blocking=False)
     return f"127.0.0.1:{schema.grpc_options.port}"
+
+
+_handle_loop: asyncio.AbstractEventLoop | None = None
+
+
+def call_handles(coroutine: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:
+    """Runs a coroutine that calls deployment handles from this (driver) process.
+
+    With the app's Serve settings a handle's router runs on its caller's event
+    loop, which must outlive the handle (Serve shuts cached handles down at
+    exit): one long-lived loop serves every such call, whatever the settings.
+    """
+    global _handle_loop
+    if _handle_loop is None:
+        _handle_loop = asyncio.new_event_loop()
+        threading.Thread(target=_handle_loop.run_forever, name="serve-handles", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coroutine, _handle_loop).result(timeout=timeout_s)
 
 
 def stop() -> None:

@@ -83,15 +83,7 @@ class EmbeddingModel:
             vocab_size=self.encoder.vocab_size,
             source=settings.path,
         )
-        threads = settings.threads
-        self._batcher = ContinuousBatcher(
-            self._run_batch,
-            max_size=settings.max_batch_size,
-            size=lambda pending: len(pending.sequences),
-            max_wait_s=settings.batch_wait_timeout_s,
-            # torch's thread count is per calling thread: set it where the forward runs.
-            thread_initializer=(lambda: torch.set_num_threads(threads)) if threads else None,
-        )
+        self._batcher = self._new_batcher()
         self.batch_sizes: Counter[int] = Counter()
         logger.info("model %s loaded from %s on %s (%s)", settings.name, source, self.device, self.backend)
 
@@ -162,6 +154,12 @@ class EmbeddingModel:
             raise
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
+
+    def _new_batcher(self) -> ContinuousBatcher[_Pending, _Computed]:
+        # Sized in sequences. torch's thread count (set above) is process-wide: it holds in the worker thread too.
+        return ContinuousBatcher(self._run_batch, max_size=self.settings.max_batch_size,
+                                 size=lambda pending: len(pending.sequences),
+                                 max_wait_s=self.settings.batch_wait_timeout_s)
 
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
         """One gathered batch, in the batcher's worker thread."""

@@ -19,12 +19,14 @@ import logging
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 # Inputs a BERT-like transformer may take, in the order the graph declares them.
 _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -85,18 +87,21 @@ class _CompiledTransformer:
         values = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
         return tuple(values[n] for n in self.input_names)
 
-    def _export_onnx(self, path: Path) -> None:
-        """The transformer as an ONNX graph (inputs in input_names order, dynamic batch and length)."""
+    def _from_onnx(self, load: Callable[[str], T]) -> T:
+        """`load(path)` of the transformer exported as an ONNX graph (inputs in input_names order,
+        dynamic batch and length) into a temporary folder."""
         import torch
 
         dynamic = {n: {0: "batch", 1: "sequence"} for n in [*self.input_names, "last_hidden_state"]}
         # The TorchScript exporter: the torch.export one needs onnxscript and
         # gains nothing for a plain encoder. Its tracer warnings are about
         # shapes the tolerance test covers (batch sizes, lengths, padding).
-        with warnings.catch_warnings():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(self._graph_module().cpu(), self._example(), str(path), input_names=self.input_names,
+            path = str(Path(tmp) / "transformer.onnx")
+            torch.onnx.export(self._graph_module().cpu(), self._example(), path, input_names=self.input_names,
                               output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False)
+            return load(path)
 
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -130,10 +135,7 @@ class OnnxRuntime(_CompiledTransformer):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "transformer.onnx"
-            self._export_onnx(path)
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = self._from_onnx(lambda path: ort.InferenceSession(path, options, providers=providers))
 
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(["last_hidden_state"], inputs)[0]
@@ -175,10 +177,7 @@ class OpenVinoRuntime(_CompiledTransformer):
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "transformer.onnx"
-            self._export_onnx(path)
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.compiled = self._from_onnx(lambda path: core.compile_model(core.read_model(path), "CPU", config))
         self._request = self.compiled.create_infer_request()
 
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

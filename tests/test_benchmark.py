@@ -11,7 +11,15 @@ from .gateway_helpers import running_gateway
 
 
 def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service, reference_models, tmp_path, capsys):
-    from benchmarks.run import GrpcClient, RestClient, Work, measure_in_process, measure_service, take_batch_stats, write
+    from benchmarks.run import (
+        GrpcClient,
+        RestClient,
+        Work,
+        measure_in_process,
+        measure_service,
+        take_batch_stats,
+        write,
+    )
 
     work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 300})
     results = measure_in_process(reference_models[MINILM], work, "auto", threads=1)

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 from grpc_health.v1 import health_pb2
 
-from embedding_service.batching import ContinuousBatcher
 from embedding_service.config import ModelSettings
 from embedding_service.model_deployment import EmbeddingModel, ReplicaFaulted
 from embedding_service.node_state import NodeState, NodeView, ReplicaView, Snapshot
@@ -68,7 +67,7 @@ def _replica(tmp_path, tiny_model_dir, fault: bool) -> tuple[EmbeddingModel, _Re
 
     replica._check = load_check(settings.gpu_check)
     replica._quarantine_reason = None
-    replica._batcher = ContinuousBatcher(replica._run_batch, max_size=128, size=lambda p: len(p.sequences))
+    replica._batcher = replica._new_batcher()
     if fault:
         (tmp_path / "node-1").write_text("CUDA error: illegal memory access (injected)")
     return replica, replica.recycler

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_service import launcher
 from tests.conftest import MINILM, TINY
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -81,10 +79,6 @@ def test_recycler_is_one_replica_on_the_head_node(service):
     async def recycler_node() -> str:
         return await serve.get_deployment_handle("NodeRecycler", app_name="embedding").node_id.remote()
 
-    # With the shipped Serve settings a handle's router runs on its caller's event
-    # loop, which must outlive the handle (Serve shuts cached handles down at exit).
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    assert asyncio.run_coroutine_threadsafe(recycler_node(), loop).result(timeout=30) == head
+    assert launcher.call_handles(recycler_node(), timeout_s=30) == head
     deployments = serve.status().applications["embedding"].deployments
     assert deployments["NodeRecycler"].replica_states == {"RUNNING": 1}
