@@ -92,6 +92,15 @@ class Limits(_Strict):
     # (which would also cut the never-ending health Watch streams).
     request_timeout_s: float = Field(300.0, gt=0)
     stream_timeout_s: float = Field(3600.0, gt=0)
+    # Ray Serve's gRPC proxy, set through the Ray nodes' environment (the launcher
+    # does it; see serve_grpc_options.py). Calls gRPC core holds before the proxy's
+    # event loop takes them: with gRPC's default (1,000, then random drops) a burst
+    # got CANCELLED. Past this bound gRPC core still cancels, so keep it well above
+    # the queues below (max_ongoing_requests + max_queued_requests) ...
+    proxy_max_pending_calls: int = Field(20_000, ge=1)
+    # ... and cap the calls one client connection may have open at once (HTTP/2
+    # streams): more wait in the client (no error) until one ends.
+    proxy_max_streams_per_connection: int = Field(4096, ge=1)
 
 
 class RouterSettings(_Strict):
@@ -111,6 +120,33 @@ class RouterSettings(_Strict):
     max_queued_requests: int = Field(1024, ge=-1)
     resources: dict[str, float] = Field(default_factory=dict)
     health_check_period_s: float = Field(2.0, gt=0)
+
+
+class AuthSettings(_Strict):
+    """API keys for the gRPC API (`authorization: Bearer <key>` metadata on every EmbedService call).
+
+    The keys come from a secret, never from this file (Ray's dashboard shows the
+    config): an environment variable of the Ray nodes, a file (one key per line,
+    a mounted secret; re-read when it changes), or both. With neither, the
+    service answers only callers on loopback. grpc.health.v1 stays open to probes.
+    """
+
+    # Name of the environment variable that holds the keys, separated by commas or newlines.
+    api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_keys_file: str | None = Field(None, min_length=1)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+
+class ShutdownSettings(_Strict):
+    """Stopping without losing calls: health NOT_SERVING and new calls UNAVAILABLE first, then a grace."""
+
+    # How long calls in flight may take to finish once the service (the run
+    # command, on SIGTERM or Ctrl-C) or a router or model replica (Serve's
+    # scale-down, upgrade) stops taking new ones; past it they are cut.
+    grace_s: float = Field(30.0, gt=0)
 
 
 class RecyclerSettings(_Strict):
@@ -147,6 +183,8 @@ class AppArgs(_Strict):
     limits: Limits = Limits()
     router: RouterSettings = RouterSettings()
     recycler: RecyclerSettings = RecyclerSettings()
+    auth: AuthSettings = AuthSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

@@ -1,128 +1,88 @@
-"""Service errors and their mapping to gRPC statuses: the one place that does it.
+"""Exceptions to gRPC statuses: the one place that decides what a caller sees.
 
-Every failure leaves the router as a canonical gRPC code, a short message and a
-google.rpc.Status with an ErrorInfo (reason, domain, metadata) in the
-`grpc-status-details-bin` trailer, never as INTERNAL with a stack trace.
+Every failure leaves the service as a canonical code, a plain message and a
+google.rpc.Status (ErrorInfo; RetryInfo when retryable) in the
+`grpc-status-details-bin` trailer, never as INTERNAL or UNKNOWN with a stack
+trace. The reasons and their codes come from the proto (error_reasons.py).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-logger = logging.getLogger(__name__)
+from embedding_service.error_reasons import STATUS_DETAILS_KEY, Reason, ServiceError
+from embedding_service.v1 import embedding_pb2
 
-DOMAIN = "embedding-service"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+logger = logging.getLogger("ray.serve")
 
-
-class ServiceError(Exception):
-    """A failure with a precise gRPC code and an UPPER_SNAKE_CASE reason."""
-
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        reason: str,
-        message: str,
-        metadata: dict[str, object] | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
-        self.message = message
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
-        self.retry_after_s = retry_after_s
-
-    def __reduce__(self):  # keep it picklable across Ray processes
-        return (type(self), (self.code, self.reason, self.message, self.metadata, self.retry_after_s))
-
-    def to_status(self) -> status_pb2.Status:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
-        details = [info]
-        if self.retry_after_s is not None:
-            delay = error_details_pb2.RetryInfo()
-            delay.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
-            details.append(delay)
-        packed = []
-        for d in details:
-            a = any_pb2.Any()
-            a.Pack(d)
-            packed.append(a)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
-
-
-def invalid(reason: str, message: str, **metadata: object) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, metadata)
-
-
-def not_found(reason: str, message: str, **metadata: object) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, reason, message, metadata)
-
-
-def unavailable(reason: str, message: str, retry_after_s: float = 1.0, **metadata: object) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata, retry_after_s=retry_after_s)
+# Ray's proxy routes by method name alone, so a name identifies the reply type.
+_REPLY_TYPES = {
+    method.name: message_factory.GetMessageClass(method.output_type)
+    for service in (embedding_pb2.DESCRIPTOR.services_by_name["EmbedService"],
+                    health_pb2.DESCRIPTOR.services_by_name["Health"])
+    for method in service.methods
+}
 
 
 def from_exception(exc: BaseException) -> ServiceError:
-    """Classify any exception that reached the edge of the router."""
+    """Classify any exception that reached the edge of the service."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, BackPressureError):
-        return ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "OVERLOADED",
-            "the service is saturated; retry with backoff",
-            retry_after_s=1.0,
-        )
+        return ServiceError(Reason.OVERLOADED, "the service is saturated; retry after the RetryInfo delay")
     if isinstance(exc, DeploymentUnavailableError):
-        return unavailable("MODEL_UNAVAILABLE", "no model replica is available; retry shortly")
+        return ServiceError(Reason.MODEL_UNAVAILABLE, "no model replica is available; retry shortly")
     if isinstance(exc, TimeoutError):
-        return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "TIMEOUT", "the request timed out")
-    logger.exception("unexpected error while serving a request")
-    return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the service logs")
+        return ServiceError(Reason.TIMEOUT, "the call did not finish within its deadline")
+    logger.exception("unexpected error while serving a call")
+    return ServiceError(Reason.INTERNAL, "internal error; see the service logs")
 
 
-def unary(empty_response):
-    """Decorates a unary gRPC method: any failure becomes its mapped status, with an empty reply."""
+def apply(error: ServiceError, grpc_context, stream: bool = False) -> None:
+    """Writes the error onto a gRPC context: Serve's (in a replica) or the real one (in the proxy).
 
-    def wrap(method):
-        @functools.wraps(method)
-        async def handler(self, request, grpc_context=None):
-            try:
-                return await method(self, request, grpc_context)
-            except Exception as exc:  # mapped, never leaked as INTERNAL + stack trace
-                apply_to_context(from_exception(exc), grpc_context)
-                return empty_response()
-
-        return handler
-
-    return wrap
-
-
-def apply_to_context(error: ServiceError, grpc_context) -> None:
-    """Write the error onto Ray Serve's gRPC context (code, details, rich status)."""
+    Ray's proxy ends a failed stream with the code and message alone, so a
+    stream's message starts with the reason.
+    """
     grpc_context.set_code(error.code)
-    grpc_context.set_details(error.message)
-    grpc_context.set_trailing_metadata([(STATUS_DETAILS_KEY, error.to_status().SerializeToString())])
+    grpc_context.set_details(error.stream_details() if stream else error.message)
+    grpc_context.set_trailing_metadata([(STATUS_DETAILS_KEY, error.status_bytes())])
 
 
 class StreamAborted(Exception):
-    """Raised to end a server stream whose status was set on the context."""
+    """Raised to end a server stream whose status is already set on the context."""
 
 
-def abort_stream(error: ServiceError, grpc_context) -> StreamAborted:
-    """Sets the status of a failed server stream; the caller raises what it returns.
+def grpc_method(method):
+    """Wraps a gRPC method of the router (unary or server-streaming): every failure becomes its mapped status."""
+    if inspect.isasyncgenfunction(method):
 
-    Ray's proxy ends a failed stream with the code and details alone (trailing
-    metadata is lost), so the reason leads the details there.
-    """
-    details = f"{error.reason}: {error.message}"
-    grpc_context.set_code(error.code)
-    grpc_context.set_details(details)
-    return StreamAborted(details)
+        @functools.wraps(method)
+        async def stream(self, request, grpc_context=None):
+            try:
+                async for item in method(self, request, grpc_context):
+                    yield item
+            except Exception as exc:  # a stream ends with an error only by raising; Ray keeps the code set first
+                error = from_exception(exc)
+                apply(error, grpc_context, stream=True)
+                raise StreamAborted(error.stream_details()) from None
+
+        return stream
+
+    reply_type = _REPLY_TYPES[method.__name__]
+
+    @functools.wraps(method)
+    async def unary(self, request, grpc_context=None):
+        try:
+            return await method(self, request, grpc_context)
+        except Exception as exc:
+            apply(from_exception(exc), grpc_context)
+            return reply_type()
+
+    return unary

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from embedding_service.config import AppArgs  # imports no Ray
 
 T = TypeVar("T")
 
@@ -26,6 +30,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve-config.yaml"
 # The proxy's transport cap, as a multiple of the router's own request bound:
 # requests between the two get a precise REQUEST_TOO_LARGE from the router.
 TRANSPORT_CAP_FACTOR = 4
+# Ray's raylet imports these modules into every worker it starts (a Ray system setting).
+PRELOAD_ENV = "RAY_preload_python_modules"
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -35,6 +41,12 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
 
 def _service_apps(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [a for a in config["applications"] if a["import_path"].endswith(":build_app")]
+
+
+def service_app(config: dict[str, Any]) -> tuple[str, AppArgs]:
+    """The service's application in a Serve config: its name and its validated args."""
+    app = _service_apps(config)[0]
+    return app["name"], AppArgs.parse(app.get("args"))
 
 
 def export_app_env(config: dict[str, Any]) -> None:
@@ -53,15 +65,22 @@ def export_app_env(config: dict[str, Any]) -> None:
 def prepare_environment(config: dict[str, Any]) -> None:
     """Environment for the Ray processes this launcher starts; call before Ray starts.
 
-    Ray's gRPC transport cap comes from the router's request bound (on a cluster,
-    set it in the Ray nodes' environment, as the app's Serve settings).
+    From the application's limits: Ray's gRPC transport cap (the router's request
+    bound) and the proxy's gRPC server options, which Ray's workers apply as they
+    start (serve_grpc_options.py). On a cluster, set the same variables in the Ray
+    nodes' environment, as the app's Serve settings.
     """
-    from embedding_service.config import AppArgs
-
     export_app_env(config)
-    bounds = [AppArgs.parse(a.get("args")).limits.max_request_bytes for a in _service_apps(config)]
-    if bounds:
-        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(max(bounds) * TRANSPORT_CAP_FACTOR))
+    from embedding_service import serve_grpc_options  # after export_app_env: it may import ray.serve
+
+    if not _service_apps(config):
+        return
+    limits = service_app(config)[1].limits
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limits.max_request_bytes * TRANSPORT_CAP_FACTOR))
+    os.environ.setdefault(serve_grpc_options.OPTIONS_ENV, json.dumps(serve_grpc_options.grpc_server_options(limits)))
+    preload = [m for m in os.environ.get(PRELOAD_ENV, "").split(",") if m]
+    if serve_grpc_options.MODULE not in preload:
+        os.environ[PRELOAD_ENV] = ",".join([*preload, serve_grpc_options.MODULE])
 
 
 def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None) -> str:
@@ -76,7 +95,10 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
     apps = schema.applications
     if not ray.is_initialized():
         runtime_env = apps[0].runtime_env if len(apps) == 1 else {}
-        ray.init(address=address, namespace="serve", runtime_env=runtime_env or None, **(ray_init_kwargs or {}))
+        # No address: a Ray of our own. (ray.init's default joins the last cluster started on this
+        # machine, which this command would then deploy into and shut down on exit.)
+        ray.init(address=address or "local", namespace="serve", runtime_env=runtime_env or None,
+                 **(ray_init_kwargs or {}))
     serve.start(
         proxy_location=schema.proxy_location,
         http_options=schema.http_options.model_dump(),
@@ -111,9 +133,41 @@ def stop() -> None:
     from ray import serve
 
     try:
-        serve.shutdown()
+        if _handle_loop is not None:  # handles were used from this process: they shut down on their own loop
+            call_handles(serve.shutdown_async(), timeout_s=120)
+        else:
+            serve.shutdown()
     finally:
         ray.shutdown()
+
+
+async def drain(app_name: str, grace_s: float, give_up: threading.Event | None = None) -> bool:
+    """Stops the service taking calls, then waits for the calls in flight to finish.
+
+    At once every router answers health NOT_SERVING and new calls UNAVAILABLE
+    (SHUTTING_DOWN, retryable); then this waits until every router reports no
+    call left, at most `grace_s` (or until `give_up` is set). True when drained.
+    """
+    from ray import serve
+
+    from embedding_service.app import RECYCLER
+
+    recycler = serve.get_deployment_handle(RECYCLER, app_name=app_name)
+    await recycler.begin_shutdown.remote()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while loop.time() < deadline and not (give_up is not None and give_up.is_set()):
+        calls = await recycler.calls_in_flight.remote()
+        if calls and all(n == 0 for n in calls.values()):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+# After the routers report no call left, their last replies may still be on their way through the proxy.
+SETTLE_S = 0.5
+# Ray's own teardown after the drain (measured here: 5-8 s) and the gateway's drain delay; part of the stated bound.
+TEARDOWN_S = 15
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,41 +177,77 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
     run.add_argument("--address", default=None, help="Ray cluster address; default starts a local Ray")
     run.add_argument("--gateway-port", type=int, default=8080, help="OpenAI REST gateway port (default: %(default)s)")
+    run.add_argument("--gateway-drain-delay-s", type=float, default=1.0,
+                     help="seconds the gateway keeps serving with /readyz 503 after a stop (default: %(default)s)")
     run.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI REST gateway")
     opts = parser.parse_args(argv)
 
     config = load_config(opts.config)
+    app_name, args = service_app(config)
     target = start(config, address=opts.address)
     print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
+    if not args.auth.configured:
+        print("no API keys configured (args.auth): the gRPC API serves callers on loopback only", flush=True)
     gateway = None
     if not opts.no_gateway:
-        gateway = start_gateway(config, target, opts.gateway_port)
+        gateway = start_gateway(config, target, opts.gateway_port, opts.gateway_drain_delay_s)
         print(f"OpenAI gateway: http://127.0.0.1:{opts.gateway_port}/v1 (POST /v1/embeddings)", flush=True)
-    done = threading.Event()
+
+    stopping, give_up = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        (give_up if stopping.is_set() else stopping).set()  # a second signal cuts the drain short
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    print("shutting down", flush=True)
+        signal.signal(sig, on_signal)
+    stopping.wait()
+    signalled = time.monotonic()
+    grace = args.shutdown.grace_s
+    print(f"stopping: health NOT_SERVING, new calls refused (UNAVAILABLE); calls in flight get up to {grace:g} s "
+          f"(exit within {grace + TEARDOWN_S:g} s)", flush=True)
     if gateway is not None:
-        gateway.terminate()
-        gateway.wait(timeout=30)
+        gateway.send_signal(signal.SIGTERM)  # /readyz 503, then it finishes its requests in flight
+    try:
+        drained = call_handles(drain(app_name, grace, give_up), timeout_s=grace + 5)
+    except Exception as exc:  # the service is stopping anyway: say why the wait was cut, then stop
+        print(f"could not wait for the calls in flight ({type(exc).__name__}: {exc})", flush=True)
+        drained = False
+    print("calls in flight finished" if drained else "grace over: cutting the calls still in flight", flush=True)
+    if drained:
+        time.sleep(SETTLE_S)
+    if gateway is not None:
+        # It stops within its drain delay and the same grace, counted from the signal.
+        left = signalled + opts.gateway_drain_delay_s + grace + 2 - time.monotonic()
+        try:
+            gateway.wait(timeout=max(0.1, left))
+        except subprocess.TimeoutExpired:
+            gateway.kill()
     stop()
     return 0
 
 
-def start_gateway(config: dict[str, Any], target: str, port: int) -> subprocess.Popen:
-    """The gateway runs as its own process (it scales apart from Ray), with the service's limits."""
-    from embedding_service.config import AppArgs
+def start_gateway(config: dict[str, Any], target: str, port: int, drain_delay_s: float = 1.0) -> subprocess.Popen:
+    """The gateway runs as its own process (it scales apart from Ray), with the service's limits.
 
-    limits = AppArgs.parse(config["applications"][0].get("args")).limits
+    With the service's API keys configured, it calls the service with one of them
+    (in its environment, not its command line, which `ps` shows).
+    """
+    from embedding_service.auth import Authenticator
+
+    _, args = service_app(config)
     command = [
         sys.executable, "-m", "gateway",
         "--targets", target,
         "--port", str(port),
-        "--max-inputs", str(limits.max_inputs_per_request),
-        "--max-body-bytes", str(limits.max_request_bytes),
+        "--max-inputs", str(args.limits.max_inputs_per_request),
+        "--max-body-bytes", str(args.limits.max_request_bytes),
+        "--drain-delay-s", str(drain_delay_s),
+        "--shutdown-timeout-s", str(args.shutdown.grace_s),
     ]
-    return subprocess.Popen(command)
+    env = dict(os.environ)
+    if args.auth.configured:
+        env["GATEWAY_UPSTREAM_API_KEY"] = Authenticator(args.auth).keys()[0].decode()
+    return subprocess.Popen(command, env=env)
 
 
 if __name__ == "__main__":

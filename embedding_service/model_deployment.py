@@ -3,7 +3,9 @@
 Each call brings one mini-batch (shard). It is tokenized on arrival, then
 queued in a continuous batcher: shards that arrive while the model computes
 are gathered, sorted by length and run through the model together in a worker
-thread, so the event loop keeps accepting and tokenizing meanwhile.
+thread, so the event loop keeps accepting and tokenizing meanwhile. A shard
+whose caller left or whose deadline passed is dropped before it is tokenized
+or run (counted in `embedding_sequences_dropped`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,38 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from ray import serve
 
-from embedding_service.batching import ContinuousBatcher
+from embedding_service.batching import ContinuousBatcher, Expired
 from embedding_service.config import ModelSettings
 from embedding_service.gpu_health import load_check
-from embedding_service.runtimes import load_runtime
+from embedding_service.metrics import ModelMetrics
+from embedding_service.runtimes import Runtime, load_runtime
 from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
+from embedding_service.tokenization import InputEncoder
 
 logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a replica computes with: the sentence-transformers model, its backend and its input encoder."""
+
+    model: Any  # sentence_transformers.SentenceTransformer
+    device: str
+    backend: str
+    runtime: Runtime
+    encoder: InputEncoder
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a replica runs: its Ray node and Serve replica id."""
+
+    node_id: str
+    replica_id: str
 
 
 @dataclass
@@ -48,54 +71,72 @@ def _resolve_device(requested: str) -> str:
     return requested
 
 
+def load_model(settings: ModelSettings) -> LoadedModel:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # process-wide: holds in the forward thread too
+    device = _resolve_device(settings.device)
+    source = settings.resolved_path()
+    # Always loaded with torch: the tokenizer, the pooling modules and the reference
+    # vectors come from it; runtimes.py compiles the transformer for onnx/openvino.
+    model = SentenceTransformer(source, device=device, trust_remote_code=settings.trust_remote_code)
+    model.eval()
+    if settings.max_seq_length is not None:
+        model.max_seq_length = settings.max_seq_length
+    backend, runtime = load_runtime(model, settings.backend, device, settings.threads)
+    logger.info("model %s loaded from %s on %s (%s)", settings.name, source, device, backend)
+    return LoadedModel(model, device, backend, runtime, InputEncoder(model))
+
+
+def _placement() -> Placement:
+    import ray
+    from ray import serve
+
+    return Placement(ray.get_runtime_context().get_node_id(), serve.get_replica_context().replica_id.unique_id)
+
+
 class ReplicaFaulted(Exception):
     """The replica's device failed; the router retries the shard elsewhere."""
 
 
 class EmbeddingModel:
-    async def __init__(self, settings: ModelSettings, recycler, heartbeat_s: float) -> None:
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        from embedding_service.tokenization import InputEncoder
-
+    def __init__(
+        self,
+        settings: ModelSettings,
+        recycler,
+        heartbeat_s: float,
+        loaded: LoadedModel | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        """Serve passes the first three; `loaded` and `placement` default to loading the model and asking Ray."""
         self.settings = settings
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        self.device = _resolve_device(settings.device)
-        source = settings.resolved_path()
-        # Always loaded with torch: the tokenizer, the pooling modules and the
-        # reference vectors come from it; runtimes.py compiles the transformer for
-        # the onnx/openvino backends.
-        self.model = SentenceTransformer(source, device=self.device, trust_remote_code=settings.trust_remote_code)
-        self.model.eval()
-        if settings.max_seq_length is not None:
-            self.model.max_seq_length = settings.max_seq_length
-        self.backend, self.runtime = load_runtime(self.model, settings.backend, self.device, settings.threads)
-        self.encoder = InputEncoder(self.model)
+        loaded = loaded or load_model(settings)
+        placement = placement or _placement()
+        self.device, self.backend, self.runtime, self.encoder = loaded.device, loaded.backend, loaded.runtime, loaded.encoder
         self.info = ModelInfo(
             name=settings.name,
-            dimension=int(self.model.get_embedding_dimension()),
+            dimension=int(loaded.model.get_embedding_dimension()),
             max_sequence_length=self.encoder.max_length,
-            prompts=dict(self.model.prompts or {}),
+            prompts=dict(loaded.model.prompts or {}),
             device=self.device,
             backend=self.backend,
             vocab_size=self.encoder.vocab_size,
             source=settings.path,
         )
-        self._batcher = self._new_batcher()
+        self.metrics = ModelMetrics(settings.name, self.backend)
         self.batch_sizes: Counter[int] = Counter()
-        logger.info("model %s loaded from %s on %s (%s)", settings.name, source, self.device, self.backend)
-
-        import ray
-
+        self._batcher = ContinuousBatcher(self._run_batch, max_size=settings.max_batch_size,
+                                          size=lambda pending: len(pending.sequences),
+                                          max_wait_s=settings.batch_wait_timeout_s, on_drop=self._dropped)
         self.recycler = recycler
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.node_id, self.replica_id = placement.node_id, placement.replica_id
         self._check = load_check(settings.gpu_check)
         self._quarantine_reason: str | None = None
-        await self._heartbeat()  # known to the recycler before taking traffic
-        self._watchdog = asyncio.create_task(self._watch(heartbeat_s))
+        self._closed = False
+        # Serve builds the replica on its event loop: the first heartbeat goes out at once.
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(heartbeat_s))
 
     # ---- device health and the recycler ----------------------------------
 
@@ -114,13 +155,16 @@ class EmbeddingModel:
         return fault
 
     async def _watch(self, period_s: float) -> None:
+        first = True
         while True:
-            await asyncio.sleep(period_s)
             try:
-                await self._check_and_report()
+                if not first:
+                    await self._check_and_report()
                 await self._heartbeat()
             except Exception:
                 logger.exception("replica %s: health round failed", self.replica_id)
+            first = False
+            await asyncio.sleep(period_s)
 
     async def check_health(self) -> None:
         """Serve's health check: fails on a quarantined node, so Serve replaces this replica elsewhere."""
@@ -128,6 +172,23 @@ class EmbeddingModel:
             raise RuntimeError(f"node {self.node_id} is quarantined: {self._quarantine_reason}")
         if self._watchdog.done():
             raise RuntimeError("the device watchdog stopped")
+
+    async def close(self) -> None:
+        """Leaves the recycler's view (its model's health follows at once) and stops the background work."""
+        self._closed = True
+        self._watchdog.cancel()
+        self._batcher.close()
+        try:
+            await asyncio.wait_for(self.recycler.forget_replica.remote(self.replica_id), timeout=5)
+        except Exception:
+            logger.warning("replica %s: could not tell the recycler it is leaving", self.replica_id)
+
+    def __del__(self):
+        # Serve calls this once the replica's calls in flight have finished (scale-down,
+        # upgrade) and awaits what it returns; a plain garbage collection gets None.
+        if getattr(self, "_closed", True):
+            return None
+        return self.close()
 
     def describe(self) -> ModelInfo:
         return self.info
@@ -137,7 +198,17 @@ class EmbeddingModel:
         stats, self.batch_sizes = self.batch_sizes, Counter()
         return dict(stats)
 
+    # ---- the work -------------------------------------------------------
+
+    def _dropped(self, pending: _Pending, reason: str) -> None:
+        self.metrics.sequences_dropped.inc(len(pending.sequences), tags={"reason": reason})
+
     async def embed(self, request: ShardRequest) -> ShardResult:
+        loop = asyncio.get_running_loop()
+        deadline = None if request.timeout_s is None else loop.time() + request.timeout_s
+        if deadline is not None and request.timeout_s <= 0:
+            self.metrics.sequences_dropped.inc(len(request.inputs), tags={"reason": "deadline"})
+            raise Expired("the caller's deadline passed before the shard reached the model")
         opts = request.options
         prompt = self.info.prompts.get(opts.prompt_name) if opts.prompt_name else None
         prepared = self.encoder.prepare(request.inputs, opts.truncation, prompt)
@@ -145,7 +216,9 @@ class EmbeddingModel:
         if prepared.too_long:
             return ShardResult(vectors=None, token_counts=counts, too_long=prepared.too_long)
         try:
-            computed = await self._batcher.submit(_Pending(prepared.sequences, prompt, time.perf_counter_ns()))
+            computed = await self._batcher.submit(_Pending(prepared.sequences, prompt, time.perf_counter_ns()), deadline)
+        except Expired:
+            raise
         except Exception as exc:
             # An inference error may be a device fault: check now, report, let the router retry.
             fault = await self._check_and_report()
@@ -155,17 +228,12 @@ class EmbeddingModel:
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
 
-    def _new_batcher(self) -> ContinuousBatcher[_Pending, _Computed]:
-        # Sized in sequences. torch's thread count (set above) is process-wide: it holds in the worker thread too.
-        return ContinuousBatcher(self._run_batch, max_size=self.settings.max_batch_size,
-                                 size=lambda pending: len(pending.sequences),
-                                 max_wait_s=self.settings.batch_wait_timeout_s)
-
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
         """One gathered batch, in the batcher's worker thread."""
         start_ns = time.perf_counter_ns()
         total = sum(len(i.sequences) for i in items)
         self.batch_sizes[total] += 1
+        self.metrics.sequences_forwarded.inc(total)
         # Shards with different prompts may need different pooling features:
         # each prompt group runs on its own.
         outputs: list[np.ndarray | None] = [None] * len(items)

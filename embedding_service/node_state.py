@@ -38,6 +38,8 @@ class NodeView:
 class Snapshot:
     version: int
     nodes: tuple[NodeView, ...]
+    # The service stops taking calls (health NOT_SERVING, new calls UNAVAILABLE).
+    shutting_down: bool = False
 
     def unhealthy(self) -> set[str]:
         return {n.node_id for n in self.nodes if n.state != NodeState.HEALTHY}
@@ -66,6 +68,7 @@ class NodeBook:
         self.retention_s = retention_s
         self.replica_ttl_s = replica_ttl_s
         self.version = 0
+        self.shutting_down = False
         self._nodes: dict[str, _Node] = {}
         self._replicas: dict[str, tuple[ReplicaView, float]] = {}
 
@@ -88,6 +91,11 @@ class NodeBook:
             self.version += 1
         self._replicas[replica_id] = (view, now)
         return node.state != NodeState.HEALTHY, node.reason
+
+    def begin_shutdown(self) -> None:
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.version += 1
 
     def forget_replica(self, replica_id: str) -> None:
         if self._replicas.pop(replica_id, None) is not None:
@@ -147,7 +155,8 @@ class NodeBook:
         return NodeView(node.node_id, node.node_ip, node.state, node.reason, node.since, replicas)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.version, tuple(self._view(n) for n in sorted(self._nodes.values(), key=lambda n: n.node_id)))
+        nodes = tuple(self._view(n) for n in sorted(self._nodes.values(), key=lambda n: n.node_id))
+        return Snapshot(self.version, nodes, self.shutting_down)
 
     def reports(self, node_id: str) -> list[tuple[float, str, str]]:
         node = self._nodes.get(node_id)

@@ -5,6 +5,10 @@ recycler quarantines the node at once, lets one grace cycle pass (replicas
 there fail their Serve health check, the router stops routing there), then
 acts on the node: Ray's own drain (default), a shell command, or nothing.
 Every step is logged with its reason. Callers long-poll `wait_for_change`.
+
+It is also where a shutdown starts: `begin_shutdown` puts it in the view every
+router follows (health NOT_SERVING, new calls UNAVAILABLE), and the routers
+report their calls in flight until none is left (launcher.drain).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from embedding_service.node_state import NodeBook, NodeView, Snapshot
 
 logger = logging.getLogger("ray.serve")
 
+# Routers long-poll this often at least; one unheard for ROUTER_TTL_S is gone.
+LONG_POLL_S = 5.0
+ROUTER_TTL_S = 3 * LONG_POLL_S
+
 
 def _alive_nodes() -> dict[str, str]:
     return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
@@ -31,6 +39,8 @@ class NodeRecycler:
         self.settings = settings
         self.book = NodeBook(settings.grace_cycles, settings.report_retention_s, settings.replica_ttl_s)
         self._changed = asyncio.Condition()
+        self._routers: dict[str, float] = {}  # router replica -> last heard
+        self._router_calls: dict[str, int] = {}  # router replica -> calls in flight, reported since the shutdown
         self._loop = asyncio.create_task(self._run())
 
     async def _notify(self, before: int) -> None:
@@ -99,17 +109,44 @@ class NodeRecycler:
             logger.warning("recycler: quarantined node %s: %s (replica %s)", node_id, reason, replica_id)
         await self._notify(before)
 
+    async def forget_replica(self, replica_id: str) -> None:
+        """A model replica that Serve is stopping leaves the view at once (its model's health follows)."""
+        before = self.book.version
+        self.book.forget_replica(replica_id)
+        await self._notify(before)
+
     async def is_quarantined(self, node_id: str) -> bool:
         return self.book.is_quarantined(node_id)
 
-    async def wait_for_change(self, version: int, timeout_s: float) -> Snapshot:
+    async def wait_for_change(self, version: int, timeout_s: float, router_id: str | None = None) -> Snapshot:
         """The current snapshot once its version differs from `version`, or after `timeout_s`."""
+        if router_id is not None:
+            self._routers[router_id] = time.monotonic()
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.book.version != version), timeout_s)
             except asyncio.TimeoutError:
                 pass
         return self.book.snapshot()
+
+    # ---- the service's shutdown ---------------------------------------------
+
+    async def begin_shutdown(self) -> None:
+        before = self.book.version
+        self.book.begin_shutdown()
+        if self.book.version != before:
+            logger.warning("recycler: the service is shutting down: health NOT_SERVING, new calls refused")
+        await self._notify(before)
+
+    async def report_calls(self, router_id: str, in_flight: int) -> None:
+        """A router's calls in flight, sent once it has seen the shutdown and whenever the number changes."""
+        self._routers[router_id] = time.monotonic()
+        self._router_calls[router_id] = in_flight
+
+    async def calls_in_flight(self) -> dict[str, int | None]:
+        """Every router heard from lately, with its calls in flight (None: no report since the shutdown)."""
+        now = time.monotonic()
+        return {rid: self._router_calls.get(rid) for rid, seen in self._routers.items() if now - seen <= ROUTER_TTL_S}
 
     async def node_id(self) -> str:
         """Where this recycler runs (the head node)."""

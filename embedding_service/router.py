@@ -1,28 +1,35 @@
-"""The sharding router: the application's ingress, serving EmbedService.
+"""The sharding router: the application's ingress, serving EmbedService and grpc.health.v1.
 
-It validates a request, cuts its inputs (sorted by length) into mini-batches,
-sends them to the model deployment with bounded concurrency, retries those
-whose replica died, and puts the results back in input order.
+It admits a call (its API key, the service not shutting down, its deadline),
+checks the request, cuts its inputs (sorted by length) into mini-batches, sends
+them to the model deployment with bounded concurrency and the caller's
+remaining time, retries those whose replica died, and puts the results back in
+input order. Health and the node list come from the recycler's view (health.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import ray
+from grpc_health.v1 import health_pb2
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from grpc_health.v1 import health_pb2
-
 from embedding_service import errors, node_routing
+from embedding_service.auth import Authenticator
 from embedding_service.config import AppArgs
+from embedding_service.error_reasons import Reason, ServiceError
+from embedding_service.health import ServiceView
 from embedding_service.model_deployment import ReplicaFaulted
-from embedding_service.node_state import NodeState, Snapshot
-from embedding_service.shards import ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
+from embedding_service.proxy_ingress import TIMEOUT_KEY
+from embedding_service.recycler import LONG_POLL_S
+from embedding_service.shards import Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
 
@@ -39,20 +46,20 @@ _RETRYABLE = (
 )
 
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-EMBED_SERVICE = pb.DESCRIPTOR.services_by_name["EmbedService"].full_name
-_NODE_STATES = {
-    NodeState.HEALTHY: pb.NODE_STATE_HEALTHY,
-    NodeState.QUARANTINED: pb.NODE_STATE_QUARANTINED,
-    NodeState.DRAINING: pb.NODE_STATE_DRAINING,
-    NodeState.RECYCLED: pb.NODE_STATE_RECYCLED,
-}
-
-
 def _retryable(exc: BaseException) -> bool:
     # A replica's own ReplicaFaulted reaches the caller wrapped in a RayTaskError.
     return isinstance(exc, _RETRYABLE) or isinstance(getattr(exc, "cause", None), ReplicaFaulted)
+
+
+def _caller_timeout_s(grpc_context) -> float | None:
+    """The caller's remaining time, as Serve's proxy saw it (proxy_ingress.py)."""
+    for key, value in grpc_context.invocation_metadata():
+        if key == TIMEOUT_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 class EmbedRouter:
@@ -61,38 +68,79 @@ class EmbedRouter:
         self.models = models
         self.recycler = recycler
         self._infos: dict[str, ModelInfo] = {}
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self._snapshot: Snapshot | None = None
-        self._changed = asyncio.Condition()
+        self.auth = Authenticator(args.auth)
+        if not self.auth.enabled:
+            logger.warning("router: no API keys configured (args.auth): only callers on loopback are served")
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.view = ServiceView(models, ray.get_runtime_context().get_node_id())
+        self._in_flight = 0
+        self._calls_changed = asyncio.Event()
+        self._reporter = asyncio.create_task(self._report_calls())
         self._follower = asyncio.create_task(self._follow_recycler())
 
     # ---- the recycler's view ---------------------------------------------
 
     async def _follow_recycler(self) -> None:
-        """Long-polls the recycler; keeps routing off quarantined nodes and wakes Watch streams."""
+        """Long-polls the recycler; keeps routing off quarantined nodes and updates health."""
         version = -1
         while True:
             try:
-                snapshot = await self.recycler.wait_for_change.remote(version, 5.0)
+                snapshot = await self.recycler.wait_for_change.remote(version, LONG_POLL_S, self.replica_id)
             except Exception:
                 logger.exception("router: recycler unreachable; retrying")
                 await asyncio.sleep(1.0)
                 continue
             if snapshot.version != version:
                 version = snapshot.version
-                self._snapshot = snapshot
                 node_routing.set_quarantined(snapshot.unhealthy())
-                async with self._changed:
-                    self._changed.notify_all()
+                await self.view.update(snapshot)
+                if snapshot.shutting_down:
+                    self._calls_changed.set()
 
-    def _own_node_quarantined(self) -> bool:
-        return self._snapshot is not None and self._snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)
+    async def _report_calls(self) -> None:
+        """Once the service is shutting down, tells the recycler how many calls are left here (the latest count)."""
+        while True:
+            await self._calls_changed.wait()
+            self._calls_changed.clear()
+            try:
+                await self.recycler.report_calls.remote(self.replica_id, self._in_flight)
+            except Exception:
+                logger.exception("router: could not report calls in flight")
+                await asyncio.sleep(0.5)
+                self._calls_changed.set()
 
     async def check_health(self) -> None:
-        if self._own_node_quarantined():
-            raise RuntimeError(f"the router's node {self.node_id} is quarantined")
-        if self._follower.done():
-            raise RuntimeError("the recycler follower stopped")
+        if self.view.own_node_quarantined():
+            raise RuntimeError(f"the router's node {self.view.node_id} is quarantined")
+        for task in (self._follower, self._reporter):
+            if task.done():
+                raise RuntimeError(f"the router's task {task.get_coro().__name__} stopped")
+
+    # ---- admission ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _admit(self, grpc_context, timeout_s: float | None, counted: bool = True) -> Iterator[float | None]:
+        """Admits an EmbedService call: the caller's key, no shutdown under way; counts it while it runs.
+
+        Yields its deadline (event-loop time): the service's bound or the caller's, whichever is first.
+        """
+        caller_s = None
+        if grpc_context is not None:  # None: a handle call from inside the cluster
+            self.auth.check(grpc_context.invocation_metadata(), grpc_context.peer())
+            caller_s = _caller_timeout_s(grpc_context)
+        if self.view.shutting_down:
+            raise ServiceError(Reason.SHUTTING_DOWN, "the service is shutting down and takes no new calls; retry")
+        bounds = [t for t in (timeout_s, caller_s) if t is not None]
+        deadline = asyncio.get_running_loop().time() + min(bounds) if bounds else None
+        if counted:
+            self._in_flight += 1
+        try:
+            yield deadline
+        finally:
+            if counted:
+                self._in_flight -= 1
+                if self.view.shutting_down:
+                    self._calls_changed.set()
 
     # ---- model metadata -------------------------------------------------
 
@@ -121,42 +169,47 @@ class EmbedRouter:
         check_envelope(request, self.args.limits, max_inputs)
         return build_job(request, await self._info(name), self.args.limits)
 
-    async def _call_shard(self, handle: DeploymentHandle, request: ShardRequest) -> ShardResult:
+    async def _call_shard(self, handle: DeploymentHandle, inputs: list[Input], job: Job,
+                          deadline: float) -> ShardResult:
         settings = self.args.router
+        loop = asyncio.get_running_loop()
         for attempt in range(settings.shard_retries + 1):
+            response = handle.embed.remote(ShardRequest(inputs, job.options, timeout_s=deadline - loop.time()))
             try:
-                return await handle.embed.remote(request)
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()  # the replica drops the shard if it has not run it yet
+                raise
             except Exception as exc:
                 if not _retryable(exc):
                     raise
                 if attempt == settings.shard_retries:
-                    raise errors.unavailable(
-                        "MODEL_UNAVAILABLE", "model replicas kept failing for this request; retry shortly"
+                    raise ServiceError(
+                        Reason.MODEL_UNAVAILABLE, "model replicas kept failing for this request; retry shortly"
                     ) from exc
-                logger.warning("shard of %d inputs failed (%s); retrying", len(request.inputs), type(exc).__name__)
+                logger.warning("shard of %d inputs failed (%s); retrying", len(inputs), type(exc).__name__)
                 await asyncio.sleep(settings.retry_backoff_s * (2**attempt))
         raise AssertionError("unreachable")
 
-    async def _shard_results(self, job: Job, timeout_s: float) -> AsyncIterator[tuple[Shard, ShardResult]]:
+    async def _shard_results(self, job: Job, deadline: float) -> AsyncIterator[tuple[Shard, ShardResult]]:
         """Runs every shard, yielding each as it finishes; fails fast on the first error or at the deadline."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         handle = self.models[job.model]
         limit = asyncio.Semaphore(self.args.router.max_concurrent_shards)
 
         async def run(shard: Shard) -> tuple[Shard, ShardResult]:
             async with limit:
-                request = ShardRequest([job.inputs[p] for p in shard.positions], job.options)
-                result = await self._call_shard(handle, request)
+                result = await self._call_shard(handle, [job.inputs[p] for p in shard.positions], job, deadline)
             if result.too_long:
                 index = int(shard.positions[result.too_long[0]])
+                tokens = int(result.token_counts[result.too_long[0]])
                 info = await self._info(job.model)
-                raise errors.invalid(
-                    "INPUT_TOO_LONG",
-                    f"input {index} has {int(result.token_counts[result.too_long[0]])} tokens; model "
-                    f"{job.model!r} takes at most {info.max_sequence_length} and truncation is REJECT",
+                raise ServiceError(
+                    Reason.INPUT_TOO_LONG,
+                    f"input {index} has {tokens} tokens; model {job.model!r} takes at most "
+                    f"{info.max_sequence_length} and truncation is REJECT",
                     index=index,
-                    tokens=int(result.token_counts[result.too_long[0]]),
+                    tokens=tokens,
                     max_tokens=info.max_sequence_length,
                 )
             return shard, result
@@ -186,110 +239,79 @@ class EmbedRouter:
         message.timing.queue_time_ns = queue_ns
         message.timing.inference_time_ns = inference_ns
 
-    async def _each_change(self, render) -> AsyncIterator:
-        """render() now, then again after each change of the recycler's view, whenever it differs."""
-        last = None
-        while True:
-            message = render()
-            if message != last:
-                last = message
-                yield message
-            async with self._changed:
-                await self._changed.wait()
+    # ---- EmbedService (names must not collide with grpc.health.v1) --------
 
-    # ---- gRPC methods (names must not collide with grpc.health.v1) -------
-
-    @errors.unary(pb.EmbedResponse)
+    @errors.grpc_method
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         started = time.perf_counter_ns()
-        job = await self._prepare(request, self.args.limits.max_inputs_per_request)
-        n = len(job.inputs)
-        vectors: np.ndarray | None = None
-        counts = np.zeros(n, dtype=np.int64)
-        queue_ns = inference_ns = 0
-        async for shard, result in self._shard_results(job, self.args.limits.request_timeout_s):
-            if vectors is None:
-                vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
-            vectors[shard.positions] = result.vectors
-            counts[shard.positions] = result.token_counts
-            queue_ns += result.queue_ns
-            inference_ns += result.inference_ns
-        response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
-        self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
-        self._stamp(response, int(counts.sum()), queue_ns, inference_ns)
-        response.timing.total_time_ns = time.perf_counter_ns() - started
-        return response
+        with self._admit(grpc_context, self.args.limits.request_timeout_s) as deadline:
+            job = await self._prepare(request, self.args.limits.max_inputs_per_request)
+            n = len(job.inputs)
+            vectors: np.ndarray | None = None
+            counts = np.zeros(n, dtype=np.int64)
+            queue_ns = inference_ns = 0
+            async for shard, result in self._shard_results(job, deadline):
+                if vectors is None:
+                    vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
+                vectors[shard.positions] = result.vectors
+                counts[shard.positions] = result.token_counts
+                queue_ns += result.queue_ns
+                inference_ns += result.inference_ns
+            response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
+            self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
+            self._stamp(response, int(counts.sum()), queue_ns, inference_ns)
+            response.timing.total_time_ns = time.perf_counter_ns() - started
+            return response
 
+    @errors.grpc_method
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
-        try:
+        with self._admit(grpc_context, self.args.limits.stream_timeout_s) as deadline:
             job = await self._prepare(request, self.args.limits.max_inputs_per_stream)
-            async for shard, result in self._shard_results(job, self.args.limits.stream_timeout_s):
+            async for shard, result in self._shard_results(job, deadline):
                 chunk = pb.EmbedStreamResponse(model=job.model, dimensions=int(result.vectors.shape[1]))
                 self._fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
                 self._stamp(chunk, int(result.token_counts.sum()), result.queue_ns, result.inference_ns)
                 yield chunk
-        except Exception as exc:
-            # A stream ends with an error only by raising; Ray keeps the code set first.
-            raise errors.abort_stream(errors.from_exception(exc), grpc_context) from None
 
-    @errors.unary(pb.ListModelsResponse)
+    @errors.grpc_method
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        infos = await asyncio.gather(*(self._info(name) for name in self.models))
-        return pb.ListModelsResponse(models=[self._model_message(i) for i in infos], default_model=self.args.default_model_name)
+        with self._admit(grpc_context, self.args.limits.request_timeout_s):
+            infos = await asyncio.gather(*(self._info(name) for name in self.models))
+            return pb.ListModelsResponse(models=[self._model_message(i) for i in infos],
+                                         default_model=self.args.default_model_name)
 
-    @errors.unary(pb.GetModelResponse)
+    @errors.grpc_method
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.GetModelResponse:
-        name = resolve_model_name(request.name, list(self.models), default="")
-        return pb.GetModelResponse(model=self._model_message(await self._info(name)))
+        with self._admit(grpc_context, self.args.limits.request_timeout_s):
+            name = resolve_model_name(request.name, list(self.models), default="")
+            return pb.GetModelResponse(model=self._model_message(await self._info(name)))
 
-    # ---- grpc.health.v1.Health, from the recycler's view ------------------
+    @errors.grpc_method
+    async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
+        """Every node with its state, reason and replicas: now, then at each change."""
+        with self._admit(grpc_context, timeout_s=None, counted=False):
+            async for message in self.view.changes(self.view.nodes_message):
+                yield message
 
-    def _statuses(self) -> dict[str, int]:
-        """A model is SERVING while it has a replica on a healthy node; "" also needs the router's node healthy."""
-        serving = self._snapshot.serving_models() if self._snapshot else set()
-        per_model = {name: SERVING if name in serving else NOT_SERVING for name in self.models}
-        whole = SERVING if serving & set(self.models) and not self._own_node_quarantined() else NOT_SERVING
-        return {"": whole, EMBED_SERVICE: whole, **per_model}
+    # ---- grpc.health.v1.Health: open to probes, no key --------------------
 
+    @errors.grpc_method
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        statuses = self._statuses()
-        if request.service not in statuses:
-            errors.apply_to_context(
-                errors.not_found("SERVICE_UNKNOWN", f"unknown health service {request.service!r}"), grpc_context
-            )
-            return health_pb2.HealthCheckResponse()
-        return health_pb2.HealthCheckResponse(status=statuses[request.service])
+        status = self.view.statuses.get(request.service)
+        if status is None:
+            raise ServiceError(Reason.SERVICE_UNKNOWN, f"unknown health service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
 
+    @errors.grpc_method
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
         """The current status at once, then one message per change; an unknown service gets
         SERVICE_UNKNOWN and the stream stays open. It has no deadline of its own."""
-        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        async for status in self._each_change(lambda: self._statuses().get(request.service, unknown)):
+        async for status in self.view.changes(lambda: self.view.watch_status(request.service)):
             yield health_pb2.HealthCheckResponse(status=status)
 
+    @errors.grpc_method
     async def List(self, request: health_pb2.HealthListRequest, grpc_context=None) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
-        for name, status in self._statuses().items():
+        for name, status in self.view.statuses.items():
             response.statuses[name].status = status
         return response
-
-    # ---- the operators' stream --------------------------------------------
-
-    def _nodes_message(self) -> pb.WatchNodesResponse:
-        snapshot = self._snapshot
-        response = pb.WatchNodesResponse(version=snapshot.version if snapshot else 0)
-        for node in snapshot.nodes if snapshot else ():
-            response.nodes.add(
-                node_id=node.node_id,
-                node_ip=node.node_ip,
-                state=_NODE_STATES[node.state],
-                reason=node.reason,
-                since_unix_ms=int(node.since * 1000),
-                replicas=[pb.NodeReplica(replica_id=r.replica_id, model=r.model) for r in node.replicas],
-            )
-        return response
-
-    async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
-        """Every node with its state, reason and replicas: now, then at each change."""
-        async for message in self._each_change(self._nodes_message):
-            yield message

@@ -41,6 +41,9 @@ class EmbedOptions:
 class ShardRequest:
     inputs: list[Input]
     options: EmbedOptions
+    # Seconds the caller still waits, counted from when the router sends the shard;
+    # None: no bound. The replica drops a shard whose time ran out before it ran.
+    timeout_s: float | None = None
 
 
 @dataclass

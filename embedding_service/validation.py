@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_service import errors
+from embedding_service.error_reasons import Reason, ServiceError
 from embedding_service.config import Limits
 from embedding_service.shards import EmbedOptions, Input, ModelInfo
 from embedding_service.v1 import embedding_pb2 as pb
@@ -31,7 +31,7 @@ class Job:
 def resolve_model_name(requested: str, known: list[str], default: str) -> str:
     name = requested or default
     if name not in known:
-        raise errors.not_found("MODEL_NOT_FOUND", f"model {name!r} is not served; served models: {known}", model=name)
+        raise ServiceError(Reason.MODEL_NOT_FOUND, f"model {name!r} is not served; served models: {known}", model=name)
     return name
 
 
@@ -39,18 +39,18 @@ def check_envelope(request, limits: Limits, max_inputs: int) -> None:
     """Checks that need no model: size and count."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
-        raise errors.invalid(
-            "REQUEST_TOO_LARGE",
+        raise ServiceError(
+            Reason.REQUEST_TOO_LARGE,
             f"request is {size} bytes; the limit is {limits.max_request_bytes}",
             bytes=size,
             limit=limits.max_request_bytes,
         )
     n = len(request.inputs)
     if n == 0:
-        raise errors.invalid("NO_INPUTS", "inputs must contain at least one input", field="inputs")
+        raise ServiceError(Reason.NO_INPUTS, "inputs must contain at least one input", field="inputs")
     if n > max_inputs:
-        raise errors.invalid(
-            "TOO_MANY_INPUTS", f"{n} inputs in one call; the limit is {max_inputs}", count=n, limit=max_inputs
+        raise ServiceError(
+            Reason.TOO_MANY_INPUTS, f"{n} inputs in one call; the limit is {max_inputs}", count=n, limit=max_inputs
         )
 
 
@@ -61,10 +61,10 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
         if kind == "text":
             text = item.text
             if not text:
-                raise errors.invalid("EMPTY_INPUT", f"input {index} is an empty string", index=index)
+                raise ServiceError(Reason.EMPTY_INPUT, f"input {index} is an empty string", index=index)
             if len(text) > limits.max_chars_per_input:
-                raise errors.invalid(
-                    "INPUT_TOO_LARGE",
+                raise ServiceError(
+                    Reason.INPUT_TOO_LARGE,
                     f"input {index} has {len(text)} characters; the limit is {limits.max_chars_per_input}",
                     index=index,
                     limit=limits.max_chars_per_input,
@@ -73,10 +73,10 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
         elif kind == "token_ids":
             ids = np.asarray(item.token_ids.ids, dtype=np.int32)
             if ids.size == 0:
-                raise errors.invalid("EMPTY_INPUT", f"input {index} has no token ids", index=index)
+                raise ServiceError(Reason.EMPTY_INPUT, f"input {index} has no token ids", index=index)
             if ids.size > limits.max_token_ids_per_input:
-                raise errors.invalid(
-                    "INPUT_TOO_LARGE",
+                raise ServiceError(
+                    Reason.INPUT_TOO_LARGE,
                     f"input {index} has {ids.size} token ids; the limit is {limits.max_token_ids_per_input}",
                     index=index,
                     limit=limits.max_token_ids_per_input,
@@ -84,8 +84,8 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
             bad = np.flatnonzero((ids < 0) | (ids >= model.vocab_size))
             if bad.size:
                 token = int(ids[bad[0]])
-                raise errors.invalid(
-                    "TOKEN_ID_OUT_OF_RANGE",
+                raise ServiceError(
+                    Reason.TOKEN_ID_OUT_OF_RANGE,
                     f"input {index} has token id {token} outside [0, {model.vocab_size}) of model {model.name!r}",
                     index=index,
                     token_id=token,
@@ -93,24 +93,24 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
                 )
             inputs.append(ids)
         else:
-            raise errors.invalid("INPUT_MISSING", f"input {index} has neither text nor token_ids", index=index)
+            raise ServiceError(Reason.INPUT_MISSING, f"input {index} has neither text nor token_ids", index=index)
 
     dimensions = request.dimensions if request.HasField("dimensions") else None
     if dimensions is not None and not 1 <= dimensions <= model.dimension:
-        raise errors.invalid(
-            "INVALID_DIMENSIONS",
+        raise ServiceError(
+            Reason.INVALID_DIMENSIONS,
             f"dimensions must be between 1 and {model.dimension} for model {model.name!r}, got {dimensions}",
             dimensions=dimensions,
             max=model.dimension,
         )
     if request.truncation not in _POLICIES:
-        raise errors.invalid("INVALID_TRUNCATION", f"unknown truncation policy {request.truncation}")
+        raise ServiceError(Reason.INVALID_TRUNCATION, f"unknown truncation policy {request.truncation}")
     if request.encoding not in _ENCODINGS:
-        raise errors.invalid("INVALID_ENCODING", f"unknown vector encoding {request.encoding}")
+        raise ServiceError(Reason.INVALID_ENCODING, f"unknown vector encoding {request.encoding}")
     prompt_name = request.prompt_name or None
     if prompt_name is not None and prompt_name not in model.prompts:
-        raise errors.invalid(
-            "UNKNOWN_PROMPT",
+        raise ServiceError(
+            Reason.UNKNOWN_PROMPT,
             f"model {model.name!r} has no prompt {prompt_name!r}; its prompts: {sorted(model.prompts)}",
             prompt_name=prompt_name,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import threading
 from contextlib import asynccontextmanager
 
 import grpc
@@ -59,8 +60,10 @@ def _render(response: pb.EmbedResponse, base64_out: bool) -> dict:
     return {"object": "list", "data": data, "model": response.model, "usage": usage}
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings, draining: threading.Event | None = None) -> FastAPI:
+    """The gateway; `draining` set (by main.DrainingServer on SIGTERM) turns /readyz to 503."""
     client_holder: dict[str, EmbedClient] = {}
+    draining = draining or threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -163,6 +166,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readiness() -> JSONResponse:
+        if draining.is_set():
+            return JSONResponse({"status": "draining"}, status_code=503)
         ready = await client_holder["client"].serving()
         return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 

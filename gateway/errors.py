@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from google.rpc import error_details_pb2, status_pb2
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from embedding_service.error_reasons import Reason, read_details
+
+logger = logging.getLogger("gateway")
 
 # Which request field an INVALID_ARGUMENT reason of the service is about.
 _PARAM_BY_REASON = {
-    "NO_INPUTS": "input",
-    "EMPTY_INPUT": "input",
-    "INPUT_MISSING": "input",
-    "TOO_MANY_INPUTS": "input",
-    "INPUT_TOO_LARGE": "input",
-    "INPUT_TOO_LONG": "input",
-    "TOKEN_ID_OUT_OF_RANGE": "input",
-    "INVALID_DIMENSIONS": "dimensions",
-    "INVALID_ENCODING": "encoding_format",
-    "MODEL_NOT_FOUND": "model",
+    Reason.NO_INPUTS: "input",
+    Reason.EMPTY_INPUT: "input",
+    Reason.INPUT_MISSING: "input",
+    Reason.TOO_MANY_INPUTS: "input",
+    Reason.INPUT_TOO_LARGE: "input",
+    Reason.INPUT_TOO_LONG: "input",
+    Reason.TOKEN_ID_OUT_OF_RANGE: "input",
+    Reason.INVALID_DIMENSIONS: "dimensions",
+    Reason.INVALID_ENCODING: "encoding_format",
+    Reason.MODEL_NOT_FOUND: "model",
 }
 
 
@@ -71,46 +74,32 @@ def from_validation(problems: list[dict], known_params) -> OpenAIError:
     return invalid_request(first.get("msg", "invalid request body"), param)
 
 
-def rich_status(err: grpc.RpcError) -> tuple[str | None, float | None]:
-    """The service's ErrorInfo reason and RetryInfo delay, when it sent them."""
-    metadata = err.trailing_metadata() or ()
-    raw = next((v for k, v in metadata if k == STATUS_DETAILS_KEY), None)
-    if raw is None:
-        return None, None
-    reason = delay = None
-    for detail in status_pb2.Status.FromString(raw).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-    return reason, delay
-
-
 def from_grpc(err: grpc.RpcError, retry_after_s: int) -> OpenAIError:
     code = err.code()
     message = err.details() or code.name.lower()
-    reason, delay = rich_status(err)
-    if reason is None and ":" in message:  # failed streams carry "REASON: message"
-        reason = message.split(":", 1)[0]
-    retry_after = {"Retry-After": str(max(retry_after_s, int(round(delay or 0))))}
+    details = read_details(err.trailing_metadata(), message)
+    reason = Reason[details.reason] if details.reason in Reason.__members__ else None
+    retry_after = {"Retry-After": str(max(retry_after_s, int(round(details.retry_after_s or 0))))}
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        if reason == "REQUEST_TOO_LARGE":
+        if reason == Reason.REQUEST_TOO_LARGE:
             return OpenAIError(413, message, "invalid_request_error", None, "request_too_large")
-        return OpenAIError(400, message, "invalid_request_error", _PARAM_BY_REASON.get(reason or ""), (reason or "").lower() or None)
+        return OpenAIError(400, message, "invalid_request_error", _PARAM_BY_REASON.get(reason),
+                           reason.name.lower() if reason else None)
     if code == grpc.StatusCode.NOT_FOUND:
         return OpenAIError(404, message, "invalid_request_error", "model", "model_not_found")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return OpenAIError(429, message, "rate_limit_error", None, "rate_limit_exceeded", retry_after)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return OpenAIError(503, "the embedding service is unavailable; retry later", "service_unavailable", None, "service_unavailable", retry_after)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return OpenAIError(503, "the embedding service is unavailable; retry later", "service_unavailable", None,
+                           "service_unavailable", retry_after)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return OpenAIError(504, "the embedding service did not answer in time", "timeout", None, "timeout")
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return unauthorized(message)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # The gateway's own upstream key, not the user's: the operator must fix it.
+        logger.error("the embedding service refused the gateway: %s (%s); check GATEWAY_UPSTREAM_API_KEY",
+                     message, details.reason)
+        return OpenAIError(500, "the gateway is not allowed to call the embedding service", "api_error", None,
+                           "upstream_unauthorized")
     return OpenAIError(502, "the embedding service failed; see its logs", "api_error", None, "upstream_error")
 
 

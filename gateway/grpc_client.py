@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_service.error_reasons import read_details
 from embedding_service.v1 import embedding_pb2_grpc
-from gateway.errors import rich_status
 from gateway.settings import GatewaySettings
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -29,6 +29,8 @@ class EmbedClient:
         self._stubs = [embedding_pb2_grpc.EmbedServiceStub(c) for c in self._channels]
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
         self._turn = itertools.count()
+        key = settings.upstream_api_key
+        self._metadata = (("authorization", f"Bearer {key.get_secret_value()}"),) if key else ()
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -42,11 +44,12 @@ class EmbedClient:
             stub = self._stubs[next(self._turn) % len(self._stubs)]
             remaining = deadline - loop.time()
             try:
-                return await getattr(stub, method)(request, timeout=max(0.001, min(s.call_timeout_s, remaining)))
+                return await getattr(stub, method)(request, timeout=max(0.001, min(s.call_timeout_s, remaining)),
+                                                   metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE or attempt >= s.max_retries:
                     raise
-                _, hinted = rich_status(err)
+                hinted = read_details(err.trailing_metadata()).retry_after_s
                 backoff = min(s.backoff_max_s, s.backoff_initial_s * 2**attempt) * (0.5 + random.random() / 2)
                 delay = hinted if hinted is not None else backoff
                 if loop.time() + delay >= deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 
 import uvicorn
 
@@ -22,12 +23,40 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser.add_argument("--max-retries", type=int, dest="max_retries")
     parser.add_argument("--max-body-bytes", type=int, dest="max_body_bytes")
     parser.add_argument("--max-inputs", type=int, dest="max_inputs")
+    parser.add_argument("--drain-delay-s", type=float, dest="drain_delay_s")
+    parser.add_argument("--shutdown-timeout-s", type=float, dest="shutdown_timeout_s")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return GatewaySettings(**given)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, stopping as a load-balanced server should.
+
+    The first SIGTERM or Ctrl-C sets `draining` (/readyz answers 503) and keeps
+    serving for `delay_s`; then uvicorn stops accepting and waits for the
+    requests in flight (its graceful-shutdown timeout). Another signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, draining: threading.Event, delay_s: float) -> None:
+        super().__init__(config)
+        self.draining = draining
+        self.delay_s = delay_s
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.draining.is_set():
+            super().handle_exit(sig, frame)
+            return
+        self.draining.set()
+        timer = threading.Timer(self.delay_s, super().handle_exit, args=(sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
+    draining = threading.Event()
+    config = uvicorn.Config(create_app(settings, draining), host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
     print(f"OpenAI gateway on http://{settings.host}:{settings.port}/v1 -> gRPC {settings.targets}", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    DrainingServer(config, draining, settings.drain_delay_s).run()
     return 0

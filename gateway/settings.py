@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +29,9 @@ class GatewaySettings(BaseSettings):
     # unless allow_unauthenticated is set.
     api_keys: list[str] = Field(default_factory=list)
     allow_unauthenticated: bool = False
+    # The gateway's own key for the service's gRPC API (its args.auth), from the
+    # environment (GATEWAY_UPSTREAM_API_KEY), never the command line.
+    upstream_api_key: SecretStr | None = None
 
     # Deadline of one gRPC call, and of the whole request with its retries.
     call_timeout_s: float = Field(30.0, gt=0)
@@ -40,6 +43,12 @@ class GatewaySettings(BaseSettings):
     backoff_max_s: float = Field(2.0, ge=0)
     # Seconds in Retry-After of a 503.
     retry_after_s: int = Field(1, ge=0)
+
+    # On SIGTERM or Ctrl-C: /readyz answers 503 at once while requests are still
+    # served for drain_delay_s (load balancers stop sending), then no new
+    # connections and up to shutdown_timeout_s for the requests in flight.
+    drain_delay_s: float = Field(5.0, ge=0)
+    shutdown_timeout_s: float = Field(30.0, gt=0)
 
     # Bounds matching the service's limits.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import grpc_tools
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+# google/protobuf/*.proto (descriptor.proto for the ErrorReason option), as shipped with grpcio-tools.
+WELL_KNOWN = Path(grpc_tools.__file__).parent / "_proto"
 
 
 def proto_files() -> list[Path]:
@@ -27,6 +30,7 @@ def generate(out_dir: Path) -> list[Path]:
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{WELL_KNOWN}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -30,6 +30,10 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 HEAD = {"node:__internal_head__": 0.001}
 REQUEST_TIMEOUT_S = 20
 WORKER_CPUS = 2
+ROUTER_ONGOING = 64
+ROUTER_QUEUED = 64
+# Ray reports metrics every 10 s by default; the tests scrape sooner.
+METRICS_REPORT_MS = 500
 
 
 def free_port() -> int:
@@ -98,7 +102,9 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path) -> dict:
             "num_cpus": 0.5,
         }
     )
-    args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD)
+    # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
+    args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,
+                          max_ongoing_requests=ROUTER_ONGOING, max_queued_requests=ROUTER_QUEUED)
     args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
     args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
     args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)
@@ -136,7 +142,10 @@ def service(tiny_model_dir, tmp_path_factory) -> Service:
     fault_dir = tmp_path_factory.mktemp("faults")
     config = make_test_config(tiny_model_dir, fault_dir)
     launcher.prepare_environment(config)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"metrics_report_interval_ms": METRICS_REPORT_MS},
+    })
     for _ in range(2):
         cluster.add_node(num_cpus=WORKER_CPUS)
     cluster.wait_for_nodes()

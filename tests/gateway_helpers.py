@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -38,6 +40,33 @@ def running_gateway(**settings):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def gateway_process(*options: str):
+    """`python -m gateway` as its own process, as it runs in production; yields (base URL, process)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "--port", str(port), *options])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while readiness(base) != 200:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not become ready (exit code {process.poll()})")
+            time.sleep(0.1)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def readiness(base: str) -> int:
+    """/readyz's status, or 0 while nothing listens."""
+    try:
+        return httpx.get(f"{base}/readyz", timeout=5).status_code
+    except httpx.TransportError:
+        return 0
 
 
 class ScriptedEmbed(embedding_pb2_grpc.EmbedServiceServicer):

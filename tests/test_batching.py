@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from embedding_service.batching import ContinuousBatcher
+from embedding_service.batching import CANCELLED, DEADLINE, ContinuousBatcher, Expired
 
 
 class _Model:
@@ -103,6 +103,34 @@ def test_an_idle_wait_gathers_arrivals_when_asked():
         tasks.append(asyncio.create_task(batcher.submit("c")))
         assert await asyncio.gather(*tasks) == ["A", "B", "C"]
         assert model.batches == [["a", "b", "c"]]
+        batcher.close()
+
+    asyncio.run(main())
+
+
+def test_expired_and_abandoned_items_are_dropped_unrun_and_reported():
+    async def main():
+        model = _Model()
+        dropped: list[tuple[str, str]] = []
+        batcher = ContinuousBatcher(model, max_size=3, on_drop=lambda item, reason: dropped.append((item, reason)))
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.create_task(batcher.submit("x"))
+        await asyncio.to_thread(model.started.wait, 10)
+        expired = asyncio.create_task(batcher.submit("late", deadline=loop.time() + 0.05))
+        abandoned = asyncio.create_task(batcher.submit("gone"))
+        kept = [asyncio.create_task(batcher.submit(i, deadline=loop.time() + 60)) for i in "abc"]
+        await _until(lambda: batcher.queued == 5)
+        abandoned.cancel()
+        await asyncio.sleep(0.1)  # the short deadline passes while the model is busy
+        model.release.set()
+        assert await blocker == "X"
+        with pytest.raises(Expired):
+            await expired
+        assert await asyncio.gather(*kept) == ["A", "B", "C"]
+        # Dropped items took no room: the next batch held all three live ones.
+        assert model.batches == [["x"], ["a", "b", "c"]]
+        assert sorted(dropped) == [("gone", CANCELLED), ("late", DEADLINE)]
+        assert issubclass(Expired, TimeoutError)  # the router maps it to DEADLINE_EXCEEDED
         batcher.close()
 
     asyncio.run(main())

@@ -19,12 +19,13 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     (app,) = schema.applications
     assert app.route_prefix == "/"
     assert app.import_path == "embedding_service.app:build_app"
-    assert "embedding_service.v1.embedding_pb2_grpc.add_EmbedServiceServicer_to_server" in (
-        schema.grpc_options.grpc_servicer_functions
-    )
+    # The generated registrations as the proxy runs them (malformed bytes, deadlines, Serve's own errors).
+    assert schema.grpc_options.grpc_servicer_functions == [
+        "embedding_service.proxy_ingress.add_EmbedServiceServicer_to_server",
+        "embedding_service.proxy_ingress.add_HealthServicer_to_server",
+    ]
     # The proxy must not cut streams (health Watch); the router bounds calls itself.
     assert schema.grpc_options.request_timeout_s is None
-    assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in schema.grpc_options.grpc_servicer_functions
     args = AppArgs.parse(app.args)
     assert args.default_model_name == "all-MiniLM-L6-v2"
     assert args.models[0].resolved_path().endswith("model")
@@ -52,6 +53,10 @@ def test_empty_args_give_the_packaged_default():
         {"models": [{"name": "a", "device": "tpu"}]},
         {"limits": {"max_inputs_per_request": 0}},
         {"unknown_key": 1},
+        # Keys come from a secret: there is no field to write one into, and a variable's name is a name.
+        {"auth": {"api_keys": ["sk-123"]}},
+        {"auth": {"api_keys_env": "sk-live 123"}},
+        {"shutdown": {"grace_s": 0}},
     ],
 )
 def test_bad_args_are_rejected_before_anything_starts(bad):
@@ -60,9 +65,15 @@ def test_bad_args_are_rejected_before_anything_starts(bad):
 
 
 def test_the_launcher_gives_ray_the_transport_cap_and_the_apps_serve_settings(monkeypatch):
+    import json
+
+    from embedding_service import serve_grpc_options
+
     config = launcher.load_config()
-    for key in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS"):
+    for key in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+                serve_grpc_options.OPTIONS_ENV):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(launcher.PRELOAD_ENV, "some_other_module")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # already set by the operator: kept
     launcher.prepare_environment(config)
     args = config["applications"][0]["args"]
@@ -71,3 +82,28 @@ def test_the_launcher_gives_ray_the_transport_cap_and_the_apps_serve_settings(mo
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
     assert os.environ["HF_HUB_OFFLINE"] == "0"
+    # Ray's workers import the proxy's gRPC server options before anything else (kept: the operator's own).
+    assert os.environ[launcher.PRELOAD_ENV] == "some_other_module,embedding_service.serve_grpc_options"
+    options = dict(json.loads(os.environ[serve_grpc_options.OPTIONS_ENV]))
+    assert options["grpc.server.max_pending_requests"] == args["limits"]["proxy_max_pending_calls"]
+    assert options["grpc.server.max_pending_requests_hard_limit"] == args["limits"]["proxy_max_pending_calls"]
+    assert options["grpc.max_concurrent_streams"] == args["limits"]["proxy_max_streams_per_connection"]
+
+
+def test_preloaded_options_reach_the_servers_ray_serve_builds(tmp_path):
+    """In a fresh process, as in a Ray worker: the module extends the options Serve's gRPC servers are built with."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, json\n"
+        "os.environ['EMBEDDING_SERVE_GRPC_OPTIONS'] = json.dumps([['grpc.server.max_pending_requests', 7],"
+        " ['grpc.max_receive_message_length', 1024]])\n"
+        "import embedding_service.serve_grpc_options\n"
+        "from ray.serve._private import grpc_util\n"
+        "options = dict(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS)\n"
+        "assert options['grpc.server.max_pending_requests'] == 7, options\n"
+        "assert options['grpc.max_receive_message_length'] == 1024, options  # replaced, not doubled\n"
+        "assert len(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS) == len(options)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)

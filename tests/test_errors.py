@@ -7,9 +7,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from embedding_service.errors import DOMAIN
+from embedding_service.error_reasons import DOMAIN, Reason
 from embedding_service.v1 import embedding_pb2 as pb
-from tests.conftest import MAX_REQUEST_BYTES, TINY
+from tests.conftest import MAX_REQUEST_BYTES, MINILM, TINY
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -143,3 +143,167 @@ def test_service_keeps_serving_after_bad_input(service):
             service.stub.Embed(request, timeout=60)
     ok = service.stub.Embed(pb.EmbedRequest(inputs=[text("still here")]), timeout=60)
     assert len(ok.embeddings) == 1 and len(ok.embeddings[0].values) == 384
+
+
+EMBED = "/embedding_service.v1.EmbedService/"
+HEALTH = "/grpc.health.v1.Health/"
+UNARY_METHODS = [EMBED + m for m in ("Embed", "ListModels", "GetModel")] + [HEALTH + m for m in ("Check", "List")]
+STREAM_METHODS = [EMBED + "EmbedStream", EMBED + "WatchNodes", HEALTH + "Watch"]
+# Never for a request, whatever its bytes: these say "the service broke", not "your request is wrong".
+BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
+VALID = pb.EmbedRequest(inputs=[text("a valid request"), ids(7592, 2088)], dimensions=8).SerializeToString()
+MALFORMED = {
+    "random bytes": b"\x8a\x13\xff\x00garbage\x99",
+    "cut short": VALID[: len(VALID) // 2],
+    "flipped tag": b"\xff" + VALID[1:],
+    "length past the end": b"\x12\x7f\x0a",
+}
+# Field 1 with invalid UTF-8: malformed where field 1 is a string (model, name, service); the empty
+# request messages keep it as an unknown field, as protobuf must.
+BAD_UTF8 = b"\x0a\x02\xc3\x28"
+STRING_FIELD_ONE = [EMBED + "Embed", EMBED + "GetModel", HEALTH + "Check"]
+
+
+@pytest.mark.parametrize("body", list(MALFORMED), ids=list(MALFORMED))
+def test_malformed_bytes_get_invalid_argument_on_every_method(service, body):
+    for method in UNARY_METHODS:
+        with pytest.raises(grpc.RpcError) as caught:
+            service.channel.unary_unary(method)(MALFORMED[body], timeout=30)
+        err = caught.value
+        assert err.code() == INVALID, (method, err.code(), err.details())
+        assert error_info(err).reason == Reason.MALFORMED_REQUEST.name
+        assert "Error" not in err.details() and "<class" not in err.details(), err.details()
+    for method in STREAM_METHODS:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(service.channel.unary_stream(method)(MALFORMED[body], timeout=30))
+        assert caught.value.code() == INVALID, (method, caught.value.details())
+        assert caught.value.details().startswith("MALFORMED_REQUEST: the request bytes are not a valid ")
+
+
+def test_invalid_utf8_in_a_string_field_is_malformed_and_in_an_unknown_field_is_kept(service):
+    for method in STRING_FIELD_ONE:
+        with pytest.raises(grpc.RpcError) as caught:
+            service.channel.unary_unary(method)(BAD_UTF8, timeout=30)
+        assert caught.value.code() == INVALID and error_info(caught.value).reason == "MALFORMED_REQUEST"
+    listed = pb.ListModelsResponse.FromString(service.channel.unary_unary(EMBED + "ListModels")(BAD_UTF8, timeout=30))
+    assert {m.name for m in listed.models} == {MINILM, TINY}
+
+
+# ---- fuzz: what a careless or hostile client sends, through the real proxy ----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+INT32 = st.integers(-(2**31), 2**31 - 1)
+fuzz_input = st.one_of(
+    st.builds(lambda t: pb.EmbedInput(text=t), st.text(max_size=40)),
+    st.builds(lambda t: pb.EmbedInput(token_ids=pb.TokenIds(ids=t)), st.lists(INT32 | st.integers(0, 40000), max_size=6)),
+    st.just(pb.EmbedInput()),
+    st.just(pb.EmbedInput(text="x" * 100_001)),
+)
+
+
+def fuzz_request(message_type, inputs):
+    def build(model, inputs, dimensions, normalize, truncation, prompt_name, encoding):
+        request = message_type(model=model, inputs=inputs, truncation=truncation, prompt_name=prompt_name,
+                               encoding=encoding)
+        if dimensions is not None:
+            request.dimensions = dimensions
+        if normalize is not None:
+            request.normalize = normalize
+        return request
+
+    return st.builds(
+        build,
+        model=st.sampled_from([MINILM, TINY, "", "nope"]) | st.text(max_size=12),
+        inputs=inputs,
+        dimensions=st.none() | st.sampled_from([0, 1, 48, 384, 385]) | INT32,
+        normalize=st.none() | st.booleans(),
+        truncation=st.sampled_from([0, 1, 2, 3]) | INT32,
+        prompt_name=st.sampled_from(["", "query", "passage"]) | st.text(max_size=8),
+        encoding=st.sampled_from([0, 1, 2]) | INT32,
+    )
+
+
+# Huge counts only where a cheap check refuses them (Embed's input limit); streams take up to 100,000.
+embed_requests = fuzz_request(pb.EmbedRequest, st.lists(fuzz_input, max_size=5)
+                              | st.integers(2049, 4000).map(lambda n: [text("x")] * n))
+stream_requests = fuzz_request(pb.EmbedStreamRequest, st.lists(fuzz_input, max_size=5))
+
+
+def expect_answered(err: grpc.RpcError, stream: bool = False) -> None:
+    assert err.code() not in BROKEN, (err.code(), err.details())
+    assert "Traceback" not in (err.details() or "")
+    if stream:
+        assert err.details().split(":", 1)[0] in Reason.__members__, err.details()
+    else:
+        assert error_info(err).reason in Reason.__members__
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=embed_requests)
+def test_fuzzed_embed_requests_get_an_answer_or_a_precise_error(service, request):
+    try:
+        response = service.stub.Embed(request, timeout=60)
+    except grpc.RpcError as err:
+        expect_answered(err)
+        return
+    assert [e.index for e in response.embeddings] == list(range(len(request.inputs)))
+    assert response.dimensions == (request.dimensions if request.HasField("dimensions") else
+                                   (48 if response.model == TINY else 384))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=stream_requests)
+def test_fuzzed_stream_requests_get_an_answer_or_a_precise_error(service, request):
+    try:
+        chunks = list(service.stub.EmbedStream(request, timeout=60))
+    except grpc.RpcError as err:
+        expect_answered(err, stream=True)
+        return
+    assert sorted(e.index for c in chunks for e in c.embeddings) == list(range(len(request.inputs)))
+
+
+def mutated(data: st.DataObject) -> bytes:
+    """A valid message with a few bytes flipped, cut, or spliced."""
+    raw = bytearray(data.draw(embed_requests.filter(lambda r: len(r.inputs) < 10)).SerializeToString() or b"\x00")
+    for _ in range(data.draw(st.integers(1, 3))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if kind == "flip" and raw:
+            raw[at] ^= data.draw(st.integers(1, 255))
+        elif kind == "cut":
+            del raw[at:]
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+    return bytes(raw)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bytes_to_every_method_never_break_the_service(service, data):
+    body = data.draw(st.binary(max_size=64)) if data.draw(st.booleans()) else mutated(data)
+    for method in UNARY_METHODS:
+        try:
+            service.channel.unary_unary(method)(body, timeout=30)
+        except grpc.RpcError as err:
+            expect_answered(err)
+    for method in STREAM_METHODS:
+        call = service.channel.unary_stream(method)(body, timeout=30)
+        try:
+            next(call)  # a valid WatchNodes or Watch never ends: its first message is enough
+        except StopIteration:
+            pass
+        except grpc.RpcError as err:
+            expect_answered(err, stream=True)
+        finally:
+            call.cancel()
+
+
+def test_the_service_answers_correctly_after_the_fuzz(service, reference_models):
+    import numpy as np
+
+    texts = ["after the fuzz", "still correct"]
+    response = service.stub.Embed(pb.EmbedRequest(inputs=[text(t) for t in texts]), timeout=60)
+    got = np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+    assert np.abs(got - reference_models[MINILM].encode(texts, normalize_embeddings=True)).max() < 1e-5

@@ -1,27 +1,24 @@
-"""Fault paths that the cluster test does not reach, on the real classes without Ray:
-an inference error that turns out to be a device fault, and the router's own node quarantined."""
+"""Fault paths that the cluster test does not reach, on the real classes without Ray, built through
+their constructors: an inference error that turns out to be a device fault, and health from the
+recycler's view (the router's own node quarantined, the service shutting down)."""
 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
-from grpc_health.v1 import health_pb2
 
 from embedding_service.config import ModelSettings
-from embedding_service.model_deployment import EmbeddingModel, ReplicaFaulted
+from embedding_service.health import EMBED_SERVICE, NOT_SERVING, SERVING, ServiceView
+from embedding_service.model_deployment import EmbeddingModel, LoadedModel, Placement, ReplicaFaulted
 from embedding_service.node_state import NodeState, NodeView, ReplicaView, Snapshot
-from embedding_service.router import EMBED_SERVICE, EmbedRouter
 from embedding_service.runtimes import TorchRuntime
-from embedding_service.shards import EmbedOptions, ModelInfo, ShardRequest
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+from embedding_service.shards import EmbedOptions, ShardRequest
+from embedding_service.tokenization import InputEncoder
 
 
 class _Remote:
-    """Stands in for the recycler's handle (another deployment): records calls."""
+    """Stands in for a method of the recycler's handle (another deployment): records calls."""
 
     def __init__(self, calls: list, name: str) -> None:
         self.calls, self.name = calls, name
@@ -34,8 +31,11 @@ class _Remote:
 class _RecyclerHandle:
     def __init__(self) -> None:
         self.calls: list = []
-        self.report_failure = _Remote(self.calls, "report_failure")
-        self.heartbeat = _Remote(self.calls, "heartbeat")
+        for name in ("report_failure", "heartbeat", "forget_replica"):
+            setattr(self, name, _Remote(self.calls, name))
+
+    def named(self, name: str) -> list:
+        return [args for called, args in self.calls if called == name]
 
 
 class _BrokenGpuModel:
@@ -45,78 +45,78 @@ class _BrokenGpuModel:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-def _replica(tmp_path, tiny_model_dir, fault: bool) -> tuple[EmbeddingModel, _RecyclerHandle]:
+def _embed_once(tmp_path, tiny_model_dir, fault: bool) -> tuple[BaseException, _RecyclerHandle]:
+    """Builds a replica whose device fails mid-forward, embeds one sentence, and closes it."""
     from sentence_transformers import SentenceTransformer
 
-    from embedding_service.tokenization import InputEncoder
-
+    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
     settings = ModelSettings(
         name="tiny", path=str(tiny_model_dir), device="cpu",
         gpu_check="embedding_service.gpu_health:fault_file_check", gpu_check_args={"directory": str(tmp_path)},
     )
-    replica = EmbeddingModel.__new__(EmbeddingModel)
-    replica.settings = settings
-    replica.device = "cpu"
-    replica.encoder = InputEncoder(SentenceTransformer(str(tiny_model_dir), device="cpu"))
-    replica.runtime = TorchRuntime(_BrokenGpuModel())
-    replica.info = ModelInfo("tiny", 48, 32, {}, "cpu", "torch", 30522, "x")
-    replica.batch_sizes = __import__("collections").Counter()
-    replica.node_id, replica.replica_id = "node-1", "replica-1"
-    replica.recycler = _RecyclerHandle()
-    from embedding_service.gpu_health import load_check
-
-    replica._check = load_check(settings.gpu_check)
-    replica._quarantine_reason = None
-    replica._batcher = replica._new_batcher()
     if fault:
         (tmp_path / "node-1").write_text("CUDA error: illegal memory access (injected)")
-    return replica, replica.recycler
+    recycler = _RecyclerHandle()
+
+    async def main() -> BaseException:
+        replica = EmbeddingModel(
+            settings, recycler, heartbeat_s=3600,
+            loaded=LoadedModel(model, "cpu", "torch", TorchRuntime(_BrokenGpuModel()), InputEncoder(model)),
+            placement=Placement("node-1", "replica-1"),
+        )
+        try:
+            with pytest.raises(Exception) as caught:
+                await replica.embed(ShardRequest(["a sentence"], EmbedOptions()))
+            return caught.value
+        finally:
+            await replica.close()
+
+    return asyncio.run(main()), recycler
 
 
 def test_inference_error_that_is_a_device_fault_is_reported_and_retryable(tmp_path, tiny_model_dir):
-    replica, recycler = _replica(tmp_path, tiny_model_dir, fault=True)
-    request = ShardRequest(["a sentence"], EmbedOptions())
-    with pytest.raises(ReplicaFaulted):
-        asyncio.run(replica.embed(request))
-    assert ("report_failure", ("replica-1", "node-1", "CUDA error: illegal memory access (injected)")) in recycler.calls
+    error, recycler = _embed_once(tmp_path, tiny_model_dir, fault=True)
+    assert isinstance(error, ReplicaFaulted)
+    assert recycler.named("report_failure") == [("replica-1", "node-1", "CUDA error: illegal memory access (injected)")]
+    # It heartbeat before serving, and left the recycler's view when closed (as Serve's stop does).
+    assert recycler.named("heartbeat") == [("replica-1", "tiny", "node-1")]
+    assert recycler.named("forget_replica") == [("replica-1",)]
 
 
 def test_inference_error_without_a_device_fault_is_not_reported(tmp_path, tiny_model_dir):
-    replica, recycler = _replica(tmp_path, tiny_model_dir, fault=False)
-    with pytest.raises(RuntimeError, match="illegal memory access") as caught:
-        asyncio.run(replica.embed(ShardRequest(["a sentence"], EmbedOptions())))
-    assert not isinstance(caught.value, ReplicaFaulted)
-    assert recycler.calls == []
+    error, recycler = _embed_once(tmp_path, tiny_model_dir, fault=False)
+    assert isinstance(error, RuntimeError) and "illegal memory access" in str(error)
+    assert not isinstance(error, ReplicaFaulted)
+    assert recycler.named("report_failure") == []
 
 
-def _router(own_node: str, states: dict[str, NodeState]) -> EmbedRouter:
-    router = EmbedRouter.__new__(EmbedRouter)
-    router.models = {"m1": None, "m2": None}
-    router.node_id = own_node
-    router._follower = SimpleNamespace(done=lambda: False)  # the follower task is alive
+def _view(own_node: str, states: dict[str, NodeState], shutting_down: bool = False) -> ServiceView:
     nodes = tuple(
         NodeView(node, "10.0.0.1", state, "fault" if state != NodeState.HEALTHY else "", 0.0,
                  (ReplicaView(f"r-{node}", "m1" if node == "B" else "m2", node),))
         for node, state in states.items()
     )
-    router._snapshot = Snapshot(1, nodes)
-    return router
+    view = ServiceView(["m1", "m2"], own_node)
+    asyncio.run(view.update(Snapshot(1, nodes, shutting_down)))
+    return view
 
 
 def test_models_serve_only_with_a_replica_on_a_healthy_node():
-    statuses = _router("A", {"A": NodeState.HEALTHY, "B": NodeState.HEALTHY, "C": NodeState.QUARANTINED})._statuses()
+    statuses = _view("A", {"A": NodeState.HEALTHY, "B": NodeState.HEALTHY, "C": NodeState.QUARANTINED}).statuses
     assert statuses == {"": SERVING, EMBED_SERVICE: SERVING, "m1": SERVING, "m2": SERVING}
-    statuses = _router("A", {"A": NodeState.HEALTHY, "B": NodeState.DRAINING})._statuses()
+    statuses = _view("A", {"A": NodeState.HEALTHY, "B": NodeState.DRAINING}).statuses
     assert statuses["m1"] == NOT_SERVING and statuses["m2"] == SERVING and statuses[""] == SERVING
 
 
-def test_routers_own_node_quarantined_is_not_serving_and_fails_its_health_check():
-    router = _router("A", {"A": NodeState.QUARANTINED, "B": NodeState.HEALTHY})
-    statuses = router._statuses()
-    assert statuses[""] == NOT_SERVING and statuses[EMBED_SERVICE] == NOT_SERVING
-    assert statuses["m1"] == SERVING  # the model itself still has a healthy replica elsewhere
-    with pytest.raises(RuntimeError, match="quarantined"):
-        asyncio.run(router.check_health())
+def test_routers_own_node_quarantined_is_not_serving():
+    view = _view("A", {"A": NodeState.QUARANTINED, "B": NodeState.HEALTHY})
+    assert view.statuses[""] == NOT_SERVING and view.statuses[EMBED_SERVICE] == NOT_SERVING
+    assert view.statuses["m1"] == SERVING  # the model itself still has a healthy replica elsewhere
+    assert view.own_node_quarantined()  # the router's Serve health check fails on it
     # No model with a replica on a healthy node: nothing is serving.
-    nothing = _router("Z", {"B": NodeState.DRAINING})._statuses()
-    assert set(nothing.values()) == {NOT_SERVING}
+    assert set(_view("Z", {"B": NodeState.DRAINING}).statuses.values()) == {NOT_SERVING}
+
+
+def test_nothing_is_serving_once_the_service_is_shutting_down():
+    view = _view("A", {"A": NodeState.HEALTHY, "B": NodeState.HEALTHY}, shutting_down=True)
+    assert view.shutting_down and set(view.statuses.values()) == {NOT_SERVING}

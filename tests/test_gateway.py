@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import threading
 import time
 
 import httpx
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, TINY, free_port
-from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
+from tests.gateway_helpers import ScriptedEmbed, gateway_process, post, readiness, running_gateway, scripted_grpc_peer
 from tests.test_embed import make_texts, text_inputs, vectors_of
 
 KEY = "test-key"
@@ -258,3 +260,33 @@ def test_run_command_starts_the_gateway_as_its_own_process(service, reference_mo
     finally:
         process.terminate()
         assert process.wait(timeout=30) is not None
+
+
+def test_sigterm_turns_readiness_off_first_and_lets_requests_in_flight_finish(service, reference_models):
+    from tests.observe import total, wait_until
+
+    with gateway_process("--targets", service.target, "--drain-delay-s", "1", "--shutdown-timeout-s", "60") as (
+            base, process):
+        texts = make_texts(1500, seed=41, max_words=60)  # seconds of work: still running when the gateway stops
+        outcome: dict = {}
+        forwarded = "ray_embedding_sequences_forwarded_total"
+        before = total(forwarded, model=MINILM)
+
+        def slow_request() -> None:
+            outcome["response"] = post(base, {"model": MINILM, "input": texts, "encoding_format": "float"})
+            outcome["done"] = time.monotonic()
+
+        caller = threading.Thread(target=slow_request)
+        caller.start()
+        wait_until(lambda: total(forwarded, model=MINILM) > before, 60, "the request at the model")
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: readiness(base) == 503, 5, "/readyz 503 on SIGTERM")
+        assert post(base, {"model": MINILM, "input": "during the drain delay"}).status_code == 200
+        caller.join(timeout=120)
+        assert outcome["done"] - sent > 1.0, "the request ended before the gateway stopped accepting"
+        response = outcome["response"]
+        assert response.status_code == 200, response.text
+        got = np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+        assert np.abs(got - reference_models[MINILM].encode(texts, normalize_embeddings=True)).max() < TOL
+        process.wait(timeout=30)  # it exits by itself once the request is answered

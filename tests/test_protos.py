@@ -44,10 +44,9 @@ def test_generated_stubs_match_the_protos(tmp_path):
     assert generated, "protoc produced nothing"
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in generated}
     assert {str(p) for p in fresh} >= {
-        "embedding_service/v1/embedding_pb2.py",
-        "embedding_service/v1/embedding_pb2.pyi",
-        "embedding_service/v1/embedding_pb2_grpc.py",
-    }
+        f"embedding_service/v1/{name}{suffix}"
+        for name in ("embedding_pb2", "error_reason_pb2") for suffix in (".py", ".pyi")
+    } | {"embedding_service/v1/embedding_pb2_grpc.py"}
     stale = [str(rel) for rel, data in fresh.items() if (ROOT / rel).read_bytes() != data]
     assert not stale, f"regenerate with `python scripts/generate_protos.py`: {stale} differ from the protos"
 
@@ -73,3 +72,45 @@ def test_method_names_do_not_collide_with_grpc_health():
     health = {m.name for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods}
     assert health >= {"Check", "Watch"}
     assert not ours & health
+
+
+def test_every_error_reason_names_a_real_status_code():
+    import grpc
+
+    from embedding_service.error_reasons import STATUS_CODES, Reason
+    from embedding_service.v1 import error_reason_pb2
+
+    values = error_reason_pb2.ErrorReason.DESCRIPTOR.values
+    assert values[0].name == "ERROR_REASON_UNSPECIFIED" and values[0].number == 0
+    assert {r.name for r in Reason} == {v.name.removeprefix("ERROR_REASON_") for v in values[1:]}
+    assert set(STATUS_CODES) == set(Reason)
+    assert grpc.StatusCode.OK not in STATUS_CODES.values() and grpc.StatusCode.UNKNOWN not in STATUS_CODES.values()
+    assert STATUS_CODES[Reason.MALFORMED_REQUEST] == grpc.StatusCode.INVALID_ARGUMENT
+    assert STATUS_CODES[Reason.OVERLOADED] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert STATUS_CODES[Reason.SHUTTING_DOWN] == grpc.StatusCode.UNAVAILABLE
+    assert STATUS_CODES[Reason.API_KEY_INVALID] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_service_errors_carry_their_reason_and_retry_hint_on_the_wire():
+    import pickle
+
+    import grpc
+    from google.rpc import error_details_pb2, status_pb2
+
+    from embedding_service.error_reasons import STATUS_DETAILS_KEY, Reason, ServiceError, read_details
+
+    error = ServiceError(Reason.OVERLOADED, "full", queue="router")
+    assert error.retry_after_s == 1.0  # retryable codes carry a hint by default
+    status = status_pb2.Status.FromString(error.status_bytes())
+    assert status.code == 8 and status.message == "full"
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == ("OVERLOADED", "embedding-service", {"queue": "router"})
+    read = read_details([(STATUS_DETAILS_KEY, error.status_bytes())])
+    assert (read.reason, read.metadata, read.retry_after_s) == ("OVERLOADED", {"queue": "router"}, 1.0)
+    # A failed stream has no trailers: its reason leads the message.
+    assert read_details([], error.stream_details()).reason == "OVERLOADED"
+    assert read_details([], "not: a reason").reason is None
+    assert ServiceError(Reason.NO_INPUTS, "x").retry_after_s is None
+    copy = pickle.loads(pickle.dumps(ServiceError(Reason.INPUT_TOO_LONG, "long", index=3)))
+    assert (copy.reason, copy.code, copy.metadata) == (Reason.INPUT_TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT, {"index": "3"})

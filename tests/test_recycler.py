@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, TINY, WORKER_CPUS
+from tests.observe import wait_until
 from tests.test_embed import vectors_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -96,14 +97,6 @@ def latest_nodes(stream: Stream):
     return stream.items[-1][1].nodes if stream.items else []
 
 
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for: {what}")
-        time.sleep(0.2)
-
-
 def node_of(stream: Stream, model: str) -> set[str]:
     return {n.node_id for n in latest_nodes(stream) if n.state == pb.NODE_STATE_HEALTHY
             for r in n.replicas if r.model == model}
@@ -124,7 +117,7 @@ def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requ
     assert tiny_watch.items[0][1].status == SERVING and whole_watch.items[0][1].status == SERVING
 
     load = Load(stub, reference_models)
-    time.sleep(2)
+    wait_until(lambda: load.completed >= 8, 60, "load under way")
     (service.fault_dir / victim).write_text("CUDA error: an illegal memory access was encountered (injected)")
 
     def state(node_id):
@@ -156,7 +149,8 @@ def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requ
     assert history == [pb.NODE_STATE_HEALTHY, pb.NODE_STATE_QUARANTINED, pb.NODE_STATE_DRAINING, pb.NODE_STATE_RECYCLED], history
 
     wait_until(lambda: tiny_watch.items[-1][1].status == SERVING and len(tiny_watch.items) >= 3, 60, "Watch back to SERVING")
-    time.sleep(2)
+    served = load.completed
+    wait_until(lambda: load.completed >= served + 8, 60, "calls served after the recovery")
     load.stop()
 
     statuses = [item.status for _, item in tiny_watch.items]

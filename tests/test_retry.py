@@ -12,7 +12,13 @@ from ray import serve
 from embedding_service.app import model_deployment_name
 from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM
+from tests.observe import scrape, wait_until
 from tests.test_embed import make_texts, text_inputs, vectors_of
+
+
+def forwarded_by_replica() -> dict[str, float]:
+    return {s.labels["replica"]: s.value for s in scrape()
+            if s.name == "ray_embedding_sequences_forwarded_total" and s.labels.get("model") == MINILM}
 
 
 def replica_actors(deployment: str) -> list[dict]:
@@ -47,9 +53,15 @@ def test_killed_replica_mid_request_is_retried(service, reference_models):
         except Exception as exc:  # reported below
             outcome["error"] = exc
 
+    before = forwarded_by_replica()
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(1.5)  # shards are in flight on both replicas
+
+    def both_replicas_working() -> bool:
+        now = forwarded_by_replica()
+        return sum(now[r] > before.get(r, 0) for r in now) >= 2
+
+    wait_until(both_replicas_working, 60, "shards at both replicas")
     assert caller.is_alive(), "the request finished before a replica could be killed"
     victim = replicas[0]
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)

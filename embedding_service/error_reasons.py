@@ -1,0 +1,105 @@
+"""The service's error reasons and their wire form, without Ray.
+
+The one list is the `ErrorReason` enum in
+protos/embedding_service/v1/error_reason.proto; each value carries the gRPC
+status code it comes with. The service, the code that runs in Serve's proxy,
+the gateway and the tests all read it from here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from embedding_service.v1 import error_reason_pb2
+
+DOMAIN = "embedding-service"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_PREFIX = "ERROR_REASON_"
+_VALUES = [v for v in error_reason_pb2.ErrorReason.DESCRIPTOR.values if v.number]
+
+# Reason.INPUT_TOO_LONG etc.; the name is what ErrorInfo.reason carries.
+Reason = enum.Enum("Reason", [(v.name.removeprefix(_PREFIX), v.number) for v in _VALUES])
+
+STATUS_CODES: dict[Reason, grpc.StatusCode] = {
+    Reason(v.number): grpc.StatusCode[v.GetOptions().Extensions[error_reason_pb2.status_code]] for v in _VALUES
+}
+
+# Reasons a caller should retry (after the RetryInfo delay), and the delay sent by default.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+class ServiceError(Exception):
+    """A failure with a reason from the list; its status code comes with the reason."""
+
+    def __init__(self, reason: Reason, message: str, retry_after_s: float | None = None, **metadata: object) -> None:
+        super().__init__(message)
+        self.reason = Reason(reason)
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+        if retry_after_s is None and self.code in RETRYABLE_CODES:
+            retry_after_s = DEFAULT_RETRY_AFTER_S
+        self.retry_after_s = retry_after_s
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return STATUS_CODES[self.reason]
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (_restore, (self.reason.value, self.message, self.retry_after_s, self.metadata))
+
+    def status_bytes(self) -> bytes:
+        """The serialized google.rpc.Status (ErrorInfo, and RetryInfo when retryable)."""
+        details = [error_details_pb2.ErrorInfo(reason=self.reason.name, domain=DOMAIN, metadata=self.metadata)]
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            details.append(retry)
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed).SerializeToString()
+
+    def stream_details(self) -> str:
+        """The status message of a failed stream (Ray's proxy drops a stream's trailers): the reason leads."""
+        return f"{self.reason.name}: {self.message}"
+
+
+def _restore(reason: int, message: str, retry_after_s: float | None, metadata: dict[str, str]) -> ServiceError:
+    return ServiceError(Reason(reason), message, retry_after_s, **metadata)
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a failed call says about itself, as a client reads it."""
+
+    reason: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+
+
+def read_details(trailing_metadata: Iterable[tuple[str, str | bytes]] | None, message: str = "") -> ErrorDetails:
+    """The ErrorInfo and RetryInfo of a failed call; a failed stream's reason from its message."""
+    raw = next((v for k, v in trailing_metadata or () if k == STATUS_DETAILS_KEY), None)
+    if raw is None:
+        head = message.split(":", 1)[0]
+        return ErrorDetails(reason=head if ":" in message and head in Reason.__members__ else None)
+    reason, metadata, delay = None, {}, None
+    for detail in status_pb2.Status.FromString(raw).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            delay = retry.retry_delay.ToNanoseconds() / 1e9
+    return ErrorDetails(reason, metadata, delay)

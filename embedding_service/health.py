@@ -1,0 +1,87 @@
+"""The recycler's view as a router serves it: grpc.health.v1 statuses and the operators' node list.
+
+In the shape of grpcio's async HealthServicer: one status table, recomputed
+when the view changes, and one wait-for-change that Watch and WatchNodes share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TypeVar
+
+from grpc_health.v1 import health_pb2
+
+from embedding_service.node_state import NodeState, Snapshot
+from embedding_service.v1 import embedding_pb2 as pb
+
+T = TypeVar("T")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+EMBED_SERVICE = pb.DESCRIPTOR.services_by_name["EmbedService"].full_name
+_NODE_STATES = {
+    NodeState.HEALTHY: pb.NODE_STATE_HEALTHY,
+    NodeState.QUARANTINED: pb.NODE_STATE_QUARANTINED,
+    NodeState.DRAINING: pb.NODE_STATE_DRAINING,
+    NodeState.RECYCLED: pb.NODE_STATE_RECYCLED,
+}
+
+
+class ServiceView:
+    def __init__(self, models: Iterable[str], node_id: str) -> None:
+        self.models = list(models)
+        self.node_id = node_id  # the router's own node
+        self.snapshot: Snapshot | None = None
+        self.statuses: dict[str, int] = self._statuses()
+        self._changed = asyncio.Condition()
+
+    async def update(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.statuses = self._statuses()
+        async with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.snapshot is not None and self.snapshot.shutting_down
+
+    def own_node_quarantined(self) -> bool:
+        return self.snapshot is not None and self.snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)
+
+    def _statuses(self) -> dict[str, int]:
+        """A model is SERVING while it has a replica on a healthy node; "" also needs the router's node
+        healthy; nothing is SERVING once the service is shutting down."""
+        serving = self.snapshot.serving_models() if self.snapshot and not self.shutting_down else set()
+        per_model = {name: SERVING if name in serving else NOT_SERVING for name in self.models}
+        whole = SERVING if serving & set(self.models) and not self.own_node_quarantined() else NOT_SERVING
+        return {"": whole, EMBED_SERVICE: whole, **per_model}
+
+    async def changes(self, render: Callable[[], T]) -> AsyncIterator[T]:
+        """render() now, then again after each change of the view, whenever it differs."""
+        last = None
+        while True:
+            message = render()
+            if message != last:
+                last = message
+                yield message
+            async with self._changed:
+                await self._changed.wait()
+
+    def watch_status(self, service: str) -> int:
+        return self.statuses.get(service, SERVICE_UNKNOWN)
+
+    def nodes_message(self) -> pb.WatchNodesResponse:
+        snapshot = self.snapshot
+        response = pb.WatchNodesResponse(version=snapshot.version if snapshot else 0)
+        for node in snapshot.nodes if snapshot else ():
+            response.nodes.add(
+                node_id=node.node_id,
+                node_ip=node.node_ip,
+                state=_NODE_STATES[node.state],
+                reason=node.reason,
+                since_unix_ms=int(node.since * 1000),
+                replicas=[pb.NodeReplica(replica_id=r.replica_id, model=r.model) for r in node.replicas],
+            )
+        return response

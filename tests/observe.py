@@ -1,0 +1,35 @@
+"""Observing the service: its metrics as Prometheus reads them (Ray's per-node endpoints, over HTTP), and waiting on conditions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape() -> list:
+    """Every sample on every live node's endpoint (prometheus_client's parser)."""
+    samples = []
+    for node in ray.nodes():
+        if node["Alive"] and node.get("MetricsExportPort"):
+            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+            for family in text_string_to_metric_families(text):
+                samples.extend(family.samples)
+    return samples
+
+
+def total(name: str, samples: list | None = None, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    return sum(s.value for s in (scrape() if samples is None else samples)
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for: {what}")
+        time.sleep(0.2)

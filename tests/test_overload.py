@@ -1,0 +1,131 @@
+"""More calls than the service can take, and callers who leave: every call is served or told to retry
+(RESOURCE_EXHAUSTED with a RetryInfo delay, 429 with Retry-After), never CANCELLED or 502; work for a
+caller past its deadline is dropped, not computed."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import grpc
+import httpx
+
+from embedding_service.error_reasons import Reason, read_details
+from embedding_service.v1 import embedding_pb2 as pb
+from embedding_service.v1 import embedding_pb2_grpc
+from tests.conftest import MINILM, ROUTER_ONGOING, ROUTER_QUEUED
+from tests.gateway_helpers import gateway_process
+from tests.observe import scrape, total, wait_until
+
+# Past gRPC core's default backlog (1,000 calls not yet taken by the proxy), where it used to cancel calls.
+BURST = 3000
+REST_BURST = 400
+FORWARDED = "ray_embedding_sequences_forwarded_total"
+DROPPED = "ray_embedding_sequences_dropped_total"
+
+
+def one(text: str) -> pb.EmbedRequest:
+    return pb.EmbedRequest(inputs=[pb.EmbedInput(text=text)])
+
+
+def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(service):
+    async def burst() -> tuple[collections.Counter, list]:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            await stub.Embed(one("warm up"), timeout=60)
+            outcomes: collections.Counter = collections.Counter()
+            hints: list = []
+
+            async def call(i: int) -> None:
+                try:
+                    await stub.Embed(one(f"burst sentence {i}"), timeout=120)
+                    outcomes["OK"] += 1
+                except grpc.aio.AioRpcError as err:
+                    details = read_details(err.trailing_metadata(), err.details() or "")
+                    outcomes[(err.code().name, details.reason)] += 1
+                    hints.append(details.retry_after_s)
+
+            await asyncio.gather(*(call(i) for i in range(BURST)))
+            return outcomes, hints
+
+    started = time.monotonic()
+    outcomes, hints = asyncio.run(burst())
+    assert set(outcomes) <= {"OK", ("RESOURCE_EXHAUSTED", Reason.OVERLOADED.name)}, outcomes
+    assert outcomes[("RESOURCE_EXHAUSTED", "OVERLOADED")] > 0, "the burst never exceeded the bounds"
+    assert outcomes["OK"] >= ROUTER_ONGOING + ROUTER_QUEUED
+    assert hints and all(h is not None and h > 0 for h in hints), "every refusal says when to retry"
+    assert sum(outcomes.values()) == BURST
+    print(f"burst of {BURST}: {dict(outcomes)} in {time.monotonic() - started:.1f} s")
+    # The service is whole afterwards.
+    assert service.stub.Embed(one("after the burst"), timeout=60).embeddings
+
+
+def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service):
+    async def burst(base: str) -> collections.Counter:
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+            async def call(i: int) -> tuple[int, str | None]:
+                r = await client.post("/v1/embeddings", json={"model": MINILM, "input": f"rest burst {i}"})
+                return r.status_code, r.headers.get("retry-after")
+
+            results = await asyncio.gather(*(call(i) for i in range(REST_BURST)))
+        assert all(retry and int(retry) >= 1 for status, retry in results if status == 429)
+        return collections.Counter(status for status, _ in results)
+
+    # The gateway as its own process, with no retries: the caller sees every refusal itself. Its deadlines
+    # outlast the burst: on 2 cores the replicas computing starve the proxy that refuses, for seconds.
+    with gateway_process("--targets", service.target, "--max-retries", "0", "--call-timeout-s", "120",
+                         "--request-timeout-s", "120") as (base, _):
+        statuses = asyncio.run(burst(base))
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[429] > 0 and statuses[200] > 0, statuses
+
+
+def test_calls_past_their_deadline_are_dropped_not_computed(service):
+    """The model is kept busy; short-deadline calls queue behind it, time out, and are never run."""
+    before = scrape()
+    # 12 shards of 32 long inputs, more than the router sends at once (8): a replica that finishes its
+    # share gets the next one, so both stay busy while the short calls wait.
+    blocker_inputs = [pb.EmbedInput(text=f"{i} " + " ".join(["retrieval"] * 160)) for i in range(384)]
+    small_calls, small_size, small_deadline_s = 60, 16, 0.2
+
+    async def run() -> tuple[object, collections.Counter]:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            blocker = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=blocker_inputs), timeout=300))
+            # Observed, not slept: half the blocker has started (forwards count as a batch starts); the rest
+            # keeps both replicas busy for seconds, far past the short calls' deadline.
+            await asyncio.to_thread(wait_until, lambda: total(FORWARDED, model=MINILM) - total(
+                FORWARDED, before, model=MINILM) >= len(blocker_inputs) // 2, 120, "the model busy with the blocker")
+
+            async def small(i: int) -> str:
+                request = pb.EmbedRequest(inputs=[pb.EmbedInput(text=f"short {i} {j}") for j in range(small_size)])
+                try:
+                    await stub.Embed(request, timeout=small_deadline_s)
+                    return "OK"
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+
+            outcomes = collections.Counter(await asyncio.gather(*(small(i) for i in range(small_calls))))
+            return await blocker, outcomes
+
+    response, outcomes = asyncio.run(run())
+    assert len(response.embeddings) == len(blocker_inputs)
+    # A short call may still be answered in time (the blocker need not keep both replicas busy); most time out.
+    assert set(outcomes) <= {"DEADLINE_EXCEEDED", "OK"} and outcomes["DEADLINE_EXCEEDED"] >= small_calls // 2, outcomes
+    answered = outcomes["OK"] * small_size
+    timed_out = outcomes["DEADLINE_EXCEEDED"] * small_size
+
+    def forwarded() -> float:
+        return total(FORWARDED, model=MINILM) - total(FORWARDED, before, model=MINILM)
+
+    # Forwards are counted before they run: once the blocker's last batch shows, every forward of a
+    # short call (all long expired) would show too.
+    wait_until(lambda: forwarded() >= len(blocker_inputs) + answered, 30, "the answered calls' forwards reported")
+    extra = forwarded() - len(blocker_inputs) - answered
+    dropped = total(DROPPED, model=MINILM) - total(DROPPED, before, model=MINILM)
+    print(f"short calls: {timed_out} inputs timed out, {answered} answered; forwarded beyond those answered: "
+          f"{extra:.0f}; dropped at the replicas: {dropped:.0f}")
+    assert extra <= 0.1 * timed_out, "work for callers who had left was computed"
+    assert dropped > 0, "no queued input was dropped at a replica"

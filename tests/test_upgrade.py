@@ -1,0 +1,113 @@
+"""Serve replacing every replica (an upgrade: `serve.run` rolls all deployments) under load: Serve stops
+the old router and model replicas while they have calls in flight, and those calls finish; callers see
+answers or retryable refusals with a retry hint, never a lost call. Runs last: it replaces the session's
+replicas."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedding_service import launcher
+from embedding_service.error_reasons import RETRYABLE_CODES, read_details
+from embedding_service.v1 import embedding_pb2 as pb
+from tests.conftest import MINILM, TINY
+from tests.observe import wait_until
+from tests.test_embed import make_texts, text_inputs, vectors_of
+from tests.test_retry import wait_healthy
+
+
+def replica_ids() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::")}
+
+
+def routers() -> set[str]:
+    return {name for name in replica_ids() if "#EmbedRouter#" in name}
+
+
+def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, reference_models):
+    before = replica_ids()
+    stream_texts = make_texts(2400, seed=61, max_words=20)
+    stream_seen: list[int] = []
+    stream_error: list = []
+    done = threading.Event()
+    served: list[str] = []
+    refused: list[tuple[str, str | None, float | None]] = []
+    failed: list[str] = []
+
+    def stream() -> None:
+        try:
+            request = pb.EmbedStreamRequest(inputs=text_inputs(stream_texts), encoding=pb.VECTOR_ENCODING_FLOAT32_LE)
+            for chunk in service.stub.EmbedStream(request, timeout=300):
+                stream_seen.extend(e.index for e in chunk.embeddings)
+        except grpc.RpcError as err:
+            stream_error.append(f"{err.code()}: {err.details()}")
+
+    def load(model: str) -> None:
+        n = 0
+        while not done.is_set():
+            texts = [f"{model} upgrade call {n} part {i}" for i in range(4)]
+            try:
+                response = service.stub.Embed(pb.EmbedRequest(model=model, inputs=text_inputs(texts)), timeout=120)
+                expected = reference_models[model].encode(texts, normalize_embeddings=True)
+                served.append(model if np.abs(vectors_of(response) - expected).max() < 1e-5 else "WRONG")
+            except grpc.RpcError as err:
+                details = read_details(err.trailing_metadata(), err.details() or "")
+                if err.code() in RETRYABLE_CODES:
+                    refused.append((err.code().name, details.reason, details.retry_after_s))
+                    time.sleep(details.retry_after_s or 0.5)
+                else:
+                    failed.append(f"{err.code()}: {err.details()}")
+            n += 1
+
+    streamer = threading.Thread(target=stream)
+    clients = [threading.Thread(target=load, args=(m,)) for m in (MINILM, TINY)]
+    for c in clients:
+        c.start()
+    streamer.start()
+    wait_until(lambda: len(stream_seen) >= 64 and len(served) >= 4, 60, "the stream and the load under way")
+
+    # Watched from a thread while this one runs the upgrade (serve.run again: every replica rolls; Serve
+    # stops a deployment's only replica as its successor starts). Through Ray's actor names: serve.status()
+    # beside serve.run races in cloudpickle's process-wide registry (Ray's, not ours).
+    streamed_when_stopping: list[int] = []
+    old_routers = routers()
+
+    def watch_router() -> None:
+        deadline = time.monotonic() + 120
+        while not streamed_when_stopping and time.monotonic() < deadline:
+            if routers() - old_routers:
+                streamed_when_stopping.append(len(stream_seen))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch_router)
+    watcher.start()
+    launcher.start(service.config, address=service.cluster.address)
+    watcher.join(timeout=130)
+    assert streamed_when_stopping, "Serve never stopped the old router"
+    wait_healthy()
+    after = replica_ids()
+    streamer.join(timeout=300)
+    served_after_upgrade = len(served)
+    wait_until(lambda: len(served) >= served_after_upgrade + 4, 60, "calls served by the new replicas")
+    done.set()
+    for c in clients:
+        c.join(timeout=120)
+
+    assert not before & after, "Serve replaced every replica"
+    assert not stream_error, stream_error
+    assert sorted(stream_seen) == list(range(len(stream_texts))), "the stream in flight through the upgrade finished"
+    assert streamed_when_stopping[0] < len(stream_texts), "the stream ended before Serve stopped its router"
+    assert not failed, failed
+    assert "WRONG" not in served
+    assert all(reason and delay for _, reason, delay in refused), refused  # refusals say why and when to retry
+    print(f"upgrade under load: {len(served)} calls served, {len(refused)} refused retryably {set(refused)}; "
+          f"the stream had {streamed_when_stopping[0]} of {len(stream_texts)} when Serve began stopping its router")
+    health = health_pb2_grpc.HealthStub(service.channel)
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+               == health_pb2.HealthCheckResponse.SERVING, 60, "health SERVING after the upgrade")
