@@ -33,3 +33,16 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for: {what}")
         time.sleep(0.2)
+
+
+def settled(name: str, period_s: float, **labels: str) -> list:
+    """A scrape taken once a metric stopped changing over `period_s` (Ray reports metrics periodically)."""
+    samples = [scrape()]
+
+    def still() -> bool:
+        time.sleep(period_s)
+        samples.append(scrape())
+        return total(name, samples[-1], **labels) == total(name, samples[-2], **labels)
+
+    wait_until(still, 60, f"{name} settled")
+    return samples[-1]

@@ -14,9 +14,9 @@ import httpx
 from embedding_service.error_reasons import Reason, read_details
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.v1 import embedding_pb2_grpc
-from tests.conftest import MINILM, ROUTER_ONGOING, ROUTER_QUEUED
+from tests.conftest import METRICS_REPORT_MS, MINILM, ROUTER_ONGOING, ROUTER_QUEUED
 from tests.gateway_helpers import gateway_process
-from tests.observe import scrape, total, wait_until
+from tests.observe import settled, total, wait_until
 
 # Past gRPC core's default backlog (1,000 calls not yet taken by the proxy), where it used to cancel calls.
 BURST = 3000
@@ -84,7 +84,7 @@ def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service
 
 def test_calls_past_their_deadline_are_dropped_not_computed(service):
     """The model is kept busy; short-deadline calls queue behind it, time out, and are never run."""
-    before = scrape()
+    before = settled(FORWARDED, 2 * METRICS_REPORT_MS / 1000, model=MINILM)  # earlier tests' forwards reported
     # 12 shards of 32 long inputs, more than the router sends at once (8): a replica that finishes its
     # share gets the next one, so both stay busy while the short calls wait.
     blocker_inputs = [pb.EmbedInput(text=f"{i} " + " ".join(["retrieval"] * 160)) for i in range(384)]
@@ -127,5 +127,7 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
     dropped = total(DROPPED, model=MINILM) - total(DROPPED, before, model=MINILM)
     print(f"short calls: {timed_out} inputs timed out, {answered} answered; forwarded beyond those answered: "
           f"{extra:.0f}; dropped at the replicas: {dropped:.0f}")
-    assert extra <= 0.1 * timed_out, "work for callers who had left was computed"
-    assert dropped > 0, "no queued input was dropped at a replica"
+    # Without the drops every timed-out input would be forwarded in the end. With them, most are dropped at a
+    # replica; a few may start in time on a replica that ran out of blocker work, and answer late.
+    assert dropped >= 0.5 * timed_out, "queued inputs of callers who had left were not dropped at the replicas"
+    assert extra <= 0.25 * timed_out, "work for callers who had left was computed"
