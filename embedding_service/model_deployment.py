@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embedding_service.batching import ContinuousBatcher, Expired
+from embedding_service.batching import DEADLINE, ContinuousBatcher, Expired
 from embedding_service.config import ModelSettings
 from embedding_service.gpu_health import load_check
 from embedding_service.metrics import ModelMetrics
@@ -129,7 +129,8 @@ class EmbeddingModel:
         self.batch_sizes: Counter[int] = Counter()
         self._batcher = ContinuousBatcher(self._run_batch, max_size=settings.max_batch_size,
                                           size=lambda pending: len(pending.sequences),
-                                          max_wait_s=settings.batch_wait_timeout_s, on_drop=self._dropped)
+                                          max_wait_s=settings.batch_wait_timeout_s,
+                                          on_drop=lambda pending, reason: self._dropped(len(pending.sequences), reason))
         self.recycler = recycler
         self.node_id, self.replica_id = placement.node_id, placement.replica_id
         self._check = load_check(settings.gpu_check)
@@ -154,17 +155,19 @@ class EmbeddingModel:
             await self.recycler.report_failure.remote(self.replica_id, self.node_id, fault)
         return fault
 
+    async def _health_round(self, check_device: bool) -> None:
+        try:
+            if check_device:
+                await self._check_and_report()
+            await self._heartbeat()
+        except Exception:
+            logger.exception("replica %s: health round failed", self.replica_id)
+
     async def _watch(self, period_s: float) -> None:
-        first = True
+        await self._health_round(check_device=False)  # known to the recycler at once
         while True:
-            try:
-                if not first:
-                    await self._check_and_report()
-                await self._heartbeat()
-            except Exception:
-                logger.exception("replica %s: health round failed", self.replica_id)
-            first = False
             await asyncio.sleep(period_s)
+            await self._health_round(check_device=True)
 
     async def check_health(self) -> None:
         """Serve's health check: fails on a quarantined node, so Serve replaces this replica elsewhere."""
@@ -200,14 +203,14 @@ class EmbeddingModel:
 
     # ---- the work -------------------------------------------------------
 
-    def _dropped(self, pending: _Pending, reason: str) -> None:
-        self.metrics.sequences_dropped.inc(len(pending.sequences), tags={"reason": reason})
+    def _dropped(self, count: int, reason: str) -> None:
+        self.metrics.sequences_dropped.inc(count, tags={"reason": reason})
 
     async def embed(self, request: ShardRequest) -> ShardResult:
         loop = asyncio.get_running_loop()
         deadline = None if request.timeout_s is None else loop.time() + request.timeout_s
         if deadline is not None and request.timeout_s <= 0:
-            self.metrics.sequences_dropped.inc(len(request.inputs), tags={"reason": "deadline"})
+            self._dropped(len(request.inputs), DEADLINE)
             raise Expired("the caller's deadline passed before the shard reached the model")
         opts = request.options
         prompt = self.info.prompts.get(opts.prompt_name) if opts.prompt_name else None

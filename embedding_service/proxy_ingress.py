@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2_grpc
 from ray.serve._private.proxy_request_response import gRPCStreamingType
 
 from embedding_service import errors
-from embedding_service.error_reasons import STATUS_DETAILS_KEY, Reason, ServiceError
+from embedding_service.error_reasons import Reason, ServiceError, read_details
 from embedding_service.v1 import embedding_pb2_grpc
 
 logger = logging.getLogger("ray.serve")
@@ -130,13 +130,11 @@ def _explain_serve_failure(context, stream: bool) -> None:
     code = context.code()
     if code is None or code not in _SERVE_FAILURES:
         return
-    if any(k == STATUS_DETAILS_KEY for k, _ in context.trailing_metadata() or ()):
-        return  # the router said why
     details = context.details() or ""
     if isinstance(details, bytes):
         details = details.decode(errors="replace")
-    if details.split(":", 1)[0] in Reason.__members__:
-        return  # a failed stream of the router's: its reason leads the message
+    if read_details(context.trailing_metadata(), details).reason is not None:
+        return  # the router said why (its status trailer, or a failed stream's leading reason)
     reason, message = _SERVE_FAILURES[code]
     errors.apply(ServiceError(reason, message), context, stream=stream)
 

@@ -26,7 +26,7 @@ from embedding_service.error_reasons import Reason, read_details
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.v1 import embedding_pb2_grpc
 from tests.conftest import TINY, free_port
-from tests.gateway_helpers import running_gateway
+from tests.gateway_helpers import readiness, running_gateway
 from tests.observe import wait_until
 from tests.tcp_relay import relay
 
@@ -95,16 +95,10 @@ def run_command(tmp_path_factory, tiny_model_dir):
         )
     run = RunCommand(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{gateway_port}", key_file, log)
 
-    def gateway_ready() -> bool:
-        try:
-            return httpx.get(f"{run.gateway}/readyz", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
         wait_until(lambda: "OpenAI gateway:" in run.output() or process.poll() is not None, 240, "the run command")
         assert process.poll() is None, run.output()[-4000:]
-        wait_until(gateway_ready, 60, "the gateway ready")
+        wait_until(lambda: readiness(run.gateway) == 200, 60, "the gateway ready")
         yield run
     finally:
         if process.poll() is None:
@@ -208,10 +202,7 @@ def test_sigterm_lets_a_long_stream_finish_while_new_calls_are_refused(run_comma
     assert (code, details.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN.name)
     assert details.retry_after_s and details.retry_after_s > 0
 
-    def gateway_draining() -> bool:
-        return httpx.get(f"{run_command.gateway}/readyz", timeout=5).status_code == 503
-
-    wait_until(gateway_draining, 5, "the gateway's /readyz 503")
+    wait_until(lambda: readiness(run_command.gateway) == 503, 5, "the gateway's /readyz 503")
     in_flight_at_refusal = len(seen)
     assert in_flight_at_refusal < STREAM_INPUTS, "the stream ended before the checks; make it longer"
 
