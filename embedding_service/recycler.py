@@ -121,7 +121,7 @@ class NodeRecycler:
     async def wait_for_change(self, version: int, timeout_s: float, router_id: str | None = None) -> Snapshot:
         """The current snapshot once its version differs from `version`, or after `timeout_s`."""
         if router_id is not None:
-            self._routers[router_id] = time.monotonic()
+            self._heard_from(router_id)
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.book.version != version), timeout_s)
@@ -138,9 +138,17 @@ class NodeRecycler:
             logger.warning("recycler: the service is shutting down: health NOT_SERVING, new calls refused")
         await self._notify(before)
 
+    def _heard_from(self, router_id: str) -> None:
+        """Notes a live router; routers unheard for ROUTER_TTL_S (stopped, replaced) are forgotten."""
+        now = time.monotonic()
+        self._routers[router_id] = now
+        for gone in [rid for rid, seen in self._routers.items() if now - seen > ROUTER_TTL_S]:
+            del self._routers[gone]
+            self._router_calls.pop(gone, None)
+
     async def report_calls(self, router_id: str, in_flight: int) -> None:
         """A router's calls in flight, sent once it has seen the shutdown and whenever the number changes."""
-        self._routers[router_id] = time.monotonic()
+        self._heard_from(router_id)
         self._router_calls[router_id] = in_flight
 
     async def calls_in_flight(self) -> dict[str, int | None]:

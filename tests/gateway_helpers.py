@@ -21,6 +21,7 @@ from embedding_service.v1 import embedding_pb2_grpc
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.conftest import free_port
+from tests.observe import wait_until
 
 
 @contextmanager
@@ -49,11 +50,8 @@ def gateway_process(*options: str):
     process = subprocess.Popen([sys.executable, "-m", "gateway", "--port", str(port), *options])
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while readiness(base) != 200:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not become ready (exit code {process.poll()})")
-            time.sleep(0.1)
+        wait_until(lambda: readiness(base) == 200 or process.poll() is not None, 60, "the gateway ready")
+        assert process.poll() is None, f"the gateway exited with {process.returncode}"
         yield base, process
     finally:
         if process.poll() is None:
