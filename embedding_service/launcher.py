@@ -83,8 +83,12 @@ def prepare_environment(config: dict[str, Any]) -> None:
         os.environ[PRELOAD_ENV] = ",".join([*preload, serve_grpc_options.MODULE])
 
 
-def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None) -> str:
-    """Deploys every application of `config`; returns the gRPC target (host:port)."""
+def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None,
+          metrics_port: int | None = None) -> str:
+    """Deploys every application of `config`; returns the gRPC target (host:port).
+
+    `metrics_port`: where a local Ray started here serves Prometheus metrics (None: a port Ray picks).
+    """
     prepare_environment(config)  # before ray.serve is imported (see export_app_env)
     import ray
     from ray import serve
@@ -97,8 +101,10 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
         runtime_env = apps[0].runtime_env if len(apps) == 1 else {}
         # No address: a Ray of our own. (ray.init's default joins the last cluster started on this
         # machine, which this command would then deploy into and shut down on exit.)
-        ray.init(address=address or "local", namespace="serve", runtime_env=runtime_env or None,
-                 **(ray_init_kwargs or {}))
+        kwargs = dict(ray_init_kwargs or {})
+        if metrics_port is not None and not address:
+            kwargs.setdefault("_metrics_export_port", metrics_port)
+        ray.init(address=address or "local", namespace="serve", runtime_env=runtime_env or None, **kwargs)
     serve.start(
         proxy_location=schema.proxy_location,
         http_options=schema.http_options.model_dump(),
@@ -109,6 +115,14 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
         builder = getattr(__import__(module, fromlist=[attr]), attr)
         serve.run(builder(app.args), name=app.name, route_prefix=app.route_prefix, blocking=False)
     return f"127.0.0.1:{schema.grpc_options.port}"
+
+
+def metrics_endpoints() -> list[str]:
+    """Every live Ray node's Prometheus endpoint (the service's `embedding_*` and Serve's `ray_serve_*`)."""
+    import ray
+
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n["Alive"] and n.get("MetricsExportPort")]
 
 
 _handle_loop: asyncio.AbstractEventLoop | None = None
@@ -164,6 +178,8 @@ async def drain(app_name: str, grace_s: float, give_up: threading.Event | None =
     return False
 
 
+# Where the run command's local Ray serves Prometheus metrics (beside the gateway's 8080).
+DEFAULT_METRICS_PORT = 8090
 # After the routers report no call left, their last replies may still be on their way through the proxy.
 SETTLE_S = 0.5
 # Ray's own teardown after the drain (measured here: 5-8 s) and the gateway's drain delay; part of the stated bound.
@@ -180,18 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--gateway-drain-delay-s", type=float, default=1.0,
                      help="seconds the gateway keeps serving with /readyz 503 after a stop (default: %(default)s)")
     run.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI REST gateway")
+    run.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                     help="Prometheus metrics port of the local Ray (service and Serve metrics; default: %(default)s)")
     opts = parser.parse_args(argv)
 
     config = load_config(opts.config)
     app_name, args = service_app(config)
-    target = start(config, address=opts.address)
+    target = start(config, address=opts.address, metrics_port=opts.metrics_port)
     print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
+    print(f"Prometheus metrics (service, Ray Serve): {', '.join(metrics_endpoints())}", flush=True)
     if not args.auth.configured:
         print("no API keys configured (args.auth): the gRPC API serves callers on loopback only", flush=True)
     gateway = None
     if not opts.no_gateway:
         gateway = start_gateway(config, target, opts.gateway_port, opts.gateway_drain_delay_s)
-        print(f"OpenAI gateway: http://127.0.0.1:{opts.gateway_port}/v1 (POST /v1/embeddings)", flush=True)
+        print(f"OpenAI gateway: http://127.0.0.1:{opts.gateway_port}/v1 (POST /v1/embeddings); "
+              f"its metrics: http://127.0.0.1:{opts.gateway_port}/metrics", flush=True)
 
     stopping, give_up = threading.Event(), threading.Event()
 

@@ -5,7 +5,8 @@ queued in a continuous batcher: shards that arrive while the model computes
 are gathered, sorted by length and run through the model together in a worker
 thread, so the event loop keeps accepting and tokenizing meanwhile. A shard
 whose caller left or whose deadline passed is dropped before it is tokenized
-or run (counted in `embedding_sequences_dropped`).
+or run (counted in `embedding_sequences_dropped`). Each stage is measured
+(metrics.ModelMetrics) and, with tracing on, spanned under the router's shard call.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from embedding_service.batching import DEADLINE, ContinuousBatcher, Expired
-from embedding_service.config import ModelSettings
+from embedding_service.config import ModelSettings, TracingSettings
 from embedding_service.gpu_health import load_check
-from embedding_service.metrics import ModelMetrics
+from embedding_service.metrics import ModelMetrics, keep_gauges_set
 from embedding_service.runtimes import Runtime, load_runtime
 from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
 from embedding_service.tokenization import InputEncoder
+from embedding_service.tracing import service_tracer, set_attributes, wall_ns
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,7 +54,7 @@ class Placement:
 class _Pending:
     sequences: list[np.ndarray]
     prompt: str | None
-    enqueued_ns: int
+    enqueued_ns: int  # perf_counter_ns
 
 
 @dataclass
@@ -61,6 +62,17 @@ class _Computed:
     vectors: np.ndarray
     queue_ns: int
     inference_ns: int
+    batch: _Batch
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One gathered batch as it ran, for the spans of the shards in it (wall-clock ns)."""
+
+    started_wall_ns: int
+    ended_wall_ns: int
+    sequences: int
+    padded_tokens: int
 
 
 def _resolve_device(requested: str) -> str:
@@ -107,10 +119,11 @@ class EmbeddingModel:
         settings: ModelSettings,
         recycler,
         heartbeat_s: float,
+        tracing: TracingSettings | None = None,
         loaded: LoadedModel | None = None,
         placement: Placement | None = None,
     ) -> None:
-        """Serve passes the first three; `loaded` and `placement` default to loading the model and asking Ray."""
+        """Serve passes the first four; `loaded` and `placement` default to loading the model and asking Ray."""
         self.settings = settings
         loaded = loaded or load_model(settings)
         placement = placement or _placement()
@@ -126,18 +139,21 @@ class EmbeddingModel:
             source=settings.path,
         )
         self.metrics = ModelMetrics(settings.name, self.backend)
-        self.batch_sizes: Counter[int] = Counter()
+        self.tracer = service_tracer(tracing or TracingSettings(), "model")
         self._batcher = ContinuousBatcher(self._run_batch, max_size=settings.max_batch_size,
                                           size=lambda pending: len(pending.sequences),
                                           max_wait_s=settings.batch_wait_timeout_s,
-                                          on_drop=lambda pending, reason: self._dropped(len(pending.sequences), reason))
+                                          on_drop=lambda pending, reason: self._dropped(len(pending.sequences), reason),
+                                          on_depth=self.metrics.queue_depth.set)
         self.recycler = recycler
         self.node_id, self.replica_id = placement.node_id, placement.replica_id
         self._check = load_check(settings.gpu_check)
         self._quarantine_reason: str | None = None
         self._closed = False
         # Serve builds the replica on its event loop: the first heartbeat goes out at once.
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch(heartbeat_s))
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.create_task(self._watch(heartbeat_s))
+        self._gauges = loop.create_task(keep_gauges_set(lambda: self.metrics.queue_depth.set(self._batcher.depth)))
 
     # ---- device health and the recycler ----------------------------------
 
@@ -175,16 +191,23 @@ class EmbeddingModel:
             raise RuntimeError(f"node {self.node_id} is quarantined: {self._quarantine_reason}")
         if self._watchdog.done():
             raise RuntimeError("the device watchdog stopped")
+        if self._gauges.done():
+            raise RuntimeError("the metrics reporter stopped")
 
     async def close(self) -> None:
         """Leaves the recycler's view (its model's health follows at once) and stops the background work."""
         self._closed = True
         self._watchdog.cancel()
+        self._gauges.cancel()
         self._batcher.close()
         try:
             await asyncio.wait_for(self.recycler.forget_replica.remote(self.replica_id), timeout=5)
         except Exception:
             logger.warning("replica %s: could not tell the recycler it is leaving", self.replica_id)
+        try:  # its last spans out, without holding up the stop for a collector that is down
+            await asyncio.wait_for(asyncio.to_thread(self.tracer.shutdown), timeout=5)
+        except asyncio.TimeoutError:
+            logger.warning("replica %s: spans not flushed within 5 s", self.replica_id)
 
     def __del__(self):
         # Serve calls this once the replica's calls in flight have finished (scale-down,
@@ -196,17 +219,18 @@ class EmbeddingModel:
     def describe(self) -> ModelInfo:
         return self.info
 
-    def take_batch_stats(self) -> dict[int, int]:
-        """How many gathered batches of each size (in sequences) this replica ran since the last call."""
-        stats, self.batch_sizes = self.batch_sizes, Counter()
-        return dict(stats)
-
     # ---- the work -------------------------------------------------------
 
     def _dropped(self, count: int, reason: str) -> None:
         self.metrics.sequences_dropped.inc(count, tags={"reason": reason})
 
     async def embed(self, request: ShardRequest) -> ShardResult:
+        with self.tracer.span("model.embed", kind="SERVER", parent=request.trace_context,
+                              attributes={"embedding.model": self.info.name, "embedding.backend": self.backend,
+                                          "embedding.inputs": len(request.inputs)}) as span:
+            return await self._embed(request, span)
+
+    async def _embed(self, request: ShardRequest, span) -> ShardResult:
         loop = asyncio.get_running_loop()
         deadline = None if request.timeout_s is None else loop.time() + request.timeout_s
         if deadline is not None and request.timeout_s <= 0:
@@ -214,12 +238,18 @@ class EmbeddingModel:
             raise Expired("the caller's deadline passed before the shard reached the model")
         opts = request.options
         prompt = self.info.prompts.get(opts.prompt_name) if opts.prompt_name else None
+        started, started_wall = time.perf_counter_ns(), wall_ns()
         prepared = self.encoder.prepare(request.inputs, opts.truncation, prompt)
+        enqueued = time.perf_counter_ns()
+        self._timed("tokenize", self.metrics.tokenize_seconds, (enqueued - started) / 1e9)
+        self.tracer.record("tokenize", started_wall, wall_ns())
         counts = prepared.token_counts
+        set_attributes(span, **{"embedding.tokens": int(counts.sum())})
         if prepared.too_long:
             return ShardResult(vectors=None, token_counts=counts, too_long=prepared.too_long)
+        queued_wall = wall_ns()
         try:
-            computed = await self._batcher.submit(_Pending(prepared.sequences, prompt, time.perf_counter_ns()), deadline)
+            computed = await self._batcher.submit(_Pending(prepared.sequences, prompt, enqueued), deadline)
         except Expired:
             raise
         except Exception as exc:
@@ -228,40 +258,64 @@ class EmbeddingModel:
             if fault is not None:
                 raise ReplicaFaulted(f"device fault on node {self.node_id}: {fault}") from exc
             raise
+        batch = computed.batch
+        self._timed("queue", self.metrics.queue_seconds, computed.queue_ns / 1e9)
+        self.tracer.record("queue", queued_wall, batch.started_wall_ns)
+        self.tracer.record("forward", batch.started_wall_ns, batch.ended_wall_ns,
+                           {"embedding.batch_sequences": batch.sequences,
+                            "embedding.batch_padded_tokens": batch.padded_tokens})
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
 
+    def _timed(self, stage: str, histogram, seconds: float) -> None:
+        histogram.observe(seconds)
+        if seconds > 0:
+            self.metrics.stage_seconds.inc(seconds, tags={"stage": stage})
+
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
         """One gathered batch, in the batcher's worker thread."""
-        start_ns = time.perf_counter_ns()
+        start_ns, started_wall = time.perf_counter_ns(), wall_ns()
         total = sum(len(i.sequences) for i in items)
-        self.batch_sizes[total] += 1
-        self.metrics.sequences_forwarded.inc(total)
         # Shards with different prompts may need different pooling features:
         # each prompt group runs on its own.
         outputs: list[np.ndarray | None] = [None] * len(items)
+        padded = real = 0
         for prompt in {i.prompt for i in items}:
             members = [k for k, i in enumerate(items) if i.prompt == prompt]
             sequences = [s for k in members for s in items[k].sequences]
-            vectors = self._forward(sequences, prompt)
+            vectors, group_padded = self._forward(sequences, prompt)
+            padded += group_padded
+            real += sum(len(s) for s in sequences)
             offset = 0
             for k in members:
                 n = len(items[k].sequences)
                 outputs[k] = vectors[offset : offset + n]
                 offset += n
         inference_ns = time.perf_counter_ns() - start_ns
+        batch = _Batch(started_wall, wall_ns(), total, padded)
+        m = self.metrics
+        m.sequences_forwarded.inc(total)
+        m.batch_size.observe(total)
+        m.batch_padded_tokens.observe(padded)
+        m.token_slots.inc(padded)
+        if padded > real:
+            m.padding_tokens.inc(padded - real)
+        self._timed("forward", m.forward_seconds, inference_ns / 1e9)
         return [
-            _Computed(vectors=out, queue_ns=start_ns - item.enqueued_ns, inference_ns=inference_ns)
+            _Computed(vectors=out, queue_ns=start_ns - item.enqueued_ns, inference_ns=inference_ns, batch=batch)
             for item, out in zip(items, outputs)
         ]
 
-    def _forward(self, sequences: list[np.ndarray], prompt: str | None) -> np.ndarray:
+    def _forward(self, sequences: list[np.ndarray], prompt: str | None) -> tuple[np.ndarray, int]:
+        """The vectors, and the token slots computed (longest x count, per forward pass)."""
         order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k]))
         out = np.empty((len(sequences), self.info.dimension), dtype=np.float32)
         step = self.settings.forward_batch_size
+        padded = 0
         for i in range(0, len(order), step):
             rows = order[i : i + step]
+            padded += len(sequences[rows[0]]) * len(rows)  # sorted longest first
             features = self.encoder.features([sequences[k] for k in rows], prompt)
             features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
             out[rows] = self.runtime.embed(features)
-        return out
+        return out, padded

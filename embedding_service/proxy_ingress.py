@@ -12,6 +12,9 @@ the edge, before a call costs the service anything:
   metadata (Serve does not pass it), so work for a caller who has left stops.
 - Serve's own failures (its queue full, no router replica, a router replica gone
   mid-call) get the service's reasons and a RetryInfo delay, as every other error.
+
+Every call answered here without a router's answer is counted
+(`embedding_proxy_refusals`, by method, code and reason).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ray.serve._private.proxy_request_response import gRPCStreamingType
 
 from embedding_service import errors
 from embedding_service.error_reasons import Reason, ServiceError, read_details
+from embedding_service.metrics import ProxyMetrics
 from embedding_service.v1 import embedding_pb2_grpc
 
 logger = logging.getLogger("ray.serve")
@@ -40,6 +44,18 @@ _SERVE_FAILURES = {
     grpc.StatusCode.INTERNAL: (Reason.SERVICE_UNAVAILABLE, "the call's router replica stopped before answering; retry"),
     grpc.StatusCode.UNKNOWN: (Reason.SERVICE_UNAVAILABLE, "the service failed to complete the call; retry"),
 }
+
+
+_metrics: ProxyMetrics | None = None
+
+
+def _refuse(error: ServiceError, context, stream: bool, method: str) -> None:
+    """Answers the call with `error` here, in the proxy, and counts it."""
+    global _metrics
+    errors.apply(error, context, stream=stream)
+    if _metrics is None:  # made in the proxy on first use (this module is imported outside Ray too)
+        _metrics = ProxyMetrics()
+    _metrics.refusals.inc(tags={"method": method, "code": error.code.name, "reason": error.reason.name})
 
 
 def add_EmbedServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's naming)
@@ -118,14 +134,14 @@ class _CallContext:
         return getattr(self._context, name)
 
 
-def _serve_raised(context, stream: bool) -> None:
+def _serve_raised(context, stream: bool, method: str) -> None:
     """Serve's own handler raised (gRPC would answer UNKNOWN with the exception's class): our status instead."""
     logger.exception("Serve's proxy failed a call")
     reason, message = _SERVE_FAILURES[grpc.StatusCode.UNKNOWN]
-    errors.apply(ServiceError(reason, message), context, stream=stream)
+    _refuse(ServiceError(reason, message), context, stream, method)
 
 
-def _explain_serve_failure(context, stream: bool) -> None:
+def _explain_serve_failure(context, stream: bool, method: str) -> None:
     """A failure Serve reported on its own gets the service's reason and retry hint."""
     code = context.code()
     if code is None or code not in _SERVE_FAILURES:
@@ -136,23 +152,24 @@ def _explain_serve_failure(context, stream: bool) -> None:
     if read_details(context.trailing_metadata(), details).reason is not None:
         return  # the router said why (its status trailer, or a failed stream's leading reason)
     reason, message = _SERVE_FAILURES[code]
-    errors.apply(ServiceError(reason, message), context, stream=stream)
+    _refuse(ServiceError(reason, message), context, stream, method)
 
 
 def _guarded(original: Callable, service_method: str, streaming_type: gRPCStreamingType) -> Callable:
     inner = original(service_method=service_method, streaming_type=streaming_type)
+    method = service_method.rsplit("/", 1)[-1]
     if streaming_type == gRPCStreamingType.UNARY_UNARY:
 
         async def unary(request, context) -> bytes:
             if isinstance(request, _Malformed):
-                errors.apply(request.error, context)
+                _refuse(request.error, context, False, method)
                 return b""
             try:
                 reply = await inner(request, _CallContext(context))
             except Exception:
-                _serve_raised(context, stream=False)
+                _serve_raised(context, False, method)
                 return b""
-            _explain_serve_failure(context, stream=False)
+            _explain_serve_failure(context, False, method)
             return reply
 
         return unary
@@ -160,15 +177,15 @@ def _guarded(original: Callable, service_method: str, streaming_type: gRPCStream
 
         async def server_stream(request, context):
             if isinstance(request, _Malformed):
-                errors.apply(request.error, context, stream=True)
+                _refuse(request.error, context, True, method)
                 return
             try:
                 async for message in inner(request, _CallContext(context)):
                     yield message
             except Exception:
-                _serve_raised(context, stream=True)
+                _serve_raised(context, True, method)
                 return
-            _explain_serve_failure(context, stream=True)
+            _explain_serve_failure(context, True, method)
 
         return server_stream
     return inner  # client streaming: not in these services

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 import time
+from collections import Counter
 
 import ray
 
 from embedding_service.config import RecyclerSettings
-from embedding_service.node_state import NodeBook, NodeView, Snapshot
+from embedding_service.metrics import RecyclerMetrics, keep_gauges_set
+from embedding_service.node_state import NodeBook, NodeState, NodeView, Snapshot
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,6 +37,13 @@ def _alive_nodes() -> dict[str, str]:
     return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
 
+def fault_kind(reason: str) -> str:
+    """A fault's metric label: its reason up to the first colon ("CUDA error: ..." -> "CUDA error"),
+    or "other" when that is not a short plain phrase (the rest of a reason is free text)."""
+    head = reason.split(":", 1)[0].strip()
+    return head if re.fullmatch(r"[A-Za-z0-9 _.\-]{1,48}", head) else "other"
+
+
 class NodeRecycler:
     async def __init__(self, settings: RecyclerSettings) -> None:
         self.settings = settings
@@ -41,6 +51,8 @@ class NodeRecycler:
         self._changed = asyncio.Condition()
         self._routers: dict[str, float] = {}  # router replica -> last heard
         self._router_calls: dict[str, int] = {}  # router replica -> calls in flight, reported since the shutdown
+        self.metrics = RecyclerMetrics()
+        self._gauges = asyncio.create_task(keep_gauges_set(self._count_nodes))
         self._loop = asyncio.create_task(self._run())
 
     async def _notify(self, before: int) -> None:
@@ -53,17 +65,28 @@ class NodeRecycler:
             try:
                 before = self.book.version
                 alive = await asyncio.to_thread(_alive_nodes)
+                draining = {n.node_id for n in self.book.snapshot().nodes if n.state == NodeState.DRAINING}
                 for node in self.book.tick(time.time(), alive):
                     await self._recycle(node)
+                gone = [nid for nid in draining if self.book.snapshot().state_of(nid) == NodeState.RECYCLED]
+                if gone:
+                    self.metrics.drains_finished.inc(len(gone))
+                self._count_nodes()  # at once; keep_gauges_set repeats it
                 await self._notify(before)
             except Exception:
                 logger.exception("recycler cycle failed")
             await asyncio.sleep(self.settings.tick_s)
 
+    def _count_nodes(self) -> None:
+        counts = Counter(n.state for n in self.book.snapshot().nodes)
+        for state in NodeState:  # every state, zeros included, so a panel or alert always has a series
+            self.metrics.nodes.set(counts[state], tags={"state": state.value})
+
     async def _recycle(self, node: NodeView) -> None:
         replicas = ", ".join(r.replica_id for r in node.replicas) or "none"
         logger.warning("recycler: draining node %s (%s): %s; replicas: %s", node.node_id, node.node_ip, node.reason, replicas)
         action = self.settings.action
+        self.metrics.drains_started.inc(tags={"action": action})
         try:
             if action == "drain":
                 await asyncio.to_thread(self._drain, node)
@@ -105,6 +128,7 @@ class NodeRecycler:
 
     async def report_failure(self, replica_id: str, node_id: str, reason: str) -> None:
         before = self.book.version
+        self.metrics.faults.inc(tags={"reason": fault_kind(reason)})
         if self.book.report(replica_id, node_id, reason, time.time()):
             logger.warning("recycler: quarantined node %s: %s (replica %s)", node_id, reason, replica_id)
         await self._notify(before)
@@ -163,3 +187,5 @@ class NodeRecycler:
     async def check_health(self) -> None:
         if self._loop.done():
             raise RuntimeError(f"recycler loop stopped: {self._loop.exception()!r}")
+        if self._gauges.done():
+            raise RuntimeError("the recycler's metrics reporter stopped")

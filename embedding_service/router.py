@@ -4,7 +4,8 @@ It admits a call (its API key, the service not shutting down, its deadline),
 checks the request, cuts its inputs (sorted by length) into mini-batches, sends
 them to the model deployment with bounded concurrency and the caller's
 remaining time, retries those whose replica died, and puts the results back in
-input order. Health and the node list come from the recycler's view (health.py).
+input order. Health and the node list come from the recycler's view (health.py);
+each call is measured and spanned from its arrival (call_observer.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from ray.serve.handle import DeploymentHandle
 
 from embedding_service import errors, node_routing
 from embedding_service.auth import Authenticator
+from embedding_service.call_observer import CallObserver, ObservedCall
 from embedding_service.config import AppArgs
 from embedding_service.error_reasons import Reason, ServiceError
-from embedding_service.health import ServiceView
+from embedding_service.health import SERVING, ServiceView
+from embedding_service.metrics import RouterMetrics, keep_gauges_set
 from embedding_service.model_deployment import ReplicaFaulted
 from embedding_service.proxy_ingress import TIMEOUT_KEY
 from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
+from embedding_service.tracing import service_tracer
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
 
@@ -49,6 +53,12 @@ _RETRYABLE = (
 def _retryable(exc: BaseException) -> bool:
     # A replica's own ReplicaFaulted reaches the caller wrapped in a RayTaskError.
     return isinstance(exc, _RETRYABLE) or isinstance(getattr(exc, "cause", None), ReplicaFaulted)
+
+
+def _retry_cause(exc: BaseException) -> str:
+    """A bounded label: the class of the failure (ReplicaFaulted inside Ray's wrapper)."""
+    cause = getattr(exc, "cause", None)
+    return type(cause if isinstance(cause, ReplicaFaulted) else exc).__name__
 
 
 def _caller_timeout_s(grpc_context) -> float | None:
@@ -73,10 +83,14 @@ class EmbedRouter:
             logger.warning("router: no API keys configured (args.auth): only callers on loopback are served")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.view = ServiceView(models, ray.get_runtime_context().get_node_id())
+        self.metrics = RouterMetrics()
+        self.tracer = service_tracer(args.tracing, "router")
+        self.observer = CallObserver(self.metrics, self.tracer)
         self._in_flight = 0
         self._calls_changed = asyncio.Event()
         self._reporter = asyncio.create_task(self._report_calls())
         self._follower = asyncio.create_task(self._follow_recycler())
+        self._gauges = asyncio.create_task(keep_gauges_set(self._report_health))
 
     # ---- the recycler's view ---------------------------------------------
 
@@ -94,6 +108,7 @@ class EmbedRouter:
                 version = snapshot.version
                 node_routing.set_quarantined(snapshot.unhealthy())
                 await self.view.update(snapshot)
+                self._report_health()  # at once; keep_gauges_set repeats it
                 if snapshot.shutting_down:
                     self._calls_changed.set()
 
@@ -109,38 +124,44 @@ class EmbedRouter:
                 await asyncio.sleep(0.5)
                 self._calls_changed.set()
 
+    def _report_health(self) -> None:
+        self.metrics.set_health({name: status == SERVING for name, status in self.view.statuses.items()})
+
     async def check_health(self) -> None:
         if self.view.own_node_quarantined():
             raise RuntimeError(f"the router's node {self.view.node_id} is quarantined")
-        for task in (self._follower, self._reporter):
+        for task in (self._follower, self._reporter, self._gauges):
             if task.done():
                 raise RuntimeError(f"the router's task {task.get_coro().__name__} stopped")
 
     # ---- admission ------------------------------------------------------
 
     @contextlib.contextmanager
-    def _admit(self, grpc_context, timeout_s: float | None, counted: bool = True) -> Iterator[float | None]:
+    def _admit(self, method: str, grpc_context, timeout_s: float | None, counted: bool = True) -> Iterator[ObservedCall]:
         """Admits an EmbedService call: the caller's key, no shutdown under way; counts it while it runs.
 
-        Yields its deadline (event-loop time): the service's bound or the caller's, whichever is first.
+        Yields the call's record (metrics and span) with its deadline (event-loop
+        time): the service's bound or the caller's, whichever is first.
         """
-        caller_s = None
-        if grpc_context is not None:  # None: a handle call from inside the cluster
-            self.auth.check(grpc_context.invocation_metadata(), grpc_context.peer())
-            caller_s = _caller_timeout_s(grpc_context)
-        if self.view.shutting_down:
-            raise ServiceError(Reason.SHUTTING_DOWN, "the service is shutting down and takes no new calls; retry")
-        bounds = [t for t in (timeout_s, caller_s) if t is not None]
-        deadline = asyncio.get_running_loop().time() + min(bounds) if bounds else None
-        if counted:
-            self._in_flight += 1
-        try:
-            yield deadline
-        finally:
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else None
+        with self.observer.observe(method, metadata) as call:
+            caller_s = None
+            if grpc_context is not None:  # None: a handle call from inside the cluster
+                self.auth.check(metadata, grpc_context.peer())
+                caller_s = _caller_timeout_s(grpc_context)
+            if self.view.shutting_down:
+                raise ServiceError(Reason.SHUTTING_DOWN, "the service is shutting down and takes no new calls; retry")
+            bounds = [t for t in (timeout_s, caller_s) if t is not None]
+            call.deadline = asyncio.get_running_loop().time() + min(bounds) if bounds else None
             if counted:
-                self._in_flight -= 1
-                if self.view.shutting_down:
-                    self._calls_changed.set()
+                self._in_flight += 1
+            try:
+                yield call
+            finally:
+                if counted:
+                    self._in_flight -= 1
+                    if self.view.shutting_down:
+                        self._calls_changed.set()
 
     # ---- model metadata -------------------------------------------------
 
@@ -164,8 +185,9 @@ class EmbedRouter:
 
     # ---- the work -------------------------------------------------------
 
-    async def _prepare(self, request, max_inputs: int) -> Job:
+    async def _prepare(self, request, max_inputs: int, call: ObservedCall) -> Job:
         name = resolve_model_name(request.model, list(self.models), self.args.default_model_name)
+        call.model = name
         check_envelope(request, self.args.limits, max_inputs)
         return build_job(request, await self._info(name), self.args.limits)
 
@@ -173,27 +195,37 @@ class EmbedRouter:
                           deadline: float) -> ShardResult:
         settings = self.args.router
         loop = asyncio.get_running_loop()
-        for attempt in range(settings.shard_retries + 1):
-            response = handle.embed.remote(ShardRequest(inputs, job.options, timeout_s=deadline - loop.time()))
-            try:
-                return await response
-            except asyncio.CancelledError:
-                response.cancel()  # the replica drops the shard if it has not run it yet
-                raise
-            except Exception as exc:
-                if not _retryable(exc):
+        with self.tracer.span("shard", kind="CLIENT", attributes={"embedding.model": job.model,
+                                                                  "embedding.inputs": len(inputs)}) as span:
+            for attempt in range(settings.shard_retries + 1):
+                request = ShardRequest(inputs, job.options, timeout_s=deadline - loop.time(),
+                                       trace_context=self.tracer.inject())
+                response = handle.embed.remote(request)
+                try:
+                    result = await response
+                    if span is not None:
+                        span.set_attribute("embedding.attempts", attempt + 1)
+                    return result
+                except asyncio.CancelledError:
+                    response.cancel()  # the replica drops the shard if it has not run it yet
                     raise
-                if attempt == settings.shard_retries:
-                    raise ServiceError(
-                        Reason.MODEL_UNAVAILABLE, "model replicas kept failing for this request; retry shortly"
-                    ) from exc
-                logger.warning("shard of %d inputs failed (%s); retrying", len(inputs), type(exc).__name__)
-                await asyncio.sleep(settings.retry_backoff_s * (2**attempt))
+                except Exception as exc:
+                    if not _retryable(exc):
+                        raise
+                    if attempt == settings.shard_retries:
+                        raise ServiceError(
+                            Reason.MODEL_UNAVAILABLE, "model replicas kept failing for this request; retry shortly"
+                        ) from exc
+                    cause = _retry_cause(exc)
+                    self.metrics.shard_retries.inc(tags={"model": job.model, "cause": cause})
+                    logger.warning("shard of %d inputs failed (%s); retrying", len(inputs), cause)
+                    await asyncio.sleep(settings.retry_backoff_s * (2**attempt))
         raise AssertionError("unreachable")
 
-    async def _shard_results(self, job: Job, deadline: float) -> AsyncIterator[tuple[Shard, ShardResult]]:
+    async def _shard_results(self, job: Job, call: ObservedCall) -> AsyncIterator[tuple[Shard, ShardResult]]:
         """Runs every shard, yielding each as it finishes; fails fast on the first error or at the deadline."""
         loop = asyncio.get_running_loop()
+        deadline = call.deadline
         handle = self.models[job.model]
         limit = asyncio.Semaphore(self.args.router.max_concurrent_shards)
 
@@ -214,10 +246,14 @@ class EmbedRouter:
                 )
             return shard, result
 
-        tasks = [asyncio.ensure_future(run(s)) for s in plan_shards(job.inputs, self.args.router.shard_size)]
+        shards = plan_shards(job.inputs, self.args.router.shard_size)
+        call.planned(len(shards))
+        tasks = [asyncio.ensure_future(run(s)) for s in shards]
         try:
             for next_done in asyncio.as_completed(tasks):
-                yield await asyncio.wait_for(next_done, max(0.0, deadline - loop.time()))
+                done = await asyncio.wait_for(next_done, max(0.0, deadline - loop.time()))
+                call.shard_done()
+                yield done
         finally:
             for t in tasks:
                 t.cancel()
@@ -244,13 +280,13 @@ class EmbedRouter:
     @errors.grpc_method
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         started = time.perf_counter_ns()
-        with self._admit(grpc_context, self.args.limits.request_timeout_s) as deadline:
-            job = await self._prepare(request, self.args.limits.max_inputs_per_request)
+        with self._admit("Embed", grpc_context, self.args.limits.request_timeout_s) as call:
+            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call)
             n = len(job.inputs)
             vectors: np.ndarray | None = None
             counts = np.zeros(n, dtype=np.int64)
             queue_ns = inference_ns = 0
-            async for shard, result in self._shard_results(job, deadline):
+            async for shard, result in self._shard_results(job, call):
                 if vectors is None:
                     vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
                 vectors[shard.positions] = result.vectors
@@ -259,37 +295,42 @@ class EmbedRouter:
                 inference_ns += result.inference_ns
             response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
             self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
-            self._stamp(response, int(counts.sum()), queue_ns, inference_ns)
+            tokens = int(counts.sum())
+            self._stamp(response, tokens, queue_ns, inference_ns)
             response.timing.total_time_ns = time.perf_counter_ns() - started
+            call.embedded(n, tokens)
             return response
 
     @errors.grpc_method
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
-        with self._admit(grpc_context, self.args.limits.stream_timeout_s) as deadline:
-            job = await self._prepare(request, self.args.limits.max_inputs_per_stream)
-            async for shard, result in self._shard_results(job, deadline):
+        with self._admit("EmbedStream", grpc_context, self.args.limits.stream_timeout_s) as call:
+            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call)
+            async for shard, result in self._shard_results(job, call):
                 chunk = pb.EmbedStreamResponse(model=job.model, dimensions=int(result.vectors.shape[1]))
                 self._fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
-                self._stamp(chunk, int(result.token_counts.sum()), result.queue_ns, result.inference_ns)
+                tokens = int(result.token_counts.sum())
+                self._stamp(chunk, tokens, result.queue_ns, result.inference_ns)
                 yield chunk
+                call.embedded(len(shard.positions), tokens)
 
     @errors.grpc_method
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        with self._admit(grpc_context, self.args.limits.request_timeout_s):
+        with self._admit("ListModels", grpc_context, self.args.limits.request_timeout_s):
             infos = await asyncio.gather(*(self._info(name) for name in self.models))
             return pb.ListModelsResponse(models=[self._model_message(i) for i in infos],
                                          default_model=self.args.default_model_name)
 
     @errors.grpc_method
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.GetModelResponse:
-        with self._admit(grpc_context, self.args.limits.request_timeout_s):
+        with self._admit("GetModel", grpc_context, self.args.limits.request_timeout_s) as call:
             name = resolve_model_name(request.name, list(self.models), default="")
+            call.model = name
             return pb.GetModelResponse(model=self._model_message(await self._info(name)))
 
     @errors.grpc_method
     async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
         """Every node with its state, reason and replicas: now, then at each change."""
-        with self._admit(grpc_context, timeout_s=None, counted=False):
+        with self._admit("WatchNodes", grpc_context, timeout_s=None, counted=False):
             async for message in self.view.changes(self.view.nodes_message):
                 yield message
 

@@ -44,6 +44,8 @@ class ShardRequest:
     # Seconds the caller still waits, counted from when the router sends the shard;
     # None: no bound. The replica drops a shard whose time ran out before it ran.
     timeout_s: float | None = None
+    # The router's shard span as W3C trace headers (tracing.py); None when tracing is off.
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass

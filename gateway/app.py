@@ -13,12 +13,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from embedding_service.tracing import Tracer, env_tracer
 from embedding_service.v1 import embedding_pb2 as pb
 from gateway import errors
 from gateway.grpc_client import EmbedClient
+from gateway.metrics import GatewayMetrics, ObserveRequests
 from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
 from gateway.settings import GatewaySettings
 
@@ -60,18 +63,26 @@ def _render(response: pb.EmbedResponse, base64_out: bool) -> dict:
     return {"object": "list", "data": data, "model": response.model, "usage": usage}
 
 
-def create_app(settings: GatewaySettings, draining: threading.Event | None = None) -> FastAPI:
-    """The gateway; `draining` set (by main.DrainingServer on SIGTERM) turns /readyz to 503."""
+def create_app(settings: GatewaySettings, draining: threading.Event | None = None,
+               tracer: Tracer | None = None) -> FastAPI:
+    """The gateway; `draining` set (by main.DrainingServer on SIGTERM) turns /readyz to 503.
+
+    `tracer`: where its spans go; by default from the standard OTEL_* variables
+    (off unless an OTLP endpoint is set).
+    """
     client_holder: dict[str, EmbedClient] = {}
     draining = draining or threading.Event()
+    metrics = GatewayMetrics()
+    tracer = tracer or env_tracer("gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client_holder["client"] = EmbedClient(settings)
+        client_holder["client"] = EmbedClient(settings, metrics, tracer)
         try:
             yield
         finally:
             await client_holder.pop("client").close()
+            tracer.shutdown()
 
     app = FastAPI(title="embedding-service OpenAI gateway", version="1", lifespan=lifespan)
     app.add_exception_handler(errors.OpenAIError, errors.openai_error_handler)
@@ -160,6 +171,10 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
                 raise errors.model_not_found(model) from None
             raise
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/healthz")
     async def liveness() -> dict:
         return {"status": "ok"}
@@ -171,4 +186,6 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
         ready = await client_holder["client"].serving()
         return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
+    # Added last, so outermost of the app's middleware: it sees every response, refusals included.
+    app.add_middleware(ObserveRequests, metrics=metrics, tracer=tracer)
     return app

@@ -1,4 +1,8 @@
-"""The gateway's gRPC client: shared channels, deadlines, retries with backoff, round-robin targets."""
+"""The gateway's gRPC client: shared channels, deadlines, retries with backoff, round-robin targets.
+
+Each attempt is counted by its code and, with tracing on, spanned, its context
+sent on in `traceparent` metadata so the router's span joins the trace.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,21 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_service import tracing
 from embedding_service.error_reasons import read_details
+from embedding_service.tracing import Tracer
 from embedding_service.v1 import embedding_pb2_grpc
+from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class EmbedClient:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics, tracer: Tracer) -> None:
         self.settings = settings
+        self.metrics = metrics
+        self.tracer = tracer
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -44,9 +53,12 @@ class EmbedClient:
             stub = self._stubs[next(self._turn) % len(self._stubs)]
             remaining = deadline - loop.time()
             try:
-                return await getattr(stub, method)(request, timeout=max(0.001, min(s.call_timeout_s, remaining)),
-                                                   metadata=self._metadata)
+                reply = await self._attempt(stub, method, request, max(0.001, min(s.call_timeout_s, remaining)))
+                self.metrics.upstream_calls.labels(method, "OK").inc()
+                return reply
             except grpc.aio.AioRpcError as err:
+                code = err.code().name
+                self.metrics.upstream_calls.labels(method, code).inc()
                 if err.code() not in _RETRYABLE or attempt >= s.max_retries:
                     raise
                 hinted = read_details(err.trailing_metadata()).retry_after_s
@@ -54,8 +66,23 @@ class EmbedClient:
                 delay = hinted if hinted is not None else backoff
                 if loop.time() + delay >= deadline:
                     raise
+                self.metrics.upstream_retries.labels(method, code).inc()
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _attempt(self, stub, method: str, request: Any, timeout: float) -> Any:
+        if not self.tracer.enabled:
+            return await getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
+        with self.tracer.span(f"EmbedService/{method}", kind="CLIENT",
+                              attributes={"rpc.system": "grpc", "rpc.method": method}) as span:
+            metadata = self._metadata + tuple(self.tracer.inject().items())
+            try:
+                reply = await getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                tracing.set_error(span, err.code().name, err.details() or "")
+                raise
+            tracing.set_error(span, "OK")
+            return reply
 
     async def serving(self) -> bool:
         """Whether some target's gRPC health says the whole service is SERVING."""

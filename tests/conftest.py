@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from benchmarks.otlp_sink import OtlpSink
 from embedding_service import launcher  # imports no Ray
 
 # The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before
@@ -85,7 +86,7 @@ def reference_models(tiny_model_dir):
     }
 
 
-def make_test_config(tiny_model_dir: Path, fault_dir: Path) -> dict:
+def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None) -> dict:
     config = copy.deepcopy(launcher.load_config())
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = free_port()
@@ -114,6 +115,9 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path) -> dict:
             gpu_check_args={"directory": str(fault_dir)},
             health_check_period_s=1,
         )
+    if otlp_endpoint:  # traces to the test's collector, sent within 0.2 s (the SDK's standard setting)
+        args["tracing"] = {"otlp_endpoint": otlp_endpoint}
+        config["applications"][0]["runtime_env"]["env_vars"]["OTEL_BSP_SCHEDULE_DELAY"] = "200"
     # One proxy: proxies on several nodes of one machine would share the port.
     config["proxy_location"] = "HeadOnly"
     return config
@@ -126,6 +130,7 @@ class Service:
     config: dict
     cluster: object  # ray.cluster_utils.Cluster
     fault_dir: Path
+    traces: OtlpSink  # the spans the service exported
 
     @property
     def stub(self):
@@ -135,12 +140,19 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model_dir, tmp_path_factory) -> Service:
-    """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers."""
+def otlp_sink():
+    with OtlpSink() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model_dir, tmp_path_factory, otlp_sink) -> Service:
+    """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers,
+    tracing to the session's OTLP collector."""
     from ray.cluster_utils import Cluster
 
     fault_dir = tmp_path_factory.mktemp("faults")
-    config = make_test_config(tiny_model_dir, fault_dir)
+    config = make_test_config(tiny_model_dir, fault_dir, otlp_sink.endpoint)
     launcher.prepare_environment(config)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False,
@@ -156,7 +168,7 @@ def service(tiny_model_dir, tmp_path_factory) -> Service:
     )
     grpc.channel_ready_future(channel).result(timeout=60)
     try:
-        yield Service(target, channel, config, cluster, fault_dir)
+        yield Service(target, channel, config, cluster, fault_dir, otlp_sink)
     finally:
         channel.close()
         launcher.stop()

@@ -25,9 +25,10 @@ from tests.observe import wait_until
 
 
 @contextmanager
-def running_gateway(**settings):
+def running_gateway(tracer=None, **settings):
     port = free_port()
-    config = uvicorn.Config(create_app(GatewaySettings(port=port, **settings)), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(GatewaySettings(port=port, **settings), tracer=tracer)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

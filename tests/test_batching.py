@@ -134,3 +134,28 @@ def test_expired_and_abandoned_items_are_dropped_unrun_and_reported():
         batcher.close()
 
     asyncio.run(main())
+
+
+def test_the_queue_depth_it_reports_counts_waiting_units_held_and_dropped_ones_leaving():
+    async def main():
+        model = _Model()
+        depths: list[int] = []
+        batcher = ContinuousBatcher(model, max_size=5, size=len, on_depth=depths.append)
+        first = asyncio.create_task(batcher.submit("a"))
+        await asyncio.to_thread(model.started.wait, 10)
+        assert depths[-1] == 0  # "a" went straight into a batch
+        waiting = [asyncio.create_task(batcher.submit(x)) for x in ("bbb", "cc", "dddd")]
+        gone = asyncio.create_task(batcher.submit("eeeee"))
+        await _until(lambda: depths[-1] == 14)
+        gone.cancel()
+        model.release.set()
+        assert await first == "A"
+        # The next batch takes bbb+cc (5 units); dddd is held over; the cancelled one is still queued.
+        assert await waiting[0] == "BBB"
+        await _until(lambda: len(model.batches) == 3)
+        assert await asyncio.gather(*waiting) == ["BBB", "CC", "DDDD"]
+        await _until(lambda: depths[-1] == 0)  # the held item ran, the cancelled one was dropped
+        assert 9 in depths  # after bbb+cc left: dddd (held) and eeeee (not yet dropped)
+        batcher.close()
+
+    asyncio.run(main())

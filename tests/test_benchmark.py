@@ -6,18 +6,20 @@ import json
 
 import numpy as np
 
+from embedding_service.launcher import metrics_endpoints
+
 from .conftest import MINILM
 from .gateway_helpers import running_gateway
 
 
 def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service, reference_models, tmp_path, capsys):
     from benchmarks.run import (
+        BatchMetrics,
         GrpcClient,
         RestClient,
         Work,
         measure_in_process,
         measure_service,
-        take_batch_stats,
         write,
     )
 
@@ -30,13 +32,16 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
 
     with running_gateway(targets=[service.target]) as base:
         results["workloads"] = measure_service(GrpcClient(service.target), RestClient(base, MINILM), work, results,
-                                               lambda: take_batch_stats("model-all-MiniLM-L6-v2"))
+                                               BatchMetrics(metrics_endpoints, MINILM, report_s=0.6))
     w = results["workloads"]
     assert set(w) == {f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")} | {"W5_grpc_stream"}
     for name, v in w.items():
         assert v.get("ratio", 1) > 0 and v.get("p50_ms", 1) > 0, name
-        # Batch sizes the replica ran: whole sequences, never over the configured maximum.
-        assert all(1 <= size <= 128 and count > 0 for size, count in v["batches"].items()), (name, v["batches"])
+        # The batches the replicas ran, from the service's metrics: never over the configured maximum.
+        b = v["batches"]
+        assert b["batches"] > 0 and 1 <= b["mean_size"] <= 128, (name, b)
+        assert sum(b["sizes"].values()) == b["batches"] and all(float(k[2:]) <= 128 for k in b["sizes"]), (name, b)
+        assert b["mean_forward_ms"] > 0 and 0 <= b["padding_share"] < 1, (name, b)
     assert w["W5_grpc_stream"]["inputs"] == 300
     assert np.isclose(w["W5_grpc_stream"]["result_mib"], 300 * 384 * 4 / 2**20)
 

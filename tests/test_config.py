@@ -57,6 +57,10 @@ def test_empty_args_give_the_packaged_default():
         {"auth": {"api_keys": ["sk-123"]}},
         {"auth": {"api_keys_env": "sk-live 123"}},
         {"shutdown": {"grace_s": 0}},
+        # Tracing: an endpoint with its scheme, a ratio, and headers (tokens) only by a variable's name.
+        {"tracing": {"otlp_endpoint": "otel-collector:4317"}},
+        {"tracing": {"otlp_endpoint": "http://c:4317", "sample_ratio": 1.5}},
+        {"tracing": {"otlp_endpoint": "http://c:4317", "headers": "authorization=Bearer x"}},
     ],
 )
 def test_bad_args_are_rejected_before_anything_starts(bad):

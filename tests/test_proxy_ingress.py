@@ -93,18 +93,18 @@ def test_serves_own_refusals_get_reasons_and_the_routers_are_kept():
     full = Context()
     full.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
     full.set_details("Request dropped due to backpressure (num_queued_requests=64, max_queued_requests=64).")
-    _explain_serve_failure(full, stream=False)
+    _explain_serve_failure(full, stream=False, method="Embed")
     assert read_details(full.trailing_metadata()).reason == Reason.OVERLOADED.name
 
     ours = Context()
     error = ServiceError(Reason.MODEL_UNAVAILABLE, "no replica")
     ours.set_code(error.code)
     ours.set_trailing_metadata([(STATUS_DETAILS_KEY, error.status_bytes())])
-    _explain_serve_failure(ours, stream=False)
+    _explain_serve_failure(ours, stream=False, method="Embed")
     assert read_details(ours.trailing_metadata()).reason == Reason.MODEL_UNAVAILABLE.name
 
     stream = Context()
     stream.set_code(grpc.StatusCode.INTERNAL)
     stream.set_details(ServiceError(Reason.INTERNAL, "a bug").stream_details())  # the router's own, on a stream
-    _explain_serve_failure(stream, stream=True)
+    _explain_serve_failure(stream, stream=True, method="EmbedStream")
     assert stream.code() == grpc.StatusCode.INTERNAL and stream.trailing_metadata() == ()

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, TINY, WORKER_CPUS
-from tests.observe import wait_until
+from tests.observe import scrape, total, wait_until
 from tests.test_embed import vectors_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -93,6 +93,32 @@ class Load:
             t.join(timeout=120)
 
 
+class GaugeSampler:
+    """Scrapes the service's metrics in the background: a gauge shows a state only while it lasts."""
+
+    def __init__(self) -> None:
+        self.unhealthy_nodes: list[float] = []  # quarantined + draining
+        self.tiny_serving: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                samples = scrape()
+            except Exception:  # a node leaving mid-scrape
+                continue
+            self.unhealthy_nodes.append(total("ray_embedding_nodes", samples, state="quarantined")
+                                        + total("ray_embedding_nodes", samples, state="draining"))
+            self.tiny_serving.append(total("ray_embedding_health_serving", samples, service=TINY))
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def latest_nodes(stream: Stream):
     return stream.items[-1][1].nodes if stream.items else []
 
@@ -118,6 +144,8 @@ def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requ
 
     load = Load(stub, reference_models)
     wait_until(lambda: load.completed >= 8, 60, "load under way")
+    before = scrape()
+    gauges = GaugeSampler()
     (service.fault_dir / victim).write_text("CUDA error: an illegal memory access was encountered (injected)")
 
     def state(node_id):
@@ -161,6 +189,23 @@ def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requ
     assert not load.wrong, load.wrong
     assert load.completed > 20
     assert stub.Embed(pb.EmbedRequest(model=TINY, inputs=[pb.EmbedInput(text="after")]), timeout=60).embeddings
+
+    # The metrics told the same story: the node left the healthy count and the tiny model's health
+    # gauge went to 0 and back; one fault (by its reason's head), one drain started and finished.
+    def delta(name: str, **labels: str) -> float:
+        return total(name, **labels) - total(name, before, **labels)
+
+    wait_until(lambda: delta("ray_embedding_node_drains_finished_total") >= 1 and gauges.tiny_serving
+               and gauges.tiny_serving[-1] == 1, 30, "the recycler's metrics reported")
+    gauges.stop()
+    assert total("ray_embedding_nodes", before, state="quarantined") == 0
+    assert total("ray_embedding_health_serving", before, service=TINY) == 1
+    assert max(gauges.unhealthy_nodes) >= 1, gauges.unhealthy_nodes
+    assert min(gauges.tiny_serving) == 0, gauges.tiny_serving
+    assert delta("ray_embedding_node_faults_total", reason="CUDA error") >= 1
+    assert delta("ray_embedding_node_drains_started_total", action="drain") == 1
+    assert delta("ray_embedding_node_drains_finished_total") == 1
+    assert total("ray_embedding_nodes", state="recycled") >= 1
 
     # Capacity comes back: a new worker is tracked afresh, healthy.
     (service.fault_dir / victim).unlink()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ class RunCommand:
     gateway: str
     key_file: Path
     log: Path
+    metrics_port: int
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -71,7 +73,7 @@ def refusal(call) -> tuple[grpc.StatusCode, object]:
 def run_command(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("run-command")
     config = launcher.load_config()
-    grpc_port, gateway_port = free_port(), free_port()
+    grpc_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = grpc_port
     args = config["applications"][0]["args"]
@@ -90,10 +92,12 @@ def run_command(tmp_path_factory, tiny_model_dir):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "embedding_service", "run", "--config", str(config_path),
-             "--gateway-port", str(gateway_port), "--gateway-drain-delay-s", "3"],
+             "--gateway-port", str(gateway_port), "--gateway-drain-delay-s", "3",
+             "--metrics-port", str(metrics_port)],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    run = RunCommand(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{gateway_port}", key_file, log)
+    run = RunCommand(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{gateway_port}", key_file, log,
+                     metrics_port)
 
     try:
         wait_until(lambda: "OpenAI gateway:" in run.output() or process.poll() is not None, 240, "the run command")
@@ -171,6 +175,24 @@ def test_the_gateway_has_its_own_keys_and_calls_with_its_upstream_key(run_comman
     with running_gateway(targets=[run_command.target], upstream_api_key="stale-key") as base:
         stale = httpx.post(f"{base}/v1/embeddings", json=body, timeout=30)
     assert stale.status_code == 500 and stale.json()["error"]["code"] == "upstream_unauthorized"
+
+
+def test_the_run_command_prints_its_metrics_endpoints_on_the_port_asked_for(run_command):
+    printed = re.search(r"Prometheus metrics \(service, Ray Serve\): (\S+)", run_command.output())
+    assert printed, run_command.output()[-2000:]
+    url = printed.group(1)
+    assert url.endswith(f":{run_command.metrics_port}/metrics")
+    assert f"its metrics: {run_command.gateway}/metrics" in run_command.output()
+    stub = run_command.stub()
+    with pytest.raises(grpc.RpcError):
+        stub.ListModels(pb.ListModelsRequest(), timeout=30)  # no key
+
+    def counted() -> bool:  # Ray reports every 10 s by default
+        text = httpx.get(url, timeout=10).text
+        return 'code="UNAUTHENTICATED"' in text and "ray_embedding_requests_total" in text
+
+    wait_until(counted, 60, "the refused call on the printed endpoint")
+    assert "embedding_gateway_http_requests_total" in httpx.get(f"{run_command.gateway}/metrics", timeout=10).text
 
 
 def test_sigterm_lets_a_long_stream_finish_while_new_calls_are_refused(run_command):

@@ -1,0 +1,83 @@
+"""The gateway's metrics (prometheus_client, served at GET /metrics), defined once, and the
+ASGI middleware that measures every HTTP request and opens its server span.
+
+Names start with `embedding_gateway_`; labels stay bounded: the route template
+(never the raw path), the HTTP method and status, gRPC method and code names.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from embedding_service import tracing
+from embedding_service.tracing import Tracer
+
+PREFIX = "embedding_gateway_"
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+UNMATCHED = "(unmatched)"
+
+
+class GatewayMetrics:
+    """One registry per gateway app (a process may run several, as the tests do)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(PREFIX + "http_requests", "HTTP requests by route template, method and status.",
+                                     ("route", "method", "status"), registry=r)
+        self.http_seconds = Histogram(PREFIX + "http_request_seconds", "HTTP request duration, first byte in to "
+                                      "last byte out.", ("route", "method"), buckets=SECONDS, registry=r)
+        self.in_flight = Gauge(PREFIX + "http_requests_in_flight", "HTTP requests being served now.", registry=r)
+        self.upstream_calls = Counter(PREFIX + "upstream_calls", "gRPC calls to the service (each attempt), by "
+                                      "method and gRPC code (OK included).", ("method", "code"), registry=r)
+        self.upstream_retries = Counter(PREFIX + "upstream_retries", "gRPC calls sent again after a retryable "
+                                        "code (UNAVAILABLE, RESOURCE_EXHAUSTED), by method and that code.",
+                                        ("method", "code"), registry=r)
+
+
+class ObserveRequests:
+    """Pure ASGI middleware (no per-request task as BaseHTTPMiddleware makes): counts, times and spans
+    each HTTP request under its route template."""
+
+    def __init__(self, app, metrics: GatewayMetrics, tracer: Tracer) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.tracer = tracer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}  # what a crash before any response means
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        m = self.metrics
+        method = scope["method"]
+        started = time.perf_counter()
+        m.in_flight.inc()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
+        try:
+            with self.tracer.span(method, kind="SERVER", parent=headers,
+                                  attributes={"http.request.method": method}) as span:
+                await self.app(scope, receive, sending)
+                route = _route(scope)
+                if span is not None:
+                    span.update_name(f"{method} {route}")
+                    tracing.set_attributes(span, **{"http.route": route,
+                                                    "http.response.status_code": status["code"]})
+        finally:
+            route = _route(scope)
+            m.in_flight.dec()
+            m.http_requests.labels(route, method, str(status["code"])).inc()
+            m.http_seconds.labels(route, method).observe(time.perf_counter() - started)
+
+
+def _route(scope) -> str:
+    route = scope.get("route")  # set by the router on a match
+    return getattr(route, "path", None) or UNMATCHED
