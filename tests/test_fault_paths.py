@@ -120,3 +120,18 @@ def test_routers_own_node_quarantined_is_not_serving():
 def test_nothing_is_serving_once_the_service_is_shutting_down():
     view = _view("A", {"A": NodeState.HEALTHY, "B": NodeState.HEALTHY}, shutting_down=True)
     assert view.shutting_down and set(view.statuses.values()) == {NOT_SERVING}
+
+
+def test_a_retried_shard_and_a_fault_are_counted_under_bounded_labels():
+    import ray
+
+    from embedding_service.recycler import fault_kind
+    from embedding_service.router import _retry_cause, _retryable
+
+    wrapped = ray.exceptions.RayTaskError("embed", "traceback", ReplicaFaulted("device fault")).as_instanceof_cause()
+    assert _retryable(wrapped) and _retry_cause(wrapped) == "ReplicaFaulted"  # not Ray's wrapper's name
+    assert _retry_cause(ray.exceptions.ActorUnavailableError("gone", b"\x00" * 16)) == "ActorUnavailableError"
+    assert fault_kind("CUDA error: an illegal memory access was encountered") == "CUDA error"
+    assert fault_kind("CUDA device not available") == "CUDA device not available"
+    # Free text never becomes a label.
+    assert fault_kind("x" * 200) == fault_kind("bad\nlabel: y") == fault_kind("") == "other"
