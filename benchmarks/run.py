@@ -131,6 +131,40 @@ class RestClient:
         return time.perf_counter() - t
 
 
+class AsyncRestClient:
+    """REST as asyncio services call it: one httpx.AsyncClient, every call a task on one event loop."""
+
+    def __init__(self, base: str, model: str) -> None:
+        self.base = base
+        self.model = model
+
+    def run(self, payloads: list[list[str]], in_flight: int) -> tuple[float, list[float]]:
+        """Posts every payload with `in_flight` at once; returns (wall seconds, latencies)."""
+        import asyncio
+
+        import httpx
+
+        async def main() -> tuple[float, list[float]]:
+            # httpx's default pool (100 connections, 20 kept alive), as callers leave it.
+            async with httpx.AsyncClient(timeout=600) as client:
+                gate = asyncio.Semaphore(in_flight)
+
+                async def one(texts: list[str]) -> float:
+                    async with gate:
+                        t = time.perf_counter()
+                        r = await client.post(f"{self.base}/v1/embeddings", json={
+                            "model": self.model, "input": texts, "encoding_format": "base64"})
+                        r.raise_for_status()
+                        return time.perf_counter() - t
+
+                await one(["warm up"])
+                start = time.perf_counter()
+                latencies = await asyncio.gather(*(one(p) for p in payloads))
+                return time.perf_counter() - start, list(latencies)
+
+        return asyncio.run(main())
+
+
 def concurrent(call, payloads: list, in_flight: int) -> tuple[float, list[float]]:
     """Runs `call(payload)` for every payload with `in_flight` at once; returns (wall seconds, latencies)."""
     start = time.perf_counter()
@@ -278,6 +312,20 @@ def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, resul
         wall, lat = concurrent(client.embed, work.w4, 2)
         rate = sum(map(len, work.w4)) / wall
         w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats()}
+    # The same REST workloads from an asyncio caller (one AsyncClient) instead of threads.
+    rest_async = AsyncRestClient(rest.base, rest.model)
+    wall, lat = rest_async.run([[W1_TEXT]] * work.sizes["w1_n"], 1)
+    w["W1_rest_async"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+                          "p50_over_in_process_ms": pct(lat, 50) * 1e3 - ip["w1_p50_ms"], "batches": batch_stats()}
+    wall, lat = rest_async.run([work.w2] * work.sizes["w2_requests"], 2)
+    rate = len(work.w2) * work.sizes["w2_requests"] / wall
+    w["W2_rest_async"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
+    wall, lat = rest_async.run([[s] for s in work.w3], 64)
+    rate = len(work.w3) / wall
+    w["W3_rest_async"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
+    if same:
+        for name in ("W2_rest_async", "W3_rest_async"):
+            w[name]["ratio_same_backend"] = w[name]["rate"] / same["limit"]
     tracemalloc.start()
     t = time.perf_counter()
     seen, held = grpc_client.stream(work.w5)

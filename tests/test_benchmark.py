@@ -34,7 +34,8 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
         results["workloads"] = measure_service(GrpcClient(service.target), RestClient(base, MINILM), work, results,
                                                BatchMetrics(metrics_endpoints, MINILM, report_s=0.6))
     w = results["workloads"]
-    assert set(w) == {f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")} | {"W5_grpc_stream"}
+    assert set(w) == ({f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")}
+                      | {"W1_rest_async", "W2_rest_async", "W3_rest_async", "W5_grpc_stream"})
     for name, v in w.items():
         assert v.get("ratio", 1) > 0 and v.get("p50_ms", 1) > 0, name
         # The batches the replicas ran, from the service's metrics: never over the configured maximum.
