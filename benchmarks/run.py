@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmark-results", help="folder for results.json and results.png")
     parser.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run)")
     parser.add_argument("--gateway-port", type=int, default=8089)
+    parser.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a router setting (YAML value), e.g. coalesce_max_in_flight=0")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the default model (YAML value), e.g. backend=onnx")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -378,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     from embedding_service.config import AppArgs
 
     app_args = config["applications"][0].setdefault("args", {})
+    for item in opts.router_option:
+        key, _, value = item.partition("=")
+        app_args.setdefault("router", {})[key] = yaml.safe_load(value)
     for item in opts.model_option:
         key, _, value = item.partition("=")
         app_args["models"][0][key] = yaml.safe_load(value)
@@ -395,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "sizes": work.sizes,
         "model_options": opts.model_option,
+        "router_options": opts.router_option,
         "env": opts.env,
         "tracing": opts.tracing,
     }

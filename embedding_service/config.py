@@ -111,6 +111,9 @@ class RouterSettings(_Strict):
     shard_size: int = Field(32, ge=1)
     # Mini-batches of one request in flight at once.
     max_concurrent_shards: int = Field(8, ge=1)
+    # Concurrent one-shard calls for the same model and options leave as one handle call
+    # (coalescing.py) once this many such merged calls per model are in flight; 0: off.
+    coalesce_max_in_flight: int = Field(4, ge=0)
     # Extra attempts for a mini-batch whose replica died or vanished.
     shard_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(0.2, ge=0)

@@ -78,6 +78,11 @@ class RouterMetrics:
                                          ("model",), {})
         self.shard_retries = _counter("shard_retries", "Shards sent again because their replica died or its "
                                       "device failed, by cause (the error's class).", ("model", "cause"), {})
+        self.coalesced_callers = _histogram("coalesced_callers", "Calls carried by one merged handle call to the "
+                                            "model (coalescing.py; 1: a call that went alone).", COUNTS, ("model",), {})
+        self.router_inputs_dropped = _counter("router_inputs_dropped", "Inputs of calls dropped while they waited in "
+                                              "the router to be coalesced: caller gone (reason=cancelled) or "
+                                              "deadline passed (reason=deadline).", ("model", "reason"), {})
         self.inputs = _counter("inputs", "Inputs embedded and returned to callers.", ("model",), {})
         self.tokens = _counter("tokens", "Tokens embedded and returned to callers (special tokens included).",
                                ("model",), {})

@@ -4,7 +4,8 @@ It admits a call (its API key, the service not shutting down, its deadline),
 checks the request, cuts its inputs (sorted by length) into mini-batches, sends
 them to the model deployment with bounded concurrency and the caller's
 remaining time, retries those whose replica died, and puts the results back in
-input order. Health and the node list come from the recycler's view (health.py);
+input order. A call of one mini-batch may travel with other such calls in one
+handle call (coalescing.py). Health and the node list come from the recycler's view (health.py);
 each call is measured and spanned from its arrival (call_observer.py).
 """
 
@@ -25,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from embedding_service import errors, node_routing
 from embedding_service.auth import Authenticator
 from embedding_service.call_observer import CallObserver, ObservedCall
+from embedding_service.coalescing import Coalescer
 from embedding_service.config import AppArgs
 from embedding_service.error_reasons import Reason, ServiceError
 from embedding_service.health import SERVING, ServiceView
@@ -32,7 +34,7 @@ from embedding_service.metrics import RouterMetrics, keep_gauges_set
 from embedding_service.model_deployment import ReplicaFaulted
 from embedding_service.proxy_ingress import TIMEOUT_KEY
 from embedding_service.recycler import LONG_POLL_S
-from embedding_service.shards import Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
+from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.tracing import service_tracer
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
@@ -78,6 +80,7 @@ class EmbedRouter:
         self.models = models
         self.recycler = recycler
         self._infos: dict[str, ModelInfo] = {}
+        self._coalescers: dict[tuple[str, EmbedOptions], Coalescer] = {}
         self.auth = Authenticator(args.auth)
         if not self.auth.enabled:
             logger.warning("router: no API keys configured (args.auth): only callers on loopback are served")
@@ -191,15 +194,27 @@ class EmbedRouter:
         check_envelope(request, self.args.limits, max_inputs)
         return build_job(request, await self._info(name), self.args.limits)
 
-    async def _call_shard(self, handle: DeploymentHandle, inputs: list[Input], job: Job,
-                          deadline: float) -> ShardResult:
+    def _coalescer(self, model: str, options: EmbedOptions) -> Coalescer:
+        key = (model, options)
+        if key not in self._coalescers:
+            handle = self.models[model]
+            m = self.metrics
+            self._coalescers[key] = Coalescer(
+                lambda inputs, deadline: self._call_shard(handle, inputs, model, options, deadline),
+                max_inputs=self.args.router.shard_size, max_in_flight=self.args.router.coalesce_max_in_flight,
+                on_drop=lambda n, reason: m.router_inputs_dropped.inc(n, tags={"model": model, "reason": reason}),
+                on_send=lambda callers: m.coalesced_callers.observe(callers, tags={"model": model}))
+        return self._coalescers[key]
+
+    async def _call_shard(self, handle: DeploymentHandle, inputs: list[Input], model: str, options: EmbedOptions,
+                          deadline: float | None) -> ShardResult:
         settings = self.args.router
         loop = asyncio.get_running_loop()
-        with self.tracer.span("shard", kind="CLIENT", attributes={"embedding.model": job.model,
+        with self.tracer.span("shard", kind="CLIENT", attributes={"embedding.model": model,
                                                                   "embedding.inputs": len(inputs)}) as span:
             for attempt in range(settings.shard_retries + 1):
-                request = ShardRequest(inputs, job.options, timeout_s=deadline - loop.time(),
-                                       trace_context=self.tracer.inject())
+                timeout_s = None if deadline is None else deadline - loop.time()
+                request = ShardRequest(inputs, options, timeout_s=timeout_s, trace_context=self.tracer.inject())
                 response = handle.embed.remote(request)
                 try:
                     result = await response
@@ -217,7 +232,7 @@ class EmbedRouter:
                             Reason.MODEL_UNAVAILABLE, "model replicas kept failing for this request; retry shortly"
                         ) from exc
                     cause = _retry_cause(exc)
-                    self.metrics.shard_retries.inc(tags={"model": job.model, "cause": cause})
+                    self.metrics.shard_retries.inc(tags={"model": model, "cause": cause})
                     logger.warning("shard of %d inputs failed (%s); retrying", len(inputs), cause)
                     await asyncio.sleep(settings.retry_backoff_s * (2**attempt))
         raise AssertionError("unreachable")
@@ -229,9 +244,16 @@ class EmbedRouter:
         handle = self.models[job.model]
         limit = asyncio.Semaphore(self.args.router.max_concurrent_shards)
 
+        shards = plan_shards(job.inputs, self.args.router.shard_size)
+        coalesce = len(shards) == 1 and self.args.router.coalesce_max_in_flight > 0
+
         async def run(shard: Shard) -> tuple[Shard, ShardResult]:
-            async with limit:
-                result = await self._call_shard(handle, [job.inputs[p] for p in shard.positions], job, deadline)
+            inputs = [job.inputs[p] for p in shard.positions]
+            if coalesce:
+                result = await self._coalescer(job.model, job.options).submit(inputs, deadline)
+            else:
+                async with limit:
+                    result = await self._call_shard(handle, inputs, job.model, job.options, deadline)
             if result.too_long:
                 index = int(shard.positions[result.too_long[0]])
                 tokens = int(result.token_counts[result.too_long[0]])
@@ -246,7 +268,6 @@ class EmbedRouter:
                 )
             return shard, result
 
-        shards = plan_shards(job.inputs, self.args.router.shard_size)
         call.planned(len(shards))
         tasks = [asyncio.ensure_future(run(s)) for s in shards]
         try:

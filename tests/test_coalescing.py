@@ -1,0 +1,197 @@
+"""Coalescing in the router: the Coalescer on its own (its send stands in for the handle call to a
+model replica, which the cluster tests make for real), then against the session's service."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from embedding_service.batching import CANCELLED, DEADLINE, Expired
+from embedding_service.coalescing import Coalescer
+from embedding_service.shards import ShardResult
+from embedding_service.v1 import embedding_pb2 as pb
+from tests.conftest import MINILM
+from tests.observe import settled, total
+from tests.test_embed import text_inputs, vectors_of
+
+LIMIT = 16
+
+
+class _Model:
+    """Records each merged call; the first waits until released (a busy replica). An input "LONG" is
+    rejected as the replica rejects an over-long input under truncation REJECT: no vectors for the shard."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    async def send(self, inputs: list[str], deadline) -> ShardResult:
+        self.calls.append(list(inputs))
+        if len(self.calls) == 1:
+            await self.release.wait()
+        if self.fail:
+            raise RuntimeError("replica gone")
+        counts = np.array([len(x) for x in inputs])
+        rejected = [i for i, x in enumerate(inputs) if x == "LONG"]
+        if rejected:
+            return ShardResult(None, counts, too_long=rejected)
+        return ShardResult(np.array([[len(x), i] for i, x in enumerate(inputs)], dtype=np.float32), counts)
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def _busy(**options) -> tuple[_Model, Coalescer, asyncio.Future]:
+    """A coalescer with one slot, taken by a call the model holds until released."""
+    model = _Model()
+    coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, **options)
+    blocker = asyncio.ensure_future(coalescer.submit(["x"], None))
+    await _settle()
+    return model, coalescer, blocker
+
+
+def test_calls_that_wait_leave_together_and_each_gets_its_own_rows():
+    async def main():
+        model = _Model()
+        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1)
+        first = asyncio.ensure_future(coalescer.submit(["a"], None))
+        await _settle()
+        assert model.calls == [["a"]]  # a lone call goes at once
+        waiting = [asyncio.ensure_future(coalescer.submit(x, None)) for x in (["bb", "c"], ["ddd"], ["ee", "f", "g"])]
+        await _settle()
+        model.release.set()
+        results = await asyncio.gather(first, *waiting)
+        assert model.calls == [["a"], ["bb", "c", "ddd", "ee", "f", "g"]]
+        # Each caller: its own vectors in its own order, its own token counts.
+        assert [r.vectors[:, 0].tolist() for r in results] == [[1], [2, 1], [3], [2, 1, 1]]
+        assert [r.token_counts.tolist() for r in results] == [[1], [2, 1], [3], [2, 1, 1]]
+
+    asyncio.run(main())
+
+
+def test_merged_calls_stay_within_the_input_limit_and_never_split_a_caller():
+    async def main():
+        model, coalescer, blocker = await _busy()
+        sizes = [5, 9, 3, 16, 1, 7]
+        calls = [asyncio.ensure_future(coalescer.submit([f"{k}"] * n, None)) for k, n in enumerate(sizes)]
+        await _settle()
+        model.release.set()
+        results = await asyncio.gather(blocker, *calls)
+        assert [len(c) for c in model.calls[1:]] == [14, 3, 16, 8]  # 5+9 | 3 (16 would not fit) | 16 | 1+7
+        assert all(len(c) <= LIMIT for c in model.calls)
+        assert [len(r.token_counts) for r in results[1:]] == sizes
+
+    asyncio.run(main())
+
+
+def test_a_rejected_input_fails_only_its_own_caller():
+    async def main():
+        model, coalescer, blocker = await _busy()
+        good = asyncio.ensure_future(coalescer.submit(["ok", "fine"], None))
+        bad = asyncio.ensure_future(coalescer.submit(["short", "LONG"], None))
+        other = asyncio.ensure_future(coalescer.submit(["yes"], None))
+        await _settle()
+        model.release.set()
+        await blocker
+        rejected = await bad
+        assert rejected.vectors is None and rejected.too_long == [1]  # its own position
+        assert (await good).vectors[:, 0].tolist() == [2, 4]
+        assert (await other).vectors[:, 0].tolist() == [3]
+        assert model.calls[2] == ["ok", "fine", "yes"]  # the others went again without it
+
+    asyncio.run(main())
+
+
+def test_expired_and_departed_callers_are_dropped_unsent():
+    async def main():
+        dropped: list[tuple[int, str]] = []
+        sends: list[int] = []
+        model, coalescer, blocker = await _busy(on_drop=lambda n, reason: dropped.append((n, reason)),
+                                                on_send=sends.append)
+        loop = asyncio.get_running_loop()
+        expiring = asyncio.ensure_future(coalescer.submit(["late", "late"], loop.time() + 0.01))
+        leaving = asyncio.ensure_future(coalescer.submit(["gone", "gone", "gone"], None))
+        staying = asyncio.ensure_future(coalescer.submit(["here"], None))
+        await _settle()
+        leaving.cancel()
+        await asyncio.sleep(0.05)
+        model.release.set()
+        with pytest.raises(Expired):
+            await expiring
+        assert (await staying).vectors[:, 0].tolist() == [4]
+        await blocker
+        assert model.calls == [["x"], ["here"]]
+        assert sorted(dropped) == sorted([(2, DEADLINE), (3, CANCELLED)])
+        assert sends == [1, 1]
+
+    asyncio.run(main())
+
+
+def test_a_failed_call_fails_its_callers_and_the_coalescer_goes_on():
+    async def main():
+        model = _Model(fail=True)
+        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1)
+        first = asyncio.ensure_future(coalescer.submit(["a"], None))
+        await _settle()
+        second = asyncio.ensure_future(coalescer.submit(["b"], None))
+        model.release.set()
+        for call in (first, second):
+            with pytest.raises(RuntimeError, match="replica gone"):
+                await call
+        model.fail = False
+        assert (await coalescer.submit(["cc"], None)).vectors[:, 0].tolist() == [2]
+
+    asyncio.run(main())
+
+
+def test_concurrent_small_calls_are_coalesced_and_equal_separate_calls(service, reference_models):
+    """64 callers at once against the real service: each gets exactly what it gets alone."""
+    stub = service.stub
+    texts = [[f"caller {k} sentence {j} " + "word " * ((k * 7 + j) % 13) for j in range(1 + k % 3)] for k in range(64)]
+    alone = [stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(t)), timeout=60) for t in texts]
+    before = settled("ray_embedding_coalesced_callers_count", 1.0, model=MINILM)
+
+    def call(t):
+        return stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(t)), timeout=60)
+
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(call, texts))
+    for t, a, b in zip(texts, alone, together):
+        assert np.abs(vectors_of(a) - vectors_of(b)).max() < 1e-6
+        expected = reference_models[MINILM].encode(t, normalize_embeddings=True)
+        assert np.abs(vectors_of(b) - expected).max() < 1e-5
+        assert [e.tokens for e in a.embeddings] == [e.tokens for e in b.embeddings]
+        assert a.usage.total_tokens == b.usage.total_tokens
+    after = settled("ray_embedding_coalesced_callers_count", 1.0, model=MINILM)
+
+    def delta(name: str) -> float:
+        return total(name, after, model=MINILM) - total(name, before, model=MINILM)
+
+    merged_calls = delta("ray_embedding_coalesced_callers_count")
+    print(f"64 concurrent calls left the router as {merged_calls:.0f} handle calls")
+    assert merged_calls < len(texts)  # some went together
+
+
+def test_a_rejected_input_among_concurrent_calls_fails_only_its_caller(service):
+    stub = service.stub
+    long_text = " ".join(["token"] * 400)  # past MiniLM's 256
+
+    def call(k: int):
+        inputs = [f"call {k} fine"] + ([long_text] if k == 5 else [])
+        request = pb.EmbedRequest(model=MINILM, inputs=text_inputs(inputs), truncation=pb.TRUNCATION_POLICY_REJECT)
+        try:
+            return stub.Embed(request, timeout=60)
+        except grpc.RpcError as err:
+            return err.code()
+
+    with ThreadPoolExecutor(32) as pool:
+        outcomes = list(pool.map(call, range(32)))
+    assert outcomes[5] == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(isinstance(o, pb.EmbedResponse) and len(o.embeddings) == 1 for k, o in enumerate(outcomes) if k != 5)
