@@ -15,7 +15,7 @@ while it queued is dropped when the next batch forms, never run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -28,6 +28,24 @@ DEADLINE = "deadline"
 
 class Expired(TimeoutError):
     """The item's deadline passed while it waited for a batch."""
+
+
+def why_stale(future: asyncio.Future, deadline: float | None, now: float, where: str) -> str | None:
+    """Why a queued waiter is not worth running any more (CANCELLED, or DEADLINE, which it is then told
+    with Expired), or None while its caller still waits in time."""
+    if future.cancelled():
+        return CANCELLED
+    if deadline is not None and now >= deadline:
+        future.set_exception(Expired(f"the deadline passed while the input waited {where}"))
+        return DEADLINE
+    return None
+
+
+def fail_waiters(futures: Iterable[asyncio.Future], exc: BaseException) -> None:
+    """Every waiter still waiting learns of the failure (a non-Exception, e.g. a cancellation, as a RuntimeError)."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 
 
 class ContinuousBatcher(Generic[T, R]):
@@ -88,14 +106,10 @@ class ContinuousBatcher(Generic[T, R]):
     def _live(self, entry: tuple[T, asyncio.Future, float | None], now: float) -> bool:
         """Whether the entry still has a caller waiting in time; drops it otherwise."""
         item, future, deadline = entry
-        if future.cancelled():
-            self._on_drop(item, CANCELLED)
-            return False
-        if deadline is not None and now >= deadline:
-            future.set_exception(Expired("the deadline passed while the input waited for the model"))
-            self._on_drop(item, DEADLINE)
-            return False
-        return True
+        reason = why_stale(future, deadline, now, "for the model")
+        if reason is not None:
+            self._on_drop(item, reason)
+        return reason is None
 
     async def _next_batch(self) -> list[tuple[T, asyncio.Future, float | None]]:
         loop = asyncio.get_running_loop()
@@ -134,9 +148,7 @@ class ContinuousBatcher(Generic[T, R]):
             try:
                 results = await loop.run_in_executor(self._executor, self._run, [item for item, _, _ in batch])
             except BaseException as exc:  # every waiter learns of the failure; the loop goes on
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                fail_waiters((future for _, future, _ in batch), exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue

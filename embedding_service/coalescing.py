@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from embedding_service.batching import CANCELLED, DEADLINE, Expired
+from embedding_service.batching import fail_waiters, why_stale
 from embedding_service.shards import Input, ShardResult
 
 
@@ -52,14 +52,10 @@ class Coalescer:
         return await future
 
     def _live(self, entry: _Entry, now: float) -> bool:
-        if entry.future.cancelled():
-            self._on_drop(len(entry.inputs), CANCELLED)
-            return False
-        if entry.deadline is not None and now >= entry.deadline:
-            entry.future.set_exception(Expired("the deadline passed while the call waited in the router"))
-            self._on_drop(len(entry.inputs), DEADLINE)
-            return False
-        return True
+        reason = why_stale(entry.future, entry.deadline, now, "in the router")
+        if reason is not None:
+            self._on_drop(len(entry.inputs), reason)
+        return reason is None
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
@@ -88,9 +84,7 @@ class Coalescer:
             try:
                 result = await self._send(inputs, deadline)
             except BaseException as exc:  # every caller in the call learns of its failure
-                for e in batch:
-                    if not e.future.done():
-                        e.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                fail_waiters((e.future for e in batch), exc)
                 if not isinstance(exc, Exception):
                     raise
                 return
