@@ -68,7 +68,8 @@ class NodeRecycler:
                 draining = {n.node_id for n in self.book.snapshot().nodes if n.state == NodeState.DRAINING}
                 for node in self.book.tick(time.time(), alive):
                     await self._recycle(node)
-                gone = [nid for nid in draining if self.book.snapshot().state_of(nid) == NodeState.RECYCLED]
+                after = self.book.snapshot()
+                gone = [nid for nid in draining if after.state_of(nid) == NodeState.RECYCLED]
                 if gone:
                     self.metrics.drains_finished.inc(len(gone))
                 self._count_nodes()  # at once; keep_gauges_set repeats it

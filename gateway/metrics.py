@@ -61,13 +61,15 @@ class ObserveRequests:
         method = scope["method"]
         started = time.perf_counter()
         m.in_flight.inc()
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
+        # The caller's trace headers, read only when there is a trace to join.
+        headers = ([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
+                   if self.tracer.enabled else None)
         try:
             with self.tracer.span(method, kind="SERVER", parent=headers,
                                   attributes={"http.request.method": method}) as span:
                 await self.app(scope, receive, sending)
-                route = _route(scope)
                 if span is not None:
+                    route = _route(scope)
                     span.update_name(f"{method} {route}")
                     tracing.set_attributes(span, **{"http.route": route,
                                                     "http.response.status_code": status["code"]})

@@ -6,18 +6,17 @@ import time
 from collections.abc import Callable
 
 import httpx
-import ray
 from prometheus_client.parser import text_string_to_metric_families
+
+from embedding_service.launcher import metrics_endpoints
 
 
 def scrape() -> list:
     """Every sample on every live node's endpoint (prometheus_client's parser)."""
     samples = []
-    for node in ray.nodes():
-        if node["Alive"] and node.get("MetricsExportPort"):
-            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
-            for family in text_string_to_metric_families(text):
-                samples.extend(family.samples)
+    for url in metrics_endpoints():
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            samples.extend(family.samples)
     return samples
 
 
