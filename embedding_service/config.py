@@ -26,6 +26,20 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0)
 
 
+class AccuracyGate(_Strict):
+    """What a precision other than fp32 must keep of fp32 torch on the packaged gate sentences (accuracy.py).
+
+    A replica that misses it at start-up refuses to serve; lowering it is an explicit choice here."""
+
+    min_mean_cosine: float = Field(0.99, ge=0, le=1)
+    min_recall_at_10: float = Field(0.95, ge=0, le=1)
+
+
+# Lowest cosine a canary sentence's vector may have to its fp32 torch vector, by precision
+# (measured on all-MiniLM-L6-v2 here: fp32 backends >= 0.9999999, bf16 >= 0.9999, int8 >= 0.993).
+CANARY_MIN_COSINE = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.98}
+
+
 class ModelSettings(_Strict):
     """One served sentence-transformers model and its deployment."""
 
@@ -38,6 +52,16 @@ class ModelSettings(_Strict):
     # faster here, within 1e-6 of torch; see runtimes.py and the README). "auto":
     # OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.
     backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    # fp32; bf16 (backend openvino on CPUs with AMX/AVX512-BF16, or torch); int8 (backend openvino:
+    # NNCF quantization calibrated on the packaged sentences). Below fp32 a replica must pass
+    # accuracy_gate at start-up; every replica must pass its canary (verification.py).
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
+    accuracy_gate: AccuracyGate = AccuracyGate()
+    # Lowest canary cosine to fp32 torch; None: CANARY_MIN_COSINE of the precision.
+    canary_min_cosine: float | None = Field(None, ge=0, le=1)
+    # The model's fp32 reference vectors (calibration.py): a file made by `python -m embedding_service
+    # calibrate`, or "auto": the shipped one for these weights, else computed at start-up.
+    calibration: str = Field("auto", min_length=1)
     # Overrides the model's own maximum sequence length (tokens); None keeps it.
     max_seq_length: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
@@ -55,8 +79,11 @@ class ModelSettings(_Strict):
     # more (0: start at once; what arrives meanwhile forms the next batch).
     max_batch_size: int = Field(128, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
-    # Sequences per forward pass inside a gathered batch (sorted by length).
+    # Sequences per forward pass inside a gathered batch (sorted by length), and the padded
+    # tokens (longest x count) one pass may compute: long inputs run in smaller passes, so a
+    # pass's memory and time stay bounded (batching.plan_passes).
     forward_batch_size: int = Field(32, ge=1)
+    forward_max_tokens: int = Field(8192, ge=1)
     # Requests a replica holds (running and queued in its batcher), and how
     # many may wait for a replica before callers get RESOURCE_EXHAUSTED.
     max_ongoing_requests: int = Field(64, ge=1)
@@ -70,6 +97,18 @@ class ModelSettings(_Strict):
     gpu_check_args: dict[str, Any] = Field(default_factory=dict)
     # Serve's own health check of the replica (it fails on a quarantined node).
     health_check_period_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _precision_fits_backend(self) -> ModelSettings:
+        if self.precision == "int8" and self.backend not in ("auto", "openvino"):
+            raise ValueError(f"precision int8 runs on backend openvino (or auto on CPU), not {self.backend}")
+        if self.precision == "bf16" and self.backend == "onnx":
+            raise ValueError("precision bf16 runs on backend openvino or torch, not onnx")
+        return self
+
+    @property
+    def canary_threshold(self) -> float:
+        return CANARY_MIN_COSINE[self.precision] if self.canary_min_cosine is None else self.canary_min_cosine
 
     def resolved_path(self) -> str:
         if self.path.startswith(PACKAGE_PREFIX):

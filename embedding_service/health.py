@@ -47,6 +47,16 @@ class ServiceView:
     def shutting_down(self) -> bool:
         return self.snapshot is not None and self.snapshot.shutting_down
 
+    def refusal(self, model: str) -> str | None:
+        """Why a model is not serving when every replica it has refuses to (verification.py), else None."""
+        if self.snapshot is None or model in self.snapshot.serving_models():
+            return None
+        refused = [r for r in self.snapshot.refused_replicas().values() if r.model == model]
+        if not refused:
+            return None
+        first = min(refused, key=lambda r: r.replica_id)
+        return f"its {len(refused)} replica(s) refuse to serve; replica {first.replica_id}: {first.refused}"
+
     def own_node_quarantined(self) -> bool:
         return self.snapshot is not None and self.snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)
 
@@ -82,6 +92,7 @@ class ServiceView:
                 state=_NODE_STATES[node.state],
                 reason=node.reason,
                 since_unix_ms=int(node.since * 1000),
-                replicas=[pb.NodeReplica(replica_id=r.replica_id, model=r.model) for r in node.replicas],
+                replicas=[pb.NodeReplica(replica_id=r.replica_id, model=r.model, refused=r.refused)
+                          for r in node.replicas],
             )
         return response

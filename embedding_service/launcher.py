@@ -187,8 +187,15 @@ TEARDOWN_S = 15
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        from embedding_service import calibration
+
+        return calibration.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m embedding_service")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("calibrate", help="fp32 torch reference vectors for a model's canary and accuracy gate "
+                                     "(calibration.py; --help for its options)")
     run = sub.add_parser("run", help="start Ray, Serve's gRPC proxy and the service; serve until interrupted")
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
     run.add_argument("--address", default=None, help="Ray cluster address; default starts a local Ray")

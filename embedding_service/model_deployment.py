@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from embedding_service.batching import DEADLINE, ContinuousBatcher, Expired
+from embedding_service.accuracy import corpus
+from embedding_service.batching import DEADLINE, ContinuousBatcher, Expired, plan_passes
+from embedding_service.calibration import calibration_for
 from embedding_service.config import ModelSettings, TracingSettings
 from embedding_service.gpu_health import load_check
 from embedding_service.metrics import ModelMetrics, keep_gauges_set
@@ -27,6 +29,7 @@ from embedding_service.runtimes import Runtime, load_runtime
 from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
 from embedding_service.tokenization import InputEncoder
 from embedding_service.tracing import service_tracer, set_attributes, wall_ns
+from embedding_service.verification import Verification, verify
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,6 +43,8 @@ class LoadedModel:
     backend: str
     runtime: Runtime
     encoder: InputEncoder
+    # The start-up check of the backend (verification.py); None: not checked (tests that build a replica by hand).
+    verification: Verification | None = None
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,41 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     model.eval()
     if settings.max_seq_length is not None:
         model.max_seq_length = settings.max_seq_length
-    backend, runtime = load_runtime(model, settings.backend, device, settings.threads)
-    logger.info("model %s loaded from %s on %s (%s)", settings.name, source, device, backend)
-    return LoadedModel(model, device, backend, runtime, InputEncoder(model))
+    encoder = InputEncoder(model)
+    calibration = calibration_for(model, settings.calibration, gate=settings.precision != "fp32")
+    samples = calibration_samples(encoder) if settings.precision == "int8" else []
+    backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
+    logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
+    dimension = int(model.get_embedding_dimension())
+
+    def embed(texts) -> np.ndarray:
+        sequences = encoder.prepare(list(texts), "end").sequences
+        return forward_sorted(runtime, encoder, sequences, None, settings.forward_batch_size,
+                              settings.forward_max_tokens, device, dimension)[0]
+
+    verification = verify(embed, calibration, settings)
+    return LoadedModel(model, device, backend, runtime, encoder, verification)
+
+
+def calibration_samples(encoder: InputEncoder, per_batch: int = 8) -> list[dict]:
+    """Features of the packaged calibration sentences (never gate sentences), to calibrate int8."""
+    texts = corpus().calibration
+    return [encoder.features(encoder.prepare(list(texts[i : i + per_batch]), "end").sequences)
+            for i in range(0, len(texts), per_batch)]
+
+
+def forward_sorted(runtime: Runtime, encoder: InputEncoder, sequences: list[np.ndarray], prompt: str | None,
+                   max_sequences: int, max_tokens: int, device: str, dimension: int) -> tuple[np.ndarray, int]:
+    """The vectors of sequences, run longest first in passes within both budgets (batching.plan_passes), and
+    the token slots computed (longest x count, per pass)."""
+    out = np.empty((len(sequences), dimension), dtype=np.float32)
+    padded = 0
+    for rows in plan_passes([len(s) for s in sequences], max_sequences, max_tokens):
+        padded += len(sequences[rows[0]]) * len(rows)  # longest first
+        features = encoder.features([sequences[k] for k in rows], prompt)
+        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
+        out[rows] = runtime.embed(features)
+    return out, padded
 
 
 def _placement() -> Placement:
@@ -111,6 +148,10 @@ def _placement() -> Placement:
 
 class ReplicaFaulted(Exception):
     """The replica's device failed; the router retries the shard elsewhere."""
+
+
+class ReplicaRefused(Exception):
+    """The replica's backend failed its start-up check (verification.py); the router retries elsewhere."""
 
 
 class EmbeddingModel:
@@ -137,7 +178,9 @@ class EmbeddingModel:
             backend=self.backend,
             vocab_size=self.encoder.vocab_size,
             source=settings.path,
+            verification=loaded.verification,
         )
+        self.refused = loaded.verification.refused if loaded.verification else None
         self.metrics = ModelMetrics(settings.name, self.backend)
         self.tracer = service_tracer(tracing or TracingSettings(), "model")
         self._batcher = ContinuousBatcher(self._run_batch, max_size=settings.max_batch_size,
@@ -161,7 +204,8 @@ class EmbeddingModel:
         return await asyncio.to_thread(self._check, self.device, self.node_id, **self.settings.gpu_check_args)
 
     async def _heartbeat(self) -> None:
-        quarantined, reason = await self.recycler.heartbeat.remote(self.replica_id, self.settings.name, self.node_id)
+        quarantined, reason = await self.recycler.heartbeat.remote(self.replica_id, self.settings.name, self.node_id,
+                                                                   self.refused or "")
         self._quarantine_reason = reason if quarantined else None
 
     async def _check_and_report(self) -> str | None:
@@ -231,6 +275,8 @@ class EmbeddingModel:
             return await self._embed(request, span)
 
     async def _embed(self, request: ShardRequest, span) -> ShardResult:
+        if self.refused is not None:  # routing keeps calls away; one sent before the router heard is retried
+            raise ReplicaRefused(f"replica {self.replica_id} refuses to serve: {self.refused}")
         loop = asyncio.get_running_loop()
         deadline = None if request.timeout_s is None else loop.time() + request.timeout_s
         if deadline is not None and request.timeout_s <= 0:
@@ -307,15 +353,5 @@ class EmbeddingModel:
         ]
 
     def _forward(self, sequences: list[np.ndarray], prompt: str | None) -> tuple[np.ndarray, int]:
-        """The vectors, and the token slots computed (longest x count, per forward pass)."""
-        order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k]))
-        out = np.empty((len(sequences), self.info.dimension), dtype=np.float32)
-        step = self.settings.forward_batch_size
-        padded = 0
-        for i in range(0, len(order), step):
-            rows = order[i : i + step]
-            padded += len(sequences[rows[0]]) * len(rows)  # sorted longest first
-            features = self.encoder.features([sequences[k] for k in rows], prompt)
-            features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
-            out[rows] = self.runtime.embed(features)
-        return out, padded
+        return forward_sorted(self.runtime, self.encoder, sequences, prompt, self.settings.forward_batch_size,
+                              self.settings.forward_max_tokens, self.device, self.info.dimension)

@@ -22,6 +22,7 @@ class ReplicaView:
     replica_id: str
     model: str
     node_id: str
+    refused: str = ""  # why it refuses to serve (its backend failed its start-up check); "" while it serves
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class Snapshot:
         return {n.node_id for n in self.nodes if n.state != NodeState.HEALTHY}
 
     def serving_models(self) -> set[str]:
-        return {r.model for n in self.nodes if n.state == NodeState.HEALTHY for r in n.replicas}
+        return {r.model for n in self.nodes if n.state == NodeState.HEALTHY for r in n.replicas if not r.refused}
+
+    def refused_replicas(self) -> dict[str, ReplicaView]:
+        return {r.replica_id: r for n in self.nodes for r in n.replicas if r.refused}
 
     def state_of(self, node_id: str) -> NodeState | None:
         return next((n.state for n in self.nodes if n.node_id == node_id), None)
@@ -82,11 +86,13 @@ class NodeBook:
         node.state, node.reason, node.since, node.cycles = state, reason, now, 0
         self.version += 1
 
-    def heartbeat(self, replica_id: str, model: str, node_id: str, now: float) -> tuple[bool, str]:
-        """Records a live replica; answers whether its node is quarantined (and why)."""
+    def heartbeat(self, replica_id: str, model: str, node_id: str, now: float,
+                  refused: str = "") -> tuple[bool, str]:
+        """Records a live replica (and why it refuses to serve, if it does); answers whether its node is
+        quarantined (and why)."""
         node = self._node(node_id, now)
         known = self._replicas.get(replica_id)
-        view = ReplicaView(replica_id, model, node_id)
+        view = ReplicaView(replica_id, model, node_id, refused)
         if known is None or known[0] != view:
             self.version += 1
         self._replicas[replica_id] = (view, now)

@@ -121,9 +121,9 @@ class NodeRecycler:
 
     # ---- called by replicas and the router --------------------------------
 
-    async def heartbeat(self, replica_id: str, model: str, node_id: str) -> tuple[bool, str]:
+    async def heartbeat(self, replica_id: str, model: str, node_id: str, refused: str = "") -> tuple[bool, str]:
         before = self.book.version
-        verdict = self.book.heartbeat(replica_id, model, node_id, time.time())
+        verdict = self.book.heartbeat(replica_id, model, node_id, time.time(), refused)
         await self._notify(before)
         return verdict
 

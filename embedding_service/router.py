@@ -31,13 +31,14 @@ from embedding_service.config import AppArgs
 from embedding_service.error_reasons import Reason, ServiceError
 from embedding_service.health import SERVING, ServiceView
 from embedding_service.metrics import RouterMetrics, keep_gauges_set
-from embedding_service.model_deployment import ReplicaFaulted
+from embedding_service.model_deployment import ReplicaFaulted, ReplicaRefused
 from embedding_service.proxy_ingress import TIMEOUT_KEY
 from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.tracing import service_tracer
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
+from embedding_service.verification import Verification
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,18 +50,20 @@ _RETRYABLE = (
     ray.exceptions.WorkerCrashedError,
     ray.exceptions.NodeDiedError,
     ReplicaFaulted,
+    ReplicaRefused,
 )
+_REPLICA_OWN = (ReplicaFaulted, ReplicaRefused)
 
 
 def _retryable(exc: BaseException) -> bool:
-    # A replica's own ReplicaFaulted reaches the caller wrapped in a RayTaskError.
-    return isinstance(exc, _RETRYABLE) or isinstance(getattr(exc, "cause", None), ReplicaFaulted)
+    # A replica's own ReplicaFaulted / ReplicaRefused reaches the caller wrapped in a RayTaskError.
+    return isinstance(exc, _RETRYABLE) or isinstance(getattr(exc, "cause", None), _REPLICA_OWN)
 
 
 def _retry_cause(exc: BaseException) -> str:
     """A bounded label: the class of the failure (ReplicaFaulted inside Ray's wrapper)."""
     cause = getattr(exc, "cause", None)
-    return type(cause if isinstance(cause, ReplicaFaulted) else exc).__name__
+    return type(cause if isinstance(cause, _REPLICA_OWN) else exc).__name__
 
 
 def _caller_timeout_s(grpc_context) -> float | None:
@@ -72,6 +75,20 @@ def _caller_timeout_s(grpc_context) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def _verification_fields(verification: Verification | None) -> dict:
+    if verification is None:
+        return {}
+    v = verification
+    accuracy = pb.ModelAccuracy(
+        reference=v.reference, canary_min_cosine=v.canary_min_cosine,
+        canary_threshold=v.canary_threshold, min_mean_cosine=v.min_mean_cosine, min_recall_at_10=v.min_recall_at_10)
+    if v.accuracy is not None:
+        accuracy.gate_sentences = v.accuracy.sentences
+        accuracy.mean_cosine = v.accuracy.mean_cosine
+        accuracy.recall_at_10 = v.accuracy.recall_at_10
+    return {"precision": v.precision, "accuracy": accuracy, "refused": v.refused or ""}
 
 
 class EmbedRouter:
@@ -110,6 +127,7 @@ class EmbedRouter:
             if snapshot.version != version:
                 version = snapshot.version
                 node_routing.set_quarantined(snapshot.unhealthy())
+                node_routing.set_refused(snapshot.refused_replicas())
                 await self.view.update(snapshot)
                 self._report_health()  # at once; keep_gauges_set repeats it
                 if snapshot.shutting_down:
@@ -184,6 +202,7 @@ class EmbedRouter:
             vocab_size=info.vocab_size,
             is_default=info.name == self.args.default_model_name,
             source=info.source,
+            **_verification_fields(info.verification),
         )
 
     # ---- the work -------------------------------------------------------
@@ -192,6 +211,9 @@ class EmbedRouter:
         name = resolve_model_name(request.model, list(self.models), self.args.default_model_name)
         call.model = name
         check_envelope(request, self.args.limits, max_inputs)
+        refusal = self.view.refusal(name)
+        if refusal is not None:
+            raise ServiceError(Reason.MODEL_REFUSED, f"model {name!r} is not serving: {refusal}")
         return build_job(request, await self._info(name), self.args.limits)
 
     def _coalescer(self, model: str, options: EmbedOptions) -> Coalescer:

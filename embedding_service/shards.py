@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from embedding_service.tokenization import Policy
+from embedding_service.verification import Verification
 
 Input = str | np.ndarray  # a text, or int32 token ids without special tokens
 
@@ -25,6 +26,7 @@ class ModelInfo:
     backend: str
     vocab_size: int
     source: str
+    verification: Verification | None = None  # the answering replica's start-up check
 
 
 @dataclass(frozen=True)

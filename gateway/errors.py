@@ -92,6 +92,9 @@ def from_grpc(err: grpc.RpcError, retry_after_s: int) -> OpenAIError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return OpenAIError(503, "the embedding service is unavailable; retry later", "service_unavailable", None,
                            "service_unavailable", retry_after)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        # MODEL_REFUSED: the model's replicas missed their accuracy check; the operator must act, not the caller.
+        return OpenAIError(503, message, "service_unavailable", "model", reason.name.lower() if reason else None)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return OpenAIError(504, "the embedding service did not answer in time", "timeout", None, "timeout")
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

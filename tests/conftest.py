@@ -25,6 +25,8 @@ launcher.export_app_env(launcher.load_config())
 
 MINILM = "all-MiniLM-L6-v2"
 TINY = "tiny-bert"
+# Its replica refuses to serve: bf16 cannot reach the gate this config sets (mean cosine 1.0).
+REFUSING = "tiny-bert-refusing"
 TINY_DIM = 48
 TINY_MAX_SEQ = 32
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -102,6 +104,10 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
             "num_replicas": 1,
             "num_cpus": 0.5,
         }
+    )
+    args["models"].append(
+        {"name": REFUSING, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch", "precision": "bf16",
+         "accuracy_gate": {"min_mean_cosine": 1.0}, "num_replicas": 1, "num_cpus": 0.25}
     )
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,

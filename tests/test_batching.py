@@ -159,3 +159,50 @@ def test_the_queue_depth_it_reports_counts_waiting_units_held_and_dropped_ones_l
         batcher.close()
 
     asyncio.run(main())
+
+
+# ---- forward passes within a padded-token budget -------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from embedding_service.batching import plan_passes  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 64), st.integers(1, 9000))
+def test_token_budget_passes_never_exceed_the_budget(lengths, max_sequences, max_tokens):
+    passes = plan_passes(lengths, max_sequences, max_tokens)
+    assert sorted(k for p in passes for k in p) == list(range(len(lengths)))  # each sequence once
+    for p in passes:
+        longest = max(lengths[k] for k in p)
+        assert [lengths[k] for k in p] == sorted((lengths[k] for k in p), reverse=True)
+        assert len(p) <= max_sequences
+        # longest x count within the budget; only a sequence longer than the budget runs alone past it
+        assert longest * len(p) <= max_tokens or len(p) == 1
+
+
+def test_a_replica_runs_long_inputs_in_smaller_passes_with_the_same_vectors(reference_models):
+    import numpy as np
+
+    from embedding_service.model_deployment import forward_sorted
+    from embedding_service.runtimes import TorchRuntime
+    from embedding_service.tokenization import InputEncoder
+    from tests.conftest import TINY, TINY_DIM
+
+    model = reference_models[TINY]
+    shapes = []
+
+    class Recorded(TorchRuntime):
+        def embed(self, features):
+            shapes.append(tuple(features["input_ids"].shape))
+            return super().embed(features)
+
+    texts = ["word " * n for n in (1, 3, 30, 2, 25, 5, 28, 4, 6, 7)]
+    encoder = InputEncoder(model)
+    vectors, padded = forward_sorted(Recorded(model), encoder, encoder.prepare(texts, "end").sequences, None,
+                                     max_sequences=8, max_tokens=64, device="cpu", dimension=TINY_DIM)
+    assert all(rows * width <= 64 for rows, width in shapes)
+    assert len(shapes) > 2  # the budget, not the 8-sequence bound (2 passes), cut them
+    assert padded == sum(rows * width for rows, width in shapes)
+    assert np.abs(vectors - model.encode(texts)).max() < 1e-5

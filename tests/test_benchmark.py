@@ -18,6 +18,7 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
         GrpcClient,
         RestClient,
         Work,
+        accuracy_of,
         measure_in_process,
         measure_service,
         write,
@@ -31,8 +32,11 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
     assert results["in_process"]["limit"] > 0 and results["in_process_backend"]["limit"] > 0
 
     with running_gateway(targets=[service.target]) as base:
-        results["workloads"] = measure_service(GrpcClient(service.target), RestClient(base, MINILM), work, results,
+        client = GrpcClient(service.target)
+        results["accuracy"] = accuracy_of(client, MINILM)
+        results["workloads"] = measure_service(client, RestClient(base, MINILM), work, results,
                                                BatchMetrics(metrics_endpoints, MINILM, report_s=0.6))
+    assert results["accuracy"]["precision"] == "fp32" and results["accuracy"]["canary_min_cosine"] > 0.99999
     w = results["workloads"]
     assert set(w) == ({f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")}
                       | {"W1_rest_async", "W2_rest_async", "W3_rest_async", "W5_grpc_stream"})
@@ -50,4 +54,5 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
     assert json.loads((tmp_path / "results.json").read_text())["workloads"]["W3_grpc"]["rate"] == w["W3_grpc"]["rate"]
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "W3_grpc" in printed and "service backend openvino in-process" in printed
+    assert "W3_grpc" in printed and "service backend openvino fp32 in-process" in printed
+    assert "precision fp32: no gate (fp32); canary min cosine 1.0" in printed

@@ -9,7 +9,7 @@ from grpc_status import rpc_status
 
 from embedding_service.error_reasons import DOMAIN, Reason
 from embedding_service.v1 import embedding_pb2 as pb
-from tests.conftest import MAX_REQUEST_BYTES, MINILM, TINY
+from tests.conftest import MAX_REQUEST_BYTES, MINILM, REFUSING, TINY
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -186,7 +186,7 @@ def test_invalid_utf8_in_a_string_field_is_malformed_and_in_an_unknown_field_is_
             service.channel.unary_unary(method)(BAD_UTF8, timeout=30)
         assert caught.value.code() == INVALID and error_info(caught.value).reason == "MALFORMED_REQUEST"
     listed = pb.ListModelsResponse.FromString(service.channel.unary_unary(EMBED + "ListModels")(BAD_UTF8, timeout=30))
-    assert {m.name for m in listed.models} == {MINILM, TINY}
+    assert {m.name for m in listed.models} == {MINILM, TINY, REFUSING}
 
 
 # ---- fuzz: what a careless or hostile client sends, through the real proxy ----

@@ -79,7 +79,7 @@ def test_inference_error_that_is_a_device_fault_is_reported_and_retryable(tmp_pa
     assert isinstance(error, ReplicaFaulted)
     assert recycler.named("report_failure") == [("replica-1", "node-1", "CUDA error: illegal memory access (injected)")]
     # It heartbeat before serving, and left the recycler's view when closed (as Serve's stop does).
-    assert recycler.named("heartbeat") == [("replica-1", "tiny", "node-1")]
+    assert recycler.named("heartbeat") == [("replica-1", "tiny", "node-1", "")]  # "": not refusing
     assert recycler.named("forget_replica") == [("replica-1",)]
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$embedding_service/v1/embedding.proto\x12\x14\x65mbedding_service.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"Y\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x33\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1e.embedding_service.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xa6\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x06inputs\x18\x02 \x03(\x0b\x32 .embedding_service.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12:\n\ntruncation\x18\x05 \x01(\x0e\x32&.embedding_service.v1.TruncationPolicy\x12\x13\n\x0bprompt_name\x18\x06 \x01(\t\x12\x36\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32$.embedding_service.v1.VectorEncodingB\r\n\x0b_dimensionsB\x0c\n\n_normalize\"N\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x12\n\nfloat32_le\x18\x03 \x01(\x0c\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"Q\n\x06Timing\x12\x15\n\rqueue_time_ns\x18\x01 \x01(\x03\x12\x19\n\x11inference_time_ns\x18\x02 \x01(\x03\x12\x15\n\rtotal_time_ns\x18\x03 \x01(\x03\"\xc1\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\nembeddings\x18\x02 \x03(\x0b\x32\x1f.embedding_service.v1.Embedding\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.embedding_service.v1.Usage\x12,\n\x06timing\x18\x05 \x01(\x0b\x32\x1c.embedding_service.v1.Timing\"\xac\x02\n\x12\x45mbedStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x06inputs\x18\x02 \x03(\x0b\x32 .embedding_service.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12:\n\ntruncation\x18\x05 \x01(\x0e\x32&.embedding_service.v1.TruncationPolicy\x12\x13\n\x0bprompt_name\x18\x06 \x01(\t\x12\x36\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32$.embedding_service.v1.VectorEncodingB\r\n\x0b_dimensionsB\x0c\n\n_normalize\"\xc7\x01\n\x13\x45mbedStreamResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\nembeddings\x18\x02 \x03(\x0b\x32\x1f.embedding_service.v1.Embedding\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.embedding_service.v1.Usage\x12,\n\x06timing\x18\x05 \x01(\x0b\x32\x1c.embedding_service.v1.Timing\"\x89\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\x12\x39\n\x07prompts\x18\x04 \x03(\x0b\x32(.embedding_service.v1.Model.PromptsEntry\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x0e\n\x06source\x18\t \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.embedding_service.v1.Model\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.embedding_service.v1.Model\"0\n\x0bNodeReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\xb4\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07node_ip\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.embedding_service.v1.NodeState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x05 \x01(\x03\x12\x33\n\x08replicas\x18\x06 \x03(\x0b\x32!.embedding_service.v1.NodeReplica\"\x13\n\x11WatchNodesRequest\"P\n\x12WatchNodesResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12)\n\x05nodes\x18\x02 \x03(\x0b\x32\x1a.embedding_service.v1.Node*\x8b\x01\n\x10TruncationPolicy\x12!\n\x1dTRUNCATION_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_POLICY_END\x10\x01\x12\x1b\n\x17TRUNCATION_POLICY_START\x10\x02\x12\x1c\n\x18TRUNCATION_POLICY_REJECT\x10\x03*l\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x19\n\x15VECTOR_ENCODING_FLOAT\x10\x01\x12\x1e\n\x1aVECTOR_ENCODING_FLOAT32_LE\x10\x02*\x8d\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_HEALTHY\x10\x01\x12\x1a\n\x16NODE_STATE_QUARANTINED\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x17\n\x13NODE_STATE_RECYCLED\x10\x04\x32\xe5\x03\n\x0c\x45mbedService\x12P\n\x05\x45mbed\x12\".embedding_service.v1.EmbedRequest\x1a#.embedding_service.v1.EmbedResponse\x12\x64\n\x0b\x45mbedStream\x12(.embedding_service.v1.EmbedStreamRequest\x1a).embedding_service.v1.EmbedStreamResponse0\x01\x12_\n\nListModels\x12\'.embedding_service.v1.ListModelsRequest\x1a(.embedding_service.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.embedding_service.v1.GetModelRequest\x1a&.embedding_service.v1.GetModelResponse\x12\x61\n\nWatchNodes\x12\'.embedding_service.v1.WatchNodesRequest\x1a(.embedding_service.v1.WatchNodesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$embedding_service/v1/embedding.proto\x12\x14\x65mbedding_service.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"Y\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x33\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1e.embedding_service.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xa6\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x06inputs\x18\x02 \x03(\x0b\x32 .embedding_service.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12:\n\ntruncation\x18\x05 \x01(\x0e\x32&.embedding_service.v1.TruncationPolicy\x12\x13\n\x0bprompt_name\x18\x06 \x01(\t\x12\x36\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32$.embedding_service.v1.VectorEncodingB\r\n\x0b_dimensionsB\x0c\n\n_normalize\"N\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x12\n\nfloat32_le\x18\x03 \x01(\x0c\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"Q\n\x06Timing\x12\x15\n\rqueue_time_ns\x18\x01 \x01(\x03\x12\x19\n\x11inference_time_ns\x18\x02 \x01(\x03\x12\x15\n\rtotal_time_ns\x18\x03 \x01(\x03\"\xc1\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\nembeddings\x18\x02 \x03(\x0b\x32\x1f.embedding_service.v1.Embedding\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.embedding_service.v1.Usage\x12,\n\x06timing\x18\x05 \x01(\x0b\x32\x1c.embedding_service.v1.Timing\"\xac\x02\n\x12\x45mbedStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x06inputs\x18\x02 \x03(\x0b\x32 .embedding_service.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12:\n\ntruncation\x18\x05 \x01(\x0e\x32&.embedding_service.v1.TruncationPolicy\x12\x13\n\x0bprompt_name\x18\x06 \x01(\t\x12\x36\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32$.embedding_service.v1.VectorEncodingB\r\n\x0b_dimensionsB\x0c\n\n_normalize\"\xc7\x01\n\x13\x45mbedStreamResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\nembeddings\x18\x02 \x03(\x0b\x32\x1f.embedding_service.v1.Embedding\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.embedding_service.v1.Usage\x12,\n\x06timing\x18\x05 \x01(\x0b\x32\x1c.embedding_service.v1.Timing\"\xe4\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\x12\x39\n\x07prompts\x18\x04 \x03(\x0b\x32(.embedding_service.v1.Model.PromptsEntry\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x0e\n\x06source\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t\x12\x35\n\x08\x61\x63\x63uracy\x18\x0b \x01(\x0b\x32#.embedding_service.v1.ModelAccuracy\x12\x0f\n\x07refused\x18\x0c \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcd\x01\n\rModelAccuracy\x12\x11\n\treference\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61nary_min_cosine\x18\x02 \x01(\x01\x12\x18\n\x10\x63\x61nary_threshold\x18\x03 \x01(\x01\x12\x16\n\x0egate_sentences\x18\x04 \x01(\x05\x12\x13\n\x0bmean_cosine\x18\x05 \x01(\x01\x12\x14\n\x0crecall_at_10\x18\x06 \x01(\x01\x12\x17\n\x0fmin_mean_cosine\x18\x07 \x01(\x01\x12\x18\n\x10min_recall_at_10\x18\x08 \x01(\x01\"\x13\n\x11ListModelsRequest\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.embedding_service.v1.Model\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.embedding_service.v1.Model\"A\n\x0bNodeReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07refused\x18\x03 \x01(\t\"\xb4\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07node_ip\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.embedding_service.v1.NodeState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x05 \x01(\x03\x12\x33\n\x08replicas\x18\x06 \x03(\x0b\x32!.embedding_service.v1.NodeReplica\"\x13\n\x11WatchNodesRequest\"P\n\x12WatchNodesResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12)\n\x05nodes\x18\x02 \x03(\x0b\x32\x1a.embedding_service.v1.Node*\x8b\x01\n\x10TruncationPolicy\x12!\n\x1dTRUNCATION_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_POLICY_END\x10\x01\x12\x1b\n\x17TRUNCATION_POLICY_START\x10\x02\x12\x1c\n\x18TRUNCATION_POLICY_REJECT\x10\x03*l\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x19\n\x15VECTOR_ENCODING_FLOAT\x10\x01\x12\x1e\n\x1aVECTOR_ENCODING_FLOAT32_LE\x10\x02*\x8d\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_HEALTHY\x10\x01\x12\x1a\n\x16NODE_STATE_QUARANTINED\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x17\n\x13NODE_STATE_RECYCLED\x10\x04\x32\xe5\x03\n\x0c\x45mbedService\x12P\n\x05\x45mbed\x12\".embedding_service.v1.EmbedRequest\x1a#.embedding_service.v1.EmbedResponse\x12\x64\n\x0b\x45mbedStream\x12(.embedding_service.v1.EmbedStreamRequest\x1a).embedding_service.v1.EmbedStreamResponse0\x01\x12_\n\nListModels\x12\'.embedding_service.v1.ListModelsRequest\x1a(.embedding_service.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.embedding_service.v1.GetModelRequest\x1a&.embedding_service.v1.GetModelResponse\x12\x61\n\nWatchNodes\x12\'.embedding_service.v1.WatchNodesRequest\x1a(.embedding_service.v1.WatchNodesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODEL_PROMPTSENTRY']._loaded_options = None
   _globals['_MODEL_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_TRUNCATIONPOLICY']._serialized_start=2206
-  _globals['_TRUNCATIONPOLICY']._serialized_end=2345
-  _globals['_VECTORENCODING']._serialized_start=2347
-  _globals['_VECTORENCODING']._serialized_end=2455
-  _globals['_NODESTATE']._serialized_start=2458
-  _globals['_NODESTATE']._serialized_end=2599
+  _globals['_TRUNCATIONPOLICY']._serialized_start=2522
+  _globals['_TRUNCATIONPOLICY']._serialized_end=2661
+  _globals['_VECTORENCODING']._serialized_start=2663
+  _globals['_VECTORENCODING']._serialized_end=2771
+  _globals['_NODESTATE']._serialized_start=2774
+  _globals['_NODESTATE']._serialized_end=2915
   _globals['_TOKENIDS']._serialized_start=62
   _globals['_TOKENIDS']._serialized_end=85
   _globals['_EMBEDINPUT']._serialized_start=87
@@ -58,25 +58,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDSTREAMRESPONSE']._serialized_start=1192
   _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1391
   _globals['_MODEL']._serialized_start=1394
-  _globals['_MODEL']._serialized_end=1659
-  _globals['_MODEL_PROMPTSENTRY']._serialized_start=1613
-  _globals['_MODEL_PROMPTSENTRY']._serialized_end=1659
-  _globals['_LISTMODELSREQUEST']._serialized_start=1661
-  _globals['_LISTMODELSREQUEST']._serialized_end=1680
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1682
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1770
-  _globals['_GETMODELREQUEST']._serialized_start=1772
-  _globals['_GETMODELREQUEST']._serialized_end=1803
-  _globals['_GETMODELRESPONSE']._serialized_start=1805
-  _globals['_GETMODELRESPONSE']._serialized_end=1867
-  _globals['_NODEREPLICA']._serialized_start=1869
-  _globals['_NODEREPLICA']._serialized_end=1917
-  _globals['_NODE']._serialized_start=1920
-  _globals['_NODE']._serialized_end=2100
-  _globals['_WATCHNODESREQUEST']._serialized_start=2102
-  _globals['_WATCHNODESREQUEST']._serialized_end=2121
-  _globals['_WATCHNODESRESPONSE']._serialized_start=2123
-  _globals['_WATCHNODESRESPONSE']._serialized_end=2203
-  _globals['_EMBEDSERVICE']._serialized_start=2602
-  _globals['_EMBEDSERVICE']._serialized_end=3087
+  _globals['_MODEL']._serialized_end=1750
+  _globals['_MODEL_PROMPTSENTRY']._serialized_start=1704
+  _globals['_MODEL_PROMPTSENTRY']._serialized_end=1750
+  _globals['_MODELACCURACY']._serialized_start=1753
+  _globals['_MODELACCURACY']._serialized_end=1958
+  _globals['_LISTMODELSREQUEST']._serialized_start=1960
+  _globals['_LISTMODELSREQUEST']._serialized_end=1979
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1981
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2069
+  _globals['_GETMODELREQUEST']._serialized_start=2071
+  _globals['_GETMODELREQUEST']._serialized_end=2102
+  _globals['_GETMODELRESPONSE']._serialized_start=2104
+  _globals['_GETMODELRESPONSE']._serialized_end=2166
+  _globals['_NODEREPLICA']._serialized_start=2168
+  _globals['_NODEREPLICA']._serialized_end=2233
+  _globals['_NODE']._serialized_start=2236
+  _globals['_NODE']._serialized_end=2416
+  _globals['_WATCHNODESREQUEST']._serialized_start=2418
+  _globals['_WATCHNODESREQUEST']._serialized_end=2437
+  _globals['_WATCHNODESRESPONSE']._serialized_start=2439
+  _globals['_WATCHNODESRESPONSE']._serialized_end=2519
+  _globals['_EMBEDSERVICE']._serialized_start=2918
+  _globals['_EMBEDSERVICE']._serialized_end=3403
 # @@protoc_insertion_point(module_scope)

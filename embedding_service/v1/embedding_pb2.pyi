@@ -149,7 +149,7 @@ class EmbedStreamResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source")
+    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,9 @@ class Model(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     max_sequence_length: int
@@ -175,7 +178,30 @@ class Model(_message.Message):
     vocab_size: int
     is_default: bool
     source: str
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ...) -> None: ...
+    precision: str
+    accuracy: ModelAccuracy
+    refused: str
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ...) -> None: ...
+
+class ModelAccuracy(_message.Message):
+    __slots__ = ("reference", "canary_min_cosine", "canary_threshold", "gate_sentences", "mean_cosine", "recall_at_10", "min_mean_cosine", "min_recall_at_10")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GATE_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    RECALL_AT_10_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MIN_RECALL_AT_10_FIELD_NUMBER: _ClassVar[int]
+    reference: str
+    canary_min_cosine: float
+    canary_threshold: float
+    gate_sentences: int
+    mean_cosine: float
+    recall_at_10: float
+    min_mean_cosine: float
+    min_recall_at_10: float
+    def __init__(self, reference: _Optional[str] = ..., canary_min_cosine: _Optional[float] = ..., canary_threshold: _Optional[float] = ..., gate_sentences: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., recall_at_10: _Optional[float] = ..., min_mean_cosine: _Optional[float] = ..., min_recall_at_10: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -202,12 +228,14 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class NodeReplica(_message.Message):
-    __slots__ = ("replica_id", "model")
+    __slots__ = ("replica_id", "model", "refused")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    refused: str
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., refused: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("node_id", "node_ip", "state", "reason", "since_unix_ms", "replicas")

@@ -1,0 +1,125 @@
+"""A model's calibration: fp32 torch vectors of the canary and gate sentences, bound to the model's weights.
+
+Shipped for the packaged model (calibrations/<fingerprint>.npz) and made for any
+other with `python -m embedding_service calibrate --model PATH --out FILE`
+(then `calibration: FILE` in the model's settings). Replicas check their backend
+against it at start-up (verification.py): the canary always, the accuracy gate
+for precisions other than fp32. A model without one still starts: its replicas
+compute the reference with fp32 torch first (logged; the gate's 5,000
+sentences take seconds to minutes on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from embedding_service.accuracy import corpus
+
+logger = logging.getLogger("ray.serve")
+
+SHIPPED = "embedding_service.calibrations"
+SHIPPED_SOURCE = "shipped calibration"
+COMPUTED_SOURCE = "computed at start-up with fp32 torch"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    fingerprint: str
+    canary: np.ndarray  # float32 [canary sentences, dim]
+    gate: np.ndarray  # float32 [gate sentences, dim] (stored as float16: cosines move < 1e-6)
+    source: str
+
+
+def fingerprint(model) -> str:
+    """sha256 of what decides the vectors: the weights, the tokenizer and the maximum sequence length."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy())
+    # Without truncation and padding: sentence-transformers sets them on the shared tokenizer at each call.
+    tokenizer = {k: v for k, v in json.loads(model.tokenizer.backend_tokenizer.to_str()).items()
+                 if k not in ("truncation", "padding")}
+    digest.update(json.dumps(tokenizer, sort_keys=True).encode())
+    digest.update(str(model.max_seq_length).encode())
+    return digest.hexdigest()
+
+
+def reference_vectors(model, sentences) -> np.ndarray:
+    """sentence-transformers' own fp32 vectors, batches of 32, on the model's device."""
+    return np.asarray(model.encode(list(sentences), batch_size=32, convert_to_numpy=True), dtype=np.float32)
+
+
+def compute(model, gate: bool = True, source: str = COMPUTED_SOURCE) -> Calibration:
+    """The reference vectors; with `gate` False only the canary's (the gate is for precisions below fp32)."""
+    c = corpus()
+    canary = reference_vectors(model, c.canary)
+    vectors = reference_vectors(model, c.gate) if gate else np.empty((0, canary.shape[1]), np.float32)
+    return Calibration(fingerprint(model), canary, vectors, source)
+
+
+def save(calibration: Calibration, path: str | Path) -> None:
+    np.savez_compressed(path, fingerprint=np.array(calibration.fingerprint), canary=calibration.canary,
+                        gate=calibration.gate.astype(np.float16))
+
+
+def load(path, source: str) -> Calibration:
+    with np.load(path) as data:
+        return Calibration(str(data["fingerprint"]), data["canary"].astype(np.float32),
+                           data["gate"].astype(np.float32), source)
+
+
+def shipped_path(print_: str):
+    return resources.files(SHIPPED).joinpath(f"{print_[:16]}.npz")
+
+
+def calibration_for(model, configured: str, gate: bool) -> Calibration:
+    """The configured file, else the shipped one for these weights, else computed now (the gate's vectors
+    only when `gate`)."""
+    print_ = fingerprint(model)
+    if configured != "auto":
+        calibration = load(configured, configured)
+        if calibration.fingerprint != print_:
+            raise ValueError(f"calibration {configured} was made for other weights, tokenizer or max_seq_length "
+                             f"({calibration.fingerprint[:16]}, this model is {print_[:16]}); run "
+                             f"`python -m embedding_service calibrate` again")
+        return calibration
+    path = shipped_path(print_)
+    if path.is_file():
+        with resources.as_file(path) as file:
+            return load(file, SHIPPED_SOURCE)
+    if gate:
+        logger.warning("no calibration for this model (%s): computing fp32 torch reference vectors of the gate "
+                       "now; `python -m embedding_service calibrate` makes one to ship", print_[:16])
+    return compute(model, gate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embedding_service calibrate",
+                                     description="fp32 torch vectors of the canary and gate sentences for a model")
+    parser.add_argument("--model", required=True, help='a model folder, hub id or "package:<module>"')
+    parser.add_argument("--out", help="the .npz to write (default: the shipped calibrations folder)")
+    parser.add_argument("--max-seq-length", type=int, default=None)
+    opts = parser.parse_args(argv)
+    from sentence_transformers import SentenceTransformer
+
+    from embedding_service.config import ModelSettings
+
+    model = SentenceTransformer(ModelSettings(name="m", path=opts.model).resolved_path(), device="cpu")
+    if opts.max_seq_length:
+        model.max_seq_length = opts.max_seq_length
+    calibration = compute(model)
+    out = Path(opts.out) if opts.out else Path(__file__).parent / "calibrations" / f"{calibration.fingerprint[:16]}.npz"
+    save(calibration, out)
+    print(f"{out}: {len(calibration.canary)} canary and {len(calibration.gate)} gate vectors "
+          f"of model {calibration.fingerprint[:16]}")
+    return 0

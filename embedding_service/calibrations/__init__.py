@@ -1,0 +1,1 @@
+"""Calibrations (calibration.py) shipped for packaged models, named by weight fingerprint."""

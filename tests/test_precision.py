@@ -1,0 +1,179 @@
+"""Precision per model (fp32, bf16, int8), the accuracy gate and the canary (issue 11).
+
+In-process against the packaged all-MiniLM-L6-v2 and its shipped calibration,
+and against the session's service (a model whose replica refuses to serve).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+from sentence_transformers import SentenceTransformer
+
+from embedding_service import calibration
+from embedding_service.accuracy import Accuracy, corpus, gate_failure, measure
+from embedding_service.config import ModelSettings
+from embedding_service.error_reasons import read_details
+from embedding_service.model_deployment import calibration_samples, forward_sorted, load_model
+from embedding_service.runtimes import OpenVinoRuntime, TorchRuntime, import_openvino
+from embedding_service.tokenization import InputEncoder
+from embedding_service.v1 import embedding_pb2 as pb
+from embedding_service.verification import verify
+from tests.conftest import MINILM, REFUSING, TINY
+
+SENTENCES = ["A man is eating food.", "The new movie is awesome", "Python's sort is stable.",
+             "Bushfires forced hundreds of people from their homes."]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return SentenceTransformer(ModelSettings(name="m").resolved_path(), device="cpu")
+
+
+def _embed_with(runtime, model, settings: ModelSettings):
+    encoder = InputEncoder(model)
+
+    def embed(texts):
+        sequences = encoder.prepare(list(texts), "end").sequences
+        return forward_sorted(runtime, encoder, sequences, None, settings.forward_batch_size,
+                              settings.forward_max_tokens, "cpu", 384)[0]
+
+    return embed
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_the_packaged_corpus_is_real_sentences_split_without_overlap():
+    c = corpus()
+    assert len(c.canary) == 16 and len(c.gate) == 5000 and len(c.calibration) >= 150
+    assert not set(c.gate) & set(c.calibration) and not set(c.canary) & (set(c.gate) | set(c.calibration))
+    assert all(s[0].isupper() or s[0] == '"' for s in c.gate) and len(set(c.gate)) == len(c.gate)
+
+
+def test_the_gate_figures_and_reasons():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(400, 32)).astype(np.float32)
+    same = measure(reference, reference)
+    assert same == Accuracy(400, pytest.approx(1.0), 1.0)
+    noisy = measure(reference + rng.normal(scale=0.5, size=reference.shape).astype(np.float32), reference)
+    assert noisy.mean_cosine < 0.95 and noisy.recall_at_10 < 0.9
+    assert gate_failure(same, 0.99, 0.95) is None
+    why = gate_failure(noisy, 0.99, 0.95)
+    assert why.startswith("accuracy gate missed on 400 sentences: mean cosine 0.") and "recall@10 0." in why
+
+
+@pytest.mark.parametrize("precision,backend", [("bf16", "openvino"), ("int8", "openvino"), ("bf16", "torch")])
+def test_each_precision_passes_its_gate_on_the_packaged_model(precision, backend, minilm):
+    loaded = load_model(ModelSettings(name=MINILM, precision=precision, backend=backend, threads=2))
+    v = loaded.verification
+    assert v.refused is None and v.precision == precision and v.reference == calibration.SHIPPED_SOURCE
+    assert v.accuracy.sentences == 5000
+    assert v.accuracy.mean_cosine >= 0.99 and v.accuracy.recall_at_10 >= 0.95
+    assert v.canary_min_cosine >= v.canary_threshold
+    # What it serves is what it was measured on: close to sentence-transformers' own fp32 vectors.
+    served = _embed_with(loaded.runtime, loaded.model, ModelSettings(name="m"))(SENTENCES)
+    assert _cos(served, minilm.encode(SENTENCES)).min() > 0.99
+
+
+class _CorruptedInt8(OpenVinoRuntime):
+    """A real int8 backend whose quantization ranges were damaged after NNCF made them."""
+
+    def _quantized(self, graph, samples):
+        graph = super()._quantized(graph, samples)
+        ov = import_openvino()
+        for op in graph.get_ordered_ops():
+            if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant":
+                for port in (2, 4):  # input_high, output_high: an activation scale a tenth of its value
+                    high = op.input_value(port).get_node().get_data()
+                    op.input(port).replace_source_output(ov.opset13.constant(high * 0.1).output(0))
+        return graph
+
+
+def test_an_int8_backend_with_a_corrupted_scale_is_refused_with_the_reason(minilm):
+    settings = ModelSettings(name=MINILM, precision="int8", backend="openvino", threads=2)
+    runtime = _CorruptedInt8(minilm, "cpu", 2, "int8", calibration_samples(InputEncoder(minilm)))
+    v = verify(_embed_with(runtime, minilm, settings), calibration.calibration_for(minilm, "auto", gate=True), settings)
+    assert v.refused is not None and v.refused.startswith("int8 on this backend: canary failed")
+    assert v.canary_min_cosine < 0.98 and v.accuracy is None
+
+
+def test_the_canary_fails_a_replica_whose_vectors_were_perturbed(minilm):
+    settings = ModelSettings(name=MINILM, backend="torch")
+    reference = calibration.calibration_for(minilm, "auto", gate=False)
+    sound = verify(_embed_with(TorchRuntime(minilm), minilm, settings), reference, settings)
+    assert sound.refused is None and sound.canary_min_cosine > 0.99999
+    perturbed = copy.deepcopy(minilm)
+    with torch.no_grad():
+        weight = perturbed[0].auto_model.encoder.layer[3].output.dense.weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.003)
+    v = verify(_embed_with(TorchRuntime(perturbed), minilm, settings), reference, settings)
+    assert v.refused.startswith("fp32 on this backend: canary failed: a canary sentence's vector has cosine 0.")
+    assert 0.9 < v.canary_min_cosine < 0.99999
+
+
+def test_precisions_only_on_backends_that_run_them():
+    for precision, backend in [("int8", "torch"), ("int8", "onnx"), ("bf16", "onnx")]:
+        with pytest.raises(ValidationError, match=f"precision {precision} runs on backend"):
+            ModelSettings(name="m", precision=precision, backend=backend)
+    assert ModelSettings(name="m", precision="int8").canary_threshold == 0.98
+    assert ModelSettings(name="m", canary_min_cosine=0.5).canary_threshold == 0.5
+
+
+def test_the_calibrate_command_makes_a_file_a_model_then_uses(tiny_model_dir, tmp_path):
+    out = tmp_path / "tiny.npz"
+    done = subprocess.run([sys.executable, "-m", "embedding_service", "calibrate", "--model", str(tiny_model_dir),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "16 canary and 5000 gate vectors" in done.stdout
+    loaded = load_model(ModelSettings(name=TINY, path=str(tiny_model_dir), backend="openvino", precision="bf16",
+                                      calibration=str(out)))
+    assert loaded.verification.reference == str(out) and loaded.verification.accuracy.sentences == 5000
+    # A calibration made for other weights is refused by name, not used.
+    with pytest.raises(ValueError, match="was made for other weights"):
+        load_model(ModelSettings(name=MINILM, backend="torch", calibration=str(out)))
+
+
+# ---- the service: a model whose replica refuses to serve ------------------------------------------
+
+
+def test_a_refusing_replica_says_why_and_its_model_is_not_serving(service):
+    stub = service.stub
+    model = stub.GetModel(pb.GetModelRequest(name=REFUSING), timeout=60).model
+    assert model.precision == "bf16" and model.refused.startswith("bf16 on this backend: accuracy gate missed on 5000")
+    assert "mean cosine 0." in model.refused and "< 1.0" in model.refused
+    assert model.accuracy.gate_sentences == 5000 and 0.99 < model.accuracy.mean_cosine < 1.0
+    assert model.accuracy.min_mean_cosine == 1.0 and model.accuracy.reference.startswith("computed at start-up")
+
+    health = health_pb2_grpc.HealthStub(service.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service=REFUSING), timeout=30).status == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    nodes = next(stub.WatchNodes(pb.WatchNodesRequest(), timeout=30)).nodes
+    refused = [r for n in nodes for r in n.replicas if r.model == REFUSING]
+    assert refused and all(r.refused == model.refused for r in refused)
+    assert all(not r.refused for n in nodes for r in n.replicas if r.model != REFUSING)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Embed(pb.EmbedRequest(model=REFUSING, inputs=[pb.EmbedInput(text="hello")]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert read_details(caught.value.trailing_metadata()).reason == "MODEL_REFUSED"
+    assert f"model '{REFUSING}' is not serving: its 1 replica(s) refuse to serve" in caught.value.details()
+
+
+def test_serving_models_report_their_precision_and_canary(service):
+    model = service.stub.GetModel(pb.GetModelRequest(name=MINILM), timeout=60).model
+    assert model.precision == "fp32" and not model.refused
+    assert model.accuracy.reference == calibration.SHIPPED_SOURCE
+    assert model.accuracy.canary_min_cosine >= model.accuracy.canary_threshold == pytest.approx(0.99999)
+    assert model.accuracy.gate_sentences == 0  # fp32: the canary only
