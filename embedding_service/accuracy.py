@@ -23,6 +23,7 @@ from importlib import resources
 import numpy as np
 
 CANARY = 16
+CANARY_STRIDE = 325
 GATE_SENTENCES = 5000
 NEIGHBOURS = 10
 
@@ -38,9 +39,10 @@ class Corpus:
 def corpus() -> Corpus:
     raw = resources.files("embedding_service.calibration_data").joinpath("sentences.txt.gz").read_bytes()
     sentences = tuple(gzip.decompress(raw).decode("utf-8").splitlines())
-    # Interleaved, so each part holds news and documentation alike.
-    canary, rest = sentences[::325][:CANARY], [s for k, s in enumerate(sentences) if k % 325 or k // 325 >= CANARY]
-    return Corpus(canary, tuple(rest[:GATE_SENTENCES]), tuple(rest[GATE_SENTENCES:]))
+    # Canary sentences spread over the file, so they hold news and documentation alike.
+    picked = range(0, CANARY_STRIDE * CANARY, CANARY_STRIDE)
+    rest = [s for k, s in enumerate(sentences) if k not in picked]
+    return Corpus(tuple(sentences[k] for k in picked), tuple(rest[:GATE_SENTENCES]), tuple(rest[GATE_SENTENCES:]))
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,6 @@ def canary_failure(vectors: np.ndarray, reference: np.ndarray, min_cosine: float
     """(the lowest canary cosine, why it fails or None)."""
     worst = float(cosines(vectors, reference).min()) if len(reference) else 1.0
     if worst < min_cosine:
-        return worst, f"canary failed: a canary sentence's vector has cosine {worst:.6f} to its fp32 torch vector " \
-                      f"(< {min_cosine})"
+        return worst, (f"canary failed: a canary sentence's vector has cosine {worst:.6f} to its fp32 torch vector "
+                       f"(< {min_cosine})")
     return worst, None

@@ -59,12 +59,13 @@ def reference_vectors(model, sentences) -> np.ndarray:
     return np.asarray(model.encode(list(sentences), batch_size=32, convert_to_numpy=True), dtype=np.float32)
 
 
-def compute(model, gate: bool = True, source: str = COMPUTED_SOURCE) -> Calibration:
-    """The reference vectors; with `gate` False only the canary's (the gate is for precisions below fp32)."""
+def compute(model, gate: bool = True, print_: str | None = None) -> Calibration:
+    """The reference vectors; with `gate` False only the canary's (the gate is for precisions below fp32).
+    `print_`: the model's fingerprint when the caller has it already."""
     c = corpus()
     canary = reference_vectors(model, c.canary)
     vectors = reference_vectors(model, c.gate) if gate else np.empty((0, canary.shape[1]), np.float32)
-    return Calibration(fingerprint(model), canary, vectors, source)
+    return Calibration(print_ or fingerprint(model), canary, vectors, COMPUTED_SOURCE)
 
 
 def save(calibration: Calibration, path: str | Path) -> None:
@@ -72,10 +73,12 @@ def save(calibration: Calibration, path: str | Path) -> None:
                         gate=calibration.gate.astype(np.float16))
 
 
-def load(path, source: str) -> Calibration:
+def load(path, source: str, gate: bool = True) -> Calibration:
+    """The file's vectors; the gate's only when `gate` (fp32 replicas check the canary alone)."""
     with np.load(path) as data:
-        return Calibration(str(data["fingerprint"]), data["canary"].astype(np.float32),
-                           data["gate"].astype(np.float32), source)
+        canary = data["canary"].astype(np.float32)
+        vectors = data["gate"].astype(np.float32) if gate else np.empty((0, canary.shape[1]), np.float32)
+        return Calibration(str(data["fingerprint"]), canary, vectors, source)
 
 
 def shipped_path(print_: str):
@@ -87,7 +90,7 @@ def calibration_for(model, configured: str, gate: bool) -> Calibration:
     only when `gate`)."""
     print_ = fingerprint(model)
     if configured != "auto":
-        calibration = load(configured, configured)
+        calibration = load(configured, configured, gate)
         if calibration.fingerprint != print_:
             raise ValueError(f"calibration {configured} was made for other weights, tokenizer or max_seq_length "
                              f"({calibration.fingerprint[:16]}, this model is {print_[:16]}); run "
@@ -96,11 +99,11 @@ def calibration_for(model, configured: str, gate: bool) -> Calibration:
     path = shipped_path(print_)
     if path.is_file():
         with resources.as_file(path) as file:
-            return load(file, SHIPPED_SOURCE)
+            return load(file, SHIPPED_SOURCE, gate)
     if gate:
         logger.warning("no calibration for this model (%s): computing fp32 torch reference vectors of the gate "
                        "now; `python -m embedding_service calibrate` makes one to ship", print_[:16])
-    return compute(model, gate)
+    return compute(model, gate, print_)
 
 
 def main(argv: list[str] | None = None) -> int:

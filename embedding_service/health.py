@@ -35,11 +35,13 @@ class ServiceView:
         self.node_id = node_id  # the router's own node
         self.snapshot: Snapshot | None = None
         self.statuses: dict[str, int] = self._statuses()
+        self.refusals: dict[str, str] = {}
         self._changed = asyncio.Condition()
 
     async def update(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.statuses = self._statuses()
+        self.refusals = self._refusals()
         async with self._changed:
             self._changed.notify_all()
 
@@ -49,13 +51,17 @@ class ServiceView:
 
     def refusal(self, model: str) -> str | None:
         """Why a model is not serving when every replica it has refuses to (verification.py), else None."""
-        if self.snapshot is None or model in self.snapshot.serving_models():
-            return None
-        refused = [r for r in self.snapshot.refused_replicas().values() if r.model == model]
-        if not refused:
-            return None
-        first = min(refused, key=lambda r: r.replica_id)
-        return f"its {len(refused)} replica(s) refuse to serve; replica {first.replica_id}: {first.refused}"
+        return self.refusals.get(model)
+
+    def _refusals(self) -> dict[str, str]:
+        serving = self.snapshot.serving_models()
+        by_model: dict[str, list] = {}
+        for replica in self.snapshot.refused_replicas().values():
+            if replica.model not in serving:
+                by_model.setdefault(replica.model, []).append(replica)
+        return {model: f"its {len(refused)} replica(s) refuse to serve; replica {first.replica_id}: {first.refused}"
+                for model, refused in by_model.items()
+                for first in [min(refused, key=lambda r: r.replica_id)]}
 
     def own_node_quarantined(self) -> bool:
         return self.snapshot is not None and self.snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)

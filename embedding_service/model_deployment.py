@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,15 +108,21 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     samples = calibration_samples(encoder) if settings.precision == "int8" else []
     backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
-    dimension = int(model.get_embedding_dimension())
+    embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
+    verification = verify(embed, calibration, settings)
+    return LoadedModel(model, device, backend, runtime, encoder, verification)
 
-    def embed(texts) -> np.ndarray:
+
+def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettings, device: str,
+                  dimension: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """texts -> the vectors the replica serves for them (no prompt, truncated at the end): what verify() checks."""
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
         sequences = encoder.prepare(list(texts), "end").sequences
         return forward_sorted(runtime, encoder, sequences, None, settings.forward_batch_size,
                               settings.forward_max_tokens, device, dimension)[0]
 
-    verification = verify(embed, calibration, settings)
-    return LoadedModel(model, device, backend, runtime, encoder, verification)
+    return embed
 
 
 def calibration_samples(encoder: InputEncoder, per_batch: int = 8) -> list[dict]:

@@ -105,9 +105,18 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
             "num_cpus": 0.5,
         }
     )
+    from sentence_transformers import SentenceTransformer
+
+    from embedding_service import calibration
+
+    # Its fp32 reference made once here, not again by every replica start (the upgrade test restarts it).
+    reference = fault_dir.parent / "tiny-bert-calibration.npz"
+    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    calibration.save(calibration.compute(model), reference)
     args["models"].append(
         {"name": REFUSING, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch", "precision": "bf16",
-         "accuracy_gate": {"min_mean_cosine": 1.0}, "num_replicas": 1, "num_cpus": 0.25}
+         "accuracy_gate": {"min_mean_cosine": 1.0}, "calibration": str(reference), "num_replicas": 1,
+         "num_cpus": 0.25}
     )
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,

@@ -6,8 +6,10 @@ import asyncio
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from embedding_service.batching import CANCELLED, DEADLINE, ContinuousBatcher, Expired
+from embedding_service.batching import CANCELLED, DEADLINE, ContinuousBatcher, Expired, plan_passes
 
 
 class _Model:
@@ -162,11 +164,6 @@ def test_the_queue_depth_it_reports_counts_waiting_units_held_and_dropped_ones_l
 
 
 # ---- forward passes within a padded-token budget -------------------------------------------------
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from embedding_service.batching import plan_passes  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)

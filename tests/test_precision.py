@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer
 
 from embedding_service import calibration
-from embedding_service.accuracy import Accuracy, corpus, gate_failure, measure
+from embedding_service.accuracy import Accuracy, corpus, cosines, gate_failure, measure
 from embedding_service.config import ModelSettings
 from embedding_service.error_reasons import read_details
-from embedding_service.model_deployment import calibration_samples, forward_sorted, load_model
+from embedding_service.model_deployment import calibration_samples, load_model, text_embedder
 from embedding_service.runtimes import OpenVinoRuntime, TorchRuntime, import_openvino
 from embedding_service.tokenization import InputEncoder
 from embedding_service.v1 import embedding_pb2 as pb
@@ -39,18 +39,7 @@ def minilm():
 
 
 def _embed_with(runtime, model, settings: ModelSettings):
-    encoder = InputEncoder(model)
-
-    def embed(texts):
-        sequences = encoder.prepare(list(texts), "end").sequences
-        return forward_sorted(runtime, encoder, sequences, None, settings.forward_batch_size,
-                              settings.forward_max_tokens, "cpu", 384)[0]
-
-    return embed
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return text_embedder(runtime, InputEncoder(model), settings, "cpu", 384)
 
 
 def test_the_packaged_corpus_is_real_sentences_split_without_overlap():
@@ -82,7 +71,7 @@ def test_each_precision_passes_its_gate_on_the_packaged_model(precision, backend
     assert v.canary_min_cosine >= v.canary_threshold
     # What it serves is what it was measured on: close to sentence-transformers' own fp32 vectors.
     served = _embed_with(loaded.runtime, loaded.model, ModelSettings(name="m"))(SENTENCES)
-    assert _cos(served, minilm.encode(SENTENCES)).min() > 0.99
+    assert cosines(served, minilm.encode(SENTENCES)).min() > 0.99
 
 
 class _CorruptedInt8(OpenVinoRuntime):
@@ -152,7 +141,7 @@ def test_a_refusing_replica_says_why_and_its_model_is_not_serving(service):
     assert model.precision == "bf16" and model.refused.startswith("bf16 on this backend: accuracy gate missed on 5000")
     assert "mean cosine 0." in model.refused and "< 1.0" in model.refused
     assert model.accuracy.gate_sentences == 5000 and 0.99 < model.accuracy.mean_cosine < 1.0
-    assert model.accuracy.min_mean_cosine == 1.0 and model.accuracy.reference.startswith("computed at start-up")
+    assert model.accuracy.min_mean_cosine == 1.0 and model.accuracy.reference.endswith("tiny-bert-calibration.npz")
 
     health = health_pb2_grpc.HealthStub(service.channel)
     assert health.Check(health_pb2.HealthCheckRequest(service=REFUSING), timeout=30).status == \
@@ -177,3 +166,7 @@ def test_serving_models_report_their_precision_and_canary(service):
     assert model.accuracy.reference == calibration.SHIPPED_SOURCE
     assert model.accuracy.canary_min_cosine >= model.accuracy.canary_threshold == pytest.approx(0.99999)
     assert model.accuracy.gate_sentences == 0  # fp32: the canary only
+    # A model without a shipped calibration: its replica computed the canary's reference at start-up.
+    tiny = service.stub.GetModel(pb.GetModelRequest(name=TINY), timeout=60).model
+    assert tiny.accuracy.reference == calibration.COMPUTED_SOURCE and not tiny.refused
+    assert tiny.accuracy.canary_min_cosine >= tiny.accuracy.canary_threshold
