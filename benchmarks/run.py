@@ -117,16 +117,27 @@ class GrpcClient:
 
 
 class RestClient:
+    """One httpx.Client shared by the threads. A call whose connection breaks (a server closing a kept-alive
+    connection as it is reused) is sent once more, as OpenAI's SDK does, and counted in `resent`."""
+
     def __init__(self, base: str, model: str) -> None:
         import httpx
 
         self.base = base
         self.model = model
         self.client = httpx.Client(timeout=600)
+        self.resent = 0
 
     def embed(self, texts: list[str]) -> float:
+        import httpx
+
+        body = {"model": self.model, "input": texts, "encoding_format": "base64"}
         t = time.perf_counter()
-        r = self.client.post(f"{self.base}/v1/embeddings", json={"model": self.model, "input": texts, "encoding_format": "base64"})
+        try:
+            r = self.client.post(f"{self.base}/v1/embeddings", json=body)
+        except httpx.TransportError:
+            self.resent += 1
+            r = self.client.post(f"{self.base}/v1/embeddings", json=body)
         r.raise_for_status()
         return time.perf_counter() - t
 
@@ -300,45 +311,102 @@ def accuracy_of(client: GrpcClient, model: str) -> dict:
             **MessageToDict(served.accuracy, preserving_proto_field_name=True)}
 
 
+def _w1(lat: list[float], ip: dict, same: dict | None) -> dict:
+    out = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+           "p50_over_in_process_ms": pct(lat, 50) * 1e3 - ip["w1_p50_ms"]}
+    if same:
+        out["p50_over_same_backend_ms"] = out["p50_ms"] - same["w1_p50_ms"]
+    return out
+
+
+def _rate(rate: float, lat: list[float], ip: dict, same: dict | None) -> dict:
+    out = {"rate": rate, "ratio": rate / ip["limit"], "p99_ms": pct(lat, 99) * 1e3}
+    if same:
+        out["ratio_same_backend"] = rate / same["limit"]
+    return out
+
+
+def measure_client(name: str, client, work: Work, results: dict, batch_stats) -> dict:
+    """W1-W4 through one blocking client (gRPC, or REST from 64 threads), as rows `W<n>_<name>`."""
+    ip, same = results["in_process"], results.get("in_process_backend")
+    w = {}
+    lat = [client.embed([W1_TEXT]) for _ in range(work.sizes["w1_n"])]
+    w[f"W1_{name}"] = _w1(lat, ip, same) | {"batches": batch_stats()}
+    wall, lat = concurrent(client.embed, [work.w2] * work.sizes["w2_requests"], 2)
+    w[f"W2_{name}"] = _rate(len(work.w2) * work.sizes["w2_requests"] / wall, lat, ip, same) | {"batches": batch_stats()}
+    wall, lat = concurrent(lambda s: client.embed([s]), work.w3, 64)
+    w[f"W3_{name}"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    wall, lat = concurrent(client.embed, work.w4, 2)
+    rate = sum(map(len, work.w4)) / wall
+    w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats()}
+    return w
+
+
+def measure_async_rest(rest: AsyncRestClient, work: Work, results: dict, batch_stats) -> dict:
+    """W1-W3 over REST from an asyncio caller (one AsyncClient), as rows `W<n>_rest_async`."""
+    ip, same = results["in_process"], results.get("in_process_backend")
+    wall, lat = rest.run([[W1_TEXT]] * work.sizes["w1_n"], 1)
+    w = {"W1_rest_async": _w1(lat, ip, same) | {"batches": batch_stats()}}
+    wall, lat = rest.run([work.w2] * work.sizes["w2_requests"], 2)
+    w["W2_rest_async"] = _rate(len(work.w2) * work.sizes["w2_requests"] / wall, lat, ip, same) | {"batches": batch_stats()}
+    wall, lat = rest.run([[s] for s in work.w3], 64)
+    w["W3_rest_async"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    return w
+
+
+def wait_answering(rest: RestClient, timeout_s: float, process=None) -> None:
+    """Until a REST server answers an embedding call (or its process exits, or the time is up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            rest.embed(["warm up"])
+            return
+        except Exception as exc:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited ({process.returncode}) before it answered") from exc
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{rest.base} did not answer within {timeout_s:g} s: {exc}") from exc
+            time.sleep(0.5)
+
+
+def measure_peer(command: str, base: str, model: str, work: Work, results: dict, log: Path) -> dict:
+    """The REST workloads (threads and asyncio) against another OpenAI-compatible server started from
+    `command` (a shell line), after the service has stopped: each system has the machine to itself."""
+    import signal
+    import subprocess
+
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        rest = RestClient(base, model)
+        wait_answering(rest, 900, process)
+        rest.embed(work.w2)  # warm
+
+        def no_batches() -> dict:  # the peer's batches are not ours to read
+            return {}
+
+        w = measure_client("rest", rest, work, results, no_batches)
+        w |= measure_async_rest(AsyncRestClient(base, model), work, results, no_batches)
+        w["W3_rest"]["calls_resent"] = rest.resent  # over the whole threaded run
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return {"command": command, "url": base, "model": model, "workloads": w}
+
+
 def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, results: dict, batch_stats) -> dict:
     """W1-W5 against a running service and gateway; `batch_stats()` returns the batches run since its last call."""
-    ip, same = results["in_process"], results.get("in_process_backend")
-    limit, w = ip["limit"], {}
+    ip = results["in_process"]
     grpc_client.embed(work.w2)  # warm
     batch_stats()
-    for name, client in (("grpc", grpc_client), ("rest", rest)):
-        lat = [client.embed([W1_TEXT]) for _ in range(work.sizes["w1_n"])]
-        w[f"W1_{name}"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-                           "p50_over_in_process_ms": pct(lat, 50) * 1e3 - ip["w1_p50_ms"], "batches": batch_stats()}
-        if same:
-            w[f"W1_{name}"]["p50_over_same_backend_ms"] = pct(lat, 50) * 1e3 - same["w1_p50_ms"]
-        wall, lat = concurrent(client.embed, [work.w2] * work.sizes["w2_requests"], 2)
-        rate = len(work.w2) * work.sizes["w2_requests"] / wall
-        w[f"W2_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
-        if same:
-            w[f"W2_{name}"]["ratio_same_backend"] = rate / same["limit"]
-        wall, lat = concurrent(lambda s, c=client: c.embed([s]), work.w3, 64)
-        rate = len(work.w3) / wall
-        w[f"W3_{name}"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
-        if same:
-            w[f"W3_{name}"]["ratio_same_backend"] = rate / same["limit"]
-        wall, lat = concurrent(client.embed, work.w4, 2)
-        rate = sum(map(len, work.w4)) / wall
-        w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats()}
-    # The same REST workloads from an asyncio caller (one AsyncClient) instead of threads.
-    rest_async = AsyncRestClient(rest.base, rest.model)
-    wall, lat = rest_async.run([[W1_TEXT]] * work.sizes["w1_n"], 1)
-    w["W1_rest_async"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-                          "p50_over_in_process_ms": pct(lat, 50) * 1e3 - ip["w1_p50_ms"], "batches": batch_stats()}
-    wall, lat = rest_async.run([work.w2] * work.sizes["w2_requests"], 2)
-    rate = len(work.w2) * work.sizes["w2_requests"] / wall
-    w["W2_rest_async"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
-    wall, lat = rest_async.run([[s] for s in work.w3], 64)
-    rate = len(work.w3) / wall
-    w["W3_rest_async"] = {"rate": rate, "ratio": rate / limit, "p99_ms": pct(lat, 99) * 1e3, "batches": batch_stats()}
-    if same:
-        for name in ("W2_rest_async", "W3_rest_async"):
-            w[name]["ratio_same_backend"] = w[name]["rate"] / same["limit"]
+    w = measure_client("grpc", grpc_client, work, results, batch_stats)
+    w |= measure_client("rest", rest, work, results, batch_stats)
+    w["W3_rest"]["calls_resent"] = rest.resent  # over the whole threaded run
+    w |= measure_async_rest(AsyncRestClient(rest.base, rest.model), work, results, batch_stats)
     tracemalloc.start()
     t = time.perf_counter()
     seen, held = grpc_client.stream(work.w5)
@@ -372,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="environment for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     parser.add_argument("--tracing", action="store_true",
                         help="trace every call (service and gateway) to an OTLP collector in this process")
+    parser.add_argument("--peer-command", default=None,
+                        help="a shell line starting another OpenAI-compatible server; its REST workloads run after "
+                             "the service's, with the machine to itself (e.g. infinity_emb v2 ... in its own venv)")
+    parser.add_argument("--peer-url", default="http://127.0.0.1:7997",
+                        help="where the peer serves POST /v1/embeddings (default: %(default)s)")
+    parser.add_argument("--peer-model", default=None, help="the model name the peer answers to (default: the service's)")
     opts = parser.parse_args(argv)
     for item in opts.env:
         key, _, value = item.partition("=")
@@ -432,12 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         rest = RestClient(f"http://127.0.0.1:{opts.gateway_port}", settings.name)
-        for _ in range(100):
-            try:
-                rest.embed(["warm up"])
-                break
-            except Exception:
-                time.sleep(0.3)
+        wait_answering(rest, 30, gateway)
         grpc_client = GrpcClient(target)
         results["accuracy"] = accuracy_of(grpc_client, settings.name)
         results["workloads"] = measure_service(grpc_client, rest, work, results,
@@ -450,6 +519,14 @@ def main(argv: list[str] | None = None) -> int:
             results["spans_exported"] = sink.received
             sink.__exit__()
     write(results, Path(opts.out))
+    if opts.peer_command:  # the service's figures are written first: a peer that fails costs only its own
+        try:
+            results["peer"] = measure_peer(opts.peer_command, opts.peer_url, opts.peer_model or settings.name,
+                                           work, results, Path(opts.out) / "peer.log")
+        except Exception as exc:
+            results["peer"] = {"command": opts.peer_command, "url": opts.peer_url, "error": repr(exc)}
+            print(f"the peer failed: {exc!r} (its output: {Path(opts.out) / 'peer.log'})")
+        write(results, Path(opts.out))
     return 0
 
 
@@ -489,6 +566,18 @@ def table(r: dict) -> str:
         batches = (f"{b['batches']} x {b['mean_size']:.1f} seq, queue {b['mean_queue_ms']:.1f} ms, "
                    f"forward {b['mean_forward_ms']:.1f} ms, padding {b['padding_share']:.0%}")
         lines.append(f"{name:<18}{rate:>9}{ratio:>8}{p50:>9}{p99:>9}  {batches}")
+    if "peer" in r and "workloads" in r["peer"]:
+        lines += ["", f"peer: `{r['peer']['command']}` at {r['peer']['url']} (run after the service stopped)",
+                  f"{'workload':<18}{'peer rate/s':>12}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}  ours/peer"]
+        for name, v in r["peer"]["workloads"].items():
+            ours = r["workloads"].get(name, {})
+            rate = f"{v['rate']:.0f}" if "rate" in v else "-"
+            ratio = f"{v['ratio']:.2f}" if "ratio" in v else "-"
+            p50 = f"{v['p50_ms']:.1f}" if "p50_ms" in v else "-"
+            vs = (f"{ours['rate'] / v['rate']:.2f}x calls/s" if "rate" in v and "rate" in ours
+                  else f"p50 {ours['p50_ms']:.1f} vs {v['p50_ms']:.1f} ms" if "p50_ms" in ours else "-")
+            p99 = f"{v['p99_ms']:.1f}" if "p99_ms" in v else "-"
+            lines.append(f"{name:<18}{rate:>12}{ratio:>8}{p50:>9}{p99:>9}  {vs}")
     return "\n".join(lines)
 
 

@@ -56,3 +56,39 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
     printed = capsys.readouterr().out
     assert "W3_grpc" in printed and "service backend openvino fp32 in-process" in printed
     assert "precision fp32: no gate (fp32); canary min cosine 1.0" in printed
+
+
+def test_the_benchmark_measures_a_peer_started_from_a_command_line_and_stops_it(service, tmp_path):
+    """The peer comparison, with this project's own gateway standing in for another OpenAI-compatible server."""
+    import os
+    import shlex
+    import sys
+
+    from benchmarks.run import Work, measure_peer, table
+    from tests.conftest import free_port
+
+    port = free_port()
+    marker = f"-m gateway --targets {service.target} --port {port}"  # the peer's process, to find it after the stop
+    command = f"exec {shlex.quote(sys.executable)} {marker}"
+    work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 10})
+    results = {"in_process": {"limit": 100.0, "w1_p50_ms": 5.0, "w4_rate": 10.0}}
+    peer = measure_peer(command, f"http://127.0.0.1:{port}", MINILM, work, results, tmp_path / "peer.log")
+    w = peer["workloads"]
+    assert set(w) == {"W1_rest", "W2_rest", "W3_rest", "W4_rest", "W1_rest_async", "W2_rest_async", "W3_rest_async"}
+    assert all(v.get("rate", 1) > 0 and v.get("p50_ms", 1) > 0 for v in w.values())
+    assert w["W3_rest"]["ratio"] == w["W3_rest"]["rate"] / 100.0
+    # Stopped with its whole process group: nothing of it is left.
+    alive = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
+    assert not alive, alive
+    batches = {"batches": 1, "mean_size": 1.0, "mean_queue_ms": 0.0, "mean_forward_ms": 1.0, "padding_share": 0.0}
+    results |= {"workloads": {"W3_rest": {"rate": w["W3_rest"]["rate"] * 2, "batches": batches}}, "peer": peer}
+    printed = table(results | {"in_process": results["in_process"] | {"limit_batch_size": 32, "rate_by_batch_size": {}}})
+    assert "peer: `" in printed and "2.00x calls/s" in printed
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
