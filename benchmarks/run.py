@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a router setting (YAML value), e.g. coalesce_max_in_flight=0")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the default model (YAML value), e.g. backend=onnx")
+    parser.add_argument("--gateway-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a gateway setting (GATEWAY_<KEY> in its environment), e.g. coalesce_max_in_flight=0")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     parser.add_argument("--tracing", action="store_true",
@@ -498,12 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     del model
     gc.collect()
 
+    gateway_env = {f"GATEWAY_{k.upper()}": v for k, _, v in (o.partition("=") for o in opts.gateway_option)}
+    results["gateway_options"] = gateway_env
     # Ray reports metrics every 0.5 s here (10 s by default): the batches are read from them after each workload.
     target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False,
                                                      "_system_config": {"metrics_report_interval_ms": 500}})
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--targets", target, "--port", str(opts.gateway_port),
                                 "--max-inputs", str(args.limits.max_inputs_per_request)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | gateway_env)
     try:
         rest = RestClient(f"http://127.0.0.1:{opts.gateway_port}", settings.name)
         wait_answering(rest, 30, gateway)

@@ -1,5 +1,6 @@
-"""Coalescing small calls in the router: concurrent one-shard calls for the same model and options
-leave as one handle call, and their results are split back per caller.
+"""Coalescing small calls: concurrent calls for the same model and options leave as one call, and
+its result is split back per caller. The router merges one-shard calls into one handle call
+(`shard_part`); the gateway merges REST calls into one gRPC Embed.
 
 With many small calls the per-call work of the handle call (Serve's routing,
 serialization, the replica's request handling) is the limit, not the model. A
@@ -17,42 +18,62 @@ import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from embedding_service.batching import fail_waiters, why_stale
-from embedding_service.shards import Input, ShardResult
+from embedding_service.shards import ShardResult
+
+R = TypeVar("R")
 
 
 @dataclass
 class _Entry:
-    inputs: list[Input]
+    inputs: list[Any]
     future: asyncio.Future
     deadline: float | None  # event-loop time
     context: contextvars.Context  # the caller's (its trace span), for the merged call it leads
+    alone: bool = False  # goes in a call of its own (its merged call failed in a way that may be its inputs')
 
 
-class Coalescer:
-    """`send(inputs, deadline) -> ShardResult` carries the merged calls; at most `max_in_flight` at once,
-    each with at most `max_inputs` inputs (a caller's own inputs are never split)."""
+class Coalescer(Generic[R]):
+    """`send(inputs, deadline) -> R` carries the merged calls; at most `max_in_flight` at once,
+    each with at most `max_inputs` inputs (a caller's own inputs are never split).
 
-    def __init__(self, send: Callable[[list[Input], float | None], Awaitable[ShardResult]], max_inputs: int,
-                 max_in_flight: int, on_drop: Callable[[int, str], None] = lambda count, reason: None,
-                 on_send: Callable[[int], None] = lambda callers: None) -> None:
+    `split(result, offset, n)` is one caller's part of a merged result, or None when the caller
+    must go again without the others (another caller's input was refused). `isolate(exc)`: whether
+    a merged call's failure may belong to one caller's inputs only; then each of its callers goes
+    again in a call of its own and gets exactly what it would have got alone.
+    """
+
+    def __init__(self, send: Callable[[list[Any], float | None], Awaitable[R]], max_inputs: int,
+                 max_in_flight: int, split: Callable[[R, int, int], R | None],
+                 isolate: Callable[[BaseException], bool] = lambda exc: False,
+                 on_drop: Callable[[int, str], None] = lambda count, reason: None,
+                 on_send: Callable[[int], None] = lambda callers: None, where: str = "in the router") -> None:
         self._send = send
+        self._split = split
+        self._isolate = isolate
         self.max_inputs = max_inputs
         self.max_in_flight = max_in_flight
         self._on_drop = on_drop  # (inputs, CANCELLED or DEADLINE) of each caller dropped unsent
         self._on_send = on_send  # callers in each merged call
+        self._where = where
         self._queue: deque[_Entry] = deque()
         self._in_flight = 0
 
-    async def submit(self, inputs: list[Input], deadline: float | None) -> ShardResult:
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight: the owner may drop it."""
+        return not self._queue and self._in_flight == 0
+
+    async def submit(self, inputs: list[Any], deadline: float | None) -> R:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(inputs, future, deadline, contextvars.copy_context()))
         self._pump()
         return await future
 
     def _live(self, entry: _Entry, now: float) -> bool:
-        reason = why_stale(entry.future, entry.deadline, now, "in the router")
+        reason = why_stale(entry.future, entry.deadline, now, self._where)
         if reason is not None:
             self._on_drop(len(entry.inputs), reason)
         return reason is None
@@ -64,12 +85,14 @@ class Coalescer:
             total = 0
             while self._queue:
                 entry = self._queue[0]
-                if batch and total + len(entry.inputs) > self.max_inputs:
+                if batch and (entry.alone or total + len(entry.inputs) > self.max_inputs):
                     break
                 self._queue.popleft()
                 if self._live(entry, loop.time()):
                     batch.append(entry)
                     total += len(entry.inputs)
+                    if entry.alone:
+                        break
             if batch:
                 self._on_send(len(batch))
                 self._in_flight += 1
@@ -84,6 +107,11 @@ class Coalescer:
             try:
                 result = await self._send(inputs, deadline)
             except BaseException as exc:  # every caller in the call learns of its failure
+                if len(batch) > 1 and isinstance(exc, Exception) and self._isolate(exc):
+                    for e in batch:
+                        e.alone = True
+                    self._queue.extendleft(reversed(batch))
+                    return
                 fail_waiters((e.future for e in batch), exc)
                 if not isinstance(exc, Exception):
                     raise
@@ -91,9 +119,9 @@ class Coalescer:
             offset, again = 0, []
             for e in batch:
                 n = len(e.inputs)
-                part = _part(result, offset, n)
+                part = self._split(result, offset, n)
                 offset += n
-                if part.vectors is None and not part.too_long:
+                if part is None:
                     again.append(e)  # another caller's input was rejected: this one goes again without it
                 elif not e.future.done():
                     e.future.set_result(part)
@@ -103,13 +131,14 @@ class Coalescer:
             self._pump()
 
 
-def _part(result: ShardResult, offset: int, n: int) -> ShardResult:
-    """One caller's rows of a merged result."""
+def shard_part(result: ShardResult, offset: int, n: int) -> ShardResult | None:
+    """One caller's rows of a merged shard result; None when only another caller's inputs were too long."""
     rows = slice(offset, offset + n)
-    return ShardResult(
+    part = ShardResult(
         vectors=None if result.vectors is None else result.vectors[rows],
         token_counts=result.token_counts[rows],
         too_long=[p - offset for p in result.too_long if offset <= p < offset + n],
         queue_ns=result.queue_ns,
         inference_ns=result.inference_ns,
     )
+    return None if part.vectors is None and not part.too_long else part

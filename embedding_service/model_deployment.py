@@ -120,7 +120,7 @@ def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettin
     def embed(texts: Sequence[str]) -> np.ndarray:
         sequences = encoder.prepare(list(texts), "end").sequences
         return forward_sorted(runtime, encoder, sequences, None, settings.forward_batch_size,
-                              settings.forward_max_tokens, device, dimension)[0]
+                              settings.forward_token_budget(device), device, dimension)[0]
 
     return embed
 
@@ -188,6 +188,7 @@ class EmbeddingModel:
             verification=loaded.verification,
         )
         self.refused = loaded.verification.refused if loaded.verification else None
+        self._forward_max_tokens = settings.forward_token_budget(self.device)
         self.metrics = ModelMetrics(settings.name, self.backend)
         self.tracer = service_tracer(tracing or TracingSettings(), "model")
         self._batcher = ContinuousBatcher(self._run_batch, max_size=settings.max_batch_size,
@@ -361,4 +362,4 @@ class EmbeddingModel:
 
     def _forward(self, sequences: list[np.ndarray], prompt: str | None) -> tuple[np.ndarray, int]:
         return forward_sorted(self.runtime, self.encoder, sequences, prompt, self.settings.forward_batch_size,
-                              self.settings.forward_max_tokens, self.device, self.info.dimension)
+                              self._forward_max_tokens, self.device, self.info.dimension)

@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from embedding_service import errors, node_routing
 from embedding_service.auth import Authenticator
 from embedding_service.call_observer import CallObserver, ObservedCall
-from embedding_service.coalescing import Coalescer
+from embedding_service.coalescing import Coalescer, shard_part
 from embedding_service.config import AppArgs
 from embedding_service.error_reasons import Reason, ServiceError
 from embedding_service.health import SERVING, ServiceView
@@ -224,6 +224,7 @@ class EmbedRouter:
             self._coalescers[key] = Coalescer(
                 lambda inputs, deadline: self._call_shard(handle, inputs, model, options, deadline),
                 max_inputs=self.args.router.shard_size, max_in_flight=self.args.router.coalesce_max_in_flight,
+                split=shard_part,
                 on_drop=lambda n, reason: m.router_inputs_dropped.inc(n, tags={"model": model, "reason": reason}),
                 on_send=lambda callers: m.coalesced_callers.observe(callers, tags={"model": model}))
         return self._coalescers[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from embedding_service.tracing import Tracer, env_tracer
 from embedding_service.v1 import embedding_pb2 as pb
 from gateway import errors
+from gateway.coalescing import EmbedCoalescing, Reply
 from gateway.grpc_client import EmbedClient
 from gateway.metrics import GatewayMetrics, ObserveRequests
 from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
@@ -51,16 +53,16 @@ def _inputs(body: EmbeddingRequest, max_inputs: int) -> list[pb.EmbedInput]:
     return out
 
 
-def _render(response: pb.EmbedResponse, base64_out: bool) -> dict:
+def _render(reply: Reply, base64_out: bool) -> dict:
     data = []
-    for e in response.embeddings:
+    for index, e in enumerate(reply.embeddings):
         if base64_out:
             vector: object = base64.b64encode(e.float32_le).decode("ascii")
         else:
             vector = np.frombuffer(e.float32_le, dtype="<f4").tolist()
-        data.append({"object": "embedding", "index": e.index, "embedding": vector})
-    usage = {"prompt_tokens": response.usage.prompt_tokens, "total_tokens": response.usage.total_tokens}
-    return {"object": "list", "data": data, "model": response.model, "usage": usage}
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
+    return {"object": "list", "data": data, "model": reply.model, "usage": usage}
 
 
 def create_app(settings: GatewaySettings, draining: threading.Event | None = None,
@@ -71,13 +73,17 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     (off unless an OTLP endpoint is set).
     """
     client_holder: dict[str, EmbedClient] = {}
+    embedding: dict[str, EmbedCoalescing] = {}
     draining = draining or threading.Event()
     metrics = GatewayMetrics()
     tracer = tracer or env_tracer("gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client_holder["client"] = EmbedClient(settings, metrics, tracer)
+        client = client_holder["client"] = EmbedClient(settings, metrics, tracer)
+        embedding["calls"] = EmbedCoalescing(
+            lambda request, deadline: client.call("Embed", request, deadline), settings.coalesce_max_inputs,
+            settings.coalesce_max_in_flight, on_send=metrics.coalesced_callers.observe)
         try:
             yield
         finally:
@@ -143,15 +149,15 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
             raise errors.from_validation(exc.errors(), EmbeddingRequest.model_fields) from None
         if body.dimensions is not None and not 1 <= body.dimensions <= INT32_MAX:
             raise errors.invalid_request("dimensions must be a positive integer", "dimensions")
-        request_pb = pb.EmbedRequest(
-            model=body.model,
-            inputs=_inputs(body, settings.max_inputs),
-            encoding=pb.VECTOR_ENCODING_FLOAT32_LE,
-        )
-        if body.dimensions is not None:
-            request_pb.dimensions = body.dimensions
-        response = await call("Embed", request_pb)
-        payload = json.dumps(_render(response, body.encoding_format == "base64"), separators=(",", ":"))
+        inputs = _inputs(body, settings.max_inputs)
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+        try:
+            reply = await embedding["calls"].embed(body.model, inputs, body.dimensions, deadline)
+        except grpc.aio.AioRpcError as err:
+            raise errors.from_grpc(err, settings.retry_after_s) from None
+        except TimeoutError:  # its deadline passed while it waited to leave in a merged call
+            raise errors.timeout() from None
+        payload = json.dumps(_render(reply, body.encoding_format == "base64"), separators=(",", ":"))
         return Response(payload, media_type="application/json")
 
     def _model(m: pb.Model) -> dict:

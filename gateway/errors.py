@@ -66,6 +66,10 @@ def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
 
 
+def timeout() -> OpenAIError:
+    return OpenAIError(504, "the embedding service did not answer in time", "timeout", None, "timeout")
+
+
 def from_validation(problems: list[dict], known_params) -> OpenAIError:
     """A pydantic/FastAPI validation failure as OpenAI's 400, naming the request field when it is one."""
     first = problems[0] if problems else {}
@@ -96,7 +100,7 @@ def from_grpc(err: grpc.RpcError, retry_after_s: int) -> OpenAIError:
         # MODEL_REFUSED: the model's replicas missed their accuracy check; the operator must act, not the caller.
         return OpenAIError(503, message, "service_unavailable", "model", reason.name.lower() if reason else None)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return OpenAIError(504, "the embedding service did not answer in time", "timeout", None, "timeout")
+        return timeout()
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         # The gateway's own upstream key, not the user's: the operator must fix it.
         logger.error("the embedding service refused the gateway: %s (%s); check GATEWAY_UPSTREAM_API_KEY",

@@ -44,11 +44,13 @@ class EmbedClient:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
 
-    async def call(self, method: str, request: Any) -> Any:
-        """Calls EmbedService.<method>, retrying UNAVAILABLE and RESOURCE_EXHAUSTED within the deadline."""
+    async def call(self, method: str, request: Any, deadline: float | None = None) -> Any:
+        """Calls EmbedService.<method>, retrying UNAVAILABLE and RESOURCE_EXHAUSTED within the deadline
+        (event-loop time; by default request_timeout_s from now)."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.request_timeout_s
+        if deadline is None:
+            deadline = loop.time() + s.request_timeout_s
         for attempt in itertools.count():
             stub = self._stubs[next(self._turn) % len(self._stubs)]
             remaining = deadline - loop.time()

@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser.add_argument("--max-retries", type=int, dest="max_retries")
     parser.add_argument("--max-body-bytes", type=int, dest="max_body_bytes")
     parser.add_argument("--max-inputs", type=int, dest="max_inputs")
+    parser.add_argument("--coalesce-max-inputs", type=int, dest="coalesce_max_inputs")
+    parser.add_argument("--coalesce-max-in-flight", type=int, dest="coalesce_max_in_flight")
     parser.add_argument("--drain-delay-s", type=float, dest="drain_delay_s")
     parser.add_argument("--shutdown-timeout-s", type=float, dest="shutdown_timeout_s")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

@@ -35,6 +35,8 @@ class GatewayMetrics:
         self.upstream_retries = Counter(PREFIX + "upstream_retries", "gRPC calls sent again after a retryable "
                                         "code (UNAVAILABLE, RESOURCE_EXHAUSTED), by method and that code.",
                                         ("method", "code"), registry=r)
+        self.coalesced_callers = Histogram(PREFIX + "coalesced_callers", "REST requests carried by each merged "
+                                           "Embed call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
 
 
 class ObserveRequests:

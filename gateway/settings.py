@@ -50,6 +50,12 @@ class GatewaySettings(BaseSettings):
     drain_delay_s: float = Field(5.0, ge=0)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
+    # Concurrent embedding requests of at most coalesce_max_inputs inputs for one model and
+    # dimensions leave as one gRPC call once coalesce_max_in_flight such calls are out (0: off);
+    # see gateway/coalescing.py.
+    coalesce_max_inputs: int = Field(32, ge=1)
+    coalesce_max_in_flight: int = Field(4, ge=0)
+
     # Bounds matching the service's limits.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_inputs: int = Field(2048, ge=1)
@@ -62,4 +68,10 @@ class GatewaySettings(BaseSettings):
                 f"no api_keys configured while listening on {self.host}: set api_keys, "
                 "or allow_unauthenticated to serve without auth"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _merged_calls_within_the_input_bound(self) -> GatewaySettings:
+        if self.coalesce_max_inputs > self.max_inputs:
+            raise ValueError(f"coalesce_max_inputs ({self.coalesce_max_inputs}) exceeds max_inputs ({self.max_inputs})")
         return self

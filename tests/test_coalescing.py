@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedding_service.batching import CANCELLED, DEADLINE, Expired
-from embedding_service.coalescing import Coalescer
+from embedding_service.coalescing import Coalescer, shard_part
 from embedding_service.shards import ShardResult
 from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM
@@ -51,7 +51,7 @@ async def _settle() -> None:
 async def _busy(**options) -> tuple[_Model, Coalescer, asyncio.Future]:
     """A coalescer with one slot, taken by a call the model holds until released."""
     model = _Model()
-    coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, **options)
+    coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=shard_part, **options)
     blocker = asyncio.ensure_future(coalescer.submit(["x"], None))
     await _settle()
     return model, coalescer, blocker
@@ -60,7 +60,7 @@ async def _busy(**options) -> tuple[_Model, Coalescer, asyncio.Future]:
 def test_calls_that_wait_leave_together_and_each_gets_its_own_rows():
     async def main():
         model = _Model()
-        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1)
+        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=shard_part)
         first = asyncio.ensure_future(coalescer.submit(["a"], None))
         await _settle()
         assert model.calls == [["a"]]  # a lone call goes at once
@@ -137,7 +137,7 @@ def test_expired_and_departed_callers_are_dropped_unsent():
 def test_a_failed_call_fails_its_callers_and_the_coalescer_goes_on():
     async def main():
         model = _Model(fail=True)
-        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1)
+        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=shard_part)
         first = asyncio.ensure_future(coalescer.submit(["a"], None))
         await _settle()
         second = asyncio.ensure_future(coalescer.submit(["b"], None))

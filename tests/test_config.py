@@ -111,3 +111,15 @@ def test_preloaded_options_reach_the_servers_ray_serve_builds(tmp_path):
         "assert len(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS) == len(options)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
+
+
+def test_the_forward_token_budget_defaults_per_device_and_is_overridable():
+    from embedding_service.config import FORWARD_MAX_TOKENS, ModelSettings
+
+    default = ModelSettings(name="m", path="p")
+    assert default.forward_token_budget("cpu") == FORWARD_MAX_TOKENS["cpu"] == 1024
+    assert default.forward_token_budget("cuda") == default.forward_token_budget("cuda:1") == 32768
+    explicit = ModelSettings(name="m", path="p", forward_max_tokens=300)
+    assert explicit.forward_token_budget("cpu") == explicit.forward_token_budget("cuda") == 300
+    with pytest.raises(ValidationError):
+        ModelSettings(name="m", path="p", forward_max_tokens=0)

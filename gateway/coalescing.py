@@ -1,0 +1,90 @@
+"""Coalescing REST calls into gRPC: concurrent small embedding requests for the same model and
+dimensions leave the gateway as one Embed call, and its reply is split back per caller.
+
+Measured: with 64 asyncio callers of one sentence each, every REST call was one gRPC call
+through Serve's proxy and the router, whose per-call work was the limit (README, benchmark).
+A request goes at once while fewer than `coalesce_max_in_flight` merged calls are out for its
+key; the ones that arrive meanwhile leave together (embedding_service.coalescing). A merged call
+refused as INVALID_ARGUMENT is sent again per caller, so each caller gets the exact error (or
+vectors) it would have got alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from embedding_service.coalescing import Coalescer
+from embedding_service.v1 import embedding_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One caller's part of an Embed reply: its embeddings in its input order, and its tokens."""
+
+    model: str
+    embeddings: Sequence[pb.Embedding]  # the i-th is the caller's input i
+    prompt_tokens: int
+
+    @classmethod
+    def whole(cls, response: pb.EmbedResponse) -> Reply:
+        return cls(response.model, response.embeddings, response.usage.prompt_tokens)
+
+
+def _split(reply: Reply, offset: int, n: int) -> Reply:
+    rows = reply.embeddings[offset : offset + n]
+    return Reply(reply.model, rows, sum(e.tokens for e in rows))
+
+
+def _input_specific(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class EmbedCoalescing:
+    """Embed calls, small ones merged per (model, dimensions).
+
+    `call(request, deadline)` makes one Embed call (with retries) within `deadline` (event-loop time).
+    """
+
+    def __init__(self, call: Callable[[pb.EmbedRequest, float], Awaitable[pb.EmbedResponse]], max_inputs: int,
+                 max_in_flight: int, on_send: Callable[[int], None] = lambda callers: None) -> None:
+        self._call = call
+        self.max_inputs = max_inputs
+        self.max_in_flight = max_in_flight
+        self._on_send = on_send
+        self._coalescers: dict[tuple[str, int | None], Coalescer[Reply]] = {}
+
+    async def embed(self, model: str, inputs: list[pb.EmbedInput], dimensions: int | None, deadline: float) -> Reply:
+        if self.max_in_flight == 0 or len(inputs) > self.max_inputs:
+            return Reply.whole(await self._call(_request(model, inputs, dimensions), deadline))
+        key = (model, dimensions)
+        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new(model, dimensions))
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            # Its own deadline, though the merged call it rides in may run to a later caller's.
+            return await asyncio.wait_for(coalescer.submit(inputs, deadline), max(0.0, remaining))
+        finally:
+            if coalescer.idle and self._coalescers.get(key) is coalescer:
+                del self._coalescers[key]  # keys come from callers (any model name): none kept idle
+
+    def _new(self, model: str, dimensions: int | None) -> Coalescer[Reply]:
+        async def send(inputs: list[pb.EmbedInput], deadline: float | None) -> Reply:
+            return Reply.whole(await self._call(_request(model, inputs, dimensions), deadline))
+
+        return Coalescer(send, self.max_inputs, self.max_in_flight, split=_split, isolate=_input_specific,
+                         on_send=self._on_send, where="in the gateway")
+
+    @property
+    def keys(self) -> int:
+        """(model, dimensions) pairs with calls queued or in flight."""
+        return len(self._coalescers)
+
+
+def _request(model: str, inputs: list[pb.EmbedInput], dimensions: int | None) -> pb.EmbedRequest:
+    request = pb.EmbedRequest(model=model, inputs=inputs, encoding=pb.VECTOR_ENCODING_FLOAT32_LE)
+    if dimensions is not None:
+        request.dimensions = dimensions
+    return request

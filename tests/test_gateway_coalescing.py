@@ -1,0 +1,154 @@
+"""Coalescing in the gateway: concurrent REST calls leave as merged gRPC calls to the real service and
+each caller gets exactly what a call of its own returns; the coalescing on its own for expiry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedding_service.v1 import embedding_pb2 as pb
+from gateway.coalescing import EmbedCoalescing
+from tests.conftest import MINILM
+from tests.gateway_helpers import running_gateway
+from tests.test_embed import make_texts, text_inputs, vectors_of
+
+
+def _callers_histogram(base: str) -> tuple[float, float]:
+    """(merged calls, callers they carried) from the gateway's own scrape."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return samples["embedding_gateway_coalesced_callers_count"], samples["embedding_gateway_coalesced_callers_sum"]
+
+
+async def _post_all(base: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        return await asyncio.gather(*(client.post("/v1/embeddings", json=b) for b in bodies))
+
+
+def test_merged_calls_return_what_separate_calls_return(service):
+    texts = make_texts(150, seed=77)
+    bodies, k = [], 0
+    for i in range(64):  # 1-3 inputs each; a quarter asks for 128 dimensions (merged apart from the rest)
+        n = 1 + i % 3
+        body = {"model": MINILM, "input": texts[k : k + n], "encoding_format": "float"}
+        if i % 4 == 0:
+            body["dimensions"] = 128
+        bodies.append(body)
+        k += n
+    # One merged call out at a time: everything arriving meanwhile leaves together.
+    with running_gateway(targets=[service.target], coalesce_max_in_flight=1) as base:
+        replies = asyncio.run(_post_all(base, bodies))
+        calls, callers = _callers_histogram(base)
+
+    assert callers == len(bodies) and calls < len(bodies) / 4, (calls, callers)
+    for body, reply in zip(bodies, replies):
+        assert reply.status_code == 200, reply.text
+        request = pb.EmbedRequest(model=MINILM, inputs=text_inputs(body["input"]))
+        if "dimensions" in body:
+            request.dimensions = body["dimensions"]
+        alone = service.stub.Embed(request)
+        got = reply.json()
+        assert [d["index"] for d in got["data"]] == list(range(len(body["input"])))
+        vectors = np.array([d["embedding"] for d in got["data"]], dtype=np.float32)
+        assert np.abs(vectors - vectors_of(alone)).max() < 1e-6
+        assert got["usage"]["prompt_tokens"] == got["usage"]["total_tokens"] == alone.usage.prompt_tokens
+
+
+def test_a_refused_input_fails_only_its_own_caller(service):
+    texts = make_texts(31, seed=78)
+    bodies = [{"model": MINILM, "input": [t], "encoding_format": "float"} for t in texts]
+    bad = 13
+    bodies.insert(bad, {"model": MINILM, "input": [[101, 2_000_000_000, 102]], "encoding_format": "float"})
+    with running_gateway(targets=[service.target], coalesce_max_in_flight=1) as base:
+        replies = asyncio.run(_post_all(base, bodies))
+        calls, callers = _callers_histogram(base)
+
+    refused = replies[bad]
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "token_id_out_of_range"
+    assert refused.json()["error"]["param"] == "input"
+    others = [r for i, r in enumerate(replies) if i != bad]
+    assert all(r.status_code == 200 for r in others), [r.text for r in others if r.status_code != 200][:2]
+    vectors = np.array([r.json()["data"][0]["embedding"] for r in others], dtype=np.float32)
+    expected = vectors_of(service.stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(texts))))
+    assert np.abs(vectors - expected).max() < 1e-6
+    # The callers merged with the refused one went again, each alone: more callers sent than came.
+    assert callers > len(bodies) and calls < callers
+
+
+class _Upstream:
+    """Stands in for the gRPC service: records each call's inputs; the first call waits for `release`."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[str]] = []
+        self.release = asyncio.Event()
+
+    async def call(self, request: pb.EmbedRequest, deadline: float) -> pb.EmbedResponse:
+        self.sent.append([i.text for i in request.inputs])
+        if len(self.sent) == 1:
+            await self.release.wait()
+        response = pb.EmbedResponse(model=request.model)
+        for k, item in enumerate(request.inputs):
+            response.embeddings.add(index=k, float32_le=np.float32([len(item.text)]).tobytes(), tokens=len(item.text))
+        response.usage.prompt_tokens = sum(len(i.text) for i in request.inputs)
+        return response
+
+
+def test_an_expired_or_departed_caller_is_dropped_unsent():
+    async def scenario():
+        upstream = _Upstream()
+        coalescing = EmbedCoalescing(upstream.call, max_inputs=32, max_in_flight=1)
+        loop = asyncio.get_running_loop()
+        far = loop.time() + 30
+
+        def submit(text: str, deadline: float):
+            return loop.create_task(coalescing.embed("m", [pb.EmbedInput(text=text)], None, deadline))
+
+        first = submit("first", far)
+        await asyncio.sleep(0.01)
+        expiring = submit("expiring", loop.time() + 0.05)
+        leaving = submit("leaving", far)
+        waiting = submit("waiting!", far)
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        await asyncio.sleep(0.1)  # past the expiring caller's deadline
+        upstream.release.set()
+        replies = await asyncio.gather(first, waiting)
+        with pytest.raises(TimeoutError):
+            await expiring
+        assert upstream.sent == [["first"], ["waiting!"]]
+        assert [r.prompt_tokens for r in replies] == [5, 8]
+        assert coalescing.keys == 0  # nothing kept once idle
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_of_a_merged_call_reaches_every_caller_in_it():
+    async def scenario():
+        gate = asyncio.Event()
+        sent = []
+
+        async def call(request, deadline):
+            sent.append(len(request.inputs))
+            await gate.wait()
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
+
+        coalescing = EmbedCoalescing(call, max_inputs=32, max_in_flight=1)
+        far = asyncio.get_running_loop().time() + 30
+        tasks = [asyncio.create_task(coalescing.embed("m", [pb.EmbedInput(text=str(i))], None, far)) for i in range(5)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.UNAVAILABLE for o in outcomes)
+        assert sent == [1, 4]  # not sent again per caller: only INVALID_ARGUMENT may be one caller's
+
+    asyncio.run(scenario())
+
+
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="scripted")
