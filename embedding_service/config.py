@@ -135,8 +135,8 @@ class Limits(_Strict):
     max_inputs_per_stream: int = Field(100_000, ge=1)
     max_chars_per_input: int = Field(100_000, ge=1)
     max_token_ids_per_input: int = Field(100_000, ge=1)
-    # Serialized request size the router accepts. The proxy's own transport
-    # cap (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) should be set at or above this.
+    # Serialized request size the router accepts. Ray's transport caps (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE,
+    # RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH; the launcher sets both) should be at or above this.
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Enforced by the router per call, so the proxy needs no request_timeout_s
     # (which would also cut the never-ending health Watch streams).

@@ -65,7 +65,7 @@ def export_app_env(config: dict[str, Any]) -> None:
 def prepare_environment(config: dict[str, Any]) -> None:
     """Environment for the Ray processes this launcher starts; call before Ray starts.
 
-    From the application's limits: Ray's gRPC transport cap (the router's request
+    From the application's limits: Ray's gRPC transport caps (the router's request
     bound) and the proxy's gRPC server options, which Ray's workers apply as they
     start (serve_grpc_options.py). On a cluster, set the same variables in the Ray
     nodes' environment, as the app's Serve settings.
@@ -76,7 +76,11 @@ def prepare_environment(config: dict[str, Any]) -> None:
     if not _service_apps(config):
         return
     limits = service_app(config)[1].limits
-    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limits.max_request_bytes * TRANSPORT_CAP_FACTOR))
+    cap = str(limits.max_request_bytes * TRANSPORT_CAP_FACTOR)
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", cap)
+    # The gRPC transport between Serve's proxy and deployments caps what a replica receives at
+    # 4 MiB by default: a request under our bound but over that would fail in transit.
+    os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", cap)
     os.environ.setdefault(serve_grpc_options.OPTIONS_ENV, json.dumps(serve_grpc_options.grpc_server_options(limits)))
     preload = [m for m in os.environ.get(PRELOAD_ENV, "").split(",") if m]
     if serve_grpc_options.MODULE not in preload:
@@ -109,11 +113,13 @@ def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: d
         proxy_location=schema.proxy_location,
         http_options=schema.http_options.model_dump(),
         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        logging_config=schema.logging_config,  # the controller's and proxies', as `serve deploy` applies it
     )
     for app in apps:
         module, _, attr = app.import_path.replace(":", ".").rpartition(".")
         builder = getattr(__import__(module, fromlist=[attr]), attr)
-        serve.run(builder(app.args), name=app.name, route_prefix=app.route_prefix, blocking=False)
+        serve.run(builder(app.args), name=app.name, route_prefix=app.route_prefix, blocking=False,
+                  logging_config=app.logging_config)
     return f"127.0.0.1:{schema.grpc_options.port}"
 
 

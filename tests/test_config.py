@@ -74,7 +74,8 @@ def test_the_launcher_gives_ray_the_transport_cap_and_the_apps_serve_settings(mo
     from embedding_service import serve_grpc_options
 
     config = launcher.load_config()
-    for key in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+    for key in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_USE_GRPC", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
                 serve_grpc_options.OPTIONS_ENV):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(launcher.PRELOAD_ENV, "some_other_module")
@@ -82,9 +83,11 @@ def test_the_launcher_gives_ray_the_transport_cap_and_the_apps_serve_settings(mo
     launcher.prepare_environment(config)
     args = config["applications"][0]["args"]
     assert os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 * args["limits"]["max_request_bytes"])
+    assert os.environ["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(4 * args["limits"]["max_request_bytes"])
     # The speed bundle, with Serve's gRPC proxy kept (no direct ingress).
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert os.environ["RAY_SERVE_PROXY_USE_GRPC"] == "1"
     assert os.environ["HF_HUB_OFFLINE"] == "0"
     # Ray's workers import the proxy's gRPC server options before anything else (kept: the operator's own).
     assert os.environ[launcher.PRELOAD_ENV] == "some_other_module,embedding_service.serve_grpc_options"

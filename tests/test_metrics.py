@@ -17,6 +17,8 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedding_service.batching import plan_passes
+from embedding_service.config import FORWARD_MAX_TOKENS
 from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, REFUSING, TINY
 from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
@@ -80,7 +82,8 @@ def test_requests_inputs_tokens_batches_and_errors_are_counted_exactly(service):
 
     n_inputs = sum(len(t) for t in calls)
     n_tokens = sum(sum(t) for t in tokens)
-    padded = sum(max(t) * len(t) for t in tokens)  # one forward pass each: longest x count
+    # The replica's forward passes (within 32 sequences and the CPU's 1,024 padded tokens): longest x count each.
+    padded = sum(max(t[k] for k in p) * len(p) for t in tokens for p in plan_passes(t, 32, FORWARD_MAX_TOKENS["cpu"]))
     ok = {"method": "Embed", "model": MINILM, "code": "OK"}
     deltas.wait({
         key("ray_embedding_requests_total", **ok): len(calls),

@@ -37,7 +37,8 @@ USER_KEY = "gateway-user-key"
 GRACE_S = 30
 STREAM_INPUTS = 60_000
 # What the test session put in its own environment for its own Ray: the run command derives its own.
-SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "EMBEDDING_SERVE_GRPC_OPTIONS", launcher.PRELOAD_ENV)
+SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
+                "EMBEDDING_SERVE_GRPC_OPTIONS", launcher.PRELOAD_ENV)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
