@@ -165,6 +165,9 @@ class RouterSettings(_Strict):
     # (coalescing.py) once this many such merged calls per model are in flight; 0: off.
     coalesce_max_in_flight: int = Field(4, ge=0)
     # Extra attempts for a mini-batch whose replica died or vanished.
+    # Calls of more than one shard are cut by the model's token lengths (counted here with its
+    # tokenizer) rather than characters; see token_lengths.py.
+    shard_by_tokens: bool = True
     shard_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(0.2, ge=0)
     num_replicas: int = Field(1, ge=1)

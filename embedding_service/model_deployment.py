@@ -186,6 +186,7 @@ class EmbeddingModel:
             vocab_size=self.encoder.vocab_size,
             source=settings.path,
             verification=loaded.verification,
+            tokenizer_json=self.encoder.tokenizer_json(),
         )
         self.refused = loaded.verification.refused if loaded.verification else None
         self._forward_max_tokens = settings.forward_token_budget(self.device)

@@ -35,6 +35,7 @@ from embedding_service.model_deployment import ReplicaFaulted, ReplicaRefused
 from embedding_service.proxy_ingress import TIMEOUT_KEY
 from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
+from embedding_service.token_lengths import TokenLengths
 from embedding_service.tracing import service_tracer
 from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
@@ -97,6 +98,7 @@ class EmbedRouter:
         self.models = models
         self.recycler = recycler
         self._infos: dict[str, ModelInfo] = {}
+        self._counters: dict[str, TokenLengths | None] = {}  # per model, from its replica's tokenizer
         self._coalescers: dict[tuple[str, EmbedOptions], Coalescer] = {}
         self.auth = Authenticator(args.auth)
         if not self.auth.enabled:
@@ -191,6 +193,16 @@ class EmbedRouter:
             self._infos[name] = await self.models[name].describe.remote()
         return self._infos[name]
 
+    async def _token_lengths(self, model: str, inputs: list[Input]) -> np.ndarray | None:
+        """Each input's tokens by the model's tokenizer (in a thread: a big call must not hold up the
+        event loop), or None when the replica did not send its tokenizer."""
+        if model not in self._counters:
+            info = await self._info(model)
+            self._counters[model] = (TokenLengths(info.tokenizer_json, info.max_sequence_length)
+                                     if info.tokenizer_json else None)
+        counter = self._counters[model]
+        return None if counter is None else await asyncio.to_thread(counter.of, inputs)
+
     def _model_message(self, info: ModelInfo) -> pb.Model:
         return pb.Model(
             name=info.name,
@@ -267,7 +279,10 @@ class EmbedRouter:
         handle = self.models[job.model]
         limit = asyncio.Semaphore(self.args.router.max_concurrent_shards)
 
-        shards = plan_shards(job.inputs, self.args.router.shard_size)
+        lengths = None
+        if len(job.inputs) > self.args.router.shard_size and self.args.router.shard_by_tokens:
+            lengths = await self._token_lengths(job.model, job.inputs)
+        shards = plan_shards(job.inputs, self.args.router.shard_size, lengths)
         coalesce = len(shards) == 1 and self.args.router.coalesce_max_in_flight > 0
 
         async def run(shard: Shard) -> tuple[Shard, ShardResult]:

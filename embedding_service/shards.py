@@ -27,6 +27,8 @@ class ModelInfo:
     vocab_size: int
     source: str
     verification: Verification | None = None  # the answering replica's start-up check
+    # The model's tokenizer (tokenizers' JSON), for the router to cut shards by tokens; "" when unknown.
+    tokenizer_json: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,14 @@ class Shard:
     positions: np.ndarray
 
 
-def plan_shards(inputs: Sequence[Input], shard_size: int) -> list[Shard]:
+def plan_shards(inputs: Sequence[Input], shard_size: int, lengths: np.ndarray | None = None) -> list[Shard]:
     """Sort inputs by length and cut them into mini-batches of similar lengths.
 
-    Similar lengths in one mini-batch keep padding (wasted compute) low.
+    Similar lengths in one mini-batch keep padding (wasted compute) low. `lengths`: each
+    input's tokens (token_lengths.py); without them, characters (a text) or token ids.
     """
-    lengths = np.fromiter((len(x) for x in inputs), dtype=np.int64, count=len(inputs))
+    if lengths is None:
+        lengths = np.fromiter((len(x) for x in inputs), dtype=np.int64, count=len(inputs))
     order = np.argsort(-lengths, kind="stable")
     return [Shard(order[i : i + shard_size]) for i in range(0, len(order), shard_size)]
 

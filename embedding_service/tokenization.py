@@ -64,6 +64,10 @@ class InputEncoder:
             raise ValueError(f"max_seq_length {self.max_length} leaves no room for content tokens")
         self._prompt_cache: dict[str, tuple[np.ndarray, int | None]] = {}
 
+    def tokenizer_json(self) -> str:
+        """The tokenizer as tokenizers' JSON (what the router counts tokens with)."""
+        return self._tokenizer.to_str()
+
     def _prompt(self, prompt: str) -> tuple[np.ndarray, int | None]:
         """Prompt token ids, and the prompt_length pooling wants (if any)."""
         if prompt not in self._prompt_cache:

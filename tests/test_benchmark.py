@@ -24,7 +24,8 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
         write,
     )
 
-    work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 300})
+    work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 300,
+                      "w6_inputs": 300})
     results = measure_in_process(reference_models[MINILM], work, "auto", threads=1)
     # The service's default backend, compiled in-process too, and within the stated tolerance of torch.
     assert results["backend"] == "openvino"
@@ -39,7 +40,7 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
     assert results["accuracy"]["precision"] == "fp32" and results["accuracy"]["canary_min_cosine"] > 0.99999
     w = results["workloads"]
     assert set(w) == ({f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")}
-                      | {"W1_rest_async", "W2_rest_async", "W3_rest_async", "W5_grpc_stream"})
+                      | {"W1_rest_async", "W2_rest_async", "W3_rest_async", "W5_grpc_stream", "W6_grpc_real_text"})
     for name, v in w.items():
         assert v.get("ratio", 1) > 0 and v.get("p50_ms", 1) > 0, name
         # The batches the replicas ran, from the service's metrics: never over the configured maximum.
@@ -48,6 +49,7 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
         assert sum(b["sizes"].values()) == b["batches"] and all(float(k[2:]) <= 128 for k in b["sizes"]), (name, b)
         assert b["mean_forward_ms"] > 0 and 0 <= b["padding_share"] < 1, (name, b)
     assert w["W5_grpc_stream"]["inputs"] == 300
+    assert results["in_process"]["w6_rate"] > 0 and w["W6_grpc_real_text"]["rate"] > 0
     assert np.isclose(w["W5_grpc_stream"]["result_mib"], 300 * 384 * 4 / 2**20)
 
     write(results, tmp_path)
@@ -70,7 +72,8 @@ def test_the_benchmark_measures_a_peer_started_from_a_command_line_and_stops_it(
     port = free_port()
     marker = f"-m gateway --targets {service.target} --port {port}"  # the peer's process, to find it after the stop
     command = f"exec {shlex.quote(sys.executable)} {marker}"
-    work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 10})
+    work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 10,
+                      "w6_inputs": 10})
     results = {"in_process": {"limit": 100.0, "w1_p50_ms": 5.0, "w4_rate": 10.0}}
     peer = measure_peer(command, f"http://127.0.0.1:{port}", MINILM, work, results, tmp_path / "peer.log")
     w = peer["workloads"]
