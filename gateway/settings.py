@@ -44,6 +44,11 @@ class GatewaySettings(BaseSettings):
     # Seconds in Retry-After of a 503.
     retry_after_s: int = Field(1, ge=0)
 
+    # Seconds an idle client connection is kept open. Longer than a load balancer's own idle
+    # timeout (60 s on the common ones), so the balancer never reuses a connection the gateway
+    # has just closed (uvicorn's default, 5 s, makes that race: a reused connection breaks).
+    keep_alive_s: int = Field(75, ge=1)
+
     # On SIGTERM or Ctrl-C: /readyz answers 503 at once while requests are still
     # served for drain_delay_s (load balancers stop sending), then no new
     # connections and up to shutdown_timeout_s for the requests in flight.

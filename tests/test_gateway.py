@@ -235,6 +235,26 @@ def test_auth_may_be_off_on_loopback_only():
     parsed = parse_args(["--targets", "a:1", "b:2", "--port", "9999", "--api-keys", "k1", "--call-timeout-s", "3"])
     assert parsed.targets == ["a:1", "b:2"] and parsed.port == 9999 and parsed.api_keys == ["k1"]
     assert parsed.call_timeout_s == 3
+    assert GatewaySettings().keep_alive_s == 75  # past a load balancer's usual 60 s idle timeout
+    with pytest.raises(ValidationError):
+        GatewaySettings(coalesce_max_inputs=4096)  # a merged call over the per-request bound
+
+
+def test_an_idle_connection_outlives_uvicorns_default_keep_alive(service):
+    """A load balancer reuses idle connections for up to its own timeout: the gateway keeps them longer."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    with gateway_process("--targets", service.target, "--keep-alive-s", "30") as (base, _):
+        url = urlsplit(base)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b'{"status":"ok"}'
+        sock = conn.sock
+        time.sleep(6.5)  # past uvicorn's default of 5 s
+        conn.request("GET", "/healthz")  # on the same connection: RemoteDisconnected had the gateway closed it
+        assert conn.getresponse().read() == b'{"status":"ok"}' and conn.sock is sock
+        conn.close()
 
 
 def test_run_command_starts_the_gateway_as_its_own_process(service, reference_models):
