@@ -390,6 +390,7 @@ def measure_peer(command: str, base: str, model: str, work: Work, results: dict,
         rest = RestClient(base, model)
         wait_answering(rest, 900, process)
         rest.embed(work.w2)  # warm
+        rest.resent = 0  # the start-up probes of a server not yet listening are not broken calls
 
         def no_batches() -> dict:  # the peer's batches are not ours to read
             return {}
@@ -413,6 +414,7 @@ def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, resul
     grpc_client.embed(work.w2)  # warm
     batch_stats()
     w = measure_client("grpc", grpc_client, work, results, batch_stats)
+    rest.resent = 0  # the start-up probes of a server not yet listening are not broken calls
     w |= measure_client("rest", rest, work, results, batch_stats)
     w["W3_rest"]["calls_resent"] = rest.resent  # over the whole threaded run
     w |= measure_async_rest(AsyncRestClient(rest.base, rest.model), work, results, batch_stats)

@@ -49,6 +49,7 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
         assert sum(b["sizes"].values()) == b["batches"] and all(float(k[2:]) <= 128 for k in b["sizes"]), (name, b)
         assert b["mean_forward_ms"] > 0 and 0 <= b["padding_share"] < 1, (name, b)
     assert w["W5_grpc_stream"]["inputs"] == 300
+    assert w["W3_rest"]["calls_resent"] == 0  # no connection to the gateway broke
     assert results["in_process"]["w6_rate"] > 0 and w["W6_grpc_real_text"]["rate"] > 0
     assert np.isclose(w["W5_grpc_stream"]["result_mib"], 300 * 384 * 4 / 2**20)
 
