@@ -295,7 +295,8 @@ def measure_in_process(model, work: Work, backend: str, threads: int, precision:
     model.encode(work.w6, batch_size=32)
     w6_rate = len(work.w6) / (time.perf_counter() - t)
     out = {"in_process": {"rate_by_batch_size": best, "limit": limit, "limit_batch_size": limit_bs,
-                          "w1_p50_ms": pct(single, 50) * 1e3, "w1_p99_ms": pct(single, 99) * 1e3, "w4_rate": w4_rate, "w6_rate": w6_rate,
+                          "w1_p50_ms": pct(single, 50) * 1e3, "w1_p99_ms": pct(single, 99) * 1e3, "w4_rate": w4_rate,
+                          "w6_rate": w6_rate,
                           "w5_rate_sample": inproc.rate(work.w5[:2000], limit_bs, repeats=1)}}
     # The ratios are to torch `encode` (the reference); these say how much
     # of the compiled backend's own in-process limit the service keeps.
@@ -369,6 +370,7 @@ def wait_answering(rest: RestClient, timeout_s: float, process=None) -> None:
     while True:
         try:
             rest.embed(["warm up"])
+            rest.resent = 0  # the probes of a server not yet listening are not broken calls
             return
         except Exception as exc:
             if process is not None and process.poll() is not None:
@@ -390,7 +392,6 @@ def measure_peer(command: str, base: str, model: str, work: Work, results: dict,
         rest = RestClient(base, model)
         wait_answering(rest, 900, process)
         rest.embed(work.w2)  # warm
-        rest.resent = 0  # the start-up probes of a server not yet listening are not broken calls
 
         def no_batches() -> dict:  # the peer's batches are not ours to read
             return {}
@@ -414,7 +415,6 @@ def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, resul
     grpc_client.embed(work.w2)  # warm
     batch_stats()
     w = measure_client("grpc", grpc_client, work, results, batch_stats)
-    rest.resent = 0  # the start-up probes of a server not yet listening are not broken calls
     w |= measure_client("rest", rest, work, results, batch_stats)
     w["W3_rest"]["calls_resent"] = rest.resent  # over the whole threaded run
     w |= measure_async_rest(AsyncRestClient(rest.base, rest.model), work, results, batch_stats)

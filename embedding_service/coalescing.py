@@ -66,11 +66,16 @@ class Coalescer(Generic[R]):
         """Nothing queued, nothing in flight: the owner may drop it."""
         return not self._queue and self._in_flight == 0
 
-    async def submit(self, inputs: list[Any], deadline: float | None) -> R:
+    def enqueue(self, inputs: list[Any], deadline: float | None) -> asyncio.Future:
+        """Queues the caller now (no await between this and the queue); its result comes on the future,
+        and cancelling the future drops the caller unsent."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(inputs, future, deadline, contextvars.copy_context()))
         self._pump()
-        return await future
+        return future
+
+    async def submit(self, inputs: list[Any], deadline: float | None) -> R:
+        return await self.enqueue(inputs, deadline)
 
     def _live(self, entry: _Entry, now: float) -> bool:
         reason = why_stale(entry.future, entry.deadline, now, self._where)

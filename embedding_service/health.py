@@ -59,9 +59,12 @@ class ServiceView:
         for replica in self.snapshot.refused_replicas().values():
             if replica.model not in serving:
                 by_model.setdefault(replica.model, []).append(replica)
-        return {model: f"its {len(refused)} replica(s) refuse to serve; replica {first.replica_id}: {first.refused}"
-                for model, refused in by_model.items()
-                for first in [min(refused, key=lambda r: r.replica_id)]}
+        refusals = {}
+        for model, refused in by_model.items():
+            first = min(refused, key=lambda r: r.replica_id)
+            refusals[model] = (f"its {len(refused)} replica(s) refuse to serve; "
+                               f"replica {first.replica_id}: {first.refused}")
+        return refusals
 
     def own_node_quarantined(self) -> bool:
         return self.snapshot is not None and self.snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)

@@ -64,8 +64,9 @@ class EmbedCoalescing:
         coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new(model, dimensions))
         remaining = deadline - asyncio.get_running_loop().time()
         try:
+            # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
             # Its own deadline, though the merged call it rides in may run to a later caller's.
-            return await asyncio.wait_for(coalescer.submit(inputs, deadline), max(0.0, remaining))
+            return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), max(0.0, remaining))
         finally:
             if coalescer.idle and self._coalescers.get(key) is coalescer:
                 del self._coalescers[key]  # keys come from callers (any model name): none kept idle
