@@ -86,8 +86,8 @@ class GrpcClient:
     def __init__(self, target: str) -> None:
         import grpc
 
-        from embedding_service.v1 import embedding_pb2 as pb
-        from embedding_service.v1 import embedding_pb2_grpc
+        from embedding_client.v1 import embedding_pb2 as pb
+        from embedding_client.v1 import embedding_pb2_grpc
 
         self.pb = pb
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)])

@@ -131,10 +131,11 @@ class ModelSettings(_Strict):
 class Limits(_Strict):
     """Explicit bounds on what one call may ask for."""
 
-    max_inputs_per_request: int = Field(2048, ge=1)
-    max_inputs_per_stream: int = Field(100_000, ge=1)
-    max_chars_per_input: int = Field(100_000, ge=1)
-    max_token_ids_per_input: int = Field(100_000, ge=1)
+    # Published to clients in ListModelsResponse.limits (int32 there).
+    max_inputs_per_request: int = Field(2048, ge=1, le=2**31 - 1)
+    max_inputs_per_stream: int = Field(100_000, ge=1, le=2**31 - 1)
+    max_chars_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
+    max_token_ids_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
     # Serialized request size the router accepts. Ray's transport caps (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE,
     # RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH; the launcher sets both) should be at or above this.
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)

@@ -3,23 +3,21 @@
 The one list is the `ErrorReason` enum in
 protos/embedding_service/v1/error_reason.proto; each value carries the gRPC
 status code it comes with. The service, the code that runs in Serve's proxy,
-the gateway and the tests all read it from here.
+the gateway and the tests all read it from here; clients read failures with embedding_client.errors.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Iterable
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from embedding_service.v1 import error_reason_pb2
+from embedding_client.errors import RETRYABLE_CODES, STATUS_DETAILS_KEY, ErrorDetails, read_details  # noqa: F401
+from embedding_client.v1 import error_reason_pb2
 
 DOMAIN = "embedding-service"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _PREFIX = "ERROR_REASON_"
 _VALUES = [v for v in error_reason_pb2.ErrorReason.DESCRIPTOR.values if v.number]
 
@@ -30,8 +28,7 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason(v.number): grpc.StatusCode[v.GetOptions().Extensions[error_reason_pb2.status_code]] for v in _VALUES
 }
 
-# Reasons a caller should retry (after the RetryInfo delay), and the delay sent by default.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# The delay sent in RetryInfo by default (RETRYABLE_CODES: the codes a caller should retry).
 DEFAULT_RETRY_AFTER_S = 1.0
 
 
@@ -75,31 +72,3 @@ class ServiceError(Exception):
 
 def _restore(reason: int, message: str, retry_after_s: float | None, metadata: dict[str, str]) -> ServiceError:
     return ServiceError(Reason(reason), message, retry_after_s, **metadata)
-
-
-@dataclass(frozen=True)
-class ErrorDetails:
-    """What a failed call says about itself, as a client reads it."""
-
-    reason: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    retry_after_s: float | None = None
-
-
-def read_details(trailing_metadata: Iterable[tuple[str, str | bytes]] | None, message: str = "") -> ErrorDetails:
-    """The ErrorInfo and RetryInfo of a failed call; a failed stream's reason from its message."""
-    raw = next((v for k, v in trailing_metadata or () if k == STATUS_DETAILS_KEY), None)
-    if raw is None:
-        head = message.split(":", 1)[0]
-        return ErrorDetails(reason=head if ":" in message and head in Reason.__members__ else None)
-    reason, metadata, delay = None, {}, None
-    for detail in status_pb2.Status.FromString(raw).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason, dict(info.metadata)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-    return ErrorDetails(reason, metadata, delay)

@@ -17,8 +17,8 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from embedding_client.v1 import embedding_pb2
 from embedding_service.error_reasons import STATUS_DETAILS_KEY, Reason, ServiceError
-from embedding_service.v1 import embedding_pb2
 
 logger = logging.getLogger("ray.serve")
 

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 from grpc_health.v1 import health_pb2
 
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.node_state import NodeState, Snapshot
-from embedding_service.v1 import embedding_pb2 as pb
 
 T = TypeVar("T")
 

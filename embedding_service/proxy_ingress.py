@@ -27,10 +27,10 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from ray.serve._private.proxy_request_response import gRPCStreamingType
 
+from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service import errors
 from embedding_service.error_reasons import Reason, ServiceError, read_details
 from embedding_service.metrics import ProxyMetrics
-from embedding_service.v1 import embedding_pb2_grpc
 
 logger = logging.getLogger("ray.serve")
 

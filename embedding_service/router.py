@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service import errors, node_routing
 from embedding_service.auth import Authenticator
 from embedding_service.call_observer import CallObserver, ObservedCall
@@ -37,7 +38,6 @@ from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.token_lengths import TokenLengths
 from embedding_service.tracing import service_tracer
-from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
 from embedding_service.verification import Verification
 
@@ -376,8 +376,14 @@ class EmbedRouter:
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         with self._admit("ListModels", grpc_context, self.args.limits.request_timeout_s):
             infos = await asyncio.gather(*(self._info(name) for name in self.models))
+            lim = self.args.limits
+            limits = pb.ServiceLimits(max_inputs_per_request=lim.max_inputs_per_request,
+                                      max_inputs_per_stream=lim.max_inputs_per_stream,
+                                      max_chars_per_input=lim.max_chars_per_input,
+                                      max_token_ids_per_input=lim.max_token_ids_per_input,
+                                      max_request_bytes=lim.max_request_bytes)
             return pb.ListModelsResponse(models=[self._model_message(i) for i in infos],
-                                         default_model=self.args.default_model_name)
+                                         default_model=self.args.default_model_name, limits=limits)
 
     @errors.grpc_method
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.GetModelResponse:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_service.error_reasons import Reason, ServiceError
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
+from embedding_service.error_reasons import Reason, ServiceError
 from embedding_service.shards import EmbedOptions, Input, ModelInfo
-from embedding_service.v1 import embedding_pb2 as pb
 
 _POLICIES = {
     pb.TRUNCATION_POLICY_UNSPECIFIED: "end",

@@ -9,7 +9,6 @@ import json
 import threading
 from contextlib import asynccontextmanager
 
-import grpc
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,14 +17,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from embedding_client import AsyncEmbedClient, EmbeddingError
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.tracing import Tracer, env_tracer
-from embedding_service.v1 import embedding_pb2 as pb
 from gateway import errors
 from gateway.coalescing import EmbedCoalescing, Reply
-from gateway.grpc_client import EmbedClient
 from gateway.metrics import GatewayMetrics, ObserveRequests
 from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
 from gateway.settings import GatewaySettings
+from gateway.upstream import upstream_client
 
 INT32_MAX = 2**31 - 1
 OWNER = "embedding-service"
@@ -72,7 +72,7 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     `tracer`: where its spans go; by default from the standard OTEL_* variables
     (off unless an OTLP endpoint is set).
     """
-    client_holder: dict[str, EmbedClient] = {}
+    client_holder: dict[str, AsyncEmbedClient] = {}
     embedding: dict[str, EmbedCoalescing] = {}
     draining = draining or threading.Event()
     metrics = GatewayMetrics()
@@ -80,9 +80,9 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = client_holder["client"] = EmbedClient(settings, metrics, tracer)
+        client = client_holder["client"] = upstream_client(settings, metrics, tracer)
         embedding["calls"] = EmbedCoalescing(
-            lambda request, deadline: client.call("Embed", request, deadline), settings.coalesce_max_inputs,
+            lambda request, deadline: client.call("Embed", request, deadline=deadline), settings.coalesce_max_inputs,
             settings.coalesce_max_in_flight, on_send=metrics.coalesced_callers.observe)
         try:
             yield
@@ -96,8 +96,8 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     async def call(method: str, request):
         try:
             return await client_holder["client"].call(method, request)
-        except grpc.aio.AioRpcError as err:
-            raise errors.from_grpc(err, settings.retry_after_s) from None
+        except EmbeddingError as err:
+            raise errors.from_service(err, settings.retry_after_s) from None
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,8 +153,8 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         try:
             reply = await embedding["calls"].embed(body.model, inputs, body.dimensions, deadline)
-        except grpc.aio.AioRpcError as err:
-            raise errors.from_grpc(err, settings.retry_after_s) from None
+        except EmbeddingError as err:
+            raise errors.from_service(err, settings.retry_after_s) from None
         except TimeoutError:  # its deadline passed while it waited to leave in a merged call
             raise errors.timeout() from None
         payload = json.dumps(_render(reply, body.encoding_format == "base64"), separators=(",", ":"))
@@ -189,7 +189,7 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     async def readiness() -> JSONResponse:
         if draining.is_set():
             return JSONResponse({"status": "draining"}, status_code=503)
-        ready = await client_holder["client"].serving()
+        ready = client_holder["client"].serving()
         return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
     # Added last, so outermost of the app's middleware: it sees every response, refusals included.

@@ -15,10 +15,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import grpc
-
+from embedding_client.errors import InvalidArgument
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.coalescing import Coalescer
-from embedding_service.v1 import embedding_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def _split(reply: Reply, offset: int, n: int) -> Reply:
 
 
 def _input_specific(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return isinstance(exc, InvalidArgument)
 
 
 class EmbedCoalescing:

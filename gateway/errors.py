@@ -8,7 +8,8 @@ import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from embedding_service.error_reasons import Reason, read_details
+from embedding_client.errors import EmbeddingError
+from embedding_service.error_reasons import Reason
 
 logger = logging.getLogger("gateway")
 
@@ -78,12 +79,11 @@ def from_validation(problems: list[dict], known_params) -> OpenAIError:
     return invalid_request(first.get("msg", "invalid request body"), param)
 
 
-def from_grpc(err: grpc.RpcError, retry_after_s: int) -> OpenAIError:
-    code = err.code()
-    message = err.details() or code.name.lower()
-    details = read_details(err.trailing_metadata(), message)
-    reason = Reason[details.reason] if details.reason in Reason.__members__ else None
-    retry_after = {"Retry-After": str(max(retry_after_s, int(round(details.retry_after_s or 0))))}
+def from_service(err: EmbeddingError, retry_after_s: int) -> OpenAIError:
+    """The OpenAI error of a failed gRPC call (the client library's typed error)."""
+    code, message = err.code, err.message
+    reason = Reason[err.reason] if err.reason in Reason.__members__ else None
+    retry_after = {"Retry-After": str(max(retry_after_s, int(round(err.retry_after_s or 0))))}
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         if reason == Reason.REQUEST_TOO_LARGE:
             return OpenAIError(413, message, "invalid_request_error", None, "request_too_large")
@@ -104,7 +104,7 @@ def from_grpc(err: grpc.RpcError, retry_after_s: int) -> OpenAIError:
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         # The gateway's own upstream key, not the user's: the operator must fix it.
         logger.error("the embedding service refused the gateway: %s (%s); check GATEWAY_UPSTREAM_API_KEY",
-                     message, details.reason)
+                     message, err.reason)
         return OpenAIError(500, "the gateway is not allowed to call the embedding service", "api_error", None,
                            "upstream_unauthorized")
     return OpenAIError(502, "the embedding service failed; see its logs", "api_error", None, "upstream_error")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -13,7 +13,7 @@ class EmbeddingRequest(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers commonly do.
     model_config = ConfigDict(extra="ignore")
 
-    input: Union[StrictStr, list[StrictStr], TokenArray, list[TokenArray]]
+    input: StrictStr | list[StrictStr] | TokenArray | list[TokenArray]
     model: StrictStr
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
@@ -23,7 +23,7 @@ class EmbeddingRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str] = Field(description="floats, or base64 of little-endian float32")
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
 
 
 class Usage(BaseModel):

@@ -149,7 +149,7 @@ class Service:
 
     @property
     def stub(self):
-        from embedding_service.v1 import embedding_pb2_grpc
+        from embedding_client.v1 import embedding_pb2_grpc
 
         return embedding_pb2_grpc.EmbedServiceStub(self.channel)
 

@@ -16,8 +16,8 @@ from google.protobuf import duration_pb2  # noqa: F401  (RetryInfo's field type)
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from embedding_service.v1 import embedding_pb2 as pb
-from embedding_service.v1 import embedding_pb2_grpc
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2_grpc
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.conftest import free_port

@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 import pytest
 
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.batching import CANCELLED, DEADLINE, Expired
 from embedding_service.coalescing import Coalescer, shard_part
 from embedding_service.shards import ShardResult
-from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM
 from tests.observe import settled, total
 from tests.test_embed import text_inputs, vectors_of

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from embedding_service.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, REFUSING, TINY, TINY_DIM, TINY_MAX_SEQ
 
 TOL = 1e-5

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_service.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, REFUSING, TINY, free_port
 from tests.gateway_helpers import ScriptedEmbed, gateway_process, post, readiness, running_gateway, scripted_grpc_peer
 from tests.test_embed import make_texts, text_inputs, vectors_of

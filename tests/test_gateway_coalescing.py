@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedding_service.v1 import embedding_pb2 as pb
+from embedding_client.errors import EmbeddingError, Unavailable, error_of
+from embedding_client.v1 import embedding_pb2 as pb
 from gateway.coalescing import EmbedCoalescing
 from tests.conftest import MINILM
 from tests.gateway_helpers import running_gateway
@@ -144,11 +145,11 @@ def test_a_failure_of_a_merged_call_reaches_every_caller_in_it():
         await asyncio.sleep(0.01)
         gate.set()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.UNAVAILABLE for o in outcomes)
+        assert all(isinstance(o, Unavailable) for o in outcomes)
         assert sent == [1, 4]  # not sent again per caller: only INVALID_ARGUMENT may be one caller's
 
     asyncio.run(scenario())
 
 
-def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="scripted")
+def _rpc_error(code: grpc.StatusCode) -> EmbeddingError:
+    return error_of(code, "scripted")

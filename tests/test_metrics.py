@@ -17,9 +17,9 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.batching import plan_passes
 from embedding_service.config import FORWARD_MAX_TOKENS
-from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, REFUSING, TINY
 from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
 from tests.observe import scrape, total, wait_until

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer
 
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service import calibration
 from embedding_service.accuracy import Accuracy, corpus, cosines, gate_failure, measure
 from embedding_service.config import ModelSettings
@@ -25,7 +26,6 @@ from embedding_service.error_reasons import read_details
 from embedding_service.model_deployment import calibration_samples, load_model, text_embedder
 from embedding_service.runtimes import OpenVinoRuntime, TorchRuntime, import_openvino
 from embedding_service.tokenization import InputEncoder
-from embedding_service.v1 import embedding_pb2 as pb
 from embedding_service.verification import verify
 from tests.conftest import MINILM, REFUSING, TINY
 

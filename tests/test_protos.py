@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,17 +43,17 @@ def test_generated_stubs_match_the_protos(tmp_path):
     assert generated, "protoc produced nothing"
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in generated}
     assert {str(p) for p in fresh} >= {
-        f"embedding_service/v1/{name}{suffix}"
+        f"embedding_client/v1/{name}{suffix}"
         for name in ("embedding_pb2", "error_reason_pb2") for suffix in (".py", ".pyi")
-    } | {"embedding_service/v1/embedding_pb2_grpc.py"}
-    stale = [str(rel) for rel, data in fresh.items() if (ROOT / rel).read_bytes() != data]
+    } | {"embedding_client/v1/embedding_pb2_grpc.py"}
+    stale = [str(rel) for rel, data in fresh.items() if (ROOT / "client" / rel).read_bytes() != data]
     assert not stale, f"regenerate with `python scripts/generate_protos.py`: {stale} differ from the protos"
 
 
 def test_generated_code_imports_without_ray():
     code = (
         "import sys\n"
-        "from embedding_service.v1 import embedding_pb2, embedding_pb2_grpc\n"
+        "from embedding_client.v1 import embedding_pb2, embedding_pb2_grpc\n"
         "assert embedding_pb2.DESCRIPTOR.services_by_name['EmbedService']\n"
         "assert hasattr(embedding_pb2_grpc, 'EmbedServiceStub')\n"
         "assert 'ray' not in sys.modules, 'generated code pulled in Ray'\n"
@@ -66,7 +65,7 @@ def test_generated_code_imports_without_ray():
 def test_method_names_do_not_collide_with_grpc_health():
     from grpc_health.v1 import health_pb2
 
-    from embedding_service.v1 import embedding_pb2
+    from embedding_client.v1 import embedding_pb2
 
     ours = {m.name for m in embedding_pb2.DESCRIPTOR.services_by_name["EmbedService"].methods}
     health = {m.name for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods}
@@ -77,8 +76,8 @@ def test_method_names_do_not_collide_with_grpc_health():
 def test_every_error_reason_names_a_real_status_code():
     import grpc
 
+    from embedding_client.v1 import error_reason_pb2
     from embedding_service.error_reasons import STATUS_CODES, Reason
-    from embedding_service.v1 import error_reason_pb2
 
     values = error_reason_pb2.ErrorReason.DESCRIPTOR.values
     assert values[0].name == "ERROR_REASON_UNSPECIFIED" and values[0].number == 0

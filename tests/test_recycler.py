@@ -15,7 +15,7 @@ import numpy as np
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_service.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, TINY, WORKER_CPUS
 from tests.observe import scrape, total, wait_until
 from tests.test_embed import vectors_of

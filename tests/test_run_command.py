@@ -22,10 +22,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service import launcher
 from embedding_service.error_reasons import Reason, read_details
-from embedding_service.v1 import embedding_pb2 as pb
-from embedding_service.v1 import embedding_pb2_grpc
 from tests.conftest import REFUSING, TINY, free_port
 from tests.gateway_helpers import readiness, running_gateway
 from tests.observe import wait_until

@@ -67,7 +67,7 @@ def test_one_gateway_request_is_one_trace_across_gateway_router_shards_and_model
 
 
 def test_a_call_with_a_garbage_traceparent_is_served_and_starts_a_trace_of_its_own(service):
-    from embedding_service.v1 import embedding_pb2 as pb
+    from embedding_client.v1 import embedding_pb2 as pb
 
     def roots() -> int:
         return sum(1 for s in service.traces.spans() if s.name == "EmbedService/Embed" and not s.parent_id

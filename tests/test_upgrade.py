@@ -13,9 +13,9 @@ import numpy as np
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service import launcher
 from embedding_service.error_reasons import RETRYABLE_CODES, read_details
-from embedding_service.v1 import embedding_pb2 as pb
 from tests.conftest import MINILM, TINY
 from tests.observe import wait_until
 from tests.test_embed import make_texts, text_inputs, vectors_of

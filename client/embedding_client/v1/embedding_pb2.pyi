@@ -207,13 +207,29 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ServiceLimits(_message.Message):
+    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes")
+    MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUTS_PER_STREAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_IDS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_inputs_per_request: int
+    max_inputs_per_stream: int
+    max_chars_per_input: int
+    max_token_ids_per_input: int
+    max_request_bytes: int
+    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "limits")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    limits: ServiceLimits
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name",)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from embedding_service.v1 import embedding_pb2 as embedding__service_dot_v1_dot_embedding__pb2
+from embedding_client.v1 import embedding_pb2 as embedding__client_dot_v1_dot_embedding__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in embedding_service/v1/embedding_pb2_grpc.py depends on'
+        + ' but the generated code in embedding_client/v1/embedding_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -45,28 +45,28 @@ class EmbedServiceStub:
         """
         self.Embed = channel.unary_unary(
                 '/embedding_service.v1.EmbedService/Embed',
-                request_serializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.EmbedStream = channel.unary_stream(
                 '/embedding_service.v1.EmbedService/EmbedStream',
-                request_serializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedStreamRequest.SerializeToString,
-                response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedStreamResponse.FromString,
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedStreamRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedStreamResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/embedding_service.v1.EmbedService/ListModels',
-                request_serializer=embedding__service_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/embedding_service.v1.EmbedService/GetModel',
-                request_serializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelResponse.FromString,
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.GetModelResponse.FromString,
                 _registered_method=True)
         self.WatchNodes = channel.unary_stream(
                 '/embedding_service.v1.EmbedService/WatchNodes',
-                request_serializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
-                response_deserializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
                 _registered_method=True)
 
 
@@ -124,28 +124,28 @@ def add_EmbedServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
-                    request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedRequest.FromString,
-                    response_serializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedResponse.SerializeToString,
             ),
             'EmbedStream': grpc.unary_stream_rpc_method_handler(
                     servicer.EmbedStream,
-                    request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedStreamRequest.FromString,
-                    response_serializer=embedding__service_dot_v1_dot_embedding__pb2.EmbedStreamResponse.SerializeToString,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedStreamRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedStreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.ListModelsRequest.FromString,
-                    response_serializer=embedding__service_dot_v1_dot_embedding__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ListModelsRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelRequest.FromString,
-                    response_serializer=embedding__service_dot_v1_dot_embedding__pb2.GetModelResponse.SerializeToString,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.GetModelRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.GetModelResponse.SerializeToString,
             ),
             'WatchNodes': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchNodes,
-                    request_deserializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesRequest.FromString,
-                    response_serializer=embedding__service_dot_v1_dot_embedding__pb2.WatchNodesResponse.SerializeToString,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,8 +182,8 @@ class EmbedService:
             request,
             target,
             '/embedding_service.v1.EmbedService/Embed',
-            embedding__service_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
-            embedding__service_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
+            embedding__client_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,8 +209,8 @@ class EmbedService:
             request,
             target,
             '/embedding_service.v1.EmbedService/EmbedStream',
-            embedding__service_dot_v1_dot_embedding__pb2.EmbedStreamRequest.SerializeToString,
-            embedding__service_dot_v1_dot_embedding__pb2.EmbedStreamResponse.FromString,
+            embedding__client_dot_v1_dot_embedding__pb2.EmbedStreamRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.EmbedStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -236,8 +236,8 @@ class EmbedService:
             request,
             target,
             '/embedding_service.v1.EmbedService/ListModels',
-            embedding__service_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
-            embedding__service_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
+            embedding__client_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -263,8 +263,8 @@ class EmbedService:
             request,
             target,
             '/embedding_service.v1.EmbedService/GetModel',
-            embedding__service_dot_v1_dot_embedding__pb2.GetModelRequest.SerializeToString,
-            embedding__service_dot_v1_dot_embedding__pb2.GetModelResponse.FromString,
+            embedding__client_dot_v1_dot_embedding__pb2.GetModelRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.GetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -290,8 +290,8 @@ class EmbedService:
             request,
             target,
             '/embedding_service.v1.EmbedService/WatchNodes',
-            embedding__service_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
-            embedding__service_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
+            embedding__client_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,30 @@
+"""Python client of the embedding service (gRPC): sync and asyncio, several targets, retries, numpy out.
+
+    from embedding_client import EmbedClient
+    with EmbedClient(["10.0.0.1:9000", "10.0.0.2:9000"]) as client:
+        vectors = client.embed(["first text", "second text"]).vectors   # float32, one row per input
+
+Also: the generated stubs (`embedding_client.v1`), typed errors (`embedding_client.errors`), a local
+fallback (`embedding_client.fallback`), and a bulk command line (`python -m embedding_client`).
+"""
+
+from embedding_client.aio import AsyncEmbedClient, ClientStats, EmbedResult, RetryPolicy, Usage
+from embedding_client.errors import (
+    DeadlineExceeded,
+    EmbeddingError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from embedding_client.fallback import LocalFallback
+from embedding_client.sync import EmbedClient
+
+__all__ = [
+    "AsyncEmbedClient", "ClientStats", "DeadlineExceeded", "EmbedClient", "EmbedResult", "EmbeddingError",
+    "FailedPrecondition", "InvalidArgument", "LocalFallback", "NotFound", "PermissionDenied", "ResourceExhausted",
+    "RetryPolicy", "Unauthenticated", "Unavailable", "Usage",
+]

@@ -1,0 +1,77 @@
+"""The blocking client: the asyncio client run on a private event loop thread (one implementation)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from embedding_client.aio import AsyncEmbedClient, EmbedResult, Input, Progress
+from embedding_client.v1 import embedding_pb2 as pb
+
+
+class EmbedClient:
+    """Thread-safe; takes AsyncEmbedClient's arguments. Use as a context manager, or call close()."""
+
+    def __init__(self, targets: str | Sequence[str], **options) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embedding-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncEmbedClient:
+            return AsyncEmbedClient(targets, **options)
+
+        self.aio = self._run(make())
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def stats(self):
+        return self.aio.stats
+
+    def embed(self, inputs: Sequence[Input], *, model: str = "", dimensions: int | None = None,
+              normalize: bool = True, prompt_name: str = "", truncation: str = "end",
+              progress: bool | Progress | None = None, timeout_s: float | None = None) -> EmbedResult:
+        return self._run(self.aio.embed(inputs, model=model, dimensions=dimensions, normalize=normalize,
+                                        prompt_name=prompt_name, truncation=truncation, progress=progress,
+                                        timeout_s=timeout_s))
+
+    def call(self, method: str, request, *, timeout_s: float | None = None):
+        return self._run(self.aio.call(method, request, timeout_s=timeout_s))
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self._run(self.aio.list_models())
+
+    def get_model(self, name: str = "") -> pb.Model:
+        return self._run(self.aio.get_model(name))
+
+    def limits(self) -> pb.ServiceLimits:
+        return self._run(self.aio.limits())
+
+    def serving(self) -> bool:
+        return self.aio.serving()
+
+    def wait_serving(self, timeout_s: float) -> bool:
+        return self._run(self.aio.wait_serving(timeout_s))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._shutdown())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await self.aio.close()
+        # gRPC's own bookkeeping tasks end once their calls have: let them, then cancel what is left.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    def __enter__(self) -> EmbedClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
