@@ -129,6 +129,7 @@ class AsyncEmbedClient:
         self.on_retry = on_retry
         self.stats = ClientStats()
         self._limits: pb.ServiceLimits | None = None
+        self._limits_task: asyncio.Future | None = None
 
     @property
     def targets(self):
@@ -222,9 +223,13 @@ class AsyncEmbedClient:
         return (await self.call("GetModel", pb.GetModelRequest(name=name), timeout_s=timeout_s)).model
 
     async def limits(self) -> pb.ServiceLimits:
-        """The service's per-call limits (asked once)."""
+        """The service's per-call limits, asked once: concurrent first calls share one ListModels (200 callers
+        of a fresh client each asking overloaded the service's queues)."""
         if self._limits is None:
-            await self.list_models()
+            task = self._limits_task
+            if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+                task = self._limits_task = asyncio.ensure_future(self.list_models())
+            await asyncio.shield(task)
         return self._limits
 
     # -- embedding ---------------------------------------------------------------------------------------
