@@ -56,12 +56,14 @@ def test_vectors_equal_sentence_transformers_past_the_per_call_limit(service, re
 
 
 def test_asyncio_client_under_concurrent_calls_and_typed_errors(service, reference_models):
-    texts = make_texts(200, seed=43, max_words=20)
+    # 100 at once: within the session service's queues (64 + 64); past them the service answers OVERLOADED and
+    # the client's retries may run out on a loaded machine (seen once with 200).
+    texts = make_texts(100, seed=43, max_words=20)
 
     async def scenario():
         async with AsyncEmbedClient(service.target) as client:
             results = await asyncio.gather(*(client.embed([t], model=MINILM) for t in texts))
-            # first attempts: one Embed each and one ListModels shared by all (not 200 of them)
+            # first attempts: one Embed each and one ListModels shared by all (not one per caller)
             assert client.stats.calls - client.stats.retries == len(texts) + 1
             with pytest.raises(InvalidArgument) as caught:
                 await client.embed(["fine", ""], model=MINILM)
