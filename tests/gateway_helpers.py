@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 from google.protobuf import duration_pb2  # noqa: F401  (RetryInfo's field type)
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 
 from embedding_client.v1 import embedding_pb2 as pb
@@ -93,9 +94,12 @@ class ScriptedEmbed(embedding_pb2_grpc.EmbedServiceServicer):
 
 
 @contextmanager
-def scripted_grpc_peer(servicer: ScriptedEmbed):
+def scripted_grpc_peer(servicer: embedding_pb2_grpc.EmbedServiceServicer, health=None):
+    """Serves `servicer` (and a grpc_health HealthServicer when given) on a free port; yields its target."""
     server = grpc.server(futures.ThreadPoolExecutor(4))
     embedding_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, server)
+    if health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -6,17 +6,17 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from embedding_client import AsyncEmbedClient, EmbedClient, InvalidArgument, LocalFallback, RetryPolicy
 from embedding_client.aio import plan_calls
@@ -24,6 +24,7 @@ from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.error_reasons import Reason, ServiceError
 from tests.conftest import MINILM, TINY, TINY_DIM, free_port
+from tests.gateway_helpers import scripted_grpc_peer
 from tests.test_embed import make_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,19 +77,14 @@ def test_asyncio_client_under_concurrent_calls_and_typed_errors(service, referen
 
 
 class ScriptedPeer(embedding_pb2_grpc.EmbedServiceServicer):
-    """A stand-in target: its health is set by the test; Embed fails as scripted, then answers zeros."""
+    """A stand-in target (served by scripted_grpc_peer): its health is set by the test; Embed fails as
+    scripted, then answers zeros."""
 
     def __init__(self, failures: list[ServiceError] | None = None) -> None:
         self.failures = list(failures or [])
         self.calls: list[float] = []
         self.health = health.HealthServicer()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.server = grpc.server(futures.ThreadPoolExecutor(8))
-        embedding_pb2_grpc.add_EmbedServiceServicer_to_server(self, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.target = f"127.0.0.1:{free_port()}"
-        self.server.add_insecure_port(self.target)
-        self.server.start()
 
     def Embed(self, request, context):
         self.calls.append(time.monotonic())
@@ -104,31 +100,25 @@ class ScriptedPeer(embedding_pb2_grpc.EmbedServiceServicer):
         return pb.ListModelsResponse(limits=pb.ServiceLimits(max_inputs_per_request=2048, max_inputs_per_stream=10_000,
                                                              max_request_bytes=1 << 20))
 
-    def stop(self) -> None:
-        self.server.stop(0)
-
 
 def test_a_target_that_goes_not_serving_stops_getting_calls(service, reference_models):
     peer = ScriptedPeer()
-    try:
-        with EmbedClient([peer.target, service.target]) as client:
-            assert client.wait_serving(30)
-            for _ in range(10):
-                client.embed(["warm"], model=TINY)
-            assert peer.calls, "round-robin reached the peer while it said SERVING"
-            peer.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            deadline = time.monotonic() + 10
-            while client.aio.targets[0].status != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "the client never saw NOT_SERVING"
-                time.sleep(0.05)
-            before = len(peer.calls)
-            texts = make_texts(20, seed=47)
-            results = [client.embed([t], model=TINY).vectors[0] for t in texts]
-            assert len(peer.calls) == before
-            expected = reference_models[TINY].encode(texts, normalize_embeddings=True)
-            assert np.abs(np.stack(results) - expected).max() < 1e-5
-    finally:
-        peer.stop()
+    with scripted_grpc_peer(peer, peer.health) as peer_target, EmbedClient([peer_target, service.target]) as client:
+        assert client.wait_serving(30)
+        for _ in range(10):
+            client.embed(["warm"], model=TINY)
+        assert peer.calls, "round-robin reached the peer while it said SERVING"
+        peer.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + 10
+        while client.aio.targets[0].status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "the client never saw NOT_SERVING"
+            time.sleep(0.05)
+        before = len(peer.calls)
+        texts = make_texts(20, seed=47)
+        results = [client.embed([t], model=TINY).vectors[0] for t in texts]
+        assert len(peer.calls) == before
+        expected = reference_models[TINY].encode(texts, normalize_embeddings=True)
+        assert np.abs(np.stack(results) - expected).max() < 1e-5
 
 
 def test_retry_info_delay_is_honoured():
@@ -137,8 +127,8 @@ def test_retry_info_delay_is_honoured():
     assert failures[0].code == grpc.StatusCode.UNAVAILABLE and failures[1].code == grpc.StatusCode.RESOURCE_EXHAUSTED
     peer = ScriptedPeer(failures)
     delays = []
-    try:
-        with EmbedClient(peer.target, retry=RetryPolicy(max_retries=3, backoff_initial_s=0.001),
+    with scripted_grpc_peer(peer, peer.health) as target:
+        with EmbedClient(target, retry=RetryPolicy(max_retries=3, backoff_initial_s=0.001),
                          on_retry=lambda method, err, delay: delays.append((method, err.reason, delay))) as client:
             result = client.embed(["x"])
         assert result.vectors.shape == (1, TINY_DIM)
@@ -146,8 +136,6 @@ def test_retry_info_delay_is_honoured():
         gaps = np.diff(peer.calls)
         assert gaps[0] >= 0.4 and gaps[1] >= 0.3  # waited as told, not the 1 ms backoff
         assert client.stats.retries == 2
-    finally:
-        peer.stop()
 
 
 def test_local_fallback_gives_the_services_vectors_when_every_target_is_down(service, reference_models, caplog):
@@ -200,7 +188,9 @@ def test_the_client_installs_alone_without_ray_or_torch(service, reference_model
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", str(ROOT / "client")], check=True, timeout=600)
+    # From a copy: pip builds in the source folder and would leave build/ in the checkout.
+    source = shutil.copytree(ROOT / "client", tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    subprocess.run([python, "-m", "pip", "install", "-q", str(source)], check=True, timeout=600)
     installed = {d["name"].lower() for d in json.loads(subprocess.run(
         [python, "-m", "pip", "list", "--format", "json"], check=True, capture_output=True, text=True).stdout)}
     assert not installed & {"ray", "torch", "sentence-transformers", "transformers"}, installed

@@ -259,34 +259,25 @@ class AsyncEmbedClient:
         if not items:
             return job.result()
         try:
-            limits = await asyncio.wait_for(self.limits(), max(0.001, deadline - asyncio.get_running_loop().time()))
+            await self._embed_remotely(items, deadline, fields, job)
         except Unavailable:
             if self.fallback is None:
                 raise
-            limits = None
+            self._embed_locally(items, job, options)  # whatever the service did not return
+        return job.result()
+
+    async def _embed_remotely(self, items: list[pb.EmbedInput], deadline: float, fields: dict, job: _Job) -> None:
+        try:
+            limits = await asyncio.wait_for(self.limits(), max(0.001, deadline - asyncio.get_running_loop().time()))
         except TimeoutError:
             raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed") from None
         sizes = [i.ByteSize() for i in items]
-        if limits is None or len(items) <= limits.max_inputs_per_request and sum(sizes) + _REQUEST_OVERHEAD <= limits.max_request_bytes:
-            runs, streamed = [(0, len(items))], False
-        else:
-            runs = plan_calls(sizes, limits.max_inputs_per_stream, limits.max_request_bytes)
-            streamed = True
-        for start, end in runs:
-            try:
-                if limits is None:
-                    raise Unavailable(grpc.StatusCode.UNAVAILABLE, "no target answered ListModels")
-                if streamed:
-                    await self._stream(items, start, end, fields, deadline, job)
-                else:
-                    reply = await self.call("Embed", pb.EmbedRequest(inputs=items[start:end], **fields),
-                                            deadline=deadline)
-                    job.take(start, reply.embeddings, reply.dimensions, reply.usage, reply.model)
-            except Unavailable:
-                if self.fallback is None:
-                    raise
-                self._embed_locally(items, job, options)
-        return job.result()
+        if len(items) <= limits.max_inputs_per_request and sum(sizes) + _REQUEST_OVERHEAD <= limits.max_request_bytes:
+            reply = await self.call("Embed", pb.EmbedRequest(inputs=items, **fields), deadline=deadline)
+            job.take(0, reply.embeddings, reply.dimensions, reply.usage, reply.model)
+            return
+        for start, end in plan_calls(sizes, limits.max_inputs_per_stream, limits.max_request_bytes):
+            await self._stream(items, start, end, fields, deadline, job)
 
     async def _stream(self, items, start: int, end: int, fields: dict, deadline: float, job: _Job) -> None:
         pending = list(range(start, end))  # positions not yet returned

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedding_client import progress as progress_bars
 from embedding_client.errors import EmbeddingError
 from embedding_client.sync import EmbedClient
 
@@ -96,7 +97,7 @@ def embed_file(args: argparse.Namespace) -> int:
         else:
             vectors = np.lib.format.open_memmap(work, mode="r+")
             print(f"resuming at input {record['done']} of {record['rows']}", file=sys.stderr)
-        progress = _bar(len(texts), record["done"], not args.no_progress)
+        report, finish = progress_bars.reporter(not args.no_progress, len(texts), record["done"])
         try:
             for start in range(record["done"], len(texts), args.chunk):
                 chunk = texts[start : start + args.chunk]
@@ -105,13 +106,13 @@ def embed_file(args: argparse.Namespace) -> int:
                 vectors.flush()
                 record.update(done=start + len(chunk), tokens=record["tokens"] + result.usage.total_tokens)
                 _write_json(record_path, record)
-                progress(len(chunk))
+                report(len(chunk), len(texts))
         except EmbeddingError as exc:
             print(f"\nstopped at input {record['done']} of {len(texts)}: {exc}; run again to continue",
                   file=sys.stderr)
             return 1
         finally:
-            progress(None)
+            finish()
         del vectors
     if parquet:
         _to_parquet(np.load(work, mmap_mode="r"), output)
@@ -128,26 +129,6 @@ def _to_parquet(vectors: np.ndarray, output: Path) -> None:
     flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
     column = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
     pq.write_table(pa.table({"index": np.arange(len(vectors)), "embedding": column}), output)
-
-
-def _bar(total: int, initial: int, show: bool):
-    if not show:
-        return lambda n: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        state = {"done": initial}
-
-        def plain(n):
-            if n is None:
-                print(file=sys.stderr)
-                return
-            state["done"] += n
-            print(f"\rembedding: {state['done']}/{total}", end="", file=sys.stderr, flush=True)
-
-        return plain
-    bar = tqdm(total=total, initial=initial, unit="input", desc="embedding")
-    return lambda n: bar.close() if n is None else bar.update(n)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable
 
 
-def reporter(progress, total: int) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """(report(newly_done, total), finish()) for embed()'s `progress` argument."""
+def reporter(progress, total: int, initial: int = 0) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """(report(newly_done, total), finish()) for embed()'s `progress` argument (and the CLI's bar, which
+    starts at `initial` when it resumes)."""
     if progress is None or progress is False:
         return (lambda done, n: None), (lambda: None)
     if callable(progress):
-        state = {"done": 0}
+        state = {"done": initial}
 
         def forward(done: int, n: int) -> None:
             state["done"] += done
@@ -22,13 +23,13 @@ def reporter(progress, total: int) -> tuple[Callable[[int, int], None], Callable
     try:
         from tqdm import tqdm
     except ImportError:
-        return _plain(total)
-    bar = tqdm(total=total, unit="input", desc="embedding")
+        return _plain(total, initial)
+    bar = tqdm(total=total, initial=initial, unit="input", desc="embedding")
     return (lambda done, n: bar.update(done)), bar.close
 
 
-def _plain(total: int):
-    state = {"done": 0, "shown": 0.0}
+def _plain(total: int, initial: int):
+    state = {"done": initial, "shown": 0.0}
 
     def update(done: int, n: int) -> None:
         state["done"] += done

@@ -30,10 +30,6 @@ class Target:
         self.health = health_pb2_grpc.HealthStub(channel)
         self.status = UNKNOWN  # health of the whole service ("") as the target last said
 
-    @property
-    def usable(self) -> bool:
-        return self.status in (SERVING, UNKNOWN)
-
 
 class TargetPool:
     """Channels to every target (made on the running event loop), each one's health watched."""
