@@ -14,7 +14,6 @@ import inspect
 import logging
 
 from google.protobuf import message_factory
-from grpc_health.v1 import health_pb2
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from embedding_client.v1 import embedding_pb2
@@ -25,9 +24,7 @@ logger = logging.getLogger("ray.serve")
 # Ray's proxy routes by method name alone, so a name identifies the reply type.
 _REPLY_TYPES = {
     method.name: message_factory.GetMessageClass(method.output_type)
-    for service in (embedding_pb2.DESCRIPTOR.services_by_name["EmbedService"],
-                    health_pb2.DESCRIPTOR.services_by_name["Health"])
-    for method in service.methods
+    for method in embedding_pb2.DESCRIPTOR.services_by_name["EmbedService"].methods
 }
 
 

@@ -1,4 +1,4 @@
-"""The recycler's view as a router serves it: grpc.health.v1 statuses and the operators' node list.
+"""The recycler's view as a router holds it: grpc.health.v1 statuses (relayed by the proxies) and the node list.
 
 In the shape of grpcio's async HealthServicer: one status table, recomputed
 when the view changes, and one wait-for-change that Watch and WatchNodes share.
@@ -19,7 +19,6 @@ T = TypeVar("T")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 EMBED_SERVICE = pb.DESCRIPTOR.services_by_name["EmbedService"].full_name
 _NODE_STATES = {
     NodeState.HEALTHY: pb.NODE_STATE_HEALTHY,
@@ -87,9 +86,6 @@ class ServiceView:
                 yield message
             async with self._changed:
                 await self._changed.wait()
-
-    def watch_status(self, service: str) -> int:
-        return self.statuses.get(service, SERVICE_UNKNOWN)
 
     def nodes_message(self) -> pb.WatchNodesResponse:
         snapshot = self.snapshot

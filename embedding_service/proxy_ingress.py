@@ -2,8 +2,10 @@
 
 serve-config.yaml names `add_EmbedServiceServicer_to_server` and
 `add_HealthServicer_to_server` from here in `grpc_options.grpc_servicer_functions`.
-They register the generated handlers the way Serve does, with three changes at
-the edge, before a call costs the service anything:
+The health service is answered here, from the router's view that each proxy
+follows over one stream (health_relay.py). The embedding service's handlers are
+registered the way Serve does, with three changes at the edge, before a call
+costs the service anything:
 
 - Request bytes that do not parse get INVALID_ARGUMENT (MALFORMED_REQUEST) and a
   plain message. gRPC's own deserializer failure is UNKNOWN, with Python's
@@ -30,6 +32,7 @@ from ray.serve._private.proxy_request_response import gRPCStreamingType
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service import errors
 from embedding_service.error_reasons import Reason, ServiceError, read_details
+from embedding_service.health_relay import HealthRelay
 from embedding_service.metrics import ProxyMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -63,7 +66,37 @@ def add_EmbedServiceServicer_to_server(servicer: Any, server: Any) -> None:  # n
 
 
 def add_HealthServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802
-    _register(health_pb2_grpc.add_HealthServicer_to_server, servicer, server)
+    """grpc.health.v1 answered here, in the proxy, from the router's relayed view (health_relay.py)."""
+    capture = _Capture()
+    health_pb2_grpc.add_HealthServicer_to_server(HealthRelay(), capture)
+    handlers = {name: _checked(name, h) for name, h in capture.handlers.items()}
+    server.add_passthrough_service(capture.service)  # Serve runs these handlers as they are
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
+def _checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler run here whose request bytes that do not parse get MALFORMED_REQUEST, as Serve-routed ones."""
+    if handler.unary_stream:
+        behaviour = handler.unary_stream
+
+        async def server_stream(request, context):
+            if isinstance(request, _Malformed):
+                _refuse(request.error, context, True, method)
+                return
+            await behaviour(request, context)
+
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer),
+                                unary_stream=server_stream)
+    behaviour = handler.unary_unary
+
+    async def unary(request, context):
+        if isinstance(request, _Malformed):
+            _refuse(request.error, context, False, method)
+            return None
+        return await behaviour(request, context)
+
+    return handler._replace(request_deserializer=_lenient(handler.request_deserializer), unary_unary=unary)
 
 
 class _Capture:

@@ -1,4 +1,4 @@
-"""The sharding router: the application's ingress, serving EmbedService and grpc.health.v1.
+"""The sharding router: the application's ingress, serving EmbedService and the health the proxies relay.
 
 It admits a call (its API key, the service not shutting down, its deadline),
 checks the request, cuts its inputs (sorted by length) into mini-batches, sends
@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import ray
-from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -399,25 +398,10 @@ class EmbedRouter:
             async for message in self.view.changes(self.view.nodes_message):
                 yield message
 
-    # ---- grpc.health.v1.Health: open to probes, no key --------------------
+    # ---- grpc.health.v1, as the proxies serve it (health_relay.py) ----------
 
-    @errors.grpc_method
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        status = self.view.statuses.get(request.service)
-        if status is None:
-            raise ServiceError(Reason.SERVICE_UNKNOWN, f"unknown health service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    @errors.grpc_method
-    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        """The current status at once, then one message per change; an unknown service gets
-        SERVICE_UNKNOWN and the stream stays open. It has no deadline of its own."""
-        async for status in self.view.changes(lambda: self.view.watch_status(request.service)):
-            yield health_pb2.HealthCheckResponse(status=status)
-
-    @errors.grpc_method
-    async def List(self, request: health_pb2.HealthListRequest, grpc_context=None) -> health_pb2.HealthListResponse:
-        response = health_pb2.HealthListResponse()
-        for name, status in self.view.statuses.items():
-            response.statuses[name].status = status
-        return response
+    async def health_updates(self) -> AsyncIterator[dict[str, int]]:
+        """The status of every health service name: now, then at each change. Each proxy follows this one
+        stream and answers probes and watchers itself, so they hold none of this replica's call slots."""
+        async for table in self.view.changes(lambda: dict(self.view.statuses)):
+            yield table

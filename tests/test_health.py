@@ -83,3 +83,34 @@ def test_recycler_is_one_replica_on_the_head_node(service):
     assert launcher.call_handles(recycler_node(), timeout_s=30) == head
     deployments = serve.status().applications["embedding"].deployments
     assert deployments["NodeRecycler"].replica_states == {"RUNNING": 1}
+
+
+def test_watchers_take_none_of_the_routers_call_slots(service):
+    """Every client keeps a Watch open per target: twice the router's call slots in watchers, and calls are served."""
+    import asyncio
+
+    from embedding_client.v1 import embedding_pb2 as pb
+    from embedding_client.v1 import embedding_pb2_grpc
+    from tests.conftest import ROUTER_ONGOING, ROUTER_QUEUED
+
+    watchers = 2 * (ROUTER_ONGOING + ROUTER_QUEUED)
+
+    async def run() -> tuple[list, list]:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            streams = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(watchers)]
+            try:
+                first = await asyncio.wait_for(asyncio.gather(*(s.read() for s in streams)), 60)
+                stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+                replies = await asyncio.gather(*(
+                    stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text=f"while watched {i}")]), timeout=60)
+                    for i in range(ROUTER_ONGOING)))
+                assert all(not s.done() for s in streams), "every watcher is still open"
+            finally:
+                for s in streams:
+                    s.cancel()
+            return first, replies
+
+    first, replies = asyncio.run(run())
+    assert [m.status for m in first] == [SERVING] * watchers
+    assert all(len(r.embeddings) == 1 for r in replies)
