@@ -35,7 +35,7 @@ FIRST_TABLE_WAIT_S = 5.0
 
 async def follow_router() -> AsyncIterator[dict[str, int]]:
     """The router's status tables, through a deployment handle found by asking Serve which app holds it."""
-    from ray import serve  # noqa: PLC0415 (only in the proxy: this module is imported outside Ray too)
+    from ray import serve  # only in the proxy: this module is imported outside Ray too
 
     status = await asyncio.to_thread(serve.status)  # a blocking call to Serve's controller
     apps = sorted(name for name, app in status.applications.items() if ROUTER_DEPLOYMENT in app.deployments)
@@ -97,7 +97,7 @@ class HealthRelay(health.aio.HealthServicer):
                 raise ConnectionError("the router ended its health stream")
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (whatever broke the stream, follow again)
                 if stale is None:
                     logger.warning("health relay lost the router (%s); following again", exc)
                     # A timer, not a check in this loop: following again may hang (a deployment with no

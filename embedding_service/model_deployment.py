@@ -22,10 +22,11 @@ import numpy as np
 
 from embedding_service.accuracy import corpus
 from embedding_service.batching import DEADLINE, ContinuousBatcher, Expired, plan_passes
-from embedding_service.calibration import calibration_for
+from embedding_service.calibration import Calibration, calibration_for
 from embedding_service.config import ModelSettings, TracingSettings
 from embedding_service.gpu_health import load_check
 from embedding_service.metrics import ModelMetrics, keep_gauges_set
+from embedding_service.quantization import RANGED, quantize, ranges_for
 from embedding_service.runtimes import Runtime, load_runtime
 from embedding_service.shards import ModelInfo, ShardRequest, ShardResult, postprocess
 from embedding_service.tokenization import InputEncoder
@@ -46,6 +47,8 @@ class LoadedModel:
     encoder: InputEncoder
     # The start-up check of the backend (verification.py); None: not checked (tests that build a replica by hand).
     verification: Verification | None = None
+    # fp32 torch vectors of the calibration corpus: the ranges of int8/uint8 vectors come from them.
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if settings.max_seq_length is not None:
         model.max_seq_length = settings.max_seq_length
     encoder = InputEncoder(model)
-    calibration = calibration_for(model, settings.calibration, gate=settings.precision != "fp32")
+    # The gate's vectors always: every precision's int8/uint8 output ranges are taken over them (quantization.py).
+    calibration = calibration_for(model, settings.calibration, gate=True)
     samples = calibration_samples(encoder) if settings.precision == "int8" else []
     backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
     embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
     verification = verify(embed, calibration, settings)
-    return LoadedModel(model, device, backend, runtime, encoder, verification)
+    return LoadedModel(model, device, backend, runtime, encoder, verification, calibration)
 
 
 def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettings, device: str,
@@ -189,6 +193,8 @@ class EmbeddingModel:
             tokenizer_json=self.encoder.tokenizer_json(),
         )
         self.refused = loaded.verification.refused if loaded.verification else None
+        self._calibration = loaded.calibration
+        self._ranges: dict[tuple[int | None, bool], np.ndarray] = {}
         self._forward_max_tokens = settings.forward_token_budget(self.device)
         self.metrics = ModelMetrics(settings.name, self.backend)
         self.tracer = service_tracer(tracing or TracingSettings(), "model")
@@ -272,6 +278,15 @@ class EmbeddingModel:
     def describe(self) -> ModelInfo:
         return self.info
 
+    def quantization_ranges(self, dimensions: int | None, normalize: bool) -> tuple[np.ndarray, int]:
+        """int8/uint8 ranges [2, dims] for vectors of this shape, and the corpus sentences they were taken over."""
+        key = (dimensions, normalize)
+        if key not in self._ranges:
+            if self._calibration is None or not len(self._calibration.gate):  # only a replica built by hand
+                raise RuntimeError(f"replica of {self.info.name} has no calibration vectors to take ranges over")
+            self._ranges[key] = ranges_for(self._calibration.gate, dimensions, normalize)
+        return self._ranges[key], len(self._calibration.gate)
+
     # ---- the work -------------------------------------------------------
 
     def _dropped(self, count: int, reason: str) -> None:
@@ -320,6 +335,9 @@ class EmbeddingModel:
                            {"embedding.batch_sequences": batch.sequences,
                             "embedding.batch_padded_tokens": batch.padded_tokens})
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
+        if opts.output != "float":
+            ranges = self.quantization_ranges(opts.dimensions, opts.normalize)[0] if opts.output in RANGED else None
+            vectors = quantize(vectors, opts.output, ranges)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
 
     def _timed(self, stage: str, histogram, seconds: float) -> None:

@@ -37,7 +37,7 @@ from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.token_lengths import TokenLengths
 from embedding_service.tracing import service_tracer
-from embedding_service.validation import Job, build_job, check_envelope, resolve_model_name
+from embedding_service.validation import Job, build_job, check_envelope, checked_dimensions, resolve_model_name
 from embedding_service.verification import Verification
 
 logger = logging.getLogger("ray.serve")
@@ -99,6 +99,7 @@ class EmbedRouter:
         self._infos: dict[str, ModelInfo] = {}
         self._counters: dict[str, TokenLengths | None] = {}  # per model, from its replica's tokenizer
         self._coalescers: dict[tuple[str, EmbedOptions], Coalescer] = {}
+        self._ranges: dict[tuple[str, int | None, bool], tuple[np.ndarray, int]] = {}
         self.auth = Authenticator(args.auth)
         if not self.auth.enabled:
             logger.warning("router: no API keys configured (args.auth): only callers on loopback are served")
@@ -319,9 +320,12 @@ class EmbedRouter:
 
     @staticmethod
     def _fill(embeddings, positions, vectors: np.ndarray, counts: np.ndarray, raw: bool) -> None:
+        packed = vectors.dtype in (np.int8, np.uint8)  # a compact type's bytes (quantization.py)
         for row, pos in enumerate(positions):
             vec = vectors[row]
-            if raw:
+            if packed:
+                embeddings.add(index=int(pos), packed=vec.tobytes(), tokens=int(counts[row]))
+            elif raw:
                 embeddings.add(index=int(pos), float32_le=vec.astype("<f4", copy=False).tobytes(), tokens=int(counts[row]))
             else:
                 embeddings.add(index=int(pos), values=vec.tolist(), tokens=int(counts[row]))
@@ -346,12 +350,12 @@ class EmbedRouter:
             queue_ns = inference_ns = 0
             async for shard, result in self._shard_results(job, call):
                 if vectors is None:
-                    vectors = np.empty((n, result.vectors.shape[1]), dtype=np.float32)
+                    vectors = np.empty((n, result.vectors.shape[1]), dtype=result.vectors.dtype)
                 vectors[shard.positions] = result.vectors
                 counts[shard.positions] = result.token_counts
                 queue_ns += result.queue_ns
                 inference_ns += result.inference_ns
-            response = pb.EmbedResponse(model=job.model, dimensions=int(vectors.shape[1]))
+            response = pb.EmbedResponse(model=job.model, dimensions=job.dimension)
             self._fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
             tokens = int(counts.sum())
             self._stamp(response, tokens, queue_ns, inference_ns)
@@ -364,7 +368,7 @@ class EmbedRouter:
         with self._admit("EmbedStream", grpc_context, self.args.limits.stream_timeout_s) as call:
             job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call)
             async for shard, result in self._shard_results(job, call):
-                chunk = pb.EmbedStreamResponse(model=job.model, dimensions=int(result.vectors.shape[1]))
+                chunk = pb.EmbedStreamResponse(model=job.model, dimensions=job.dimension)
                 self._fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
                 tokens = int(result.token_counts.sum())
                 self._stamp(chunk, tokens, result.queue_ns, result.inference_ns)
@@ -389,7 +393,28 @@ class EmbedRouter:
         with self._admit("GetModel", grpc_context, self.args.limits.request_timeout_s) as call:
             name = resolve_model_name(request.name, list(self.models), default="")
             call.model = name
-            return pb.GetModelResponse(model=self._model_message(await self._info(name)))
+            info = await self._info(name)
+            dimensions = checked_dimensions(request, info)
+            normalize = request.normalize if request.HasField("normalize") else True
+            message = self._model_message(info)
+            ranges, sentences = await self._quantization_ranges(name, dimensions, normalize)
+            message.quantization.CopyFrom(pb.QuantizationRanges(
+                dimensions=dimensions or info.dimension, normalized=normalize, min=ranges[0].tolist(),
+                max=ranges[1].tolist(), calibration_sentences=sentences))
+            return pb.GetModelResponse(model=message)
+
+    async def _quantization_ranges(self, model: str, dimensions: int | None, normalize: bool) -> tuple[np.ndarray, int]:
+        """The ranges the model's replicas place int8/uint8 vectors of this shape in (the same on every replica:
+        taken over the model's calibration vectors)."""
+        key = (model, dimensions, normalize)
+        if key not in self._ranges:
+            try:
+                self._ranges[key] = await self.models[model].quantization_ranges.remote(dimensions, normalize)
+            except Exception as exc:
+                if _retryable(exc):
+                    raise ServiceError(Reason.MODEL_UNAVAILABLE, "no model replica answered; retry shortly") from exc
+                raise
+        return self._ranges[key]
 
     @errors.grpc_method
     async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:

@@ -39,6 +39,8 @@ class EmbedOptions:
     normalize: bool = True
     truncation: Policy = "end"
     prompt_name: str | None = None
+    # "float", or a compact type the replica quantizes to (quantization.py): int8, uint8, binary, ubinary.
+    output: str = "float"
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class ShardRequest:
 
 @dataclass
 class ShardResult:
-    vectors: np.ndarray | None  # (n, d) float32; None when inputs were rejected
+    vectors: np.ndarray | None  # (n, d) float32, or the compact type's int8/uint8; None when inputs were rejected
     token_counts: np.ndarray  # (n,) tokens per input, special tokens included
     too_long: list[int] = field(default_factory=list)  # shard positions over the limit
     queue_ns: int = 0

@@ -9,6 +9,7 @@ import numpy as np
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
 from embedding_service.error_reasons import Reason, ServiceError
+from embedding_service.quantization import PRECISIONS
 from embedding_service.shards import EmbedOptions, Input, ModelInfo
 
 _POLICIES = {
@@ -17,7 +18,7 @@ _POLICIES = {
     pb.TRUNCATION_POLICY_START: "start",
     pb.TRUNCATION_POLICY_REJECT: "reject",
 }
-_ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTOR_ENCODING_FLOAT32_LE}
+_ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTOR_ENCODING_FLOAT32_LE, *PRECISIONS}
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Job:
     inputs: list[Input]
     options: EmbedOptions
     raw_bytes: bool  # VECTOR_ENCODING_FLOAT32_LE
+    dimension: int  # of the vectors returned
 
 
 def resolve_model_name(requested: str, known: list[str], default: str) -> str:
@@ -52,6 +54,19 @@ def check_envelope(request, limits: Limits, max_inputs: int) -> None:
         raise ServiceError(
             Reason.TOO_MANY_INPUTS, f"{n} inputs in one call; the limit is {max_inputs}", count=n, limit=max_inputs
         )
+
+
+def checked_dimensions(request, model: ModelInfo) -> int | None:
+    """The request's Matryoshka size (None: the full dimension), within the model's."""
+    dimensions = request.dimensions if request.HasField("dimensions") else None
+    if dimensions is not None and not 1 <= dimensions <= model.dimension:
+        raise ServiceError(
+            Reason.INVALID_DIMENSIONS,
+            f"dimensions must be between 1 and {model.dimension} for model {model.name!r}, got {dimensions}",
+            dimensions=dimensions,
+            max=model.dimension,
+        )
+    return dimensions
 
 
 def build_job(request, model: ModelInfo, limits: Limits) -> Job:
@@ -95,14 +110,7 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
         else:
             raise ServiceError(Reason.INPUT_MISSING, f"input {index} has neither text nor token_ids", index=index)
 
-    dimensions = request.dimensions if request.HasField("dimensions") else None
-    if dimensions is not None and not 1 <= dimensions <= model.dimension:
-        raise ServiceError(
-            Reason.INVALID_DIMENSIONS,
-            f"dimensions must be between 1 and {model.dimension} for model {model.name!r}, got {dimensions}",
-            dimensions=dimensions,
-            max=model.dimension,
-        )
+    dimensions = checked_dimensions(request, model)
     if request.truncation not in _POLICIES:
         raise ServiceError(Reason.INVALID_TRUNCATION, f"unknown truncation policy {request.truncation}")
     if request.encoding not in _ENCODINGS:
@@ -119,5 +127,7 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
         normalize=request.normalize if request.HasField("normalize") else True,
         truncation=_POLICIES[request.truncation],
         prompt_name=prompt_name,
+        output=PRECISIONS.get(request.encoding, "float"),
     )
-    return Job(model.name, inputs, options, raw_bytes=request.encoding == pb.VECTOR_ENCODING_FLOAT32_LE)
+    return Job(model.name, inputs, options, raw_bytes=request.encoding == pb.VECTOR_ENCODING_FLOAT32_LE,
+               dimension=dimensions or model.dimension)

@@ -53,13 +53,25 @@ def _inputs(body: EmbeddingRequest, max_inputs: int) -> list[pb.EmbedInput]:
     return out
 
 
-def _render(reply: Reply, base64_out: bool) -> dict:
+# output_dtype -> the gRPC encoding asked for and the dtype of its bytes.
+_OUTPUTS = {
+    "float": (pb.VECTOR_ENCODING_FLOAT32_LE, "<f4"),
+    "int8": (pb.VECTOR_ENCODING_INT8, "i1"),
+    "uint8": (pb.VECTOR_ENCODING_UINT8, "u1"),
+    "binary": (pb.VECTOR_ENCODING_BINARY, "i1"),
+    "ubinary": (pb.VECTOR_ENCODING_UBINARY, "u1"),
+}
+
+
+def _render(reply: Reply, output_dtype: str, base64_out: bool) -> dict:
+    dtype = _OUTPUTS[output_dtype][1]
     data = []
     for index, e in enumerate(reply.embeddings):
+        raw = e.float32_le if output_dtype == "float" else e.packed
         if base64_out:
-            vector: object = base64.b64encode(e.float32_le).decode("ascii")
+            vector: object = base64.b64encode(raw).decode("ascii")
         else:
-            vector = np.frombuffer(e.float32_le, dtype="<f4").tolist()
+            vector = np.frombuffer(raw, dtype=dtype).tolist()
         data.append({"object": "embedding", "index": index, "embedding": vector})
     usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
     return {"object": "list", "data": data, "model": reply.model, "usage": usage}
@@ -152,12 +164,13 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
         inputs = _inputs(body, settings.max_inputs)
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         try:
-            reply = await embedding["calls"].embed(body.model, inputs, body.dimensions, deadline)
+            reply = await embedding["calls"].embed(body.model, inputs, body.dimensions, deadline,
+                                                   _OUTPUTS[body.output_dtype][0])
         except EmbeddingError as err:
             raise errors.from_service(err, settings.retry_after_s) from None
         except TimeoutError:  # its deadline passed while it waited to leave in a merged call
             raise errors.timeout() from None
-        payload = json.dumps(_render(reply, body.encoding_format == "base64"), separators=(",", ":"))
+        payload = json.dumps(_render(reply, body.output_dtype, body.encoding_format == "base64"), separators=(",", ":"))
         return Response(payload, media_type="application/json")
 
     def _model(m: pb.Model) -> dict:

@@ -1,5 +1,5 @@
 """Coalescing REST calls into gRPC: concurrent small embedding requests for the same model and
-dimensions leave the gateway as one Embed call, and its reply is split back per caller.
+dimensions and encoding leave the gateway as one Embed call, and its reply is split back per caller.
 
 Measured: with 64 asyncio callers of one sentence each, every REST call was one gRPC call
 through Serve's proxy and the router, whose per-call work was the limit (README, benchmark).
@@ -43,7 +43,7 @@ def _input_specific(exc: BaseException) -> bool:
 
 
 class EmbedCoalescing:
-    """Embed calls, small ones merged per (model, dimensions).
+    """Embed calls, small ones merged per (model, dimensions, encoding).
 
     `call(request, deadline)` makes one Embed call (with retries) within `deadline` (event-loop time).
     """
@@ -54,13 +54,14 @@ class EmbedCoalescing:
         self.max_inputs = max_inputs
         self.max_in_flight = max_in_flight
         self._on_send = on_send
-        self._coalescers: dict[tuple[str, int | None], Coalescer[Reply]] = {}
+        self._coalescers: dict[tuple[str, int | None, int], Coalescer[Reply]] = {}
 
-    async def embed(self, model: str, inputs: list[pb.EmbedInput], dimensions: int | None, deadline: float) -> Reply:
+    async def embed(self, model: str, inputs: list[pb.EmbedInput], dimensions: int | None, deadline: float,
+                    encoding: int = pb.VECTOR_ENCODING_FLOAT32_LE) -> Reply:
         if self.max_in_flight == 0 or len(inputs) > self.max_inputs:
-            return Reply.whole(await self._call(_request(model, inputs, dimensions), deadline))
-        key = (model, dimensions)
-        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new(model, dimensions))
+            return Reply.whole(await self._call(_request(model, inputs, dimensions, encoding), deadline))
+        key = (model, dimensions, encoding)
+        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new(*key))
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
@@ -70,21 +71,21 @@ class EmbedCoalescing:
             if coalescer.idle and self._coalescers.get(key) is coalescer:
                 del self._coalescers[key]  # keys come from callers (any model name): none kept idle
 
-    def _new(self, model: str, dimensions: int | None) -> Coalescer[Reply]:
+    def _new(self, model: str, dimensions: int | None, encoding: int) -> Coalescer[Reply]:
         async def send(inputs: list[pb.EmbedInput], deadline: float | None) -> Reply:
-            return Reply.whole(await self._call(_request(model, inputs, dimensions), deadline))
+            return Reply.whole(await self._call(_request(model, inputs, dimensions, encoding), deadline))
 
         return Coalescer(send, self.max_inputs, self.max_in_flight, split=_split, isolate=_input_specific,
                          on_send=self._on_send, where="in the gateway")
 
     @property
     def keys(self) -> int:
-        """(model, dimensions) pairs with calls queued or in flight."""
+        """(model, dimensions, encoding) keys with calls queued or in flight."""
         return len(self._coalescers)
 
 
-def _request(model: str, inputs: list[pb.EmbedInput], dimensions: int | None) -> pb.EmbedRequest:
-    request = pb.EmbedRequest(model=model, inputs=inputs, encoding=pb.VECTOR_ENCODING_FLOAT32_LE)
+def _request(model: str, inputs: list[pb.EmbedInput], dimensions: int | None, encoding: int) -> pb.EmbedRequest:
+    request = pb.EmbedRequest(model=model, inputs=inputs, encoding=encoding)
     if dimensions is not None:
         request.dimensions = dimensions
     return request

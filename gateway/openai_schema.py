@@ -18,12 +18,16 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
+    # Extension, named and valued as Voyage AI's API names it: compact vectors (sentence-transformers'
+    # quantize_embeddings types). A list of ints per vector, or base64 of its bytes with encoding_format base64.
+    output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
 
 
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+    embedding: list[float] | list[int] | str = Field(
+        description="floats (ints for a compact output_dtype), or base64 of little-endian float32 (of the bytes)")
 
 
 class Usage(BaseModel):

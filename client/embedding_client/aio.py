@@ -30,6 +30,16 @@ logger = logging.getLogger("embedding_client")
 API_KEY_ENV = "EMBEDDING_SERVICE_API_KEY"
 TRUNCATION = {"end": pb.TRUNCATION_POLICY_END, "start": pb.TRUNCATION_POLICY_START,
               "reject": pb.TRUNCATION_POLICY_REJECT}
+# embed(output=...): the encoding asked for and the dtype of each vector's bytes. int8/uint8: one byte per dimension
+# in the model's published ranges (ranges()); binary/ubinary: sign bits packed 8 to a byte (sentence-transformers'
+# quantize_embeddings types).
+OUTPUTS = {
+    "float": (pb.VECTOR_ENCODING_FLOAT32_LE, np.dtype("<f4")),
+    "int8": (pb.VECTOR_ENCODING_INT8, np.dtype(np.int8)),
+    "uint8": (pb.VECTOR_ENCODING_UINT8, np.dtype(np.uint8)),
+    "binary": (pb.VECTOR_ENCODING_BINARY, np.dtype(np.int8)),
+    "ubinary": (pb.VECTOR_ENCODING_UBINARY, np.dtype(np.uint8)),
+}
 # Bytes a request adds around its inputs (model name, options) and per input (tags, lengths): kept
 # well clear of max_request_bytes rather than computed to the byte.
 _REQUEST_OVERHEAD = 1024
@@ -222,6 +232,15 @@ class AsyncEmbedClient:
             return next(m for m in listing.models if m.name == listing.default_model)
         return (await self.call("GetModel", pb.GetModelRequest(name=name), timeout_s=timeout_s)).model
 
+    async def ranges(self, model: str = "", *, dimensions: int | None = None, normalize: bool = True,
+                     timeout_s: float | None = None) -> np.ndarray:
+        """[2, dims] float32: the least and greatest value per dimension that int8/uint8 vectors of this shape
+        are placed between (the `ranges` of sentence-transformers' quantize_embeddings), fixed per model."""
+        name = model or (await self.get_model(timeout_s=timeout_s)).name
+        request = pb.GetModelRequest(name=name, dimensions=dimensions, normalize=normalize)
+        q = (await self.call("GetModel", request, timeout_s=timeout_s)).model.quantization
+        return np.array([q.min, q.max], dtype=np.float32)
+
     async def limits(self) -> pb.ServiceLimits:
         """The service's per-call limits, asked once: concurrent first calls share one ListModels (200 callers
         of a fresh client each asking overloaded the service's queues)."""
@@ -235,27 +254,31 @@ class AsyncEmbedClient:
     # -- embedding ---------------------------------------------------------------------------------------
 
     async def embed(self, inputs: Sequence[Input], *, model: str = "", dimensions: int | None = None,
-                    normalize: bool = True, prompt_name: str = "", truncation: str = "end",
+                    normalize: bool = True, prompt_name: str = "", truncation: str = "end", output: str = "float",
                     progress: bool | Progress | None = None, timeout_s: float | None = None) -> EmbedResult:
         """Vectors of `inputs` (texts, or token-id lists of the model's tokenizer), one row each, in order.
 
-        `progress`: a callback (done, total), or True for a progress bar (tqdm when installed)."""
+        `output`: "float" (float32), or a compact type (OUTPUTS): int8/uint8 [n, dims], binary/ubinary
+        [n, ceil(dims / 8)]. `progress`: a callback (done, total), or True for a progress bar (tqdm when installed)."""
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, not {truncation!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {sorted(OUTPUTS)}, not {output!r}")
         deadline = self.deadline(timeout_s)
         items = [_input(x) for x in inputs]
         report, finish = progress_bars.reporter(progress, len(items))
         try:
             return await self._embed(items, deadline, report, model=model, dimensions=dimensions,
-                                     normalize=normalize, prompt_name=prompt_name, truncation=truncation)
+                                     normalize=normalize, prompt_name=prompt_name, truncation=truncation,
+                                     output=output)
         finally:
             finish()
 
     async def _embed(self, items: list[pb.EmbedInput], deadline: float, report: Progress, **options) -> EmbedResult:
         fields = {"model": options["model"], "dimensions": options["dimensions"], "normalize": options["normalize"],
                   "prompt_name": options["prompt_name"], "truncation": TRUNCATION[options["truncation"]],
-                  "encoding": pb.VECTOR_ENCODING_FLOAT32_LE}
-        job = _Job(len(items), report)
+                  "encoding": OUTPUTS[options["output"]][0]}
+        job = _Job(len(items), report, options["output"])
         if not items:
             return job.result()
         try:
@@ -314,27 +337,31 @@ class AsyncEmbedClient:
 class _Job:
     """The vectors of one embed() call as they arrive, by input position."""
 
-    def __init__(self, n: int, report: Progress) -> None:
+    def __init__(self, n: int, report: Progress, output: str = "float") -> None:
         self.n = n
         self.report = report
+        self.output = output
+        self.dtype = OUTPUTS[output][1]
         self.vectors: np.ndarray | None = None
         self.done = np.zeros(n, dtype=bool)
         self.tokens = 0
         self.model = ""
         self.local = 0
 
-    def _array(self, dimensions: int) -> np.ndarray:
+    def _array(self, width: int) -> np.ndarray:
         if self.vectors is None:
-            self.vectors = np.empty((self.n, dimensions), dtype=np.float32)
+            self.vectors = np.empty((self.n, width), dtype=self.dtype)
         return self.vectors
 
     def take(self, start: int, embeddings, dimensions: int, usage, model: str) -> None:
         self.take_indexed([start + e.index for e in embeddings], embeddings, dimensions, usage, model)
 
     def take_indexed(self, positions: list[int], embeddings, dimensions: int, usage, model: str) -> None:
-        out = self._array(dimensions)
-        for p, e in zip(positions, embeddings):
-            out[p] = np.frombuffer(e.float32_le, dtype="<f4")
+        rows = [np.frombuffer(e.float32_le if self.output == "float" else e.packed, dtype=self.dtype)
+                for e in embeddings]
+        out = self._array(len(rows[0]) if rows else dimensions)
+        for p, row in zip(positions, rows):
+            out[p] = row
         fresh = int((~self.done[positions]).sum()) if positions else 0
         self.done[positions] = True
         self.tokens += usage.total_tokens
@@ -354,5 +381,5 @@ class _Job:
         return np.flatnonzero(~self.done).tolist()
 
     def result(self) -> EmbedResult:
-        vectors = self.vectors if self.vectors is not None else np.empty((self.n, 0), dtype=np.float32)
+        vectors = self.vectors if self.vectors is not None else np.empty((self.n, 0), dtype=self.dtype)
         return EmbedResult(vectors, Usage(self.tokens, self.tokens), self.model, self.local)

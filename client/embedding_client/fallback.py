@@ -40,11 +40,14 @@ class LocalFallback:
             return self._model
 
     def embed(self, texts: list[str], *, model: str = "", dimensions: int | None = None, normalize: bool = True,
-              prompt_name: str = "", truncation: str = "end") -> tuple[np.ndarray, int]:
+              prompt_name: str = "", truncation: str = "end", output: str = "float") -> tuple[np.ndarray, int]:
         """(vectors, tokens) of texts. `model` names the served model the caller asked for (one local model
-        stands in for it)."""
+        stands in for it). Compact outputs: binary/ubinary (int8/uint8 need the service's ranges)."""
         if truncation != "end":
             raise ValueError(f"the local fallback truncates at the end only, not {truncation!r}")
+        if output not in ("float", "binary", "ubinary"):
+            raise ValueError(f"the local fallback makes float, binary and ubinary vectors; {output} needs the "
+                             "ranges the service publishes")
         st = self.model()
         vectors = st.encode(texts, prompt_name=prompt_name or None, convert_to_numpy=True,
                             normalize_embeddings=False, batch_size=32).astype(np.float32)
@@ -55,4 +58,9 @@ class LocalFallback:
         prompt = st.prompts.get(prompt_name, "") if prompt_name else ""
         features = st.tokenize([prompt + t for t in texts])
         tokens = int(features["attention_mask"].sum())
-        return np.ascontiguousarray(vectors, dtype=np.float32), tokens
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if output != "float":
+            from sentence_transformers.util.quantization import quantize_embeddings
+
+            vectors = quantize_embeddings(vectors, precision=output)
+        return vectors, tokens

@@ -6,6 +6,8 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import numpy as np
+
 from embedding_client.aio import AsyncEmbedClient, EmbedResult, Input, Progress
 from embedding_client.v1 import embedding_pb2 as pb
 
@@ -31,11 +33,15 @@ class EmbedClient:
         return self.aio.stats
 
     def embed(self, inputs: Sequence[Input], *, model: str = "", dimensions: int | None = None,
-              normalize: bool = True, prompt_name: str = "", truncation: str = "end",
+              normalize: bool = True, prompt_name: str = "", truncation: str = "end", output: str = "float",
               progress: bool | Progress | None = None, timeout_s: float | None = None) -> EmbedResult:
         return self._run(self.aio.embed(inputs, model=model, dimensions=dimensions, normalize=normalize,
-                                        prompt_name=prompt_name, truncation=truncation, progress=progress,
-                                        timeout_s=timeout_s))
+                                        prompt_name=prompt_name, truncation=truncation, output=output,
+                                        progress=progress, timeout_s=timeout_s))
+
+    def ranges(self, model: str = "", *, dimensions: int | None = None, normalize: bool = True,
+               timeout_s: float | None = None) -> np.ndarray:
+        return self._run(self.aio.ranges(model, dimensions=dimensions, normalize=normalize, timeout_s=timeout_s))
 
     def call(self, method: str, request, *, timeout_s: float | None = None):
         return self._run(self.aio.call(method, request, timeout_s=timeout_s))

@@ -19,6 +19,10 @@ class VectorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VECTOR_ENCODING_UNSPECIFIED: _ClassVar[VectorEncoding]
     VECTOR_ENCODING_FLOAT: _ClassVar[VectorEncoding]
     VECTOR_ENCODING_FLOAT32_LE: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_INT8: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_UINT8: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_BINARY: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_UBINARY: _ClassVar[VectorEncoding]
 
 class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +38,10 @@ TRUNCATION_POLICY_REJECT: TruncationPolicy
 VECTOR_ENCODING_UNSPECIFIED: VectorEncoding
 VECTOR_ENCODING_FLOAT: VectorEncoding
 VECTOR_ENCODING_FLOAT32_LE: VectorEncoding
+VECTOR_ENCODING_INT8: VectorEncoding
+VECTOR_ENCODING_UINT8: VectorEncoding
+VECTOR_ENCODING_BINARY: VectorEncoding
+VECTOR_ENCODING_UBINARY: VectorEncoding
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_HEALTHY: NodeState
 NODE_STATE_QUARANTINED: NodeState
@@ -73,16 +81,18 @@ class EmbedRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., prompt_name: _Optional[str] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("index", "values", "float32_le", "tokens")
+    __slots__ = ("index", "values", "float32_le", "tokens", "packed")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     FLOAT32_LE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     index: int
     values: _containers.RepeatedScalarFieldContainer[float]
     float32_le: bytes
     tokens: int
-    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., float32_le: _Optional[bytes] = ..., tokens: _Optional[int] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., float32_le: _Optional[bytes] = ..., tokens: _Optional[int] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "total_tokens")
@@ -149,7 +159,7 @@ class EmbedStreamResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused")
+    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +179,7 @@ class Model(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     max_sequence_length: int
@@ -181,7 +192,22 @@ class Model(_message.Message):
     precision: str
     accuracy: ModelAccuracy
     refused: str
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ...) -> None: ...
+    quantization: QuantizationRanges
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ...) -> None: ...
+
+class QuantizationRanges(_message.Message):
+    __slots__ = ("dimensions", "normalized", "min", "max", "calibration_sentences")
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    dimensions: int
+    normalized: bool
+    min: _containers.RepeatedScalarFieldContainer[float]
+    max: _containers.RepeatedScalarFieldContainer[float]
+    calibration_sentences: int
+    def __init__(self, dimensions: _Optional[int] = ..., normalized: _Optional[bool] = ..., min: _Optional[_Iterable[float]] = ..., max: _Optional[_Iterable[float]] = ..., calibration_sentences: _Optional[int] = ...) -> None: ...
 
 class ModelAccuracy(_message.Message):
     __slots__ = ("reference", "canary_min_cosine", "canary_threshold", "gate_sentences", "mean_cosine", "recall_at_10", "min_mean_cosine", "min_recall_at_10")
@@ -232,10 +258,14 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "dimensions", "normalize")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    dimensions: int
+    normalize: bool
+    def __init__(self, name: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
     __slots__ = ("model",)
