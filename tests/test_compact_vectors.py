@@ -37,15 +37,19 @@ def packed_of(response, precision: str) -> np.ndarray:
 def assert_quantized(got: np.ndarray, floats: np.ndarray, precision: str, ranges: np.ndarray) -> None:
     expected = quantize_embeddings(floats, precision=precision, ranges=ranges)
     assert got.dtype == expected.dtype and got.shape == expected.shape
-    if precision.endswith("binary"):
-        near = np.packbits(np.abs(floats) < EDGE, axis=-1) != 0  # bytes holding a bit near 0
+    if precision.endswith("binary"):  # compared bit by bit (all-MiniLM-L6-v2 has a dimension that is always ~0)
+        near = np.abs(floats) < EDGE
+        got_bits = np.unpackbits(got.view(np.uint8), axis=-1)[:, : floats.shape[1]]
+        expected_bits = np.unpackbits(expected.view(np.uint8), axis=-1)[:, : floats.shape[1]]
+        assert np.array_equal(got_bits[~near], expected_bits[~near]), precision
     else:
         steps = (ranges[1] - ranges[0]) / 255
+        steps = np.where(steps == 0, 1, steps)  # as quantize_embeddings does for a dimension of one value
         position = (floats - ranges[0]) / steps
-        near = np.abs(position - np.round(position)) < EDGE / steps.min()
-    assert np.array_equal(got[~near], expected[~near]), precision
-    assert np.abs(got.astype(np.int16) - expected.astype(np.int16)).max() <= (255 if precision.endswith("binary") else 1)
-    assert near.mean() < 0.01  # nearly every byte was compared exactly
+        near = np.abs(position - np.round(position)) < EDGE / steps
+        assert np.array_equal(got[~near], expected[~near]), precision
+        assert np.abs(got.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+    assert near.mean() < 0.05  # nearly every value was compared exactly (about 98% for int8 here)
 
 
 def test_ranges_are_the_calibration_corpus_min_and_max_per_shape(service):
@@ -56,7 +60,8 @@ def test_ranges_are_the_calibration_corpus_min_and_max_per_shape(service):
     # The shipped calibration's fp32 vectors of the packaged corpus, shaped as a call's vectors.
     with resources.as_file(shipped_calibration()) as path, np.load(path) as data:
         gate = data["gate"].astype(np.float32)
-    assert np.array_equal(full, np.vstack((gate.min(0), gate.max(0))))
+    gate /= np.linalg.norm(gate, axis=1, keepdims=True)  # normalized as the call's vectors are
+    assert np.allclose(full, np.vstack((gate.min(0), gate.max(0))), atol=1e-7)
     cut = gate[:, :64] / np.linalg.norm(gate[:, :64], axis=1, keepdims=True)
     assert np.allclose(ranges_of(service, dimensions=64), np.vstack((cut.min(0), cut.max(0))), atol=1e-7)
     # Listing models stays small: no ranges there.
