@@ -69,9 +69,10 @@ class HealthRelay(health.aio.HealthServicer):
         if not self._first.is_set():
             try:
                 await asyncio.wait_for(self._first.wait(), FIRST_TABLE_WAIT_S)
-            except TimeoutError:
+            except TimeoutError:  # no router yet: answer NOT_SERVING now and from here on until one does
                 if "" not in self._server_status:
                     await self.set("", NOT_SERVING)
+                self._first.set()
 
     async def _apply(self, table: dict[str, int]) -> None:
         for service in set(self._server_status) - set(table):

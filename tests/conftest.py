@@ -113,7 +113,6 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     reference = fault_dir.parent / "tiny-bert-calibration.npz"
     model = SentenceTransformer(str(tiny_model_dir), device="cpu")
     calibration.save(calibration.compute(model), reference)
-    args["models"][-1]["calibration"] = str(reference)  # the tiny model's replicas load it instead of computing it
     args["models"].append(
         {"name": REFUSING, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch", "precision": "bf16",
          "accuracy_gate": {"min_mean_cosine": 1.0}, "calibration": str(reference), "num_replicas": 1,

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.batching import plan_passes
 from embedding_service.config import FORWARD_MAX_TOKENS
-from tests.conftest import MINILM, REFUSING, TINY
+from tests.conftest import METRICS_REPORT_MS, MINILM, REFUSING, TINY
 from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
-from tests.observe import scrape, total, wait_until
+from tests.observe import scrape, settled, total, wait_until
 from tests.test_embed import make_texts, text_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,8 @@ class Deltas:
     """Metric values now against a baseline scrape, over the whole cluster."""
 
     def __init__(self) -> None:
-        self.before = scrape()
+        # Settled: calls of the tests before (64 at once in test_health) may still be on their way to the endpoint.
+        self.before = settled("ray_embedding_requests_total", 2 * METRICS_REPORT_MS / 1000)
         self.after = self.before
 
     def refresh(self) -> Deltas:
