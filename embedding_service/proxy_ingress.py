@@ -81,20 +81,15 @@ def _checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
         behaviour = handler.unary_stream
 
         async def server_stream(request, context):
-            if isinstance(request, _Malformed):
-                _refuse(request.error, context, True, method)
-                return
-            await behaviour(request, context)
+            if not _refused_malformed(request, context, True, method):
+                await behaviour(request, context)
 
         return handler._replace(request_deserializer=_lenient(handler.request_deserializer),
                                 unary_stream=server_stream)
     behaviour = handler.unary_unary
 
     async def unary(request, context):
-        if isinstance(request, _Malformed):
-            _refuse(request.error, context, False, method)
-            return None
-        return await behaviour(request, context)
+        return None if _refused_malformed(request, context, False, method) else await behaviour(request, context)
 
     return handler._replace(request_deserializer=_lenient(handler.request_deserializer), unary_unary=unary)
 
@@ -134,6 +129,14 @@ class _Malformed:
 
     def __init__(self, error: ServiceError) -> None:
         self.error = error
+
+
+def _refused_malformed(request, context, stream: bool, method: str) -> bool:
+    """Answers a request whose bytes did not parse (MALFORMED_REQUEST); False for a parsed one."""
+    if isinstance(request, _Malformed):
+        _refuse(request.error, context, stream, method)
+        return True
+    return False
 
 
 def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -194,8 +197,7 @@ def _guarded(original: Callable, service_method: str, streaming_type: gRPCStream
     if streaming_type == gRPCStreamingType.UNARY_UNARY:
 
         async def unary(request, context) -> bytes:
-            if isinstance(request, _Malformed):
-                _refuse(request.error, context, False, method)
+            if _refused_malformed(request, context, False, method):
                 return b""
             try:
                 reply = await inner(request, _CallContext(context))
@@ -209,8 +211,7 @@ def _guarded(original: Callable, service_method: str, streaming_type: gRPCStream
     if streaming_type == gRPCStreamingType.UNARY_STREAM:
 
         async def server_stream(request, context):
-            if isinstance(request, _Malformed):
-                _refuse(request.error, context, True, method)
+            if _refused_malformed(request, context, True, method):
                 return
             try:
                 async for message in inner(request, _CallContext(context)):

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.aio import OUTPUTS
 from embedding_service.shards import postprocess
 
-# The wire encodings that carry packed bytes, by sentence-transformers' precision names.
-PRECISIONS = {
-    pb.VECTOR_ENCODING_INT8: "int8",
-    pb.VECTOR_ENCODING_UINT8: "uint8",
-    pb.VECTOR_ENCODING_BINARY: "binary",
-    pb.VECTOR_ENCODING_UBINARY: "ubinary",
-}
+# The wire encodings that carry packed bytes, to sentence-transformers' precision names (the client's table).
+PRECISIONS = {encoding: name for name, (encoding, _) in OUTPUTS.items() if name != "float"}
 RANGED = ("int8", "uint8")
 
 

@@ -37,7 +37,7 @@ from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.token_lengths import TokenLengths
 from embedding_service.tracing import service_tracer
-from embedding_service.validation import Job, build_job, check_envelope, checked_dimensions, resolve_model_name
+from embedding_service.validation import Job, build_job, check_envelope, output_shape, resolve_model_name
 from embedding_service.verification import Verification
 
 logger = logging.getLogger("ray.serve")
@@ -394,8 +394,7 @@ class EmbedRouter:
             name = resolve_model_name(request.name, list(self.models), default="")
             call.model = name
             info = await self._info(name)
-            dimensions = checked_dimensions(request, info)
-            normalize = request.normalize if request.HasField("normalize") else True
+            dimensions, normalize = output_shape(request, info)
             message = self._model_message(info)
             ranges, sentences = await self._quantization_ranges(name, dimensions, normalize)
             message.quantization.CopyFrom(pb.QuantizationRanges(

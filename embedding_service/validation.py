@@ -56,8 +56,8 @@ def check_envelope(request, limits: Limits, max_inputs: int) -> None:
         )
 
 
-def checked_dimensions(request, model: ModelInfo) -> int | None:
-    """The request's Matryoshka size (None: the full dimension), within the model's."""
+def output_shape(request, model: ModelInfo) -> tuple[int | None, bool]:
+    """The request's Matryoshka size (None: the full dimension), within the model's, and whether to normalize."""
     dimensions = request.dimensions if request.HasField("dimensions") else None
     if dimensions is not None and not 1 <= dimensions <= model.dimension:
         raise ServiceError(
@@ -66,7 +66,7 @@ def checked_dimensions(request, model: ModelInfo) -> int | None:
             dimensions=dimensions,
             max=model.dimension,
         )
-    return dimensions
+    return dimensions, request.normalize if request.HasField("normalize") else True
 
 
 def build_job(request, model: ModelInfo, limits: Limits) -> Job:
@@ -110,7 +110,7 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
         else:
             raise ServiceError(Reason.INPUT_MISSING, f"input {index} has neither text nor token_ids", index=index)
 
-    dimensions = checked_dimensions(request, model)
+    dimensions, normalize = output_shape(request, model)
     if request.truncation not in _POLICIES:
         raise ServiceError(Reason.INVALID_TRUNCATION, f"unknown truncation policy {request.truncation}")
     if request.encoding not in _ENCODINGS:
@@ -124,7 +124,7 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
         )
     options = EmbedOptions(
         dimensions=dimensions,
-        normalize=request.normalize if request.HasField("normalize") else True,
+        normalize=normalize,
         truncation=_POLICIES[request.truncation],
         prompt_name=prompt_name,
         output=PRECISIONS.get(request.encoding, "float"),

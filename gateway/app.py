@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding_client import AsyncEmbedClient, EmbeddingError
+from embedding_client.aio import OUTPUTS
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.tracing import Tracer, env_tracer
 from gateway import errors
@@ -53,18 +54,8 @@ def _inputs(body: EmbeddingRequest, max_inputs: int) -> list[pb.EmbedInput]:
     return out
 
 
-# output_dtype -> the gRPC encoding asked for and the dtype of its bytes.
-_OUTPUTS = {
-    "float": (pb.VECTOR_ENCODING_FLOAT32_LE, "<f4"),
-    "int8": (pb.VECTOR_ENCODING_INT8, "i1"),
-    "uint8": (pb.VECTOR_ENCODING_UINT8, "u1"),
-    "binary": (pb.VECTOR_ENCODING_BINARY, "i1"),
-    "ubinary": (pb.VECTOR_ENCODING_UBINARY, "u1"),
-}
-
-
 def _render(reply: Reply, output_dtype: str, base64_out: bool) -> dict:
-    dtype = _OUTPUTS[output_dtype][1]
+    dtype = OUTPUTS[output_dtype][1]  # output_dtype names the client library's outputs
     data = []
     for index, e in enumerate(reply.embeddings):
         raw = e.float32_le if output_dtype == "float" else e.packed
@@ -165,7 +156,7 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         try:
             reply = await embedding["calls"].embed(body.model, inputs, body.dimensions, deadline,
-                                                   _OUTPUTS[body.output_dtype][0])
+                                                   OUTPUTS[body.output_dtype][0])
         except EmbeddingError as err:
             raise errors.from_service(err, settings.retry_after_s) from None
         except TimeoutError:  # its deadline passed while it waited to leave in a merged call
