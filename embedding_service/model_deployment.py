@@ -47,7 +47,7 @@ class LoadedModel:
     encoder: InputEncoder
     # The start-up check of the backend (verification.py); None: not checked (tests that build a replica by hand).
     verification: Verification | None = None
-    # fp32 torch vectors of the calibration corpus: the ranges of int8/uint8 vectors come from them.
+    # The start-up check's reference; its corpus vectors (the gate), when loaded, give the int8/uint8 ranges.
     calibration: Calibration | None = None
 
 
@@ -107,8 +107,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if settings.max_seq_length is not None:
         model.max_seq_length = settings.max_seq_length
     encoder = InputEncoder(model)
-    # The gate's vectors always: every precision's int8/uint8 output ranges are taken over them (quantization.py).
-    calibration = calibration_for(model, settings.calibration, gate=True)
+    calibration = calibration_for(model, settings.calibration, gate=settings.precision != "fp32")
     samples = calibration_samples(encoder) if settings.precision == "int8" else []
     backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
@@ -193,7 +192,9 @@ class EmbeddingModel:
             tokenizer_json=self.encoder.tokenizer_json(),
         )
         self.refused = loaded.verification.refused if loaded.verification else None
+        self._model = loaded.model
         self._calibration = loaded.calibration
+        self._corpus: asyncio.Task | None = None  # the calibration corpus's fp32 vectors, made on first need
         self._ranges: dict[tuple[int | None, bool], np.ndarray] = {}
         self._forward_max_tokens = settings.forward_token_budget(self.device)
         self.metrics = ModelMetrics(settings.name, self.backend)
@@ -278,14 +279,23 @@ class EmbeddingModel:
     def describe(self) -> ModelInfo:
         return self.info
 
-    def quantization_ranges(self, dimensions: int | None, normalize: bool) -> tuple[np.ndarray, int]:
+    async def quantization_ranges(self, dimensions: int | None, normalize: bool) -> tuple[np.ndarray, int]:
         """int8/uint8 ranges [2, dims] for vectors of this shape, and the corpus sentences they were taken over."""
+        if self._corpus is None or (self._corpus.done() and self._corpus.exception() is not None):
+            self._corpus = asyncio.create_task(asyncio.to_thread(self._corpus_vectors))
+        corpus = await asyncio.shield(self._corpus)
         key = (dimensions, normalize)
         if key not in self._ranges:
-            if self._calibration is None or not len(self._calibration.gate):  # only a replica built by hand
-                raise RuntimeError(f"replica of {self.info.name} has no calibration vectors to take ranges over")
-            self._ranges[key] = ranges_for(self._calibration.gate, dimensions, normalize)
-        return self._ranges[key], len(self._calibration.gate)
+            self._ranges[key] = ranges_for(corpus, dimensions, normalize)
+        return self._ranges[key], len(corpus)
+
+    def _corpus_vectors(self) -> np.ndarray:
+        """The calibration's corpus vectors: loaded with it when its precision's gate needed them, else now, on the
+        first int8/uint8 call or GetModel, not at start (a model with no calibration file computes them with fp32
+        torch: seconds to minutes on CPU, a replica start's worth; the tests' tiny model rolled past 20 s with them)."""
+        if self._calibration is not None and len(self._calibration.gate):
+            return self._calibration.gate
+        return calibration_for(self._model, self.settings.calibration, gate=True).gate
 
     # ---- the work -------------------------------------------------------
 
@@ -336,7 +346,7 @@ class EmbeddingModel:
                             "embedding.batch_padded_tokens": batch.padded_tokens})
         vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
         if opts.output != "float":
-            ranges = self.quantization_ranges(opts.dimensions, opts.normalize)[0] if opts.output in RANGED else None
+            ranges = (await self.quantization_ranges(opts.dimensions, opts.normalize))[0] if opts.output in RANGED else None
             vectors = quantize(vectors, opts.output, ranges)
         return ShardResult(vectors, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns)
 

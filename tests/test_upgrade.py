@@ -52,6 +52,7 @@ def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, 
         n = 0
         while not done.is_set():
             texts = [f"{model} upgrade call {n} part {i}" for i in range(4)]
+            started = time.monotonic()
             try:
                 response = service.stub.Embed(pb.EmbedRequest(model=model, inputs=text_inputs(texts)), timeout=120)
                 expected = reference_models[model].encode(texts, normalize_embeddings=True)
@@ -62,7 +63,7 @@ def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, 
                     refused.append((err.code().name, details.reason, details.retry_after_s))
                     time.sleep(details.retry_after_s or 0.5)
                 else:
-                    failed.append(f"{err.code()}: {err.details()}")
+                    failed.append(f"{model} after {time.monotonic() - started:.1f} s: {err.code()}: {err.details()}")
             n += 1
 
     streamer = threading.Thread(target=stream)
