@@ -43,6 +43,27 @@ CANARY_MIN_COSINE = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.98}
 FORWARD_MAX_TOKENS = {"cpu": 1024, "cuda": 32768}
 
 
+class LongInputSettings(_Strict):
+    """The windows of truncation policy WINDOWS (tokenization.py): an input over the model's maximum is cut into
+    overlapping windows of tokens, each embedded, and their vectors pooled by a token-weighted mean."""
+
+    # Input tokens per window, the prompt's included and the special tokens not; None: as many as the
+    # model takes (max_seq_length less its special tokens). More than that is refused at start-up.
+    window_tokens: int | None = Field(None, ge=2)
+    # Tokens each window repeats from the one before it, so no passage is embedded only cut at a window
+    # edge; None: an eighth of the window (31 for all-MiniLM-L6-v2). At least one less than the window.
+    overlap_tokens: int | None = Field(None, ge=0)
+    # Windows one input may need; an input needing more is refused (INPUT_TOO_LONG) rather than holding a
+    # replica for minutes. 128 windows of all-MiniLM-L6-v2 cover about 28,000 tokens.
+    max_windows: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _overlap_within_window(self) -> LongInputSettings:
+        if None not in (self.window_tokens, self.overlap_tokens) and self.overlap_tokens >= self.window_tokens:
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be below window_tokens ({self.window_tokens})")
+        return self
+
+
 class ModelSettings(_Strict):
     """One served sentence-transformers model and its deployment."""
 
@@ -67,6 +88,7 @@ class ModelSettings(_Strict):
     calibration: str = Field("auto", min_length=1)
     # Overrides the model's own maximum sequence length (tokens); None keeps it.
     max_seq_length: int | None = Field(None, ge=1)
+    long_inputs: LongInputSettings = LongInputSettings()
     trust_remote_code: bool = False
 
     num_replicas: int = Field(1, ge=1)

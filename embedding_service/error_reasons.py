@@ -30,16 +30,26 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
 
 # The delay sent in RetryInfo by default (RETRYABLE_CODES: the codes a caller should retry).
 DEFAULT_RETRY_AFTER_S = 1.0
+# Characters of the message and of each metadata value: an error echoes what the caller sent (a model name,
+# a prompt name), and gRPC clients refuse trailers over 16 KiB (some drop them past 8 KiB) -- a 100 KB model
+# name once came back as RESOURCE_EXHAUSTED with no status at all.
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_CHARS = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 24]}... ({len(text)} chars)"
 
 
 class ServiceError(Exception):
     """A failure with a reason from the list; its status code comes with the reason."""
 
     def __init__(self, reason: Reason, message: str, retry_after_s: float | None = None, **metadata: object) -> None:
+        message = _clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.reason = Reason(reason)
         self.message = message
-        self.metadata = {k: str(v) for k, v in metadata.items()}
+        self.metadata = {k: _clip(str(v), MAX_METADATA_CHARS) for k, v in metadata.items()}
         if retry_after_s is None and self.code in RETRYABLE_CODES:
             retry_after_s = DEFAULT_RETRY_AFTER_S
         self.retry_after_s = retry_after_s

@@ -106,7 +106,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     model.eval()
     if settings.max_seq_length is not None:
         model.max_seq_length = settings.max_seq_length
-    encoder = InputEncoder(model)
+    encoder = InputEncoder(model, settings.long_inputs)
     calibration = calibration_for(model, settings.calibration, gate=settings.precision != "fp32")
     samples = calibration_samples(encoder) if settings.precision == "int8" else []
     backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
@@ -190,6 +190,7 @@ class EmbeddingModel:
             source=settings.path,
             verification=loaded.verification,
             tokenizer_json=self.encoder.tokenizer_json(),
+            windows=self.encoder.windows,
         )
         self.refused = loaded.verification.refused if loaded.verification else None
         self._model = loaded.model
@@ -344,7 +345,7 @@ class EmbeddingModel:
         self.tracer.record("forward", batch.started_wall_ns, batch.ended_wall_ns,
                            {"embedding.batch_sequences": batch.sequences,
                             "embedding.batch_padded_tokens": batch.padded_tokens})
-        vectors = postprocess(computed.vectors, opts.dimensions, opts.normalize)
+        vectors = postprocess(prepared.pool(computed.vectors), opts.dimensions, opts.normalize)
         if opts.output != "float":
             ranges = (await self.quantization_ranges(opts.dimensions, opts.normalize))[0] if opts.output in RANGED else None
             vectors = quantize(vectors, opts.output, ranges)

@@ -37,7 +37,7 @@ from embedding_service.recycler import LONG_POLL_S
 from embedding_service.shards import EmbedOptions, Input, ModelInfo, Shard, ShardRequest, ShardResult, plan_shards
 from embedding_service.token_lengths import TokenLengths
 from embedding_service.tracing import service_tracer
-from embedding_service.validation import Job, build_job, check_envelope, output_shape, resolve_model_name
+from embedding_service.validation import Job, build_job, check_envelope, output_shape, resolve_model_name, too_long
 from embedding_service.verification import Verification
 
 logger = logging.getLogger("ray.serve")
@@ -214,6 +214,9 @@ class EmbedRouter:
             vocab_size=info.vocab_size,
             is_default=info.name == self.args.default_model_name,
             source=info.source,
+            long_inputs=None if info.windows is None else pb.LongInputWindows(
+                window_tokens=info.windows.window_tokens, overlap_tokens=info.windows.overlap_tokens,
+                max_windows=info.windows.max_windows),
             **_verification_fields(info.verification),
         )
 
@@ -294,16 +297,8 @@ class EmbedRouter:
                     result = await self._call_shard(handle, inputs, job.model, job.options, deadline)
             if result.too_long:
                 index = int(shard.positions[result.too_long[0]])
-                tokens = int(result.token_counts[result.too_long[0]])
-                info = await self._info(job.model)
-                raise ServiceError(
-                    Reason.INPUT_TOO_LONG,
-                    f"input {index} has {tokens} tokens; model {job.model!r} takes at most "
-                    f"{info.max_sequence_length} and truncation is REJECT",
-                    index=index,
-                    tokens=tokens,
-                    max_tokens=info.max_sequence_length,
-                )
+                raise too_long(index, int(result.token_counts[result.too_long[0]]), await self._info(job.model),
+                               job.options.truncation)
             return shard, result
 
         call.planned(len(shards))

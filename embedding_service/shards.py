@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from embedding_service.tokenization import Policy
+from embedding_service.tokenization import Policy, Windows
 from embedding_service.verification import Verification
 
 Input = str | np.ndarray  # a text, or int32 token ids without special tokens
@@ -29,6 +29,7 @@ class ModelInfo:
     verification: Verification | None = None  # the answering replica's start-up check
     # The model's tokenizer (tokenizers' JSON), for the router to cut shards by tokens; "" when unknown.
     tokenizer_json: str = ""
+    windows: Windows | None = None  # how truncation "windows" cuts long inputs; None: unknown
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,17 @@
 """Turns texts and token ids into model features, as sentence-transformers would.
 
 The model's fast tokenizer runs without special tokens and without truncation,
-so the service can count tokens, apply its truncation policy (end, start or
-reject) and accept pre-tokenized input; the special tokens of the model's
-single-sequence template are then added back and the batch is padded. For
-text truncated at the end this is exactly what `SentenceTransformer.encode`
+so the service can count tokens, apply its truncation policy (end, start,
+reject or windows) and accept pre-tokenized input; the special tokens of the
+model's single-sequence template are then added back and the batch is padded.
+For text truncated at the end this is exactly what `SentenceTransformer.encode`
 feeds the model.
+
+"windows" embeds a long input whole: its tokens after the prompt are cut into
+windows that overlap, each window gets the prompt and the special tokens and
+runs as a sequence of its own, and `Prepared.pool` averages the window vectors
+weighted by each window's tokens (the sequence length the model pooled over),
+so a short last window weighs little. The caller normalizes afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-Policy = Literal["end", "start", "reject"]
+from embedding_service.config import LongInputSettings
+
+Policy = Literal["end", "start", "reject", "windows"]
 
 _PROBE = "hello"
 
@@ -27,15 +35,57 @@ class Prepared:
     """Token sequences (special tokens included) ready for the model."""
 
     sequences: list[np.ndarray]
-    too_long: list[int]  # positions over the limit, filled only for "reject"
+    too_long: list[int]  # positions over the limit: "reject", or "windows" past max_windows
+    # "windows": how many consecutive sequences each input became; None: one each.
+    windows: np.ndarray | None = None
 
     @property
     def token_counts(self) -> np.ndarray:
+        """Tokens per input (every window's, special tokens included)."""
+        lengths = self._lengths()
+        return lengths if self.windows is None else np.add.reduceat(lengths, self._firsts())
+
+    def pool(self, vectors: np.ndarray) -> np.ndarray:
+        """One vector per input from one per sequence: each input's window vectors averaged, weighted by tokens."""
+        if self.windows is None:
+            return vectors
+        weights = self._lengths().astype(np.float64)[:, None]
+        firsts = self._firsts()
+        sums = np.add.reduceat(vectors.astype(np.float64) * weights, firsts, axis=0)
+        return (sums / np.add.reduceat(weights, firsts, axis=0)).astype(np.float32)
+
+    def _lengths(self) -> np.ndarray:
         return np.fromiter((len(s) for s in self.sequences), dtype=np.int64, count=len(self.sequences))
+
+    def _firsts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.windows)[:-1]])
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How "windows" cuts an input, resolved for one model."""
+
+    window_tokens: int  # input tokens per window, the prompt's included
+    overlap_tokens: int
+    max_windows: int
+    special_tokens: int  # the model's, added to each window
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input (special tokens included, no prompt) max_windows windows cover."""
+        step = self.window_tokens - self.overlap_tokens
+        return self.window_tokens + (self.max_windows - 1) * step + self.special_tokens
+
+    def starts(self, tokens: int, span: int) -> range:
+        """Where each window of `span` tokens begins in `tokens` tokens (the prompt left out)."""
+        step = span - min(self.overlap_tokens, span - 1)
+        count = 1 if tokens <= span else 1 + -(-(tokens - span) // step)
+        return range(0, count * step, step)
 
 
 class InputEncoder:
-    def __init__(self, model) -> None:
+    def __init__(self, model, long_inputs: LongInputSettings | None = None) -> None:
+        """`long_inputs`: how "windows" cuts inputs (None: the defaults)."""
         hf_tokenizer = model.tokenizer
         # A private copy: sentence-transformers mutates the shared backend's
         # truncation and padding on every call.
@@ -62,6 +112,7 @@ class InputEncoder:
         self.budget = self.max_length - len(self._prefix) - len(self._suffix)
         if self.budget < 1:
             raise ValueError(f"max_seq_length {self.max_length} leaves no room for content tokens")
+        self.windows = _windows(long_inputs or LongInputSettings(), self.budget, self.max_length - self.budget)
         self._prompt_cache: dict[str, tuple[np.ndarray, int | None]] = {}
 
     def tokenizer_json(self) -> str:
@@ -89,6 +140,8 @@ class InputEncoder:
             if not isinstance(x, str):
                 content[i] = np.concatenate([prompt_ids, np.asarray(x, dtype=np.int64)])
 
+        if policy == "windows":
+            return self._windowed(content, len(prompt_ids))
         sequences: list[np.ndarray] = []
         too_long: list[int] = []
         for i, ids in enumerate(content):
@@ -103,6 +156,28 @@ class InputEncoder:
                     ids = ids[: self.budget]
             sequences.append(np.concatenate([self._prefix, ids, self._suffix]))
         return Prepared(sequences, too_long)
+
+    def _windowed(self, content: list[np.ndarray | None], prompt_tokens: int) -> Prepared:
+        w = self.windows
+        sequences: list[np.ndarray] = []
+        too_long: list[int] = []
+        counts = np.ones(len(content), dtype=np.int64)
+        for i, ids in enumerate(content):
+            assert ids is not None
+            if len(ids) <= w.window_tokens:
+                sequences.append(np.concatenate([self._prefix, ids, self._suffix]))
+                continue
+            keep = min(prompt_tokens, w.window_tokens - 1)  # the prompt opens every window
+            head, body = ids[:keep], ids[keep:]
+            span = w.window_tokens - keep
+            starts = w.starts(len(body), span)
+            if len(starts) > w.max_windows:
+                too_long.append(i)
+                sequences.append(np.concatenate([self._prefix, ids, self._suffix]))
+                continue
+            counts[i] = len(starts)
+            sequences.extend(np.concatenate([self._prefix, head, body[s : s + span], self._suffix]) for s in starts)
+        return Prepared(sequences, too_long, counts)
 
     def features(self, sequences: Sequence[np.ndarray], prompt: str | None = None) -> dict:
         """Pad a batch of sequences into the tensors the model's forward takes."""
@@ -128,6 +203,16 @@ class InputEncoder:
             if length is not None:
                 features["prompt_length"] = length
         return features
+
+
+def _windows(settings: LongInputSettings, budget: int, special_tokens: int) -> Windows:
+    window = budget if settings.window_tokens is None else settings.window_tokens
+    if window > budget:
+        raise ValueError(f"long_inputs.window_tokens {window} exceeds the {budget} input tokens the model takes")
+    overlap = window // 8 if settings.overlap_tokens is None else settings.overlap_tokens
+    if overlap >= window:
+        raise ValueError(f"long_inputs.overlap_tokens {overlap} must be below the window's {window} tokens")
+    return Windows(window, overlap, settings.max_windows, special_tokens)
 
 
 def _find(haystack: list[int], needle: list[int]) -> int:

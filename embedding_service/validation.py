@@ -17,6 +17,7 @@ _POLICIES = {
     pb.TRUNCATION_POLICY_END: "end",
     pb.TRUNCATION_POLICY_START: "start",
     pb.TRUNCATION_POLICY_REJECT: "reject",
+    pb.TRUNCATION_POLICY_WINDOWS: "windows",
 }
 _ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTOR_ENCODING_FLOAT32_LE, *PRECISIONS}
 
@@ -131,3 +132,19 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
     )
     return Job(model.name, inputs, options, raw_bytes=request.encoding == pb.VECTOR_ENCODING_FLOAT32_LE,
                dimension=dimensions or model.dimension)
+
+
+def too_long(index: int, tokens: int, model: ModelInfo, truncation: str) -> ServiceError:
+    """An input the replica found longer than the model (REJECT) or than its windows cover (WINDOWS) takes."""
+    if truncation == "windows" and model.windows is not None:
+        w = model.windows
+        return ServiceError(
+            Reason.INPUT_TOO_LONG,
+            f"input {index} has {tokens} tokens; model {model.name!r} embeds at most {w.max_tokens} in "
+            f"{w.max_windows} windows of {w.window_tokens} tokens overlapping by {w.overlap_tokens}",
+            index=index, tokens=tokens, max_tokens=w.max_tokens)
+    return ServiceError(
+        Reason.INPUT_TOO_LONG,
+        f"input {index} has {tokens} tokens; model {model.name!r} takes at most "
+        f"{model.max_sequence_length} and truncation is REJECT",
+        index=index, tokens=tokens, max_tokens=model.max_sequence_length)

@@ -29,6 +29,8 @@ TINY = "tiny-bert"
 REFUSING = "tiny-bert-refusing"
 TINY_DIM = 48
 TINY_MAX_SEQ = 32
+# Truncation WINDOWS for the tiny model: windows smaller than the model takes, few of them.
+TINY_WINDOWS = {"window_tokens": 20, "overlap_tokens": 6, "max_windows": 6}
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 HEAD = {"node:__internal_head__": 0.001}
 # The service's bound per call. Past the 17-25 s that Serve leaves a one-replica deployment (the tiny model) without a
@@ -105,6 +107,7 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
             "backend": "torch",  # MiniLM runs the shipped default (auto: OpenVINO on CPU), this one torch
             "num_replicas": 1,
             "num_cpus": 0.5,
+            "long_inputs": TINY_WINDOWS,  # MiniLM keeps the defaults
         }
     )
     from sentence_transformers import SentenceTransformer

@@ -23,9 +23,9 @@ from embedding_client.aio import plan_calls
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.error_reasons import Reason, ServiceError
-from tests.conftest import MINILM, TINY, TINY_DIM, free_port
+from tests.conftest import MINILM, TINY, TINY_DIM, TINY_MAX_SEQ, TINY_WINDOWS, free_port
 from tests.gateway_helpers import scripted_grpc_peer
-from tests.test_embed import make_texts
+from tests.test_embed import WORDS, make_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,6 +182,31 @@ def test_cli_embeds_a_file_and_resumes_after_sigterm(service, reference_models, 
     assert np.abs(np.load(output) - expected).max() < 1e-5
     again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode != 0 and "exists" in again.stderr  # a finished output is kept
+
+
+def test_cli_writes_parquet_with_windows_for_long_inputs(service, reference_models, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tests.test_long_inputs import by_hand
+
+    texts = make_texts(41, seed=61, max_words=8)[1:] + [" ".join(WORDS * 2)]  # (make_texts' first is 400 words)
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in texts))
+    output = tmp_path / "out.parquet"
+    done = subprocess.run([sys.executable, "-m", "embedding_client", "embed", str(source), str(output), "--target",
+                           service.target, "--model", TINY, "--truncation", "windows", "--no-progress"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(output)
+    assert table.column("index").to_pylist() == list(range(len(texts)))
+    got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    model = reference_models[TINY]
+    expected = np.stack([by_hand(model, t, TINY_WINDOWS["window_tokens"], TINY_WINDOWS["overlap_tokens"])[0]
+                         for t in texts])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert len(model.tokenizer(texts[-1])["input_ids"]) > TINY_MAX_SEQ  # the last one needed windows
+    assert np.abs(got - expected).max() < 1e-5
+    assert not list(tmp_path.glob("out.parquet.*"))  # no work files left
 
 
 def test_the_client_installs_alone_without_ray_or_torch(service, reference_models, tmp_path):

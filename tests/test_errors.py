@@ -42,11 +42,23 @@ BAD_REQUESTS = {
         "INPUT_TOO_LONG",
         {"index": "1", "max_tokens": "256"},
     ),
+    "too long for the windows": (  # the tiny model's windows (conftest.TINY_WINDOWS) cover 92 tokens
+        pb.EmbedRequest(model=TINY, inputs=[text("short"), text(LONG_TEXT)], truncation=pb.TRUNCATION_POLICY_WINDOWS),
+        INVALID,
+        "INPUT_TOO_LONG",
+        {"index": "1", "tokens": "1202", "max_tokens": "92"},
+    ),
     "unknown model": (
         pb.EmbedRequest(model="no-such-model", inputs=[text("x")]),
         grpc.StatusCode.NOT_FOUND,
         "MODEL_NOT_FOUND",
         {"model": "no-such-model"},
+    ),
+    "unknown model with a 100,000-character name": (  # echoed clipped: gRPC clients refuse trailers over 16 KiB
+        pb.EmbedRequest(model="m" * 100_000, inputs=[text("x")]),
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+        {},
     ),
     "dimensions zero": (pb.EmbedRequest(inputs=[text("x")], dimensions=0), INVALID, "INVALID_DIMENSIONS", {}),
     "dimensions negative": (pb.EmbedRequest(inputs=[text("x")], dimensions=-3), INVALID, "INVALID_DIMENSIONS", {}),

@@ -28,8 +28,10 @@ from embedding_client.v1 import embedding_pb2 as pb
 logger = logging.getLogger("embedding_client")
 
 API_KEY_ENV = "EMBEDDING_SERVICE_API_KEY"
+# embed(truncation=...): "windows" embeds a long input whole, in overlapping windows pooled by the service
+# (Model.long_inputs).
 TRUNCATION = {"end": pb.TRUNCATION_POLICY_END, "start": pb.TRUNCATION_POLICY_START,
-              "reject": pb.TRUNCATION_POLICY_REJECT}
+              "reject": pb.TRUNCATION_POLICY_REJECT, "windows": pb.TRUNCATION_POLICY_WINDOWS}
 # embed(output=...): the encoding asked for and the dtype of each vector's bytes. int8/uint8: one byte per dimension
 # in the model's published ranges (ranges()); binary/ubinary: sign bits packed 8 to a byte (sentence-transformers'
 # quantize_embeddings types).

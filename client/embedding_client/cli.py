@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding_client import progress as progress_bars
+from embedding_client.aio import TRUNCATION
 from embedding_client.errors import EmbeddingError
 from embedding_client.sync import EmbedClient
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--dimensions", type=int, default=None)
     embed.add_argument("--no-normalize", action="store_true")
     embed.add_argument("--prompt-name", default="")
-    embed.add_argument("--truncation", default="end", choices=["end", "start", "reject"])
+    embed.add_argument("--truncation", default="end", choices=list(TRUNCATION))
     embed.add_argument("--field", default="text", help="the JSONL field holding the text")
     embed.add_argument("--chunk", type=int, default=10_000, help="inputs per resumable step")
     embed.add_argument("--api-key-env", default="EMBEDDING_SERVICE_API_KEY",

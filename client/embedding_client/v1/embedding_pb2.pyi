@@ -13,6 +13,7 @@ class TruncationPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_POLICY_END: _ClassVar[TruncationPolicy]
     TRUNCATION_POLICY_START: _ClassVar[TruncationPolicy]
     TRUNCATION_POLICY_REJECT: _ClassVar[TruncationPolicy]
+    TRUNCATION_POLICY_WINDOWS: _ClassVar[TruncationPolicy]
 
 class VectorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +36,7 @@ TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_END: TruncationPolicy
 TRUNCATION_POLICY_START: TruncationPolicy
 TRUNCATION_POLICY_REJECT: TruncationPolicy
+TRUNCATION_POLICY_WINDOWS: TruncationPolicy
 VECTOR_ENCODING_UNSPECIFIED: VectorEncoding
 VECTOR_ENCODING_FLOAT: VectorEncoding
 VECTOR_ENCODING_FLOAT32_LE: VectorEncoding
@@ -159,7 +161,7 @@ class EmbedStreamResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization")
+    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization", "long_inputs")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,7 @@ class Model(_message.Message):
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    LONG_INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     max_sequence_length: int
@@ -193,7 +196,18 @@ class Model(_message.Message):
     accuracy: ModelAccuracy
     refused: str
     quantization: QuantizationRanges
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ...) -> None: ...
+    long_inputs: LongInputWindows
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ..., long_inputs: _Optional[_Union[LongInputWindows, _Mapping]] = ...) -> None: ...
+
+class LongInputWindows(_message.Message):
+    __slots__ = ("window_tokens", "overlap_tokens", "max_windows")
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    window_tokens: int
+    overlap_tokens: int
+    max_windows: int
+    def __init__(self, window_tokens: _Optional[int] = ..., overlap_tokens: _Optional[int] = ..., max_windows: _Optional[int] = ...) -> None: ...
 
 class QuantizationRanges(_message.Message):
     __slots__ = ("dimensions", "normalized", "min", "max", "calibration_sentences")
