@@ -53,19 +53,24 @@ def is_local_peer(peer: str) -> bool:
 class Authenticator:
     def __init__(self, settings: AuthSettings, environ: Mapping[str, str] = os.environ) -> None:
         self.settings = settings
+        # A named variable that is not set at all (and no file): serving loopback callers only, as with no auth
+        # configured, rather than refusing to start: the shipped config names one for Kubernetes, where a Secret
+        # sets it, while `run` on a laptop has none. Set but holding no key still stops the start.
+        self.unset_env = bool(settings.api_keys_env and settings.api_keys_env not in environ
+                              and not settings.api_keys_file)
         self._env_keys = parse_keys(environ.get(settings.api_keys_env, "")) if settings.api_keys_env else ()
         self._file_keys: tuple[bytes, ...] = ()
         self._file_stamp: tuple[float, int] | None = None
         self._file_checked = float("-inf")
         self._reload_file()
-        if settings.configured and not self.keys():
+        if self.enabled and not self.keys():
             sources = [f"environment variable {settings.api_keys_env}" if settings.api_keys_env else "",
                        f"file {settings.api_keys_file}" if settings.api_keys_file else ""]
             raise ValueError(f"args.auth names {' and '.join(s for s in sources if s)} but no API key was found there")
 
     @property
     def enabled(self) -> bool:
-        return self.settings.configured
+        return self.settings.configured and not self.unset_env
 
     def _reload_file(self) -> None:
         path = self.settings.api_keys_file
@@ -94,7 +99,9 @@ class Authenticator:
             if not is_local_peer(peer):
                 raise ServiceError(
                     Reason.LOOPBACK_ONLY,
-                    "this service has no API keys configured (args.auth) and serves callers on loopback only",
+                    (f"this service's API keys variable {self.settings.api_keys_env} is not set on its node, so it "
+                     "serves callers on loopback only" if self.unset_env else
+                     "this service has no API keys configured (args.auth) and serves callers on loopback only"),
                     peer=_peer_address(peer),
                 )
             return

@@ -12,6 +12,10 @@ and whether any router answers at all.
 While that stream is broken the last table stands for `stale_after_s` (a router
 replaced in an upgrade is followed again within it); past that, every service
 is NOT_SERVING until a router answers again.
+
+One service is the proxy's own: LIVENESS is SERVING whenever this proxy answers
+at all, whatever the router and the models say, for a Kubernetes liveness probe
+(a pod restarted because a model is down would only make things worse).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ logger = logging.getLogger("ray.serve")
 
 ROUTER_DEPLOYMENT = "EmbedRouter"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+LIVENESS = "liveness"
 # A first table is awaited this long by the first calls after the proxy starts, instead of answering "unknown".
 FIRST_TABLE_WAIT_S = 5.0
 
@@ -55,6 +61,7 @@ class HealthRelay(health.aio.HealthServicer):
                  stale_after_s: float = 3.0, retry_s: tuple[float, float] = (0.2, 5.0)) -> None:
         super().__init__()
         self._server_status.clear()  # nothing is known, "" included, until the router says
+        self._server_status[LIVENESS] = SERVING
         self._follow = follow
         self._stale_after_s = stale_after_s
         self._retry_s = retry_s
@@ -75,7 +82,7 @@ class HealthRelay(health.aio.HealthServicer):
                 self._first.set()
 
     async def _apply(self, table: dict[str, int]) -> None:
-        for service in set(self._server_status) - set(table):
+        for service in set(self._server_status) - set(table) - {LIVENESS}:
             await self.set(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             del self._server_status[service]
         for service, status in table.items():
@@ -108,10 +115,14 @@ class HealthRelay(health.aio.HealthServicer):
             delay = min(delay * 2, self._retry_s[1])
 
     def _mark_not_serving(self) -> None:
-        table = {service: NOT_SERVING for service in self._server_status} or {"": NOT_SERVING}
+        table = {service: NOT_SERVING for service in self._server_status if service != LIVENESS} or {"": NOT_SERVING}
         self._marking = asyncio.get_running_loop().create_task(self._apply(table))
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        if request.service == LIVENESS:  # at once: a probe's timeout is short, and this needs no router
+            if self._task is None:
+                self._task = asyncio.get_running_loop().create_task(self._relay())
+            return health_pb2.HealthCheckResponse(status=SERVING)
         await self._known()
         status = self._server_status.get(request.service)
         if status is None:

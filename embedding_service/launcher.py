@@ -62,29 +62,41 @@ def export_app_env(config: dict[str, Any]) -> None:
             os.environ.setdefault(key, str(value))
 
 
-def prepare_environment(config: dict[str, Any]) -> None:
-    """Environment for the Ray processes this launcher starts; call before Ray starts.
+def node_environment(config: dict[str, Any]) -> dict[str, str]:
+    """What every Ray node's environment needs for the service (the Kubernetes manifest sets it on each pod).
 
-    From the application's limits: Ray's gRPC transport caps (the router's request
-    bound) and the proxy's gRPC server options, which Ray's workers apply as they
-    start (serve_grpc_options.py). On a cluster, set the same variables in the Ray
-    nodes' environment, as the app's Serve settings.
+    The application's runtime_env env_vars (Serve reads its settings there in the controller and proxies
+    too, which runtime_env does not reach) and, from the application's limits, Ray's gRPC transport caps (the
+    router's request bound) and the proxy's gRPC server options, which Ray's workers apply as they start
+    (serve_grpc_options.py).
     """
-    export_app_env(config)
-    from embedding_service import serve_grpc_options  # after export_app_env: it may import ray.serve
-
+    env = {key: str(value) for app in _service_apps(config)
+           for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items()}
     if not _service_apps(config):
-        return
+        return env
+    from embedding_service import serve_grpc_options  # may import ray.serve: callers export the app's env first
+
     limits = service_app(config)[1].limits
     cap = str(limits.max_request_bytes * TRANSPORT_CAP_FACTOR)
-    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", cap)
+    env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = cap
     # The gRPC transport between Serve's proxy and deployments caps what a replica receives at
     # 4 MiB by default: a request under our bound but over that would fail in transit.
-    os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", cap)
-    os.environ.setdefault(serve_grpc_options.OPTIONS_ENV, json.dumps(serve_grpc_options.grpc_server_options(limits)))
-    preload = [m for m in os.environ.get(PRELOAD_ENV, "").split(",") if m]
-    if serve_grpc_options.MODULE not in preload:
-        os.environ[PRELOAD_ENV] = ",".join([*preload, serve_grpc_options.MODULE])
+    env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] = cap
+    env[serve_grpc_options.OPTIONS_ENV] = json.dumps(serve_grpc_options.grpc_server_options(limits))
+    env[PRELOAD_ENV] = serve_grpc_options.MODULE
+    return env
+
+
+def prepare_environment(config: dict[str, Any]) -> None:
+    """Environment for the Ray processes this launcher starts (node_environment); call before Ray starts.
+    What this process's environment already sets wins; preloaded modules add up."""
+    export_app_env(config)
+    for key, value in node_environment(config).items():
+        if key == PRELOAD_ENV:
+            preload = [m for m in os.environ.get(PRELOAD_ENV, "").split(",") if m]
+            os.environ[PRELOAD_ENV] = ",".join(preload + [m for m in value.split(",") if m not in preload])
+        else:
+            os.environ.setdefault(key, value)
 
 
 def start(config: dict[str, Any], address: str | None = None, ray_init_kwargs: dict | None = None,
@@ -198,10 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         from embedding_service import calibration
 
         return calibration.main(argv[1:])
+    if argv[:1] == ["render-k8s"]:
+        from embedding_service import kubernetes
+
+        return kubernetes.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m embedding_service")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("calibrate", help="fp32 torch reference vectors for a model's canary and accuracy gate "
                                      "(calibration.py; --help for its options)")
+    sub.add_parser("render-k8s", help="a KubeRay RayService and the gateway's Kubernetes objects from the config "
+                                      "(kubernetes.py; --help for its options)")
     run = sub.add_parser("run", help="start Ray, Serve's gRPC proxy and the service; serve until interrupted")
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
     run.add_argument("--address", default=None, help="Ray cluster address; default starts a local Ray")
@@ -218,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     target = start(config, address=opts.address, metrics_port=opts.metrics_port)
     print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
     print(f"Prometheus metrics (service, Ray Serve): {', '.join(metrics_endpoints())}", flush=True)
-    if not args.auth.configured:
-        print("no API keys configured (args.auth): the gRPC API serves callers on loopback only", flush=True)
+    from embedding_service.auth import Authenticator
+
+    if not Authenticator(args.auth).enabled:
+        print(f"{args.auth.api_keys_env or 'no API key variable'} is not set and no key file is configured "
+              "(args.auth): the gRPC API serves callers on loopback only", flush=True)
     gateway = None
     if not opts.no_gateway:
         gateway = start_gateway(config, target, opts.gateway_port, opts.gateway_drain_delay_s)
@@ -278,8 +299,9 @@ def start_gateway(config: dict[str, Any], target: str, port: int, drain_delay_s:
         "--shutdown-timeout-s", str(args.shutdown.grace_s),
     ]
     env = dict(os.environ)
-    if args.auth.configured:
-        env["GATEWAY_UPSTREAM_API_KEY"] = Authenticator(args.auth).keys()[0].decode()
+    auth = Authenticator(args.auth)
+    if auth.enabled:
+        env["GATEWAY_UPSTREAM_API_KEY"] = auth.keys()[0].decode()
     return subprocess.Popen(command, env=env)
 
 

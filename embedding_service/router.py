@@ -102,7 +102,9 @@ class EmbedRouter:
         self._ranges: dict[tuple[str, int | None, bool], tuple[np.ndarray, int]] = {}
         self.auth = Authenticator(args.auth)
         if not self.auth.enabled:
-            logger.warning("router: no API keys configured (args.auth): only callers on loopback are served")
+            logger.warning("router: %s: only callers on loopback are served",
+                           f"{args.auth.api_keys_env} is not set" if self.auth.unset_env
+                           else "no API keys configured (args.auth)")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.view = ServiceView(models, ray.get_runtime_context().get_node_id())
         self.metrics = RouterMetrics()

@@ -87,3 +87,12 @@ def test_a_named_secret_that_holds_no_key_stops_the_start(tmp_path):
         Authenticator(AuthSettings(api_keys_env="EMPTY_KEYS"), environ={"EMPTY_KEYS": " , "})
     with pytest.raises(ValueError, match="no API key"):
         Authenticator(AuthSettings(api_keys_file=str(tmp_path / "missing")), environ={})
+
+
+def test_a_named_variable_that_is_not_set_serves_loopback_only():
+    """The shipped config names EMBEDDING_API_KEYS for Kubernetes (a Secret sets it); `run` on a laptop has none."""
+    gate = Authenticator(AuthSettings(api_keys_env="EMBEDDING_API_KEYS"), environ={})
+    assert not gate.enabled
+    gate.check([], "ipv4:127.0.0.1:5000")
+    error = refused(lambda: gate.check([("authorization", "Bearer anything")], REMOTE))
+    assert error.reason == Reason.LOOPBACK_ONLY and "EMBEDDING_API_KEYS is not set" in error.message

@@ -27,7 +27,7 @@ def test_unknown_service_is_not_found(service):
 
 def test_list_names_every_service(service):
     listing = health_pb2_grpc.HealthStub(service.channel).List(health_pb2.HealthListRequest(), timeout=30)
-    assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY, REFUSING}
+    assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY, REFUSING, "liveness"}
     # Its replica refuses to serve (test_precision.py); every other service serves.
     assert {k for k, s in listing.statuses.items() if s.status != SERVING} == {REFUSING}
 

@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.error_reasons import read_details
-from embedding_service.health_relay import HealthRelay
+from embedding_service.health_relay import LIVENESS, HealthRelay
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -48,7 +48,10 @@ def test_the_relay_keeps_the_last_table_briefly_then_says_not_serving_until_the_
                 # ... then every service is NOT_SERVING, told to watchers as it happens.
                 assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
                 listing = await stub.List(health_pb2.HealthListRequest())
-                assert {k: v.status for k, v in listing.statuses.items()} == {"": NOT_SERVING, "m": NOT_SERVING}
+                assert {k: v.status for k, v in listing.statuses.items()} == {"": NOT_SERVING, "m": NOT_SERVING,
+                                                                              LIVENESS: SERVING}
+                # The liveness service (Kubernetes' liveness probe) answers SERVING while the proxy answers at all.
+                assert (await stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS))).status == SERVING
                 router_up.set()  # a router answers again
                 assert (await asyncio.wait_for(watch.read(), 5)).status == SERVING
                 assert (await stub.Check(health_pb2.HealthCheckRequest(service=""))).status == SERVING
