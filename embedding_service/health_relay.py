@@ -69,10 +69,14 @@ class HealthRelay(health.aio.HealthServicer):
         self._task: asyncio.Task | None = None
         self._marking: asyncio.Task | None = None
 
-    async def _known(self) -> None:
-        """Starts following on the first call (the proxy's loop runs by then); waits briefly for a first table."""
+    def _follow_router(self) -> None:
+        """Starts following on the first call (the proxy's loop runs by then)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._relay())
+
+    async def _known(self) -> None:
+        """Follows the router; waits briefly for a first table."""
+        self._follow_router()
         if not self._first.is_set():
             try:
                 await asyncio.wait_for(self._first.wait(), FIRST_TABLE_WAIT_S)
@@ -120,8 +124,7 @@ class HealthRelay(health.aio.HealthServicer):
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
         if request.service == LIVENESS:  # at once: a probe's timeout is short, and this needs no router
-            if self._task is None:
-                self._task = asyncio.get_running_loop().create_task(self._relay())
+            self._follow_router()
             return health_pb2.HealthCheckResponse(status=SERVING)
         await self._known()
         status = self._server_status.get(request.service)

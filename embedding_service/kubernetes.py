@@ -130,13 +130,9 @@ def _worker_group(name: str, models: list[ModelSettings], image: str, memory: st
     claim = max((m.num_cpus for m in models), default=1.0)
     threads = max((m.threads or 1 for m in models), default=1)
     pod_cpu = max(math.ceil(claim), threads, 1)
-    if bounds is None:
-        if gpu:  # replicas per GPU: 1 / num_gpus (0.5 packs two)
-            low = sum(math.ceil(_replica_bounds(m)[0] * m.num_gpus) for m in models)
-            high = sum(math.ceil(_replica_bounds(m)[1] * m.num_gpus) for m in models)
-        else:
-            low = sum(_replica_bounds(m)[0] for m in models)
-            high = sum(_replica_bounds(m)[1] for m in models)
+    if bounds is None:  # pods per replica: one on CPU, num_gpus on a GPU (0.5 packs two replicas a pod)
+        low, high = (sum(math.ceil(_replica_bounds(m)[end] * (m.num_gpus if gpu else 1)) for m in models)
+                     for end in (0, 1))
         bounds = Bounds(min=low, max=high)
     resources = {"cpu": str(pod_cpu), "memory": memory}
     if gpu:
@@ -335,16 +331,6 @@ def render(config: dict[str, Any], options: KubernetesOptions) -> dict[str, str]
     return {"rayservice.yaml": dump([ray_service(config, options)]), "gateway.yaml": dump(gateway(config, options))}
 
 
-def write(config: dict[str, Any], options: KubernetesOptions, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in render(config, options).items():
-        (out / name).write_text(text)
-        written.append(out / name)
-    return written
-
-
-
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 
 
@@ -386,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in stale:
             print(f"{out / name} differs from the render of {opts.config}", file=sys.stderr)
         return 1 if stale else 0
-    for path in write(load_config(opts.config), options, out):
-        print(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (out / name).write_text(text)
+        print(out / name)
     return 0

@@ -57,9 +57,14 @@ def export_app_env(config: dict[str, Any]) -> None:
     `ray.serve` is first imported, and deployment handles built here (by
     `build_app`) carry them. Call before importing ray.serve.
     """
-    for app in _service_apps(config):
-        for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items():
-            os.environ.setdefault(key, str(value))
+    for key, value in _app_env(config).items():
+        os.environ.setdefault(key, value)
+
+
+def _app_env(config: dict[str, Any]) -> dict[str, str]:
+    """The service application's runtime_env env_vars."""
+    return {key: str(value) for app in _service_apps(config)
+            for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items()}
 
 
 def node_environment(config: dict[str, Any]) -> dict[str, str]:
@@ -70,8 +75,7 @@ def node_environment(config: dict[str, Any]) -> dict[str, str]:
     router's request bound) and the proxy's gRPC server options, which Ray's workers apply as they start
     (serve_grpc_options.py).
     """
-    env = {key: str(value) for app in _service_apps(config)
-           for key, value in ((app.get("runtime_env") or {}).get("env_vars") or {}).items()}
+    env = _app_env(config)
     if not _service_apps(config):
         return env
     from embedding_service import serve_grpc_options  # may import ray.serve: callers export the app's env first

@@ -27,7 +27,8 @@ def ranges_for(reference: np.ndarray, dimensions: int | None, normalize: bool) -
 
 
 def quantize(vectors: np.ndarray, precision: str, ranges: np.ndarray | None) -> np.ndarray:
-    """int8/uint8 [n, dims] or packed bits [n, ceil(dims / 8)], as sentence-transformers makes them."""
+    """int8/uint8 [n, dims] (in `ranges`) or packed bits [n, ceil(dims / 8)] (`ranges` None), as
+    sentence-transformers makes them."""
     from sentence_transformers.util.quantization import quantize_embeddings  # replicas only
 
-    return quantize_embeddings(vectors, precision=precision, ranges=ranges if precision in RANGED else None)
+    return quantize_embeddings(vectors, precision=precision, ranges=ranges)
