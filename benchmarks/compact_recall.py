@@ -14,7 +14,7 @@ from importlib import resources
 import numpy as np
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from embedding_service.quantization import ranges_for
+from embedding_service.model.quantization import ranges_for
 
 K = 10
 
@@ -52,7 +52,7 @@ def recall_at_10(vectors: np.ndarray, queries: int = 1000) -> dict[str, float]:
 
 
 def shipped_vectors() -> np.ndarray:
-    files = [f for f in resources.files("embedding_service.calibrations").iterdir() if f.name.endswith(".npz")]
+    files = [f for f in resources.files("embedding_service.model.calibrations").iterdir() if f.name.endswith(".npz")]
     with resources.as_file(files[0]) as path, np.load(path) as data:
         return data["gate"].astype(np.float32)
 

@@ -1,5 +1,5 @@
 import sys
 
-from embedding_service.launcher import main
+from embedding_service.cli import main
 
 sys.exit(main())

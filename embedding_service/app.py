@@ -1,4 +1,8 @@
-"""The application builder: `serve-config.yaml` points its import_path here."""
+"""The application builder: `serve-config.yaml` points its import_path here (embedding_service.app:build_app).
+
+It validates `args` (config.AppArgs) and binds the three kinds of deployment: the router (the ingress),
+one deployment per model, and the fleet's recycler that both follow.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,28 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from embedding_service.config import AppArgs, ModelSettings, RecyclerSettings, ShutdownSettings, TracingSettings
-from embedding_service.model_deployment import EmbeddingModel
-from embedding_service.node_routing import HealthyNodeRequestRouter
-from embedding_service.recycler import NodeRecycler
-from embedding_service.router import EmbedRouter
-
-# The recycler lives on the head node: it must outlive any worker it recycles.
-HEAD_NODE = {"node:__internal_head__": 0.001}
-RECYCLER = "NodeRecycler"
+from embedding_service.config import AppArgs, ModelSettings, RecyclerSettings, RouterSettings, ShutdownSettings
+from embedding_service.fleet.recycler import NodeRecycler
+from embedding_service.model.deployment import EmbeddingModel
+from embedding_service.router.deployment import EmbedRouter
+from embedding_service.router.replica_routing import HealthyNodeRequestRouter
+from embedding_service.wire.messages import FLEET_DEPLOYMENT, ROUTER_DEPLOYMENT, model_deployment_name
 
 
-def model_deployment_name(name: str) -> str:
-    return "model-" + name.replace("/", "_")
+def _graceful(shutdown: ShutdownSettings) -> dict[str, float]:
+    """When Serve stops a replica (scale-down, upgrade), it routes nothing new there and waits up to the grace
+    for the replica's calls in flight, checking every half second."""
+    return {"graceful_shutdown_timeout_s": shutdown.grace_s, "graceful_shutdown_wait_loop_s": 0.5}
 
 
-def _recycler_app(settings: RecyclerSettings) -> Application:
+def _fleet_app(settings: RecyclerSettings) -> Application:
     return (
         serve.deployment(NodeRecycler)
         .options(
-            name=RECYCLER,
+            name=FLEET_DEPLOYMENT,
             num_replicas=1,
-            ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE},
+            # On the head node: it must outlive any worker it recycles.
+            ray_actor_options={"num_cpus": 0, "resources": settings.resources},
             # Every router long-polls it and every replica heartbeats.
             max_ongoing_requests=10_000,
         )
@@ -37,19 +41,16 @@ def _recycler_app(settings: RecyclerSettings) -> Application:
     )
 
 
-def _graceful(shutdown: ShutdownSettings) -> dict[str, float]:
-    """When Serve stops a replica (scale-down, upgrade), it routes nothing new there and
-    waits up to the grace for the replica's calls in flight, checking every half second."""
-    return {"graceful_shutdown_timeout_s": shutdown.grace_s, "graceful_shutdown_wait_loop_s": 0.5}
-
-
-def _model_app(settings: ModelSettings, recycler: Application, heartbeat_s: float,
-               shutdown: ShutdownSettings, tracing: TracingSettings) -> Application:
+def _model_app(settings: ModelSettings, fleet: Application, args: AppArgs) -> Application:
     scaling: dict[str, Any] = (
         {"autoscaling_config": settings.autoscaling.model_dump()}
         if settings.autoscaling
         else {"num_replicas": settings.num_replicas}
     )
+    # Callers skip replicas on quarantined nodes (and refusing ones) at once; they learn of them from the fleet.
+    routing = RequestRouterConfig(request_router_class=HealthyNodeRequestRouter,
+                                  request_router_kwargs={"fleet_deployment": FLEET_DEPLOYMENT},
+                                  max_backoff_s=args.router.handle_max_backoff_s)
     return (
         serve.deployment(EmbeddingModel)
         .options(
@@ -62,32 +63,32 @@ def _model_app(settings: ModelSettings, recycler: Application, heartbeat_s: floa
             max_ongoing_requests=settings.max_ongoing_requests,
             max_queued_requests=settings.max_queued_requests,
             health_check_period_s=settings.health_check_period_s,
-            # Callers skip replicas on quarantined nodes at once.
-            request_router_config=RequestRouterConfig(request_router_class=HealthyNodeRequestRouter),
-            **_graceful(shutdown),
+            request_router_config=routing,
+            **_graceful(args.shutdown),
             **scaling,
         )
-        .bind(settings, recycler, heartbeat_s, tracing)
+        .bind(settings, fleet, args.recycler.heartbeat_s, args.tracing)
     )
+
+
+def _router_options(router: RouterSettings, shutdown: ShutdownSettings) -> dict[str, Any]:
+    return {
+        "name": ROUTER_DEPLOYMENT,
+        "num_replicas": router.num_replicas,
+        "ray_actor_options": {"num_cpus": router.num_cpus, "resources": router.resources},
+        "max_ongoing_requests": router.max_ongoing_requests,
+        "max_queued_requests": router.max_queued_requests,
+        "health_check_period_s": router.health_check_period_s,
+        # The proxies' handle routers: how soon a queued call is placed once a router frees a slot.
+        "request_router_config": RequestRouterConfig(max_backoff_s=router.handle_max_backoff_s),
+        **_graceful(shutdown),
+    }
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Validates `args` (see AppArgs) and wires the router to the recycler and one deployment per model."""
     parsed = AppArgs.parse(args)
-    router = parsed.router
-    recycler = _recycler_app(parsed.recycler)
-    models = {m.name: _model_app(m, recycler, parsed.recycler.heartbeat_s, parsed.shutdown, parsed.tracing)
-              for m in parsed.models}
-    return (
-        serve.deployment(EmbedRouter)
-        .options(
-            name="EmbedRouter",
-            num_replicas=router.num_replicas,
-            ray_actor_options={"num_cpus": router.num_cpus, "resources": router.resources},
-            max_ongoing_requests=router.max_ongoing_requests,
-            max_queued_requests=router.max_queued_requests,
-            health_check_period_s=router.health_check_period_s,
-            **_graceful(parsed.shutdown),
-        )
-        .bind(parsed, models, recycler)
-    )
+    fleet = _fleet_app(parsed.recycler)
+    models = {m.name: _model_app(m, fleet, parsed) for m in parsed.models}
+    return serve.deployment(EmbedRouter).options(**_router_options(parsed.router, parsed.shutdown)).bind(
+        parsed, models, fleet)

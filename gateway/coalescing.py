@@ -4,7 +4,7 @@ dimensions and encoding leave the gateway as one Embed call, and its reply is sp
 Measured: with 64 asyncio callers of one sentence each, every REST call was one gRPC call
 through Serve's proxy and the router, whose per-call work was the limit (README, benchmark).
 A request goes at once while fewer than `coalesce_max_in_flight` merged calls are out for its
-key; the ones that arrive meanwhile leave together (embedding_service.coalescing). A merged call
+key; the ones that arrive meanwhile leave together (embedding_service.batching.coalescing). A merged call
 refused as INVALID_ARGUMENT is sent again per caller, so each caller gets the exact error (or
 vectors) it would have got alone.
 """
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from embedding_client.errors import InvalidArgument
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.coalescing import Coalescer
+from embedding_service.batching.coalescing import Coalescer
+from embedding_service.wire.deadline import Deadline
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ def _input_specific(exc: BaseException) -> bool:
 class EmbedCoalescing:
     """Embed calls, small ones merged per (model, dimensions, encoding).
 
-    `call(request, deadline)` makes one Embed call (with retries) within `deadline` (event-loop time).
+    `call(request, deadline)` makes one Embed call (with retries) within `deadline`.
     """
 
-    def __init__(self, call: Callable[[pb.EmbedRequest, float], Awaitable[pb.EmbedResponse]], max_inputs: int,
+    def __init__(self, call: Callable[[pb.EmbedRequest, Deadline], Awaitable[pb.EmbedResponse]], max_inputs: int,
                  max_in_flight: int, on_send: Callable[[int], None] = lambda callers: None) -> None:
         self._call = call
         self.max_inputs = max_inputs
@@ -56,23 +57,22 @@ class EmbedCoalescing:
         self._on_send = on_send
         self._coalescers: dict[tuple[str, int | None, int], Coalescer[Reply]] = {}
 
-    async def embed(self, model: str, inputs: list[pb.EmbedInput], dimensions: int | None, deadline: float,
+    async def embed(self, model: str, inputs: list[pb.EmbedInput], dimensions: int | None, deadline: Deadline,
                     encoding: int = pb.VECTOR_ENCODING_FLOAT32_LE) -> Reply:
         if self.max_in_flight == 0 or len(inputs) > self.max_inputs:
             return Reply.whole(await self._call(_request(model, inputs, dimensions, encoding), deadline))
         key = (model, dimensions, encoding)
         coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new(*key))
-        remaining = deadline - asyncio.get_running_loop().time()
         try:
             # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
             # Its own deadline, though the merged call it rides in may run to a later caller's.
-            return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), max(0.0, remaining))
+            return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), deadline.remaining())
         finally:
             if coalescer.idle and self._coalescers.get(key) is coalescer:
                 del self._coalescers[key]  # keys come from callers (any model name): none kept idle
 
     def _new(self, model: str, dimensions: int | None, encoding: int) -> Coalescer[Reply]:
-        async def send(inputs: list[pb.EmbedInput], deadline: float | None) -> Reply:
+        async def send(inputs: list[pb.EmbedInput], deadline: Deadline) -> Reply:
             return Reply.whole(await self._call(_request(model, inputs, dimensions, encoding), deadline))
 
         return Coalescer(send, self.max_inputs, self.max_in_flight, split=_split, isolate=_input_specific,

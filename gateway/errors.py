@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from embedding_client.errors import EmbeddingError
-from embedding_service.error_reasons import Reason
+from embedding_service.wire.reasons import Reason
 
 logger = logging.getLogger("gateway")
 

@@ -8,15 +8,54 @@ Names start with `embedding_gateway_`; labels stay bounded: the route template
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from embedding_service import tracing
-from embedding_service.tracing import Tracer
+from embedding_service.observability import tracing
+from embedding_service.observability.tracing import Tracer
 
 PREFIX = "embedding_gateway_"
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 UNMATCHED = "(unmatched)"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One gateway metric as declared: made per app into its registry, listed in docs/monitoring.md."""
+
+    kind: str  # counter, gauge, histogram
+    name: str
+    description: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        return self.name + ("_total" if self.kind == "counter" else "")
+
+    def make(self, registry: CollectorRegistry):
+        if self.kind == "counter":
+            return Counter(self.name, self.description, self.labels, registry=registry)
+        if self.kind == "gauge":
+            return Gauge(self.name, self.description, self.labels, registry=registry)
+        return Histogram(self.name, self.description, self.labels, buckets=self.buckets, registry=registry)
+
+
+SPECS = {
+    "http_requests": MetricSpec("counter", PREFIX + "http_requests", "HTTP requests by route template, method and "
+                                "status.", ("route", "method", "status")),
+    "http_seconds": MetricSpec("histogram", PREFIX + "http_request_seconds", "HTTP request duration, first byte in "
+                               "to last byte out.", ("route", "method"), SECONDS),
+    "in_flight": MetricSpec("gauge", PREFIX + "http_requests_in_flight", "HTTP requests being served now."),
+    "upstream_calls": MetricSpec("counter", PREFIX + "upstream_calls", "gRPC calls to the service (each attempt), "
+                                 "by method and gRPC code (OK included).", ("method", "code")),
+    "upstream_retries": MetricSpec("counter", PREFIX + "upstream_retries", "gRPC calls sent again after a "
+                                   "retryable code (UNAVAILABLE, RESOURCE_EXHAUSTED), by method and that code.",
+                                   ("method", "code")),
+    "coalesced_callers": MetricSpec("histogram", PREFIX + "coalesced_callers", "REST requests carried by each "
+                                    "merged Embed call.", (), (1, 2, 4, 8, 16, 32, 64, 128)),
+}
 
 
 class GatewayMetrics:
@@ -24,19 +63,8 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.http_requests = Counter(PREFIX + "http_requests", "HTTP requests by route template, method and status.",
-                                     ("route", "method", "status"), registry=r)
-        self.http_seconds = Histogram(PREFIX + "http_request_seconds", "HTTP request duration, first byte in to "
-                                      "last byte out.", ("route", "method"), buckets=SECONDS, registry=r)
-        self.in_flight = Gauge(PREFIX + "http_requests_in_flight", "HTTP requests being served now.", registry=r)
-        self.upstream_calls = Counter(PREFIX + "upstream_calls", "gRPC calls to the service (each attempt), by "
-                                      "method and gRPC code (OK included).", ("method", "code"), registry=r)
-        self.upstream_retries = Counter(PREFIX + "upstream_retries", "gRPC calls sent again after a retryable "
-                                        "code (UNAVAILABLE, RESOURCE_EXHAUSTED), by method and that code.",
-                                        ("method", "code"), registry=r)
-        self.coalesced_callers = Histogram(PREFIX + "coalesced_callers", "REST requests carried by each merged "
-                                           "Embed call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        for attr, spec in SPECS.items():
+            setattr(self, attr, spec.make(self.registry))
 
 
 class ObserveRequests:

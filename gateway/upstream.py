@@ -7,11 +7,14 @@ retry is counted too.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from embedding_client import AsyncEmbedClient, RetryPolicy
-from embedding_service import tracing
-from embedding_service.tracing import Tracer
+from embedding_service.observability import tracing
+from embedding_service.observability.tracing import Tracer
+from embedding_service.wire.deadline import Deadline
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 
@@ -63,3 +66,9 @@ def upstream_client(settings: GatewaySettings, metrics: GatewayMetrics, tracer: 
         max_message_bytes=settings.max_message_bytes,
         on_retry=lambda method, error, delay: metrics.upstream_retries.labels(method, error.code.name).inc(),
     )
+
+
+def loop_deadline(deadline: Deadline) -> float | None:
+    """The client's form of a deadline: event-loop time (None: unbounded)."""
+    left = deadline.remaining()
+    return None if left is None else asyncio.get_running_loop().time() + left

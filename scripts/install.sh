@@ -12,4 +12,6 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.13.0
 python3 -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
   "torch==${TORCH_VERSION}"
-python3 -m pip install -q -e ./client -e ".${1:+[$1]}"
+# The client and the service, both editable: the service names the client by its version here (setup.py).
+EMBEDDING_SERVICE_CLIENT_REQUIREMENT="embedding-service-client==0.1.0" \
+  python3 -m pip install -q -e ./client -e ".${1:+[$1]}"

@@ -7,7 +7,6 @@ built here, of another dimension) and a small request-size bound.
 
 from __future__ import annotations
 
-import copy
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,14 @@ import grpc
 import pytest
 
 from benchmarks.otlp_sink import OtlpSink
-from embedding_service import launcher  # imports no Ray
+from embedding_service.config import HEAD_RESOURCE
+from embedding_service.ops import ray_internals, servefile
+from embedding_service.ops.servefile import ServeFile  # imports no Ray
 
 # The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before
 # any test module imports ray.serve: Serve reads its settings at import, and the
 # deployment handles built in this process carry them.
-launcher.export_app_env(launcher.load_config())
+ServeFile.load().export_app_env()
 
 MINILM = "all-MiniLM-L6-v2"
 TINY = "tiny-bert"
@@ -32,7 +33,7 @@ TINY_MAX_SEQ = 32
 # Truncation WINDOWS for the tiny model: windows smaller than the model takes, few of them.
 TINY_WINDOWS = {"window_tokens": 20, "overlap_tokens": 6, "max_windows": 6}
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-HEAD = {"node:__internal_head__": 0.001}
+HEAD = {HEAD_RESOURCE: 0.001}
 # The service's bound per call. Past the 17-25 s that Serve leaves a one-replica deployment (the tiny model) without a
 # replica while it rolls it on these 2 cores (test_upgrade): at 20 s, calls waiting through that gap timed out.
 REQUEST_TIMEOUT_S = 45
@@ -92,8 +93,8 @@ def reference_models(tiny_model_dir):
     }
 
 
-def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None) -> dict:
-    config = copy.deepcopy(launcher.load_config())
+def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None) -> ServeFile:
+    config = servefile.read()
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = free_port()
     args = config["applications"][0]["args"]
@@ -112,7 +113,7 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     )
     from sentence_transformers import SentenceTransformer
 
-    from embedding_service import calibration
+    from embedding_service.model import calibration
 
     # Its fp32 reference made once here, not again by every replica start (the upgrade test restarts it).
     reference = fault_dir.parent / "tiny-bert-calibration.npz"
@@ -131,7 +132,7 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)
     for model in args["models"]:
         model.update(
-            gpu_check="embedding_service.gpu_health:fault_file_check",
+            gpu_check="embedding_service.fleet.gpu_checks:fault_file_check",
             gpu_check_args={"directory": str(fault_dir)},
             health_check_period_s=1,
         )
@@ -140,14 +141,14 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
         config["applications"][0]["runtime_env"]["env_vars"]["OTEL_BSP_SCHEDULE_DELAY"] = "200"
     # One proxy: proxies on several nodes of one machine would share the port.
     config["proxy_location"] = "HeadOnly"
-    return config
+    return ServeFile.parse(config)
 
 
 @dataclass
 class Service:
     target: str
     channel: grpc.Channel
-    config: dict
+    config: ServeFile
     cluster: object  # ray.cluster_utils.Cluster
     fault_dir: Path
     traces: OtlpSink  # the spans the service exported
@@ -171,12 +172,14 @@ def service(tiny_model_dir, tmp_path_factory, otlp_sink) -> Service:
     tracing to the session's OTLP collector."""
     from ray.cluster_utils import Cluster
 
+    from embedding_service.ops import launcher
+
     fault_dir = tmp_path_factory.mktemp("faults")
     config = make_test_config(tiny_model_dir, fault_dir, otlp_sink.endpoint)
-    launcher.prepare_environment(config)
+    config.prepare_environment()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"metrics_report_interval_ms": METRICS_REPORT_MS},
+        "num_cpus": 0, "include_dashboard": False, "resources": {HEAD_RESOURCE: 1},
+        **ray_internals.metrics_report_interval(METRICS_REPORT_MS),
     })
     for _ in range(2):
         cluster.add_node(num_cpus=WORKER_CPUS)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedding_service.launcher import metrics_endpoints
+from embedding_service.ops.launcher import metrics_endpoints
 
 
 def scrape() -> list:

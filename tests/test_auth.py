@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from embedding_service import auth
-from embedding_service.auth import Authenticator, is_local_peer, parse_keys, peer_host
 from embedding_service.config import AuthSettings
-from embedding_service.error_reasons import Reason, ServiceError
+from embedding_service.router import auth
+from embedding_service.router.auth import Authenticator, is_local_peer, parse_keys, peer_host
+from embedding_service.wire.reasons import Reason, ServiceError
 
 LOCAL = "ipv4:127.0.0.1:50111"
 REMOTE = "ipv4:10.1.2.3:50111"

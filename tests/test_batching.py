@@ -9,7 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedding_service.batching import CANCELLED, DEADLINE, ContinuousBatcher, Expired, plan_passes
+from embedding_service.batching.continuous import ContinuousBatcher
+from embedding_service.batching.waiters import CANCELLED, DEADLINE, Expired
+from embedding_service.model.forward import plan_passes
+from embedding_service.wire.deadline import Deadline
 
 
 class _Model:
@@ -115,12 +118,11 @@ def test_expired_and_abandoned_items_are_dropped_unrun_and_reported():
         model = _Model()
         dropped: list[tuple[str, str]] = []
         batcher = ContinuousBatcher(model, max_size=3, on_drop=lambda item, reason: dropped.append((item, reason)))
-        loop = asyncio.get_running_loop()
         blocker = asyncio.create_task(batcher.submit("x"))
         await asyncio.to_thread(model.started.wait, 10)
-        expired = asyncio.create_task(batcher.submit("late", deadline=loop.time() + 0.05))
+        expired = asyncio.create_task(batcher.submit("late", deadline=Deadline.after(0.05)))
         abandoned = asyncio.create_task(batcher.submit("gone"))
-        kept = [asyncio.create_task(batcher.submit(i, deadline=loop.time() + 60)) for i in "abc"]
+        kept = [asyncio.create_task(batcher.submit(i, deadline=Deadline.after(60))) for i in "abc"]
         await _until(lambda: batcher.queued == 5)
         abandoned.cancel()
         await asyncio.sleep(0.1)  # the short deadline passes while the model is busy
@@ -182,9 +184,9 @@ def test_token_budget_passes_never_exceed_the_budget(lengths, max_sequences, max
 def test_a_replica_runs_long_inputs_in_smaller_passes_with_the_same_vectors(reference_models):
     import numpy as np
 
-    from embedding_service.model_deployment import forward_sorted
-    from embedding_service.runtimes import TorchRuntime
-    from embedding_service.tokenization import InputEncoder
+    from embedding_service.model.forward import forward_sorted
+    from embedding_service.model.runtimes import TorchRuntime
+    from embedding_service.model.tokenization import InputEncoder
     from tests.conftest import TINY, TINY_DIM
 
     model = reference_models[TINY]

@@ -6,23 +6,19 @@ import json
 
 import numpy as np
 
-from embedding_service.launcher import metrics_endpoints
+from embedding_service.ops.launcher import metrics_endpoints
 
 from .conftest import MINILM
 from .gateway_helpers import running_gateway
 
 
 def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service, reference_models, tmp_path, capsys):
-    from benchmarks.run import (
-        BatchMetrics,
-        GrpcClient,
-        RestClient,
-        Work,
-        accuracy_of,
-        measure_in_process,
-        measure_service,
-        write,
-    )
+    from benchmarks.clients import GrpcClient, RestClient
+    from benchmarks.inprocess import measure_in_process
+    from benchmarks.measure import accuracy_of, measure_service
+    from benchmarks.report import write
+    from benchmarks.scrape import BatchMetrics
+    from benchmarks.workloads import Work
 
     work = Work.make({"w1_n": 5, "w2_requests": 2, "w3_requests": 64, "w4_requests": 2, "w5_inputs": 300,
                       "w6_inputs": 300})
@@ -67,7 +63,9 @@ def test_the_benchmark_measures_a_peer_started_from_a_command_line_and_stops_it(
     import shlex
     import sys
 
-    from benchmarks.run import Work, measure_peer, table
+    from benchmarks.measure import measure_peer
+    from benchmarks.report import table
+    from benchmarks.workloads import Work
     from tests.conftest import free_port
 
     port = free_port()

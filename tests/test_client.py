@@ -22,7 +22,7 @@ from embedding_client import AsyncEmbedClient, EmbedClient, InvalidArgument, Loc
 from embedding_client.aio import plan_calls
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
-from embedding_service.error_reasons import Reason, ServiceError
+from embedding_service.wire.reasons import Reason, ServiceError
 from tests.conftest import MINILM, TINY, TINY_DIM, TINY_MAX_SEQ, TINY_WINDOWS, free_port
 from tests.gateway_helpers import scripted_grpc_peer
 from tests.test_embed import WORDS, make_texts

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.batching import CANCELLED, DEADLINE, Expired
-from embedding_service.coalescing import Coalescer, shard_part
-from embedding_service.shards import ShardResult
+from embedding_service.batching.coalescing import Coalescer
+from embedding_service.batching.waiters import CANCELLED, DEADLINE, Expired
+from embedding_service.wire.deadline import UNBOUNDED, Deadline
+from embedding_service.wire.messages import ShardResult
 from tests.conftest import MINILM
 from tests.observe import settled, total
 from tests.test_embed import text_inputs, vectors_of
@@ -51,8 +52,8 @@ async def _settle() -> None:
 async def _busy(**options) -> tuple[_Model, Coalescer, asyncio.Future]:
     """A coalescer with one slot, taken by a call the model holds until released."""
     model = _Model()
-    coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=shard_part, **options)
-    blocker = asyncio.ensure_future(coalescer.submit(["x"], None))
+    coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=ShardResult.part, **options)
+    blocker = asyncio.ensure_future(coalescer.submit(["x"], UNBOUNDED))
     await _settle()
     return model, coalescer, blocker
 
@@ -60,11 +61,11 @@ async def _busy(**options) -> tuple[_Model, Coalescer, asyncio.Future]:
 def test_calls_that_wait_leave_together_and_each_gets_its_own_rows():
     async def main():
         model = _Model()
-        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=shard_part)
-        first = asyncio.ensure_future(coalescer.submit(["a"], None))
+        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=ShardResult.part)
+        first = asyncio.ensure_future(coalescer.submit(["a"], UNBOUNDED))
         await _settle()
         assert model.calls == [["a"]]  # a lone call goes at once
-        waiting = [asyncio.ensure_future(coalescer.submit(x, None)) for x in (["bb", "c"], ["ddd"], ["ee", "f", "g"])]
+        waiting = [asyncio.ensure_future(coalescer.submit(x, UNBOUNDED)) for x in (["bb", "c"], ["ddd"], ["ee", "f", "g"])]
         await _settle()
         model.release.set()
         results = await asyncio.gather(first, *waiting)
@@ -80,7 +81,7 @@ def test_merged_calls_stay_within_the_input_limit_and_never_split_a_caller():
     async def main():
         model, coalescer, blocker = await _busy()
         sizes = [5, 9, 3, 16, 1, 7]
-        calls = [asyncio.ensure_future(coalescer.submit([f"{k}"] * n, None)) for k, n in enumerate(sizes)]
+        calls = [asyncio.ensure_future(coalescer.submit([f"{k}"] * n, UNBOUNDED)) for k, n in enumerate(sizes)]
         await _settle()
         model.release.set()
         results = await asyncio.gather(blocker, *calls)
@@ -94,9 +95,9 @@ def test_merged_calls_stay_within_the_input_limit_and_never_split_a_caller():
 def test_a_rejected_input_fails_only_its_own_caller():
     async def main():
         model, coalescer, blocker = await _busy()
-        good = asyncio.ensure_future(coalescer.submit(["ok", "fine"], None))
-        bad = asyncio.ensure_future(coalescer.submit(["short", "LONG"], None))
-        other = asyncio.ensure_future(coalescer.submit(["yes"], None))
+        good = asyncio.ensure_future(coalescer.submit(["ok", "fine"], UNBOUNDED))
+        bad = asyncio.ensure_future(coalescer.submit(["short", "LONG"], UNBOUNDED))
+        other = asyncio.ensure_future(coalescer.submit(["yes"], UNBOUNDED))
         await _settle()
         model.release.set()
         await blocker
@@ -115,10 +116,9 @@ def test_expired_and_departed_callers_are_dropped_unsent():
         sends: list[int] = []
         model, coalescer, blocker = await _busy(on_drop=lambda n, reason: dropped.append((n, reason)),
                                                 on_send=sends.append)
-        loop = asyncio.get_running_loop()
-        expiring = asyncio.ensure_future(coalescer.submit(["late", "late"], loop.time() + 0.01))
-        leaving = asyncio.ensure_future(coalescer.submit(["gone", "gone", "gone"], None))
-        staying = asyncio.ensure_future(coalescer.submit(["here"], None))
+        expiring = asyncio.ensure_future(coalescer.submit(["late", "late"], Deadline.after(0.01)))
+        leaving = asyncio.ensure_future(coalescer.submit(["gone", "gone", "gone"], UNBOUNDED))
+        staying = asyncio.ensure_future(coalescer.submit(["here"], UNBOUNDED))
         await _settle()
         leaving.cancel()
         await asyncio.sleep(0.05)
@@ -137,16 +137,16 @@ def test_expired_and_departed_callers_are_dropped_unsent():
 def test_a_failed_call_fails_its_callers_and_the_coalescer_goes_on():
     async def main():
         model = _Model(fail=True)
-        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=shard_part)
-        first = asyncio.ensure_future(coalescer.submit(["a"], None))
+        coalescer = Coalescer(model.send, max_inputs=LIMIT, max_in_flight=1, split=ShardResult.part)
+        first = asyncio.ensure_future(coalescer.submit(["a"], UNBOUNDED))
         await _settle()
-        second = asyncio.ensure_future(coalescer.submit(["b"], None))
+        second = asyncio.ensure_future(coalescer.submit(["b"], UNBOUNDED))
         model.release.set()
         for call in (first, second):
             with pytest.raises(RuntimeError, match="replica gone"):
                 await call
         model.fail = False
-        assert (await coalescer.submit(["cc"], None)).vectors[:, 0].tolist() == [2]
+        assert (await coalescer.submit(["cc"], UNBOUNDED)).vectors[:, 0].tolist() == [2]
 
     asyncio.run(main())
 

@@ -71,7 +71,7 @@ def test_ranges_are_the_calibration_corpus_min_and_max_per_shape(service):
 
 def shipped_calibration():
     """The MiniLM calibration the package ships (its only one)."""
-    files = [f for f in resources.files("embedding_service.calibrations").iterdir() if f.name.endswith(".npz")]
+    files = [f for f in resources.files("embedding_service.model.calibrations").iterdir() if f.name.endswith(".npz")]
     assert len(files) == 1
     return files[0]
 

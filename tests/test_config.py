@@ -8,27 +8,30 @@ import pytest
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from embedding_service import launcher
 from embedding_service.app import build_app
 from embedding_service.config import AppArgs
+from embedding_service.model.forward import model_source
+from embedding_service.ops import servefile
+from embedding_service.ops.servefile import ServeFile
 
 
 def test_serve_config_is_a_valid_serve_deploy_config():
-    config = launcher.load_config()
-    schema = ServeDeploySchema.model_validate(config)
+    config = ServeFile.load()
+    schema = ServeDeploySchema.model_validate(config.raw)
     (app,) = schema.applications
     assert app.route_prefix == "/"
     assert app.import_path == "embedding_service.app:build_app"
     # The generated registrations as the proxy runs them (malformed bytes, deadlines, Serve's own errors).
     assert schema.grpc_options.grpc_servicer_functions == [
-        "embedding_service.proxy_ingress.add_EmbedServiceServicer_to_server",
-        "embedding_service.proxy_ingress.add_HealthServicer_to_server",
+        "embedding_service.proxy.ingress.add_EmbedServiceServicer_to_server",
+        "embedding_service.proxy.ingress.add_HealthServicer_to_server",
     ]
     # The proxy must not cut streams (health Watch); the router bounds calls itself.
     assert schema.grpc_options.request_timeout_s is None
-    args = AppArgs.parse(app.args)
+    args = config.args
+    assert args == AppArgs.parse(app.args) and config.app_name == app.name
     assert args.default_model_name == "all-MiniLM-L6-v2"
-    assert args.models[0].resolved_path().endswith("model")
+    assert model_source(args.models[0].path).endswith("model")
     assert args.limits.max_inputs_per_request == 2048
 
 
@@ -68,52 +71,77 @@ def test_bad_args_are_rejected_before_anything_starts(bad):
         build_app(bad)
 
 
-def test_the_launcher_gives_ray_the_transport_cap_and_the_apps_serve_settings(monkeypatch):
-    import json
+def test_the_nodes_get_the_transport_cap_the_proxys_options_and_the_apps_serve_settings(monkeypatch):
+    from embedding_service.ops import ray_internals
+    from embedding_service.wire import node_env
 
-    from embedding_service import serve_grpc_options
-
-    config = launcher.load_config()
-    for key in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
+    config = ServeFile.load()
+    for key in (ray_internals.PROXY_MESSAGE_SIZE_ENV, ray_internals.REPLICA_MESSAGE_LENGTH_ENV,
                 "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_USE_GRPC", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
-                serve_grpc_options.OPTIONS_ENV):
+                node_env.PROXY_OPTIONS_ENV):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv(launcher.PRELOAD_ENV, "some_other_module")
+    monkeypatch.setenv(ray_internals.PRELOAD_ENV, "some_other_module")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # already set by the operator: kept
-    launcher.prepare_environment(config)
-    args = config["applications"][0]["args"]
-    assert os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 * args["limits"]["max_request_bytes"])
-    assert os.environ["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(4 * args["limits"]["max_request_bytes"])
+    config.prepare_environment()
+    limits = config.args.limits
+    assert os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 * limits.max_request_bytes)
+    assert os.environ["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(4 * limits.max_request_bytes)
     # The speed bundle, with Serve's gRPC proxy kept (no direct ingress).
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
     assert os.environ["RAY_SERVE_PROXY_USE_GRPC"] == "1"
     assert os.environ["HF_HUB_OFFLINE"] == "0"
     # Ray's workers import the proxy's gRPC server options before anything else (kept: the operator's own).
-    assert os.environ[launcher.PRELOAD_ENV] == "some_other_module,embedding_service.serve_grpc_options"
-    options = dict(json.loads(os.environ[serve_grpc_options.OPTIONS_ENV]))
-    assert options["grpc.server.max_pending_requests"] == args["limits"]["proxy_max_pending_calls"]
-    assert options["grpc.server.max_pending_requests_hard_limit"] == args["limits"]["proxy_max_pending_calls"]
-    assert options["grpc.max_concurrent_streams"] == args["limits"]["proxy_max_streams_per_connection"]
+    assert os.environ["RAY_preload_python_modules"] == "some_other_module,embedding_service.proxy.grpc_options"
+    options = dict(node_env.requested_proxy_options())
+    assert options["grpc.server.max_pending_requests"] == limits.proxy_max_pending_calls == 20_000
+    assert options["grpc.server.max_pending_requests_hard_limit"] == limits.proxy_max_pending_calls
+    assert options["grpc.max_concurrent_streams"] == limits.proxy_max_streams_per_connection
 
 
-def test_preloaded_options_reach_the_servers_ray_serve_builds(tmp_path):
-    """In a fresh process, as in a Ray worker: the module extends the options Serve's gRPC servers are built with."""
+def test_the_file_is_read_and_validated_once_for_the_run_the_manifests_and_the_benchmark(monkeypatch, tmp_path):
+    """One ServeFile: its args, the nodes' environment and the gateway's command line come from one parse,
+    whoever asks (the run command's launcher, the Kubernetes rendering, the benchmark)."""
+    from benchmarks import run as bench
+    from embedding_service.ops import kubernetes
+
+    parses = []
+    real = AppArgs.parse
+    monkeypatch.setattr(AppArgs, "parse", classmethod(lambda cls, args: parses.append(1) or real(args)))
+    config = ServeFile.load()
+    kubernetes.render(config, kubernetes.KubernetesOptions())
+    config.node_environment()
+    config.gateway_args(["t:1"], 8080)
+    assert len(parses) == 1
+    bench.configured(bench.parse(["--model-option", "threads=1", "--router-option", "shard_size=16"]), None)
+    assert len(parses) == 2  # the benchmark's own overrides, validated once
+    # The gateway's command line is the same builder's for the run command, the manifests and the benchmark.
+    gateway = kubernetes.gateway(config, kubernetes.KubernetesOptions())[0]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["args"] == config.gateway_args([gateway["args"][5]], 8080, host="0.0.0.0",
+                                                  drain_delay_s=kubernetes.GATEWAY_DRAIN_DELAY_S)
+    limits = config.args.limits
+    assert config.gateway_args(["t:1"], 9) == [
+        "--host", "127.0.0.1", "--port", "9", "--targets", "t:1", "--max-inputs", str(limits.max_inputs_per_request),
+        "--max-body-bytes", str(limits.max_request_bytes), "--drain-delay-s", "1", "--shutdown-timeout-s", "30"]
+
+
+def test_a_config_without_exactly_one_service_application_is_refused():
+    raw = servefile.read()
+    with pytest.raises(ValueError, match="exactly one application"):
+        ServeFile.parse({**raw, "applications": raw["applications"] * 2})
+    with pytest.raises(ValueError, match="exactly one application"):
+        ServeFile.parse({**raw, "applications": []})
+
+
+def test_node_env_prints_what_the_nodes_need_for_a_shell():
+    import shlex
     import subprocess
     import sys
 
-    code = (
-        "import os, json\n"
-        "os.environ['EMBEDDING_SERVE_GRPC_OPTIONS'] = json.dumps([['grpc.server.max_pending_requests', 7],"
-        " ['grpc.max_receive_message_length', 1024]])\n"
-        "import embedding_service.serve_grpc_options\n"
-        "from ray.serve._private import grpc_util\n"
-        "options = dict(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS)\n"
-        "assert options['grpc.server.max_pending_requests'] == 7, options\n"
-        "assert options['grpc.max_receive_message_length'] == 1024, options  # replaced, not doubled\n"
-        "assert len(grpc_util.DEFAULT_GRPC_SERVER_OPTIONS) == len(options)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-m", "embedding_service", "node-env"], capture_output=True, text=True,
+                          timeout=120, check=True)
+    printed = dict(shlex.split(line)[1].split("=", 1) for line in done.stdout.splitlines())
+    assert printed == ServeFile.load().node_environment()
 
 
 def test_the_forward_token_budget_defaults_per_device_and_is_overridable():

@@ -8,7 +8,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.error_reasons import DOMAIN, Reason
+from embedding_service.wire.reasons import DOMAIN, Reason
 from tests.conftest import MAX_REQUEST_BYTES, MINILM, REFUSING, TINY
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -9,12 +9,14 @@ import asyncio
 import pytest
 
 from embedding_service.config import ModelSettings
-from embedding_service.health import EMBED_SERVICE, NOT_SERVING, SERVING, ServiceView
-from embedding_service.model_deployment import EmbeddingModel, LoadedModel, Placement, ReplicaFaulted
-from embedding_service.node_state import NodeState, NodeView, ReplicaView, Snapshot
-from embedding_service.runtimes import TorchRuntime
-from embedding_service.shards import EmbedOptions, ShardRequest
-from embedding_service.tokenization import InputEncoder
+from embedding_service.model.deployment import EmbeddingModel
+from embedding_service.model.forward import LoadedModel
+from embedding_service.model.runtimes import TorchRuntime
+from embedding_service.model.tokenization import InputEncoder
+from embedding_service.model.watchdog import Placement
+from embedding_service.router.fleet_view import EMBED_SERVICE, NOT_SERVING, SERVING, ServiceView
+from embedding_service.wire.fleet import NodeState, NodeView, ReplicaView, Snapshot
+from embedding_service.wire.messages import EmbedOptions, ReplicaError, ReplicaFaulted, ShardRequest
 
 
 class _Remote:
@@ -52,7 +54,7 @@ def _embed_once(tmp_path, tiny_model_dir, fault: bool) -> tuple[BaseException, _
     model = SentenceTransformer(str(tiny_model_dir), device="cpu")
     settings = ModelSettings(
         name="tiny", path=str(tiny_model_dir), device="cpu",
-        gpu_check="embedding_service.gpu_health:fault_file_check", gpu_check_args={"directory": str(tmp_path)},
+        gpu_check="embedding_service.fleet.gpu_checks:fault_file_check", gpu_check_args={"directory": str(tmp_path)},
     )
     if fault:
         (tmp_path / "node-1").write_text("CUDA error: illegal memory access (injected)")
@@ -85,7 +87,9 @@ def test_inference_error_that_is_a_device_fault_is_reported_and_retryable(tmp_pa
 
 def test_inference_error_without_a_device_fault_is_not_reported(tmp_path, tiny_model_dir):
     error, recycler = _embed_once(tmp_path, tiny_model_dir, fault=False)
-    assert isinstance(error, RuntimeError) and "illegal memory access" in str(error)
+    # Told by class and message in the service's own exception: the router loads none of the model's libraries.
+    assert isinstance(error, ReplicaError) and str(error).startswith("RuntimeError: ")
+    assert "illegal memory access" in str(error)
     assert not isinstance(error, ReplicaFaulted)
     assert recycler.named("report_failure") == []
 
@@ -125,12 +129,12 @@ def test_nothing_is_serving_once_the_service_is_shutting_down():
 def test_a_retried_shard_and_a_fault_are_counted_under_bounded_labels():
     import ray
 
-    from embedding_service.recycler import fault_kind
-    from embedding_service.router import _retry_cause, _retryable
+    from embedding_service.fleet.recycler import fault_kind
+    from embedding_service.router.failures import cause_label, replica_gone
 
     wrapped = ray.exceptions.RayTaskError("embed", "traceback", ReplicaFaulted("device fault")).as_instanceof_cause()
-    assert _retryable(wrapped) and _retry_cause(wrapped) == "ReplicaFaulted"  # not Ray's wrapper's name
-    assert _retry_cause(ray.exceptions.ActorUnavailableError("gone", b"\x00" * 16)) == "ActorUnavailableError"
+    assert replica_gone(wrapped) and cause_label(wrapped) == "ReplicaFaulted"  # not Ray's wrapper's name
+    assert cause_label(ray.exceptions.ActorUnavailableError("gone", b"\x00" * 16)) == "ActorUnavailableError"
     assert fault_kind("CUDA error: an illegal memory access was encountered") == "CUDA error"
     assert fault_kind("CUDA device not available") == "CUDA device not available"
     # Free text never becomes a label.

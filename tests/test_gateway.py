@@ -258,7 +258,7 @@ def test_an_idle_connection_outlives_uvicorns_default_keep_alive(service):
 
 
 def test_run_command_starts_the_gateway_as_its_own_process(service, reference_models):
-    from embedding_service import launcher
+    from embedding_service.ops import launcher
 
     port = free_port()
     process = launcher.start_gateway(service.config, service.target, port)

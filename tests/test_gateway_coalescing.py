@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedding_client.errors import EmbeddingError, Unavailable, error_of
 from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.wire.deadline import Deadline
 from gateway.coalescing import EmbedCoalescing
 from tests.conftest import MINILM
 from tests.gateway_helpers import running_gateway
@@ -89,7 +90,7 @@ class _Upstream:
         self.sent: list[list[str]] = []
         self.release = asyncio.Event()
 
-    async def call(self, request: pb.EmbedRequest, deadline: float) -> pb.EmbedResponse:
+    async def call(self, request: pb.EmbedRequest, deadline: Deadline) -> pb.EmbedResponse:
         self.sent.append([i.text for i in request.inputs])
         if len(self.sent) == 1:
             await self.release.wait()
@@ -105,14 +106,14 @@ def test_an_expired_or_departed_caller_is_dropped_unsent():
         upstream = _Upstream()
         coalescing = EmbedCoalescing(upstream.call, max_inputs=32, max_in_flight=1)
         loop = asyncio.get_running_loop()
-        far = loop.time() + 30
+        far = Deadline.after(30)
 
-        def submit(text: str, deadline: float):
+        def submit(text: str, deadline: Deadline):
             return loop.create_task(coalescing.embed("m", [pb.EmbedInput(text=text)], None, deadline))
 
         first = submit("first", far)
         await asyncio.sleep(0.01)
-        expiring = submit("expiring", loop.time() + 0.05)
+        expiring = submit("expiring", Deadline.after(0.05))
         leaving = submit("leaving", far)
         waiting = submit("waiting!", far)
         await asyncio.sleep(0.01)
@@ -140,7 +141,7 @@ def test_a_failure_of_a_merged_call_reaches_every_caller_in_it():
             raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
 
         coalescing = EmbedCoalescing(call, max_inputs=32, max_in_flight=1)
-        far = asyncio.get_running_loop().time() + 30
+        far = Deadline.after(30)
         tasks = [asyncio.create_task(coalescing.embed("m", [pb.EmbedInput(text=str(i))], None, far)) for i in range(5)]
         await asyncio.sleep(0.01)
         gate.set()

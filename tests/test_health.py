@@ -6,7 +6,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_service import launcher
+from embedding_service.config import HEAD_RESOURCE
+from embedding_service.ops import launcher
 from tests.conftest import MINILM, REFUSING, TINY
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -75,7 +76,8 @@ def test_recycler_is_one_replica_on_the_head_node(service):
     import ray
     from ray import serve
 
-    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__"))
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(HEAD_RESOURCE))
+    assert head == ray.get_runtime_context().get_node_id()  # the driver's, the cluster's head
 
     async def recycler_node() -> str:
         return await serve.get_deployment_handle("NodeRecycler", app_name="embedding").node_id.remote()

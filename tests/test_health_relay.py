@@ -7,8 +7,9 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_service.error_reasons import read_details
-from embedding_service.health_relay import LIVENESS, HealthRelay
+from embedding_client.errors import read_details
+from embedding_service.proxy.health_relay import HealthRelay
+from embedding_service.wire.messages import LIVENESS
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

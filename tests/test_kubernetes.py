@@ -9,6 +9,7 @@ import copy
 import gzip
 import json
 import re
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -16,15 +17,16 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from embedding_service import kubernetes as k8s
+from embedding_service import cli
 from embedding_service.app import build_app
-from embedding_service.config import AppArgs
-from embedding_service.health_relay import LIVENESS
-from embedding_service.launcher import load_config, node_environment
+from embedding_service.config import HEAD_RESOURCE, AppArgs
+from embedding_service.ops import kubernetes as k8s
+from embedding_service.ops import servefile
+from embedding_service.ops.servefile import ServeFile
+from embedding_service.wire.messages import LIVENESS
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "tests" / "data" / "kuberay"  # copied from KubeRay v1.7.0 (the CRD gzipped)
-HEAD_NODE = "node:__internal_head__"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def crd_validator() -> jsonschema.Draft7Validator:
 
 
 def rendered(config: dict | None = None, **options) -> dict[str, list[dict]]:
-    texts = k8s.render(config or load_config(), k8s.KubernetesOptions(**options))
+    parsed = ServeFile.parse(config) if config is not None else ServeFile.load()
+    texts = k8s.render(parsed, k8s.KubernetesOptions(**options))
     return {name: [d for d in yaml.safe_load_all(text) if d] for name, text in texts.items()}
 
 
@@ -62,18 +65,18 @@ def round_trip(obj: dict, model: str) -> dict:
 
 
 def test_committed_manifests_are_the_render_of_serve_config():
-    for name, text in k8s.render(load_config(), k8s.KubernetesOptions()).items():
+    for name, text in k8s.render(ServeFile.load(), k8s.KubernetesOptions()).items():
         committed = ROOT / "deploy" / "kubernetes" / name
         assert committed.read_text() == text, f"{committed} is stale: run python -m embedding_service render-k8s"
-    assert k8s.main(["--check"]) == 0
+    assert cli.main(["render-k8s", "--check"]) == 0
 
 
 def test_the_check_command_notices_a_stale_manifest(tmp_path):
-    assert k8s.main(["--out", str(tmp_path)]) == 0
-    assert k8s.main(["--out", str(tmp_path), "--check"]) == 0
+    assert cli.main(["render-k8s", "--out", str(tmp_path)]) == 0
+    assert cli.main(["render-k8s", "--out", str(tmp_path), "--check"]) == 0
     stale = tmp_path / "rayservice.yaml"
     stale.write_text(stale.read_text().replace("maxReplicas: 1", "maxReplicas: 3"))
-    assert k8s.main(["--out", str(tmp_path), "--check"]) == 1
+    assert cli.main(["render-k8s", "--out", str(tmp_path), "--check"]) == 1
 
 
 def test_the_rayservice_validates_against_kuberays_crd(crd_validator):
@@ -107,7 +110,8 @@ def test_pod_templates_and_gateway_objects_are_valid_kubernetes_objects():
 
 
 def test_serve_config_v2_is_the_config_files_applications_and_build_app_takes_them():
-    config = load_config()
+    loaded = ServeFile.load()
+    config = loaded.raw
     service = rayservice()
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["applications"] == config["applications"]
@@ -117,9 +121,9 @@ def test_serve_config_v2_is_the_config_files_applications_and_build_app_takes_th
     assert AppArgs.parse(args) == AppArgs.parse(config["applications"][0]["args"])
     assert build_app(args) is not None
     # Every Ray pod gets what `run` gives its Ray nodes; the API keys come from a Secret.
-    env = node_environment(config)
-    assert env["RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S"] == "0.05" and "EMBEDDING_SERVE_GRPC_OPTIONS" in env
-    assert env["RAY_preload_python_modules"] == "embedding_service.serve_grpc_options"
+    env = loaded.node_environment()
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and "EMBEDDING_SERVE_GRPC_OPTIONS" in env
+    assert env["RAY_preload_python_modules"] == "embedding_service.proxy.grpc_options"
     for container in containers(service):
         values = {e["name"]: e.get("value") for e in container["env"]}
         assert {k: v for k, v in values.items() if k in env} == env
@@ -129,14 +133,19 @@ def test_serve_config_v2_is_the_config_files_applications_and_build_app_takes_th
 
 
 def test_groups_probes_and_ports():
-    config = load_config()
-    args = AppArgs.parse(config["applications"][0]["args"])
+    args = ServeFile.load().args
     service = rayservice()
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == k8s.RAY_VERSION and cluster["enableInTreeAutoscaling"] is True
     # The head holds the router and the recycler, no models: they claim CPU and the head offers none to Ray.
-    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    assert HEAD_NODE in args.router.resources and all(m.num_cpus > 0 for m in args.models)
+    start = cluster["headGroupSpec"]["rayStartParams"]
+    assert start["num-cpus"] == "0"
+    assert HEAD_RESOURCE in args.router.resources and HEAD_RESOURCE in args.recycler.resources
+    assert all(m.num_cpus > 0 and HEAD_RESOURCE not in m.resources for m in args.models)
+    # Only the head declares the head's resource, as `ray start` reads it through KubeRay's shell command.
+    (flag,) = shlex.split(f"--resources={start['resources']}")
+    assert json.loads(flag.removeprefix("--resources=")) == {HEAD_RESOURCE: 1}
+    assert all("resources" not in g["rayStartParams"] for g in cluster["workerGroupSpecs"])
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["livenessProbe"]["grpc"] == {"port": 9000, "service": LIVENESS}
     assert "grpc" not in head["readinessProbe"]  # KubeRay deploys the app only once the head is Ready
@@ -156,7 +165,7 @@ def test_groups_probes_and_ports():
 
 
 def test_a_gpu_model_in_serve_config_flows_into_the_gpu_group():
-    config = load_config()
+    config = servefile.read()
     model = config["applications"][0]["args"]["models"][0]
     model.update(device="cuda", num_gpus=0.5, num_cpus=2, autoscaling={"min_replicas": 2, "max_replicas": 8})
     service = rayservice(config, gpu_type="NVIDIA-L4", gpu_image="r/e:cuda")

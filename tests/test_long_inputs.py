@@ -9,8 +9,8 @@ import torch
 
 from embedding_client import EmbedClient
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.accuracy import corpus
-from embedding_service.tokenization import Windows
+from embedding_service.model.accuracy import corpus
+from embedding_service.wire.messages import Windows
 from tests.conftest import MINILM, TINY, TINY_WINDOWS
 from tests.test_embed import WORDS, vectors_of
 
@@ -113,7 +113,7 @@ def test_windows_settings_out_of_bounds_are_refused(reference_models):
     from pydantic import ValidationError
 
     from embedding_service.config import LongInputSettings
-    from embedding_service.tokenization import InputEncoder
+    from embedding_service.model.tokenization import InputEncoder
 
     with pytest.raises(ValidationError, match="overlap_tokens"):
         LongInputSettings(window_tokens=64, overlap_tokens=64)

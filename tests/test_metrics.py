@@ -18,8 +18,8 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.batching import plan_passes
 from embedding_service.config import FORWARD_MAX_TOKENS
+from embedding_service.model.forward import plan_passes
 from tests.conftest import METRICS_REPORT_MS, MINILM, REFUSING, TINY
 from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
 from tests.observe import scrape, settled, total, wait_until
@@ -213,22 +213,3 @@ def test_grafana_dashboard_parses_and_every_metric_it_queries_is_in_a_real_scrap
     names = {s.name for s in scrape()} | gateway
     missing = sorted(m for m in queried if m not in names)
     assert not missing, missing
-
-
-def test_the_readme_lists_every_metric_defined_and_no_other(service):
-    from ray.util import metrics as ray_metrics
-
-    from embedding_service.metrics import ModelMetrics, ProxyMetrics, RecyclerMetrics, RouterMetrics
-    from gateway.metrics import GatewayMetrics
-
-    defined = set()
-    for group in (RouterMetrics(), ProxyMetrics(), ModelMetrics("readme-check", "none"), RecyclerMetrics()):
-        for metric in vars(group).values():
-            suffix = "_total" if isinstance(metric, ray_metrics.Counter) else ""
-            defined.add(f"ray_{metric._name}{suffix}")  # as Ray exports it
-    for family in GatewayMetrics().registry.collect():
-        defined.add(family.name + ("_total" if family.type == "counter" else ""))
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Monitoring"):readme.index("## Benchmark")]
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
-    assert documented == defined

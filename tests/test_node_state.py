@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from embedding_service.node_state import NodeBook, NodeState
+from embedding_service.fleet.node_state import NodeBook
+from embedding_service.wire.fleet import NodeState
 
 A, B = "node-a", "node-b"
 ALIVE = {A: "10.0.0.1", B: "10.0.0.2"}
@@ -81,3 +82,23 @@ def test_every_change_moves_the_version():
     assert b.version == v2 > v1
     b.report("r1", A, "fault", 2)
     assert b.version > v2
+
+
+def test_a_failed_action_goes_back_to_quarantined_and_is_acted_on_again_when_due():
+    b = NodeBook(grace_cycles=0, retention_s=100, replica_ttl_s=10, retry_s=5)
+    b.tick(0, ALIVE)
+    b.report("r1", A, "CUDA error: x", 1)
+    (first,) = b.tick(2, ALIVE)
+    assert first.state == NodeState.DRAINING and first.failed_actions == 0
+    version = b.version
+    assert b.action_failed(A, "drain failed: rejected", 2, again=True) == 1
+    assert b.version > version  # followers hear of it
+    node = next(n for n in b.snapshot().nodes if n.node_id == A)
+    assert (node.state, node.action_error, node.failed_actions) == (NodeState.QUARANTINED, "drain failed: rejected", 1)
+    assert "CUDA error: x" in node.reason
+    assert b.tick(6, ALIVE) == []  # its retry is due at 7
+    (again,) = b.tick(7, ALIVE)
+    assert again.state == NodeState.DRAINING and again.failed_actions == 1
+    b.action_failed(A, "gave up", 7, again=False)
+    assert all(b.tick(t, ALIVE) == [] for t in (20, 200))  # not again; quarantined until the operator acts
+    assert b.snapshot().state_of(A) == NodeState.QUARANTINED

@@ -11,9 +11,10 @@ import time
 import grpc
 import httpx
 
+from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
-from embedding_service.error_reasons import Reason, read_details
+from embedding_service.wire.reasons import Reason
 from tests.conftest import METRICS_REPORT_MS, MINILM, ROUTER_ONGOING, ROUTER_QUEUED
 from tests.gateway_helpers import gateway_process
 from tests.observe import settled, total, wait_until

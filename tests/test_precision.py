@@ -18,15 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer
 
+from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service import calibration
-from embedding_service.accuracy import Accuracy, corpus, cosines, gate_failure, measure
 from embedding_service.config import ModelSettings
-from embedding_service.error_reasons import read_details
-from embedding_service.model_deployment import calibration_samples, load_model, text_embedder
-from embedding_service.runtimes import OpenVinoRuntime, TorchRuntime, import_openvino
-from embedding_service.tokenization import InputEncoder
-from embedding_service.verification import verify
+from embedding_service.model import calibration
+from embedding_service.model.accuracy import corpus, cosines, gate_failure, measure
+from embedding_service.model.forward import calibration_samples, load_model, model_source, text_embedder
+from embedding_service.model.runtimes import OpenVinoRuntime, TorchRuntime, import_openvino
+from embedding_service.model.tokenization import InputEncoder
+from embedding_service.model.verification import verify
+from embedding_service.wire.messages import Accuracy
 from tests.conftest import MINILM, REFUSING, TINY
 
 SENTENCES = ["A man is eating food.", "The new movie is awesome", "Python's sort is stable.",
@@ -35,7 +36,7 @@ SENTENCES = ["A man is eating food.", "The new movie is awesome", "Python's sort
 
 @pytest.fixture(scope="module")
 def minilm():
-    return SentenceTransformer(ModelSettings(name="m").resolved_path(), device="cpu")
+    return SentenceTransformer(model_source(ModelSettings(name="m").path), device="cpu")
 
 
 def _embed_with(runtime, model, settings: ModelSettings):

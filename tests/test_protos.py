@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from tests import scripts
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("generate_protos", ROOT / "scripts" / "generate_protos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_buf_lint_standard_is_clean():
@@ -39,7 +33,7 @@ def test_buf_lint_catches_a_violation(tmp_path):
 
 
 def test_generated_stubs_match_the_protos(tmp_path):
-    generated = _load_generator().generate(tmp_path)
+    generated = scripts.load("generate_protos").generate(tmp_path)
     assert generated, "protoc produced nothing"
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in generated}
     assert {str(p) for p in fresh} >= {
@@ -77,7 +71,7 @@ def test_every_error_reason_names_a_real_status_code():
     import grpc
 
     from embedding_client.v1 import error_reason_pb2
-    from embedding_service.error_reasons import STATUS_CODES, Reason
+    from embedding_service.wire.reasons import STATUS_CODES, Reason
 
     values = error_reason_pb2.ErrorReason.DESCRIPTOR.values
     assert values[0].name == "ERROR_REASON_UNSPECIFIED" and values[0].number == 0
@@ -96,7 +90,8 @@ def test_service_errors_carry_their_reason_and_retry_hint_on_the_wire():
     import grpc
     from google.rpc import error_details_pb2, status_pb2
 
-    from embedding_service.error_reasons import STATUS_DETAILS_KEY, Reason, ServiceError, read_details
+    from embedding_client.errors import STATUS_DETAILS_KEY, read_details
+    from embedding_service.wire.reasons import Reason, ServiceError
 
     error = ServiceError(Reason.OVERLOADED, "full", queue="router")
     assert error.retry_after_s == 1.0  # retryable codes carry a hint by default

@@ -10,7 +10,7 @@ import ray
 from ray import serve
 
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.app import model_deployment_name
+from embedding_service.wire.messages import model_deployment_name
 from tests.conftest import MINILM
 from tests.observe import scrape, wait_until
 from tests.test_embed import make_texts, text_inputs, vectors_of

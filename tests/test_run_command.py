@@ -22,10 +22,12 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
-from embedding_service import launcher
-from embedding_service.error_reasons import Reason, read_details
+from embedding_service.cli import TEARDOWN_S
+from embedding_service.ops import ray_internals, servefile
+from embedding_service.wire.reasons import Reason
 from tests.conftest import REFUSING, TINY, free_port
 from tests.gateway_helpers import readiness, running_gateway
 from tests.observe import wait_until
@@ -38,7 +40,7 @@ GRACE_S = 30
 STREAM_INPUTS = 60_000
 # What the test session put in its own environment for its own Ray: the run command derives its own.
 SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
-                "EMBEDDING_SERVE_GRPC_OPTIONS", launcher.PRELOAD_ENV)
+                "EMBEDDING_SERVE_GRPC_OPTIONS", ray_internals.PRELOAD_ENV)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -50,7 +52,6 @@ class RunCommand:
     gateway: str
     key_file: Path
     log: Path
-    metrics_port: int
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -73,8 +74,8 @@ def refusal(call) -> tuple[grpc.StatusCode, object]:
 @pytest.fixture(scope="module")
 def run_command(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("run-command")
-    config = launcher.load_config()
-    grpc_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
+    config = servefile.read()
+    grpc_port, gateway_port = free_port(), free_port()
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = grpc_port
     args = config["applications"][0]["args"]
@@ -93,12 +94,10 @@ def run_command(tmp_path_factory, tiny_model_dir):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "embedding_service", "run", "--config", str(config_path),
-             "--gateway-port", str(gateway_port), "--gateway-drain-delay-s", "3",
-             "--metrics-port", str(metrics_port)],
+             "--gateway-port", str(gateway_port), "--gateway-drain-delay-s", "3"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    run = RunCommand(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{gateway_port}", key_file, log,
-                     metrics_port)
+    run = RunCommand(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{gateway_port}", key_file, log)
 
     try:
         wait_until(lambda: "OpenAI gateway:" in run.output() or process.poll() is not None, 240, "the run command")
@@ -109,7 +108,7 @@ def run_command(tmp_path_factory, tiny_model_dir):
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=GRACE_S + launcher.TEARDOWN_S)
+                process.wait(timeout=GRACE_S + TEARDOWN_S)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
 
@@ -178,11 +177,11 @@ def test_the_gateway_has_its_own_keys_and_calls_with_its_upstream_key(run_comman
     assert stale.status_code == 500 and stale.json()["error"]["code"] == "upstream_unauthorized"
 
 
-def test_the_run_command_prints_its_metrics_endpoints_on_the_port_asked_for(run_command):
+def test_the_run_command_prints_its_metrics_endpoints_and_its_proxy_runs_with_the_services_options(run_command):
     printed = re.search(r"Prometheus metrics \(service, Ray Serve\): (\S+)", run_command.output())
     assert printed, run_command.output()[-2000:]
-    url = printed.group(1)
-    assert url.endswith(f":{run_command.metrics_port}/metrics")
+    url = printed.group(1).rstrip(",")
+    assert re.fullmatch(r"http://[0-9.]+:\d+/metrics", url), url
     assert f"its metrics: {run_command.gateway}/metrics" in run_command.output()
     stub = run_command.stub()
     with pytest.raises(grpc.RpcError):
@@ -194,6 +193,10 @@ def test_the_run_command_prints_its_metrics_endpoints_on_the_port_asked_for(run_
 
     wait_until(counted, 60, "the refused call on the printed endpoint")
     assert "embedding_gateway_http_requests_total" in httpx.get(f"{run_command.gateway}/metrics", timeout=10).text
+    # The run command gave its nodes the proxy's options (the preload), and the proxy says they are in force.
+    in_force = [line for line in httpx.get(url, timeout=10).text.splitlines()
+                if line.startswith("ray_embedding_proxy_grpc_options_in_force")]
+    assert in_force and all(line.endswith(" 1.0") for line in in_force), in_force
 
 
 def test_sigterm_lets_a_long_stream_finish_while_new_calls_are_refused(run_command):
@@ -232,11 +235,11 @@ def test_sigterm_lets_a_long_stream_finish_while_new_calls_are_refused(run_comma
     reader.join(timeout=GRACE_S + 30)
     assert not failure, failure[0].details() if failure else None
     assert sorted(seen) == list(range(STREAM_INPUTS)), "every input of the stream in flight came back"
-    run_command.process.wait(timeout=GRACE_S + launcher.TEARDOWN_S)
+    run_command.process.wait(timeout=GRACE_S + TEARDOWN_S)
     took = time.monotonic() - sent
     output = run_command.output()
     assert "calls in flight finished" in output, output[-3000:]
-    assert took <= GRACE_S + launcher.TEARDOWN_S, f"exited {took:.1f} s after SIGTERM"
+    assert took <= GRACE_S + TEARDOWN_S, f"exited {took:.1f} s after SIGTERM"
     print(f"SIGTERM at {in_flight_at_refusal} of {STREAM_INPUTS} streamed; exited after {took:.1f} s")
 
 

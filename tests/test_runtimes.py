@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from embedding_service.runtimes import OnnxRuntime, OpenVinoRuntime, TorchRuntime, load_runtime, resolve_backend
-from embedding_service.tokenization import InputEncoder
+from embedding_service.model.runtimes import OnnxRuntime, OpenVinoRuntime, TorchRuntime, load_runtime, resolve_backend
+from embedding_service.model.tokenization import InputEncoder
 
 from .conftest import MINILM, TINY
 
@@ -110,7 +110,7 @@ def test_openvino_is_imported_without_its_usage_telemetry():
     # unless the service imports it its own way (and a server must not phone home).
     script = """
 import multiprocessing, sys
-from embedding_service.runtimes import import_openvino
+from embedding_service.model.runtimes import import_openvino
 ov = import_openvino()
 from openvino.tools.ovc import telemetry_utils
 print(telemetry_utils.tm.__name__, "openvino_telemetry" in sys.modules, len(multiprocessing.active_children()))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.accuracy import corpus
-from embedding_service.batching import plan_passes
-from embedding_service.shards import plan_shards
-from embedding_service.token_lengths import TokenLengths
-from embedding_service.tokenization import InputEncoder
+from embedding_service.model.accuracy import corpus
+from embedding_service.model.forward import plan_passes
+from embedding_service.model.tokenization import InputEncoder
+from embedding_service.router.fanout import plan_shards
+from embedding_service.router.token_lengths import TokenLengths
 from tests.conftest import METRICS_REPORT_MS, MINILM
 from tests.observe import settled, total, wait_until
 

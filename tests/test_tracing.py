@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from embedding_service.config import TracingSettings
-from embedding_service.tracing import Tracer, env_tracer, service_tracer
+from embedding_service.observability.tracing import Tracer, env_tracer, service_tracer
 from tests.conftest import MINILM
 from tests.gateway_helpers import post, running_gateway
 from tests.observe import wait_until

@@ -1,7 +1,9 @@
-"""Serve replacing every replica (an upgrade: `serve.run` rolls all deployments) under load: Serve stops
-the old router and model replicas while they have calls in flight, and those calls finish; callers see
-answers or retryable refusals with a retry hint, never a lost call. Runs last: it replaces the session's
-replicas."""
+"""Routers that go away with calls in flight lose none of them. A router replica that dies (killed here, as
+Serve kills one that outlives its grace in an upgrade, or as a failing node takes it) has its calls sent on
+by the proxy to the router Serve starts in its place: an EmbedStream with only the inputs not yet returned.
+And Serve replacing every replica (an upgrade: `serve.run` rolls all deployments) under load: the old router
+and model replicas stop with calls in flight, and those calls finish; callers see answers or retryable
+refusals with a retry hint, never a lost call. Runs last: it replaces the session's replicas."""
 
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import numpy as np
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_client.errors import RETRYABLE_CODES, read_details
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service import launcher
-from embedding_service.error_reasons import RETRYABLE_CODES, read_details
+from embedding_service.ops import launcher
 from tests.conftest import MINILM, TINY
-from tests.observe import wait_until
+from tests.observe import total, wait_until
 from tests.test_embed import make_texts, text_inputs, vectors_of
-from tests.test_retry import wait_healthy
+from tests.test_retry import replica_actors, wait_healthy
 
 
 def replica_ids() -> set[str]:
@@ -28,6 +30,53 @@ def replica_ids() -> set[str]:
 
 def routers() -> set[str]:
     return {name for name in replica_ids() if "#EmbedRouter#" in name}
+
+
+def test_a_router_killed_mid_call_loses_neither_its_stream_nor_its_calls(service, reference_models):
+    (router,) = replica_actors("EmbedRouter")
+    texts = make_texts(1500, seed=67, max_words=20)
+    seen: list = []
+    errors: list = []
+    calls: list = []
+
+    def stream() -> None:
+        try:
+            request = pb.EmbedStreamRequest(inputs=text_inputs(texts), encoding=pb.VECTOR_ENCODING_FLOAT32_LE)
+            for chunk in service.stub.EmbedStream(request, timeout=300):
+                seen.extend((e.index, np.frombuffer(e.float32_le, "<f4")) for e in chunk.embeddings)
+        except grpc.RpcError as err:
+            errors.append(f"stream: {err.code()}: {err.details()}")
+
+    def embed(k: int) -> None:
+        batch = [f"a call through a dying router {k} {i}" for i in range(40)]
+        try:
+            response = service.stub.Embed(pb.EmbedRequest(inputs=text_inputs(batch)), timeout=300)
+            calls.append(np.abs(vectors_of(response) - reference_models[MINILM].encode(batch, normalize_embeddings=True)).max())
+        except grpc.RpcError as err:
+            errors.append(f"Embed: {err.code()}: {err.details()}")
+
+    threads = [threading.Thread(target=stream)] + [threading.Thread(target=embed, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(seen) >= 64, 60, "the stream under way")
+    returned_before = len(seen)
+    ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert returned_before < len(texts), "the stream ended before its router was killed; make it longer"
+    assert sorted(i for i, _ in seen) == list(range(len(texts))), "every input once, under its own index"
+    expected = reference_models[MINILM].encode(texts, normalize_embeddings=True)
+    assert max(float(np.abs(v - expected[i]).max()) for i, v in seen) < 1e-5
+    assert len(calls) == 4 and max(calls) < 1e-5
+    assert replica_actors("EmbedRouter") != [router], "Serve replaced the killed router"
+    wait_until(lambda: total("ray_embedding_proxy_calls_resent_total", method="EmbedStream") >= 1, 30,
+               "the resend counted")
+    print(f"router killed at {returned_before} of {len(texts)} streamed; the proxy sent the rest to its successor")
+    wait_healthy()
+    health = health_pb2_grpc.HealthStub(service.channel)
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+               == health_pb2.HealthCheckResponse.SERVING, 60, "health SERVING after the router's replacement")
 
 
 def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, reference_models):

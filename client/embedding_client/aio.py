@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from embedding_client import progress as progress_bars
+from embedding_client.encodings import OUTPUTS, TRUNCATION
 from embedding_client.errors import DeadlineExceeded, EmbeddingError, InvalidArgument, Unavailable, from_rpc_error
 from embedding_client.targets import TargetPool
 from embedding_client.v1 import embedding_pb2 as pb
@@ -28,20 +29,6 @@ from embedding_client.v1 import embedding_pb2 as pb
 logger = logging.getLogger("embedding_client")
 
 API_KEY_ENV = "EMBEDDING_SERVICE_API_KEY"
-# embed(truncation=...): "windows" embeds a long input whole, in overlapping windows pooled by the service
-# (Model.long_inputs).
-TRUNCATION = {"end": pb.TRUNCATION_POLICY_END, "start": pb.TRUNCATION_POLICY_START,
-              "reject": pb.TRUNCATION_POLICY_REJECT, "windows": pb.TRUNCATION_POLICY_WINDOWS}
-# embed(output=...): the encoding asked for and the dtype of each vector's bytes. int8/uint8: one byte per dimension
-# in the model's published ranges (ranges()); binary/ubinary: sign bits packed 8 to a byte (sentence-transformers'
-# quantize_embeddings types).
-OUTPUTS = {
-    "float": (pb.VECTOR_ENCODING_FLOAT32_LE, np.dtype("<f4")),
-    "int8": (pb.VECTOR_ENCODING_INT8, np.dtype(np.int8)),
-    "uint8": (pb.VECTOR_ENCODING_UINT8, np.dtype(np.uint8)),
-    "binary": (pb.VECTOR_ENCODING_BINARY, np.dtype(np.int8)),
-    "ubinary": (pb.VECTOR_ENCODING_UBINARY, np.dtype(np.uint8)),
-}
 # Bytes a request adds around its inputs (model name, options) and per input (tags, lengths): kept
 # well clear of max_request_bytes rather than computed to the byte.
 _REQUEST_OVERHEAD = 1024

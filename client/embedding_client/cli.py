@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding_client import progress as progress_bars
-from embedding_client.aio import TRUNCATION
+from embedding_client.encodings import TRUNCATION
 from embedding_client.errors import EmbeddingError
 from embedding_client.sync import EmbedClient
 

@@ -298,20 +298,24 @@ class NodeReplica(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., refused: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "node_ip", "state", "reason", "since_unix_ms", "replicas")
+    __slots__ = ("node_id", "node_ip", "state", "reason", "since_unix_ms", "replicas", "action_error", "failed_actions")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     node_ip: str
     state: NodeState
     reason: str
     since_unix_ms: int
     replicas: _containers.RepeatedCompositeFieldContainer[NodeReplica]
-    def __init__(self, node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reason: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[NodeReplica, _Mapping]]] = ...) -> None: ...
+    action_error: str
+    failed_actions: int
+    def __init__(self, node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reason: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[NodeReplica, _Mapping]]] = ..., action_error: _Optional[str] = ..., failed_actions: _Optional[int] = ...) -> None: ...
 
 class WatchNodesRequest(_message.Message):
     __slots__ = ()

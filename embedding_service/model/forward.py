@@ -1,0 +1,135 @@
+"""What a replica computes with, and how: the model loaded with its backend and input encoder, and token
+sequences run through it in forward passes within a token budget.
+
+The same path serves calls (model/deployment.py), the start-up check (model/verification.py) and int8's
+calibration samples, so what is checked is what is served.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedding_service.config import PACKAGE_PREFIX, ModelSettings
+from embedding_service.model.accuracy import corpus
+from embedding_service.model.calibration import Calibration, calibration_for
+from embedding_service.model.runtimes import Runtime, load_runtime
+from embedding_service.model.tokenization import InputEncoder
+from embedding_service.model.verification import verify
+from embedding_service.wire.messages import Verification
+
+logger = logging.getLogger(f"ray.serve.{__name__}")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a replica computes with: the sentence-transformers model, its backend and its input encoder."""
+
+    model: Any  # sentence_transformers.SentenceTransformer
+    device: str
+    backend: str
+    runtime: Runtime
+    encoder: InputEncoder
+    # The start-up check of the backend; None: not checked (tests that build a replica by hand).
+    verification: Verification | None = None
+    # The start-up check's reference; its corpus vectors (the gate), when loaded, give the int8/uint8 ranges.
+    calibration: Calibration | None = None
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+
+def model_source(path: str) -> str:
+    """Where the weights are: a folder or hub id as given, or "package:<module>"'s get_model_path()."""
+    if path.startswith(PACKAGE_PREFIX):
+        return str(importlib.import_module(path[len(PACKAGE_PREFIX) :]).get_model_path())
+    return path
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # process-wide: holds in the forward thread too
+    device = resolve_device(settings.device)
+    source = model_source(settings.path)
+    # Always loaded with torch: the tokenizer, the pooling modules and the reference vectors come from it;
+    # model/runtimes.py compiles the transformer for onnx/openvino.
+    model = SentenceTransformer(source, device=device, trust_remote_code=settings.trust_remote_code)
+    model.eval()
+    if settings.max_seq_length is not None:
+        model.max_seq_length = settings.max_seq_length
+    encoder = InputEncoder(model, settings.long_inputs)
+    calibration = calibration_for(model, settings.calibration, gate=settings.precision != "fp32")
+    samples = calibration_samples(encoder) if settings.precision == "int8" else []
+    backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
+    logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
+    embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
+    verification = verify(embed, calibration, settings)
+    return LoadedModel(model, device, backend, runtime, encoder, verification, calibration)
+
+
+def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettings, device: str,
+                  dimension: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """texts -> the vectors the replica serves for them (no prompt, truncated at the end): what verify() checks."""
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        sequences = encoder.prepare(list(texts), "end").sequences
+        return forward_sorted(runtime, encoder, sequences, None, settings.forward_batch_size,
+                              settings.forward_token_budget(device), device, dimension)[0]
+
+    return embed
+
+
+def calibration_samples(encoder: InputEncoder, per_batch: int = 8) -> list[dict]:
+    """Features of the packaged calibration sentences (never gate sentences), to calibrate int8."""
+    texts = corpus().calibration
+    return [encoder.features(encoder.prepare(list(texts[i : i + per_batch]), "end").sequences)
+            for i in range(0, len(texts), per_batch)]
+
+
+def plan_passes(lengths: Sequence[int], max_sequences: int, max_tokens: int) -> list[list[int]]:
+    """Positions of sequences grouped into forward passes, longest first.
+
+    A padded backend computes longest x count token slots per pass: a pass takes sequences while both that
+    product stays within `max_tokens` and the count within `max_sequences`. A sequence longer than
+    `max_tokens` runs alone (it cannot be split).
+    """
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    passes: list[list[int]] = []
+    for k in order:
+        current = passes[-1] if passes else None
+        if current and len(current) < max_sequences and lengths[current[0]] * (len(current) + 1) <= max_tokens:
+            current.append(k)
+        else:
+            passes.append([k])
+    return passes
+
+
+def forward_sorted(runtime: Runtime, encoder: InputEncoder, sequences: list[np.ndarray], prompt: str | None,
+                   max_sequences: int, max_tokens: int, device: str, dimension: int) -> tuple[np.ndarray, int]:
+    """The vectors of sequences, run longest first in passes within both budgets (plan_passes), and the token
+    slots computed (longest x count, per pass)."""
+    out = np.empty((len(sequences), dimension), dtype=np.float32)
+    padded = 0
+    for rows in plan_passes([len(s) for s in sequences], max_sequences, max_tokens):
+        padded += len(sequences[rows[0]]) * len(rows)  # longest first
+        features = encoder.features([sequences[k] for k in rows], prompt)
+        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
+        out[rows] = runtime.embed(features)
+    return out, padded

@@ -1,0 +1,363 @@
+"""What runs inside Ray Serve's gRPC proxy: the service's methods as the proxy registers them.
+
+serve-config.yaml names `add_EmbedServiceServicer_to_server` and `add_HealthServicer_to_server` from here in
+`grpc_options.grpc_servicer_functions`. The health service is answered here, from the router's view that
+each proxy follows over one stream (health_relay.py). The embedding service's handlers are Serve's own,
+with four changes at the edge, before a call costs the service anything:
+
+- Request bytes that do not parse get INVALID_ARGUMENT (MALFORMED_REQUEST) and a plain message. gRPC's own
+  deserializer failure is UNKNOWN, with Python's exception in the message.
+- The caller's deadline goes on to the router as metadata (wire/deadline.py; Serve does not pass it), so
+  work for a caller who has left stops.
+- A call whose router replica stopped or died before answering (Serve force-kills a router that outlives its
+  grace in an upgrade, a node fails) is sent again to another router, at most RESENDS times within the
+  caller's deadline: an Embed, ListModels or GetModel whole, an EmbedStream with only the inputs it has not
+  yet returned (their indexes kept), a WatchNodes again (each message is a whole view). The caller sees
+  nothing of it but the time.
+- Serve's own failures (its queue full, no router replica, a router lost past the resends) get the service's
+  reasons and a RetryInfo delay, as every other error.
+
+Every call answered here without a router's answer is counted (`embedding_proxy_refusals`), every call sent
+again too (`embedding_proxy_calls_resent`). When the proxy's gRPC server does not run with the service's
+options (its node was started without the service's environment) it says so once at WARNING and in
+`embedding_proxy_grpc_options_in_force`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from embedding_client.errors import read_details
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.observability.metrics import ProxyMetrics, keep_gauges_set
+from embedding_service.proxy import serve_internals
+from embedding_service.proxy.health_relay import HealthRelay
+from embedding_service.wire import node_env, status
+from embedding_service.wire.deadline import TIMEOUT_KEY, Deadline
+from embedding_service.wire.reasons import Reason, ServiceError
+
+logger = logging.getLogger(f"ray.serve.{__name__}")
+
+# Times a call whose router was lost is sent again, and the pause before each (Serve learns of a dead
+# replica within a moment; a call sent at once may meet it again).
+RESENDS = 2
+RESEND_PAUSE_S = (0.2, 1.0)
+
+# What a failure that Serve itself reports (no reason of ours attached) means to a caller.
+_SERVE_FAILURES = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (Reason.OVERLOADED, "the service's queues are full; retry after the RetryInfo delay"),
+    grpc.StatusCode.UNAVAILABLE: (Reason.SERVICE_UNAVAILABLE, "no router replica can take the call now; retry shortly"),
+    # Serve reports a router replica that died mid-call as INTERNAL with Ray's error text.
+    grpc.StatusCode.INTERNAL: (Reason.SERVICE_UNAVAILABLE, "the call's router replica stopped before answering; retry"),
+    grpc.StatusCode.UNKNOWN: (Reason.SERVICE_UNAVAILABLE, "the service failed to complete the call; retry"),
+}
+
+
+class _Proxy:
+    """This proxy's metrics and its one report of the server options (made in the proxy on first use: the
+    module is imported outside Ray too)."""
+
+    def __init__(self) -> None:
+        self.metrics = ProxyMetrics()
+        self.options_in_force = True
+        self._gauges: asyncio.Task | None = None
+
+    def check_options(self) -> None:
+        """Whether Serve built this proxy's server with the service's options; says so when it did not."""
+        requested = node_env.requested_proxy_options()
+        if requested is None:
+            self.options_in_force = False
+            logger.warning(
+                "Serve's gRPC proxy runs with gRPC's default server options, not the service's (%s, "
+                "proxy_max_streams_per_connection): a burst of more than 1,000 calls waiting for the proxy gets "
+                "CANCELLED. This node was started without the service's environment (%s, %s): start every Ray "
+                "node with what `python -m embedding_service node-env` prints (the run command and the rendered "
+                "Kubernetes manifests set it).", node_env.SETTING, node_env.PROXY_OPTIONS_ENV,
+                node_env.PRELOADED_MODULE)
+        elif not serve_internals.server_options_in_force(requested):
+            self.options_in_force = False
+            logger.warning(
+                "Serve's gRPC proxy runs with gRPC's default server options although this node's environment asks "
+                "for the service's (%s): the module %s was not preloaded into the proxy's worker, so a burst of more "
+                "than 1,000 calls waiting for the proxy gets CANCELLED. Check that the node's environment names it "
+                "in Ray's preload setting (`python -m embedding_service node-env`).", node_env.SETTING,
+                node_env.PRELOADED_MODULE)
+        if self._gauges is None:
+            self._gauges = asyncio.get_running_loop().create_task(keep_gauges_set(self._report))
+
+    def _report(self) -> None:
+        self.metrics.options_in_force.set(1 if self.options_in_force else 0)
+
+    def refuse(self, error: ServiceError, context, stream: bool, method: str) -> None:
+        """Answers the call with `error` here, in the proxy, and counts it."""
+        status.apply(error, context, stream=stream)
+        self.metrics.refusals.inc(tags={"method": method, "code": error.code.name, "reason": error.reason.name})
+
+
+_proxy: _Proxy | None = None
+
+
+def _this_proxy() -> _Proxy:
+    global _proxy
+    if _proxy is None:
+        _proxy = _Proxy()
+    return _proxy
+
+
+def add_EmbedServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's naming)
+    proxy = _this_proxy()
+    proxy.check_options()
+    capture = _Capture()
+    embedding_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, capture)
+    handlers = {name: _rebuilt(h, h.unary_unary or h.unary_stream) for name, h in capture.handlers.items()}
+    # Serve swaps each handler's behaviour for one made by its factory; ours wraps that, for these services only.
+    with serve_internals.wrapped_handler_factory(server, _guarded):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+        server.add_registered_method_handlers(capture.service, handlers)
+
+
+def add_HealthServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802
+    """grpc.health.v1 answered here, in the proxy, from the router's relayed view (health_relay.py)."""
+    capture = _Capture()
+    health_pb2_grpc.add_HealthServicer_to_server(HealthRelay(), capture)
+    handlers = {name: _checked(name, h) for name, h in capture.handlers.items()}
+    serve_internals.add_passthrough(server, capture.service)  # Serve runs these handlers as they are
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
+class _Capture:
+    """Stands in for the server while the generated code lists its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _rebuilt(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
+    """The handler with a lenient request parser and `behaviour`, built by grpc's own constructors."""
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    return make(behaviour, request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+
+
+def _checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler run here whose request bytes that do not parse get MALFORMED_REQUEST, as Serve-routed ones."""
+    if handler.response_streaming:
+        behaviour = handler.unary_stream
+
+        async def server_stream(request, context):
+            if not _refused_malformed(request, context, True, method):
+                await behaviour(request, context)
+
+        return _rebuilt(handler, server_stream)
+    behaviour = handler.unary_unary
+
+    async def unary(request, context):
+        return None if _refused_malformed(request, context, False, method) else await behaviour(request, context)
+
+    return _rebuilt(handler, unary)
+
+
+class _Malformed:
+    """A request whose bytes did not parse; the proxy answers it itself."""
+
+    def __init__(self, error: ServiceError) -> None:
+        self.error = error
+
+
+def _refused_malformed(request, context, stream: bool, method: str) -> bool:
+    """Answers a request whose bytes did not parse (MALFORMED_REQUEST); False for a parsed one."""
+    if isinstance(request, _Malformed):
+        _this_proxy().refuse(request.error, context, stream, method)
+        return True
+    return False
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "request message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, or whatever a parser raises on bad bytes
+            return _Malformed(ServiceError(Reason.MALFORMED_REQUEST, f"the request bytes are not a valid {name}"))
+
+    return parse
+
+
+class _Attempt:
+    """The call as Serve's handler sees it for one attempt: the caller's remaining time added to the metadata
+    Serve forwards, and the status Serve sets kept here until the proxy decides what the caller sees."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+        metadata = [(k, v) for k, v in context.invocation_metadata() if k != TIMEOUT_KEY]
+        remaining = context.time_remaining()
+        if remaining is not None:
+            metadata.append(Deadline.metadata_entry(remaining))
+        self._metadata = tuple(metadata)
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self._trailers: tuple = ()
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+    def set_code(self, code) -> None:
+        self._code = code
+
+    def set_details(self, details) -> None:
+        self._details = details
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailers = tuple(metadata)
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    def router_lost(self) -> bool:
+        """Serve reported the router replica lost mid-call (INTERNAL, and no reason of the router's)."""
+        return self._code == grpc.StatusCode.INTERNAL and read_details(self._trailers, self._text()).reason is None
+
+    def _text(self) -> str:
+        details = self._details or ""
+        return details.decode(errors="replace") if isinstance(details, bytes) else details
+
+    def finish(self, context, stream: bool, method: str) -> None:
+        """Serve's status onto the caller's call; a failure Serve reported on its own gets the service's reason."""
+        if self._code is not None:
+            context.set_code(self._code)
+        if self._details:
+            context.set_details(self._details)
+        if self._trailers:
+            context.set_trailing_metadata(self._trailers)
+        if self._code in _SERVE_FAILURES and read_details(self._trailers, self._text()).reason is None:
+            reason, message = _SERVE_FAILURES[self._code]
+            _this_proxy().refuse(ServiceError(reason, message), context, stream, method)
+
+
+def _serve_raised(context, stream: bool, method: str) -> None:
+    """Serve's own handler raised (gRPC would answer UNKNOWN with the exception's class): our status instead."""
+    logger.exception("Serve's proxy failed a call")
+    reason, message = _SERVE_FAILURES[grpc.StatusCode.UNKNOWN]
+    _this_proxy().refuse(ServiceError(reason, message), context, stream, method)
+
+
+async def _resend_now(attempt: _Attempt, tries: int, context, method: str) -> bool:
+    """Whether to send the call again after this attempt lost its router (tries left, time left); waits first."""
+    if tries >= RESENDS or not attempt.router_lost():
+        return False
+    pause = RESEND_PAUSE_S[min(tries, len(RESEND_PAUSE_S) - 1)]
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= pause:
+        return False
+    logger.warning("%s: the call's router replica was lost; sending it to another (%d of %d)", method, tries + 1,
+                   RESENDS)
+    _this_proxy().metrics.resent.inc(tags={"method": method})
+    await asyncio.sleep(pause)
+    return True
+
+
+class _StreamResume:
+    """An EmbedStream's progress, so that it can go on elsewhere with only the inputs it has not returned."""
+
+    def __init__(self, request: pb.EmbedStreamRequest) -> None:
+        self.original = request
+        self.request = request
+        self._positions: list[int] | None = None  # each input's index in the original; None: the original
+        self._returned: set[int] = set()
+
+    def returned(self, message: bytes) -> bytes:
+        chunk = pb.EmbedStreamResponse.FromString(message)
+        if self._positions is None:
+            self._returned.update(e.index for e in chunk.embeddings)
+            return message
+        for e in chunk.embeddings:
+            e.index = self._positions[e.index]
+            self._returned.add(e.index)
+        return chunk.SerializeToString()
+
+    def rest(self) -> bool:
+        """The request for the inputs not yet returned; False when none is left."""
+        left = [i for i in range(len(self.original.inputs)) if i not in self._returned]
+        if not left:
+            return False
+        request = pb.EmbedStreamRequest()
+        request.CopyFrom(self.original)
+        del request.inputs[:]
+        request.inputs.extend(self.original.inputs[i] for i in left)
+        self.request, self._positions = request, left
+        return True
+
+
+def _guarded(original: Callable, **keywords) -> Callable:
+    inner = original(**keywords)
+    method = keywords["service_method"].rsplit("/", 1)[-1]
+    if inspect.isasyncgenfunction(inner):
+
+        async def server_stream(request, context):
+            if _refused_malformed(request, context, True, method):
+                return
+            resume = _StreamResume(request) if isinstance(request, pb.EmbedStreamRequest) else None
+            for tries in range(RESENDS + 1):
+                attempt = _Attempt(context)
+                try:
+                    async for message in inner(resume.request if resume else request, attempt):
+                        yield resume.returned(message) if resume else message
+                except Exception:
+                    _serve_raised(context, True, method)
+                    return
+                if await _resend_now(attempt, tries, context, method):
+                    if resume is None or resume.rest():
+                        continue
+                    return  # every input was returned before the router was lost: the stream is whole
+                attempt.finish(context, True, method)
+                return
+
+        return server_stream
+    if not inspect.iscoroutinefunction(inner):
+        return inner  # client streaming: these services have none
+
+    async def unary(request, context) -> bytes:
+        if _refused_malformed(request, context, False, method):
+            return b""
+        for tries in range(RESENDS + 1):
+            attempt = _Attempt(context)
+            try:
+                reply = await inner(request, attempt)
+            except Exception:
+                _serve_raised(context, False, method)
+                return b""
+            if await _resend_now(attempt, tries, context, method):
+                continue
+            attempt.finish(context, False, method)
+            return reply
+        raise AssertionError("unreachable")
+
+    return unary
+

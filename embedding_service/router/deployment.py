@@ -1,0 +1,209 @@
+"""The sharding router: the application's ingress, serving EmbedService and the health the proxies relay.
+
+It admits a call (its API key, the service not shutting down, its deadline), checks the request, has its
+inputs run on the model's replicas (fanout.py: sorted by length, cut into mini-batches, bounded
+concurrency, the caller's remaining time, retried when a replica died) and puts the results back in input
+order. Health and the node list come from the recycler's view (fleet_view.py); each call is measured and
+spanned from its arrival (call_observer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.config import AppArgs
+from embedding_service.observability.metrics import RouterMetrics, keep_gauges_set
+from embedding_service.observability.tracing import service_tracer
+from embedding_service.router import convert
+from embedding_service.router.auth import Authenticator
+from embedding_service.router.call_observer import CallObserver, ObservedCall
+from embedding_service.router.catalog import ModelCatalog
+from embedding_service.router.fanout import Fanout
+from embedding_service.router.fleet_view import SERVING, ServiceView
+from embedding_service.router.validation import Job, build_job, check_envelope, output_shape, resolve_model_name
+from embedding_service.wire import status
+from embedding_service.wire.deadline import Deadline
+from embedding_service.wire.reasons import Reason, ServiceError
+
+logger = logging.getLogger(f"ray.serve.{__name__}")
+
+
+@dataclass
+class Admitted:
+    """An admitted call: its record (metrics and span) and when its caller stops waiting."""
+
+    call: ObservedCall
+    deadline: Deadline
+
+
+class EmbedRouter:
+    async def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle], fleet: DeploymentHandle) -> None:
+        self.args = args
+        self.fleet = fleet
+        self.catalog = ModelCatalog(models)
+        self.auth = Authenticator(args.auth)
+        if not self.auth.enabled:
+            logger.warning("router: %s: only callers on loopback are served",
+                           f"{args.auth.api_keys_env} is not set" if self.auth.unset_env
+                           else "no API keys configured (args.auth)")
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.view = ServiceView(models, ray.get_runtime_context().get_node_id())
+        self.metrics = RouterMetrics()
+        self.tracer = service_tracer(args.tracing, "router")
+        self.observer = CallObserver(self.metrics, self.tracer)
+        self.fanout = Fanout(self.catalog, args.router, self.metrics, self.tracer)
+        self._in_flight = 0
+        self._calls_changed = asyncio.Event()
+        self._reporter = asyncio.create_task(self._report_calls())
+        self._follower = asyncio.create_task(self.view.follow(fleet, self.replica_id, self._fleet_changed))
+        self._gauges = asyncio.create_task(keep_gauges_set(self._report_health))
+
+    # ---- the recycler's view ---------------------------------------------
+
+    def _fleet_changed(self) -> None:
+        self._report_health()  # at once; keep_gauges_set repeats it
+        if self.view.shutting_down:
+            self._calls_changed.set()
+
+    async def _report_calls(self) -> None:
+        """Once the service is shutting down, tells the recycler how many calls are left here (the latest count)."""
+        while True:
+            await self._calls_changed.wait()
+            self._calls_changed.clear()
+            try:
+                await self.fleet.report_calls.remote(self.replica_id, self._in_flight)
+            except Exception:
+                logger.exception("router: could not report calls in flight")
+                await asyncio.sleep(0.5)
+                self._calls_changed.set()
+
+    def _report_health(self) -> None:
+        self.metrics.set_health({name: found == SERVING for name, found in self.view.statuses.items()})
+
+    async def check_health(self) -> None:
+        if self.view.own_node_quarantined():
+            raise RuntimeError(f"the router's node {self.view.node_id} is quarantined")
+        for task in (self._follower, self._reporter, self._gauges):
+            if task.done():
+                raise RuntimeError(f"the router's task {task.get_coro().__name__} stopped")
+
+    # ---- admission ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _admit(self, method: str, grpc_context, timeout_s: float | None, counted: bool = True) -> Iterator[Admitted]:
+        """Admits an EmbedService call: the caller's key, no shutdown under way; counts it while it runs.
+
+        Its deadline is the service's bound or the caller's (as the proxy passed it), whichever comes first.
+        """
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else None
+        with self.observer.observe(method, metadata) as call:
+            if grpc_context is not None:  # None: a handle call from inside the cluster
+                self.auth.check(metadata, grpc_context.peer())
+            if self.view.shutting_down:
+                raise ServiceError(Reason.SHUTTING_DOWN, "the service is shutting down and takes no new calls; retry")
+            deadline = Deadline.after(timeout_s).earlier(Deadline.from_metadata(metadata))
+            if counted:
+                self._in_flight += 1
+            try:
+                yield Admitted(call, deadline)
+            finally:
+                if counted:
+                    self._in_flight -= 1
+                    if self.view.shutting_down:
+                        self._calls_changed.set()
+
+    async def _prepare(self, request, max_inputs: int, call: ObservedCall) -> Job:
+        name = resolve_model_name(request.model, self.catalog.names, self.args.default_model_name)
+        call.model = name
+        check_envelope(request, self.args.limits, max_inputs)
+        refusal = self.view.refusal(name)
+        if refusal is not None:
+            raise ServiceError(Reason.MODEL_REFUSED, f"model {name!r} is not serving: {refusal}")
+        return build_job(request, await self.catalog.info(name), self.args.limits)
+
+    # ---- EmbedService (names must not collide with grpc.health.v1) --------
+
+    @status.grpc_method
+    async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
+        started = time.perf_counter_ns()
+        with self._admit("Embed", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            call = admitted.call
+            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call)
+            n = len(job.inputs)
+            vectors: np.ndarray | None = None
+            counts = np.zeros(n, dtype=np.int64)
+            queue_ns = inference_ns = 0
+            async for shard, result in self.fanout.results(job, admitted.deadline, call):
+                if vectors is None:
+                    vectors = np.empty((n, result.vectors.shape[1]), dtype=result.vectors.dtype)
+                vectors[shard.positions] = result.vectors
+                counts[shard.positions] = result.token_counts
+                queue_ns += result.queue_ns
+                inference_ns += result.inference_ns
+            response = pb.EmbedResponse(model=job.model, dimensions=job.dimension)
+            convert.fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
+            tokens = int(counts.sum())
+            convert.stamp(response, tokens, queue_ns, inference_ns)
+            response.timing.total_time_ns = time.perf_counter_ns() - started
+            call.embedded(n, tokens)
+            return response
+
+    @status.grpc_method
+    async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
+        with self._admit("EmbedStream", grpc_context, self.args.limits.stream_timeout_s) as admitted:
+            call = admitted.call
+            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call)
+            async for shard, result in self.fanout.results(job, admitted.deadline, call):
+                chunk = pb.EmbedStreamResponse(model=job.model, dimensions=job.dimension)
+                convert.fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
+                tokens = int(result.token_counts.sum())
+                convert.stamp(chunk, tokens, result.queue_ns, result.inference_ns)
+                yield chunk
+                call.embedded(len(shard.positions), tokens)
+
+    @status.grpc_method
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        with self._admit("ListModels", grpc_context, self.args.limits.request_timeout_s):
+            infos = await asyncio.gather(*(self.catalog.info(name) for name in self.catalog.names))
+            default = self.args.default_model_name
+            return pb.ListModelsResponse(models=[convert.model_message(i, default) for i in infos],
+                                         default_model=default, limits=convert.limits_message(self.args.limits))
+
+    @status.grpc_method
+    async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.GetModelResponse:
+        with self._admit("GetModel", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            name = resolve_model_name(request.name, self.catalog.names, default="")
+            admitted.call.model = name
+            info = await self.catalog.info(name)
+            dimensions, normalize = output_shape(request, info)
+            message = convert.model_message(info, self.args.default_model_name)
+            ranges, sentences = await self.catalog.quantization_ranges(name, dimensions, normalize)
+            message.quantization.CopyFrom(convert.quantization_message(ranges, dimensions or info.dimension,
+                                                                       normalize, sentences))
+            return pb.GetModelResponse(model=message)
+
+    @status.grpc_method
+    async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
+        """Every node with its state, reason and replicas: now, then at each change."""
+        with self._admit("WatchNodes", grpc_context, timeout_s=None, counted=False):
+            async for message in self.view.changes(self.view.nodes_message):
+                yield message
+
+    # ---- grpc.health.v1, as the proxies serve it (proxy/health_relay.py) ----
+
+    async def health_updates(self) -> AsyncIterator[dict[str, int]]:
+        """The status of every health service name: now, then at each change. Each proxy follows this one
+        stream and answers probes and watchers itself, so they hold none of this replica's call slots."""
+        async for table in self.view.changes(lambda: dict(self.view.statuses)):
+            yield table

@@ -1,0 +1,127 @@
+"""Checks a request against the limits and the model before any work is done, and turns it into a Job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.config import Limits
+from embedding_service.wire.messages import COMPACT_ENCODINGS, EmbedOptions, Input, ModelInfo
+from embedding_service.wire.reasons import Reason, ServiceError
+
+_POLICIES = {
+    pb.TRUNCATION_POLICY_UNSPECIFIED: "end",
+    pb.TRUNCATION_POLICY_END: "end",
+    pb.TRUNCATION_POLICY_START: "start",
+    pb.TRUNCATION_POLICY_REJECT: "reject",
+    pb.TRUNCATION_POLICY_WINDOWS: "windows",
+}
+_ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTOR_ENCODING_FLOAT32_LE,
+              *COMPACT_ENCODINGS}
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    inputs: list[Input]
+    options: EmbedOptions
+    raw_bytes: bool  # VECTOR_ENCODING_FLOAT32_LE
+    dimension: int  # of the vectors returned
+
+
+def resolve_model_name(requested: str, known: list[str], default: str) -> str:
+    name = requested or default
+    if name not in known:
+        raise ServiceError(Reason.MODEL_NOT_FOUND, f"model {name!r} is not served; served models: {known}", model=name)
+    return name
+
+
+def check_envelope(request, limits: Limits, max_inputs: int) -> None:
+    """Checks that need no model: size and count."""
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise ServiceError(Reason.REQUEST_TOO_LARGE, f"request is {size} bytes; the limit is {limits.max_request_bytes}",
+                           bytes=size, limit=limits.max_request_bytes)
+    n = len(request.inputs)
+    if n == 0:
+        raise ServiceError(Reason.NO_INPUTS, "inputs must contain at least one input", field="inputs")
+    if n > max_inputs:
+        raise ServiceError(Reason.TOO_MANY_INPUTS, f"{n} inputs in one call; the limit is {max_inputs}",
+                           count=n, limit=max_inputs)
+
+
+def output_shape(request, model: ModelInfo) -> tuple[int | None, bool]:
+    """The request's Matryoshka size (None: the full dimension), within the model's, and whether to normalize."""
+    dimensions = request.dimensions if request.HasField("dimensions") else None
+    if dimensions is not None and not 1 <= dimensions <= model.dimension:
+        raise ServiceError(
+            Reason.INVALID_DIMENSIONS,
+            f"dimensions must be between 1 and {model.dimension} for model {model.name!r}, got {dimensions}",
+            dimensions=dimensions, max=model.dimension)
+    return dimensions, request.normalize if request.HasField("normalize") else True
+
+
+def build_job(request, model: ModelInfo, limits: Limits) -> Job:
+    inputs = [_input(item, index, model, limits) for index, item in enumerate(request.inputs)]
+    options = _options(request, model)
+    return Job(model.name, inputs, options, raw_bytes=request.encoding == pb.VECTOR_ENCODING_FLOAT32_LE,
+               dimension=options.dimensions or model.dimension)
+
+
+def _input(item: pb.EmbedInput, index: int, model: ModelInfo, limits: Limits) -> Input:
+    kind = item.WhichOneof("kind")
+    if kind == "text":
+        text = item.text
+        if not text:
+            raise ServiceError(Reason.EMPTY_INPUT, f"input {index} is an empty string", index=index)
+        if len(text) > limits.max_chars_per_input:
+            raise ServiceError(Reason.INPUT_TOO_LARGE, f"input {index} has {len(text)} characters; the limit is "
+                               f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input)
+        return text
+    if kind == "token_ids":
+        ids = np.asarray(item.token_ids.ids, dtype=np.int32)
+        if ids.size == 0:
+            raise ServiceError(Reason.EMPTY_INPUT, f"input {index} has no token ids", index=index)
+        if ids.size > limits.max_token_ids_per_input:
+            raise ServiceError(Reason.INPUT_TOO_LARGE, f"input {index} has {ids.size} token ids; the limit is "
+                               f"{limits.max_token_ids_per_input}", index=index, limit=limits.max_token_ids_per_input)
+        bad = np.flatnonzero((ids < 0) | (ids >= model.vocab_size))
+        if bad.size:
+            token = int(ids[bad[0]])
+            raise ServiceError(Reason.TOKEN_ID_OUT_OF_RANGE, f"input {index} has token id {token} outside "
+                               f"[0, {model.vocab_size}) of model {model.name!r}",
+                               index=index, token_id=token, vocab_size=model.vocab_size)
+        return ids
+    raise ServiceError(Reason.INPUT_MISSING, f"input {index} has neither text nor token_ids", index=index)
+
+
+def _options(request, model: ModelInfo) -> EmbedOptions:
+    dimensions, normalize = output_shape(request, model)
+    if request.truncation not in _POLICIES:
+        raise ServiceError(Reason.INVALID_TRUNCATION, f"unknown truncation policy {request.truncation}")
+    if request.encoding not in _ENCODINGS:
+        raise ServiceError(Reason.INVALID_ENCODING, f"unknown vector encoding {request.encoding}")
+    prompt_name = request.prompt_name or None
+    if prompt_name is not None and prompt_name not in model.prompts:
+        raise ServiceError(Reason.UNKNOWN_PROMPT, f"model {model.name!r} has no prompt {prompt_name!r}; its prompts: "
+                           f"{sorted(model.prompts)}", prompt_name=prompt_name)
+    return EmbedOptions(dimensions=dimensions, normalize=normalize, truncation=_POLICIES[request.truncation],
+                        prompt_name=prompt_name, output=COMPACT_ENCODINGS.get(request.encoding, "float"))
+
+
+def too_long(index: int, tokens: int, model: ModelInfo, truncation: str) -> ServiceError:
+    """An input the replica found longer than the model (REJECT) or than its windows cover (WINDOWS) takes."""
+    if truncation == "windows" and model.windows is not None:
+        w = model.windows
+        return ServiceError(
+            Reason.INPUT_TOO_LONG,
+            f"input {index} has {tokens} tokens; model {model.name!r} embeds at most {w.max_tokens} in "
+            f"{w.max_windows} windows of {w.window_tokens} tokens overlapping by {w.overlap_tokens}",
+            index=index, tokens=tokens, max_tokens=w.max_tokens)
+    return ServiceError(
+        Reason.INPUT_TOO_LONG,
+        f"input {index} has {tokens} tokens; model {model.name!r} takes at most "
+        f"{model.max_sequence_length} and truncation is REJECT",
+        index=index, tokens=tokens, max_tokens=model.max_sequence_length)

@@ -1,0 +1,106 @@
+"""The gateway's routes: OpenAI's embeddings and models under /v1, and the operator's /metrics, /healthz,
+/readyz. They reach the service through the app's state (app.py): its client and its Embed coalescing."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from embedding_client import EmbeddingError
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.wire.deadline import Deadline
+from gateway import errors, translate
+from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
+
+OWNER = "embedding-service"
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503, 504)}
+
+openai = APIRouter(prefix="/v1")
+operations = APIRouter()
+
+
+async def _body(request: Request) -> EmbeddingRequest:
+    limit = request.app.state.settings.max_body_bytes
+    raw = bytearray()
+    async for part in request.stream():  # bounded even without Content-Length
+        raw += part
+        if len(raw) > limit:
+            raise errors.body_too_large(limit)
+    try:
+        return EmbeddingRequest.model_validate_json(bytes(raw))
+    except ValidationError as exc:
+        raise errors.from_validation(exc.errors(), EmbeddingRequest.model_fields) from None
+
+
+@openai.post(
+    "/embeddings",
+    response_model=CreateEmbeddingResponse,
+    responses=ERROR_RESPONSES,
+    # The body is parsed by hand (bounded, OpenAI errors); document it all the same.
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
+)
+async def create_embeddings(request: Request) -> Response:
+    state = request.app.state
+    body = await _body(request)
+    translate.check_dimensions(body)
+    inputs = translate.inputs(body, state.settings.max_inputs)
+    deadline = Deadline.after(state.settings.request_timeout_s)
+    try:
+        reply = await state.embedding.embed(body.model, inputs, body.dimensions, deadline, translate.encoding(body))
+    except EmbeddingError as err:
+        raise errors.from_service(err, state.settings.retry_after_s) from None
+    except TimeoutError:  # its deadline passed while it waited to leave in a merged call
+        raise errors.timeout() from None
+    payload = translate.render(reply, body.output_dtype, body.encoding_format == "base64")
+    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+
+
+async def _call(request: Request, method: str, message):
+    try:
+        return await request.app.state.client.call(method, message)
+    except EmbeddingError as err:
+        raise errors.from_service(err, request.app.state.settings.retry_after_s) from None
+
+
+def _model(m: pb.Model) -> dict:
+    return Model(id=m.name, created=0, owned_by=OWNER).model_dump()
+
+
+@openai.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(request: Request) -> dict:
+    listing = await _call(request, "ListModels", pb.ListModelsRequest())
+    return {"object": "list", "data": [_model(m) for m in listing.models]}
+
+
+@openai.get("/models/{model:path}", response_model=Model, responses=ERROR_RESPONSES)
+async def get_model(request: Request, model: str) -> dict:
+    try:
+        return _model((await _call(request, "GetModel", pb.GetModelRequest(name=model))).model)
+    except errors.OpenAIError as exc:
+        if exc.status == 404:
+            raise errors.model_not_found(model) from None
+        raise
+
+
+@operations.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@operations.get("/healthz")
+async def liveness() -> dict:
+    return {"status": "ok"}
+
+
+@operations.get("/readyz")
+async def readiness(request: Request) -> JSONResponse:
+    state = request.app.state
+    if state.draining.is_set():
+        return JSONResponse({"status": "draining"}, status_code=503)
+    ready = state.client.serving()
+    return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)

@@ -1,0 +1,61 @@
+"""The docs a newcomer reads: the README a front page that maps docs/, every link resolving, and the generated
+tables (error reasons from the proto, metrics from their declarations) equal to their sources."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests import scripts
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOCS, ROOT / "benchmarks" / "results" / "HISTORY.md"]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_the_generated_tables_equal_the_proto_and_the_metrics():
+    for path, text in scripts.load("generate_docs").rendered().items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run python scripts/generate_docs.py"
+
+
+def test_the_reason_table_lists_every_reason_of_the_proto_with_its_code():
+    from embedding_service.wire.reasons import STATUS_CODES
+
+    errors = (ROOT / "docs" / "errors.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([A-Z_]+) \|", errors, re.M))
+    assert rows == {reason.name: code.name for reason, code in STATUS_CODES.items()}
+
+
+def test_the_metric_table_lists_every_metric_defined_and_no_other():
+    from embedding_service.observability.metrics import SPECS
+    from gateway.metrics import GatewayMetrics
+
+    gateway = {family.name + ("_total" if family.type == "counter" else "")
+               for family in GatewayMetrics().registry.collect()}  # as the gateway exports them
+    monitoring = (ROOT / "docs" / "monitoring.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", monitoring, re.M))
+    assert documented == {s.exported for s in SPECS} | gateway
+
+
+def test_the_readme_is_a_front_page_that_maps_every_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 10 * 1024
+    linked = {(ROOT / target).resolve() for target in LINK.findall(readme)}
+    assert set(DOCS) <= linked, sorted(str(p.relative_to(ROOT)) for p in set(DOCS) - linked)
+    for command in ("scripts/install.sh && python3 -m embedding_service run",
+                    "scripts/install.sh test && python3 -m pytest -q"):
+        assert f"\n{command}\n" in readme, command
+
+
+def test_every_link_between_the_pages_resolves():
+    broken = [f"{page.relative_to(ROOT)} -> {target}" for page in PAGES for target in LINK.findall(page.read_text())
+              if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()]
+    assert not broken, broken
+
+
+def test_every_module_path_the_docs_name_exists():
+    """`embedding_service/...py` and `gateway/...py` named in the docs are files of the tree (no stale paths)."""
+    named = {m for page in PAGES for m in re.findall(r"`((?:embedding_service|gateway)/[\w/]+\.py)`", page.read_text())}
+    missing = sorted(m for m in named if not (ROOT / m).exists())
+    assert not missing, missing
