@@ -148,6 +148,17 @@ def test_the_thin_processes_load_no_torch_or_transformers(module):
     assert not set(_loads(f"import {module}")) & set(HEAVY)
 
 
+def test_the_drivers_modules_import_no_ray_serve_before_the_apps_environment_is_exported():
+    """Serve reads its settings (its gRPC transport between deployments above all) as `ray.serve` is first
+    imported; the deployment handles the driver builds keep what it read then. So nothing the run command, the
+    benchmark or the tests import before ServeFile.export_app_env may import it (the ops fence once did)."""
+    code = ("import sys, embedding_service.cli, embedding_service.ops.launcher, embedding_service.ops.kubernetes, "
+            "benchmarks.run\nprint(' '.join(m for m in sys.modules if m.startswith('ray.serve')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == []
+
+
 def test_the_preloaded_module_loads_nothing_heavy_into_every_worker():
     loaded = _loads("import embedding_service.proxy.grpc_options",
                     {"EMBEDDING_SERVE_GRPC_OPTIONS": '[["grpc.server.max_pending_requests", 7]]'})

@@ -7,8 +7,9 @@ The run command and the Kubernetes manifests give every Ray node settings Ray re
 - PROXY_MESSAGE_SIZE_ENV: the message size bound of Serve's gRPC servers (Serve's constants read it).
 - `_system_config` of `ray.init`, for a faster metrics report in the tests and the benchmark.
 
-Each is checked as this module is imported, in Ray's installed sources (read, not imported: Serve reads its
-settings as it is first imported, which must come after the application's environment is exported). A Ray
+Each is checked as this module is imported, in Ray's installed sources (read, not imported, nor their
+packages: Serve reads its settings as it is first imported, which must come after the application's
+environment is exported, or the handles the driver builds miss Serve's gRPC transport). A Ray
 release that dropped one fails here, with the Ray version and what moved. Whether the preload took effect
 is only known in the proxy, which reports it (proxy/ingress.py). Tested against the installed Ray
 (tests/test_ray_internals.py); pyproject pins Ray's minor release.
@@ -31,10 +32,14 @@ class RayInternalsChanged(RuntimeError):
 
 
 def _source(module: str) -> str:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+    """A module of Ray's as text, found under Ray's folder (find_spec of a submodule would import its parents)."""
+    ray = importlib.util.find_spec("ray")
+    if ray is None or not ray.submodule_search_locations:
+        raise RayInternalsChanged("Ray is not installed")
+    path = Path(next(iter(ray.submodule_search_locations)), *module.split(".")[1:]).with_suffix(".py")
+    if not path.is_file():
         raise RayInternalsChanged(f"Ray {_version()}: {module} is gone")
-    return Path(spec.origin).read_text()
+    return path.read_text()
 
 
 def _version() -> str:
