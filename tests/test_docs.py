@@ -23,7 +23,7 @@ def test_the_reason_table_lists_every_reason_of_the_proto_with_its_code():
     from embedding_service.wire.reasons import STATUS_CODES
 
     errors = (ROOT / "docs" / "errors.md").read_text()
-    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([A-Z_]+) \|", errors, re.M))
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([A-Z_]+) \|", errors, re.MULTILINE))
     assert rows == {reason.name: code.name for reason, code in STATUS_CODES.items()}
 
 
@@ -34,7 +34,7 @@ def test_the_metric_table_lists_every_metric_defined_and_no_other():
     gateway = {family.name + ("_total" if family.type == "counter" else "")
                for family in GatewayMetrics().registry.collect()}  # as the gateway exports them
     monitoring = (ROOT / "docs" / "monitoring.md").read_text()
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", monitoring, re.M))
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", monitoring, re.MULTILINE))
     assert documented == {s.exported for s in SPECS} | gateway
 
 

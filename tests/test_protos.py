@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_buf_lint_standard_is_clean():
     buf = shutil.which("buf")
     assert buf, "the Buf CLI (pip package buf-bin) is installed by the test extra"
-    result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, check=False, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -27,7 +27,8 @@ def test_buf_lint_catches_a_violation(tmp_path):
         'syntax = "proto3";\npackage bad.v1;\nmessage PingRequest {}\nmessage PingResponse {}\n'
         "service Pinger { rpc Ping(PingRequest) returns (PingResponse); }\n"
     )
-    result = subprocess.run([shutil.which("buf"), "lint"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([shutil.which("buf"), "lint"], cwd=tmp_path, capture_output=True, check=False, text=True,
+                            timeout=120)
     assert result.returncode != 0
     assert "SERVICE_SUFFIX" in result.stdout + result.stderr or "Service" in result.stdout
 

@@ -14,7 +14,7 @@ import numpy as np
 from embedding_client.errors import STATUS_DETAILS_KEY, read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.proxy import ingress
-from embedding_service.wire.deadline import TIMEOUT_KEY
+from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
 from embedding_service.wire.reasons import Reason, ServiceError
 
 
@@ -103,7 +103,8 @@ def test_serve_raising_becomes_a_retryable_status_not_unknown():
 
 
 def test_the_callers_deadline_travels_and_cannot_be_forged():
-    attempt = ingress._Attempt(Context(metadata=[("a", "1"), (TIMEOUT_KEY, "999999")], remaining=2.5))
+    forged = [("a", "1"), (TIMEOUT_KEY, "999999"), (ELAPSED_KEY, "999999")]
+    attempt = ingress._Attempt(Context(metadata=forged, remaining=2.5))
     assert attempt.invocation_metadata() == (("a", "1"), (TIMEOUT_KEY, "2500"))
     assert ingress._Attempt(Context(metadata=[(TIMEOUT_KEY, "5")])).invocation_metadata() == ()  # no deadline: none
 
@@ -174,8 +175,11 @@ def test_a_stream_whose_router_is_lost_goes_on_elsewhere_with_only_the_inputs_no
 def test_a_unary_call_whose_router_is_lost_is_sent_again_and_given_up_on_after_the_resends():
     tries = {"Embed": 0, "ListModels": 0}
 
+    seen: list[dict] = []
+
     async def lost_once(request, context):
         tries["Embed"] += 1
+        seen.append(dict(context.invocation_metadata()))
         if tries["Embed"] == 1:
             _router_lost(context)
             return b""
@@ -196,6 +200,8 @@ def test_a_unary_call_whose_router_is_lost_is_sent_again_and_given_up_on_after_t
     reply, ok, lost = asyncio.run(main())
     assert reply == b"the reply" and ok.code() == grpc.StatusCode.OK
     assert tries == {"Embed": 2, "ListModels": 1 + ingress.RESENDS}
+    # The resent call carries what the service has spent on it, so its bound counts from the first arrival.
+    assert ELAPSED_KEY not in seen[0] and int(seen[1][ELAPSED_KEY]) >= ingress.RESEND_PAUSE_S[0] * 1000
     assert lost.code() == grpc.StatusCode.UNAVAILABLE  # retryable, with the service's reason and a delay
     details = read_details(lost.trailing_metadata())
     assert details.reason == Reason.SERVICE_UNAVAILABLE.name and details.retry_after_s
@@ -220,3 +226,15 @@ def test_serves_client_streaming_handlers_are_left_as_serve_made_them():
 
     assert ingress._guarded(factory, service_method="/s/M", streaming_type="x") == "not a coroutine"
     assert inspect.isasyncgenfunction(guarded(lambda r, c: None, "EmbedStream", stream=True))
+
+
+def test_the_services_bound_counts_from_the_calls_arrival_and_the_callers_deadline_still_wins():
+    def left(bound_s, metadata):
+        return Deadline.within(bound_s, metadata).remaining()
+
+    assert 44 < left(45, []) <= 45
+    assert 14 < left(45, [(ELAPSED_KEY, "30000")]) <= 15  # sent again 30 s after it arrived
+    assert left(45, [(ELAPSED_KEY, "50000")]) == 0  # spent more than the bound: expired, not unbounded
+    assert 1 < left(45, [(TIMEOUT_KEY, "2000"), (ELAPSED_KEY, "30000")]) <= 2
+    assert 9 < left(None, [(TIMEOUT_KEY, "10000"), (ELAPSED_KEY, "30000")]) <= 10  # no bound: the caller's
+    assert left(None, [(ELAPSED_KEY, "bad")]) is None

@@ -27,8 +27,8 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
     import os
 
     environ = {k: v for k, v in os.environ.items() if k != "EMBEDDING_SERVE_GRPC_OPTIONS"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180,
-                          cwd=ROOT, env={**environ, **(env or {})})
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, check=False, text=True,
+                          timeout=180, cwd=ROOT, env={**environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout + done.stderr
 
@@ -137,11 +137,19 @@ def test_with_the_options_preloaded_the_proxy_finds_them_in_force():
     assert "OPTIONS IN FORCE: True" in output and "gRPC's default server options" not in output
 
 
-def test_the_sessions_proxy_reports_its_options_in_force(service):
-    """The real proxy, on a node the tests started with the service's environment (the preload took)."""
+def test_the_sessions_proxy_reports_its_options_in_force_in_its_metric_and_its_log(service):
+    """The real proxy, on a node the tests started with the service's environment (the preload took). Its log
+    line is there at once: Serve buffers a proxy's records (up to 1,000) and the service's are flushed."""
+    import ray
+
     from tests.observe import total, wait_until
 
     wait_until(lambda: total("ray_embedding_proxy_grpc_options_in_force") == 1, 30, "the proxy's report")
+    session = Path(ray.init(address=service.cluster.address, ignore_reinit_error=True).address_info["session_dir"])
+    logs = sorted((session / "logs" / "serve").glob("proxy_*.log"))
+    assert logs, f"no proxy log under {session}"
+    text = "".join(log.read_text() for log in logs)
+    assert "runs with the service's server options (" in text and "grpc.server.max_pending_requests=" in text
 
 
 def test_the_drain_call_answers_in_the_shape_the_fence_checks(service):
@@ -209,7 +217,7 @@ def test_a_fence_that_finds_ray_changed_stops_loudly_with_rays_version(fence):
             "import pathlib; real = pathlib.Path.read_text; "
             "pathlib.Path.read_text = lambda p, *a, **k: '' if p.name == 'default_worker.py' else real(p, *a, **k)",
     }
-    done = subprocess.run([sys.executable, "-c", f"{breaks[fence]}\nimport {fence}"], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", f"{breaks[fence]}\nimport {fence}"], capture_output=True, check=False,
+                          text=True, timeout=180, cwd=ROOT)
     assert done.returncode != 0
     assert "RayInternalsChanged" in done.stderr and "Ray 2." in done.stderr, done.stderr[-2000:]

@@ -3,7 +3,9 @@ Serve kills one that outlives its grace in an upgrade, or as a failing node take
 by the proxy to the router Serve starts in its place: an EmbedStream with only the inputs not yet returned.
 And Serve replacing every replica (an upgrade: `serve.run` rolls all deployments) under load: the old router
 and model replicas stop with calls in flight, and those calls finish; callers see answers or retryable
-refusals with a retry hint, never a lost call. Runs last: it replaces the session's replicas."""
+refusals with a retry hint, never a lost call. A one-replica model has no replica while its successor loads
+(longer than the service's bound on a loaded machine): its calls wait, and are answered at the latest at their
+deadline, with the service's reason. Runs last: it replaces the session's replicas."""
 
 from __future__ import annotations
 
@@ -18,10 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedding_client.errors import RETRYABLE_CODES, read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.ops import launcher
-from tests.conftest import MINILM, TINY
+from tests.conftest import MINILM, REQUEST_TIMEOUT_S, TINY
 from tests.observe import total, wait_until
 from tests.test_embed import make_texts, text_inputs, vectors_of
 from tests.test_retry import replica_actors, wait_healthy
+
+# How late past the service's bound a call may be answered: the bound counts from a call's arrival at a router,
+# and Serve's proxy holds a call while no router is up (12-15 s measured with one core kept busy).
+DEADLINE_SLACK_S = 20
 
 
 def replica_ids() -> set[str]:
@@ -88,6 +94,7 @@ def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, 
     served: list[str] = []
     refused: list[tuple[str, str | None, float | None]] = []
     failed: list[str] = []
+    timed_out: list[float] = []
 
     def stream() -> None:
         try:
@@ -108,11 +115,19 @@ def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, 
                 served.append(model if np.abs(vectors_of(response) - expected).max() < 1e-5 else "WRONG")
             except grpc.RpcError as err:
                 details = read_details(err.trailing_metadata(), err.details() or "")
+                took = time.monotonic() - started
                 if err.code() in RETRYABLE_CODES:
                     refused.append((err.code().name, details.reason, details.retry_after_s))
                     time.sleep(details.retry_after_s or 0.5)
+                elif (model == TINY and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details.reason == "TIMEOUT"
+                      and took < REQUEST_TIMEOUT_S + DEADLINE_SLACK_S):
+                    # One replica: Serve stops it as its successor starts, and on a loaded machine the successor
+                    # can take longer than the service's bound to load. The call waits, and is answered at its
+                    # deadline with the service's reason.
+                    timed_out.append(took)
                 else:
-                    failed.append(f"{model} after {time.monotonic() - started:.1f} s: {err.code()}: {err.details()}")
+                    failed.append(f"{model} sent at {time.strftime('%H:%M:%S', time.localtime(time.time() - took))}, "
+                                  f"answered after {took:.1f} s: {err.code()}: {err.details()}")
             n += 1
 
     streamer = threading.Thread(target=stream)
@@ -156,7 +171,8 @@ def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, 
     assert not failed, failed
     assert "WRONG" not in served
     assert all(reason and delay for _, reason, delay in refused), refused  # refusals say why and when to retry
-    print(f"upgrade under load: {len(served)} calls served, {len(refused)} refused retryably {set(refused)}; "
+    print(f"upgrade under load: {len(served)} calls served, {len(refused)} refused retryably {set(refused)}, "
+          f"{len(timed_out)} {TINY} calls answered at their deadline {[round(t, 1) for t in timed_out]}; "
           f"the stream had {streamed_when_stopping[0]} of {len(stream_texts)} when Serve began stopping its router")
     health = health_pb2_grpc.HealthStub(service.channel)
     wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status

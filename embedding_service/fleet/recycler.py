@@ -16,7 +16,6 @@ NOT_SERVING, new calls UNAVAILABLE), and the routers report their calls in fligh
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import shlex
 import time
@@ -28,11 +27,12 @@ import ray
 from embedding_service.config import RecyclerSettings
 from embedding_service.fleet import ray_internals
 from embedding_service.fleet.node_state import NodeBook
+from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import FleetMetrics, keep_gauges_set
 from embedding_service.wire.fleet import NodeState, NodeView, Snapshot
 from embedding_service.wire.messages import FLEET_LONG_POLL_S
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 # A router unheard for this long (stopped, replaced) is forgotten.
 ROUTER_TTL_S = 3 * FLEET_LONG_POLL_S

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from embedding_service.model.accuracy import corpus
+from embedding_service.observability.logs import service_logger
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 SHIPPED = "embedding_service.model.calibrations"
 SHIPPED_SOURCE = "shipped calibration"

@@ -11,7 +11,6 @@ tracing on, spanned under the router's shard call.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from embedding_service.model.forward import LoadedModel, forward_sorted, load_mo
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
 from embedding_service.model.tokenization import Prepared
 from embedding_service.model.watchdog import Placement, ReplicaWatchdog, current_placement, load_check
+from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import ModelMetrics, keep_gauges_set
 from embedding_service.observability.tracing import service_tracer, set_attributes, wall_ns
 from embedding_service.wire.messages import (
@@ -39,7 +39,7 @@ from embedding_service.wire.messages import (
 )
 from embedding_service.wire.reasons import ServiceError
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 
 @dataclass

@@ -8,7 +8,6 @@ calibration samples, so what is checked is what is served.
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,10 @@ from embedding_service.model.calibration import Calibration, calibration_for
 from embedding_service.model.runtimes import Runtime, load_runtime
 from embedding_service.model.tokenization import InputEncoder
 from embedding_service.model.verification import verify
+from embedding_service.observability.logs import service_logger
 from embedding_service.wire.messages import Verification
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+from embedding_service.observability.logs import service_logger
+
+logger = service_logger(__name__)
 T = TypeVar("T")
 
 # Inputs a BERT-like transformer may take, in the order the graph declares them.

@@ -13,7 +13,6 @@ it as serving, so its model's health is NOT_SERVING unless another replica serve
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,9 +20,10 @@ import numpy as np
 from embedding_service.config import ModelSettings
 from embedding_service.model.accuracy import canary_failure, corpus, gate_failure, measure
 from embedding_service.model.calibration import Calibration
+from embedding_service.observability.logs import service_logger
 from embedding_service.wire.messages import Verification
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 
 def verify(embed: Callable[[Sequence[str]], np.ndarray], calibration: Calibration,

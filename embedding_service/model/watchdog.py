@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+from embedding_service.observability.logs import service_logger
+
+logger = service_logger(__name__)
 
 Check = Callable[..., "str | None"]
 

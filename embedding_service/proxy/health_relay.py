@@ -21,16 +21,16 @@ condition its watchers wait on, a message to a watcher only when its service's s
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_service.observability.logs import service_logger
 from embedding_service.wire import status
 from embedding_service.wire.messages import LIVENESS, ROUTER_DEPLOYMENT
 from embedding_service.wire.reasons import Reason, ServiceError
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,14 +37,15 @@ from grpc_health.v1 import health_pb2_grpc
 from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import ProxyMetrics, keep_gauges_set
 from embedding_service.proxy import serve_internals
 from embedding_service.proxy.health_relay import HealthRelay
 from embedding_service.wire import node_env, status
-from embedding_service.wire.deadline import TIMEOUT_KEY, Deadline
+from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
 from embedding_service.wire.reasons import Reason, ServiceError
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 # Times a call whose router was lost is sent again, and the pause before each (Serve learns of a dead
 # replica within a moment; a call sent at once may meet it again).
@@ -90,6 +91,9 @@ class _Proxy:
                 "than 1,000 calls waiting for the proxy gets CANCELLED. Check that the node's environment names it "
                 "in Ray's preload setting (`python -m embedding_service node-env`).", node_env.SETTING,
                 node_env.PRELOADED_MODULE)
+        else:
+            logger.info("Serve's gRPC proxy runs with the service's server options (%s)",
+                        ", ".join(f"{key}={value}" for key, value in requested))
         if self._gauges is None:
             self._gauges = asyncio.get_running_loop().create_task(keep_gauges_set(self._report))
 
@@ -205,12 +209,14 @@ class _Attempt:
     """The call as Serve's handler sees it for one attempt: the caller's remaining time added to the metadata
     Serve forwards, and the status Serve sets kept here until the proxy decides what the caller sees."""
 
-    def __init__(self, context) -> None:
+    def __init__(self, context, spent_s: float | None = None) -> None:
         self._context = context
-        metadata = [(k, v) for k, v in context.invocation_metadata() if k != TIMEOUT_KEY]
+        metadata = [(k, v) for k, v in context.invocation_metadata() if k not in (TIMEOUT_KEY, ELAPSED_KEY)]
         remaining = context.time_remaining()
         if remaining is not None:
             metadata.append(Deadline.metadata_entry(remaining))
+        if spent_s is not None:  # sent again: the service's bound counts from the call's arrival
+            metadata.append(Deadline.elapsed_entry(spent_s))
         self._metadata = tuple(metadata)
         self._code: grpc.StatusCode | None = None
         self._details: str | None = None
@@ -324,8 +330,9 @@ def _guarded(original: Callable, **keywords) -> Callable:
             if _refused_malformed(request, context, True, method):
                 return
             resume = _StreamResume(request) if isinstance(request, pb.EmbedStreamRequest) else None
+            arrived = time.monotonic()
             for tries in range(RESENDS + 1):
-                attempt = _Attempt(context)
+                attempt = _Attempt(context, time.monotonic() - arrived if tries else None)
                 try:
                     async for message in inner(resume.request if resume else request, attempt):
                         yield resume.returned(message) if resume else message
@@ -346,8 +353,9 @@ def _guarded(original: Callable, **keywords) -> Callable:
     async def unary(request, context) -> bytes:
         if _refused_malformed(request, context, False, method):
             return b""
+        arrived = time.monotonic()
         for tries in range(RESENDS + 1):
-            attempt = _Attempt(context)
+            attempt = _Attempt(context, time.monotonic() - arrived if tries else None)
             try:
                 reply = await inner(request, attempt)
             except Exception:

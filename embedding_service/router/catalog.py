@@ -1,15 +1,24 @@
 """What the router knows of each model, asked of its replicas once: its description (ModelInfo), its
-tokenizer (to count tokens for sharding) and the int8/uint8 ranges of each output shape."""
+tokenizer (to count tokens for sharding) and the int8/uint8 ranges of each output shape.
+
+A router that has not yet asked (it just started, in an upgrade or after a failure) asks on the first call
+that needs the answer. While the model has no replica (its only one is being replaced) the question waits for
+one; each caller waits for the answer at most until its own deadline, and concurrent callers share the one
+question, which stays asked until a replica answers it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from embedding_service.router.failures import replica_gone
 from embedding_service.router.token_lengths import TokenLengths
+from embedding_service.wire.deadline import UNBOUNDED, Deadline
 from embedding_service.wire.messages import Input, ModelInfo
 from embedding_service.wire.reasons import Reason, ServiceError
 
@@ -17,38 +26,52 @@ from embedding_service.wire.reasons import Reason, ServiceError
 class ModelCatalog:
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
         self.models = models
-        self._infos: dict[str, ModelInfo] = {}
+        self._known: dict[Hashable, Any] = {}
+        self._asking: dict[Hashable, asyncio.Future] = {}
         self._counters: dict[str, TokenLengths | None] = {}
-        self._ranges: dict[tuple[str, int | None, bool], tuple[np.ndarray, int]] = {}
 
     @property
     def names(self) -> list[str]:
         return list(self.models)
 
-    async def info(self, name: str) -> ModelInfo:
-        if name not in self._infos:
-            self._infos[name] = await self.models[name].describe.remote()
-        return self._infos[name]
+    async def info(self, name: str, deadline: Deadline = UNBOUNDED) -> ModelInfo:
+        return await self._answer(("info", name), lambda: self.models[name].describe.remote(), deadline)
 
-    async def token_lengths(self, model: str, inputs: list[Input]) -> np.ndarray | None:
+    async def token_lengths(self, model: str, inputs: list[Input], deadline: Deadline = UNBOUNDED) -> np.ndarray | None:
         """Each input's tokens by the model's tokenizer (in a thread: a big call must not hold up the event
         loop), or None when the replica did not send its tokenizer."""
         if model not in self._counters:
-            info = await self.info(model)
+            info = await self.info(model, deadline)
             self._counters[model] = (TokenLengths(info.tokenizer_json, info.max_sequence_length)
                                      if info.tokenizer_json else None)
         counter = self._counters[model]
         return None if counter is None else await asyncio.to_thread(counter.of, inputs)
 
-    async def quantization_ranges(self, model: str, dimensions: int | None, normalize: bool) -> tuple[np.ndarray, int]:
+    async def quantization_ranges(self, model: str, dimensions: int | None, normalize: bool,
+                                  deadline: Deadline = UNBOUNDED) -> tuple[np.ndarray, int]:
         """The ranges the model's replicas place int8/uint8 vectors of this shape in (the same on every replica:
         taken over the model's calibration vectors), and the sentences they were taken over."""
-        key = (model, dimensions, normalize)
-        if key not in self._ranges:
-            try:
-                self._ranges[key] = await self.models[model].quantization_ranges.remote(dimensions, normalize)
-            except Exception as exc:
-                if replica_gone(exc):
-                    raise ServiceError(Reason.MODEL_UNAVAILABLE, "no model replica answered; retry shortly") from exc
-                raise
-        return self._ranges[key]
+        return await self._answer(("ranges", model, dimensions, normalize),
+                                  lambda: self.models[model].quantization_ranges.remote(dimensions, normalize),
+                                  deadline)
+
+    async def _answer(self, key: Hashable, ask: Callable[[], Awaitable[Any]], deadline: Deadline) -> Any:
+        if key in self._known:
+            return self._known[key]
+        question = self._asking.get(key)
+        if question is None:
+            question = self._asking[key] = asyncio.ensure_future(self._ask(key, ask))
+            question.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, if every caller left
+        # Shielded: one caller's deadline ends its own wait, not the question the others wait on.
+        return await asyncio.wait_for(asyncio.shield(question), deadline.remaining())
+
+    async def _ask(self, key: Hashable, ask: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            self._known[key] = answer = await ask()
+            return answer
+        except Exception as exc:
+            if replica_gone(exc):
+                raise ServiceError(Reason.MODEL_UNAVAILABLE, "no model replica answered; retry shortly") from exc
+            raise
+        finally:
+            del self._asking[key]

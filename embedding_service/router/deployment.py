@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import AppArgs
+from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import RouterMetrics, keep_gauges_set
 from embedding_service.observability.tracing import service_tracer
 from embedding_service.router import convert
@@ -36,7 +36,7 @@ from embedding_service.wire import status
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.reasons import Reason, ServiceError
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 
 @dataclass
@@ -104,7 +104,8 @@ class EmbedRouter:
     def _admit(self, method: str, grpc_context, timeout_s: float | None, counted: bool = True) -> Iterator[Admitted]:
         """Admits an EmbedService call: the caller's key, no shutdown under way; counts it while it runs.
 
-        Its deadline is the service's bound or the caller's (as the proxy passed it), whichever comes first.
+        Its deadline is the service's bound or the caller's (as the proxy passed it), whichever comes first; the
+        bound counts from the call's arrival at the proxy when the proxy sent it again.
         """
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else None
         with self.observer.observe(method, metadata) as call:
@@ -112,7 +113,7 @@ class EmbedRouter:
                 self.auth.check(metadata, grpc_context.peer())
             if self.view.shutting_down:
                 raise ServiceError(Reason.SHUTTING_DOWN, "the service is shutting down and takes no new calls; retry")
-            deadline = Deadline.after(timeout_s).earlier(Deadline.from_metadata(metadata))
+            deadline = Deadline.within(timeout_s, metadata)
             if counted:
                 self._in_flight += 1
             try:
@@ -123,14 +124,14 @@ class EmbedRouter:
                     if self.view.shutting_down:
                         self._calls_changed.set()
 
-    async def _prepare(self, request, max_inputs: int, call: ObservedCall) -> Job:
+    async def _prepare(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline) -> Job:
         name = resolve_model_name(request.model, self.catalog.names, self.args.default_model_name)
         call.model = name
         check_envelope(request, self.args.limits, max_inputs)
         refusal = self.view.refusal(name)
         if refusal is not None:
             raise ServiceError(Reason.MODEL_REFUSED, f"model {name!r} is not serving: {refusal}")
-        return build_job(request, await self.catalog.info(name), self.args.limits)
+        return build_job(request, await self.catalog.info(name, deadline), self.args.limits)
 
     # ---- EmbedService (names must not collide with grpc.health.v1) --------
 
@@ -139,7 +140,7 @@ class EmbedRouter:
         started = time.perf_counter_ns()
         with self._admit("Embed", grpc_context, self.args.limits.request_timeout_s) as admitted:
             call = admitted.call
-            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call)
+            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call, admitted.deadline)
             n = len(job.inputs)
             vectors: np.ndarray | None = None
             counts = np.zeros(n, dtype=np.int64)
@@ -163,7 +164,7 @@ class EmbedRouter:
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
         with self._admit("EmbedStream", grpc_context, self.args.limits.stream_timeout_s) as admitted:
             call = admitted.call
-            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call)
+            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call, admitted.deadline)
             async for shard, result in self.fanout.results(job, admitted.deadline, call):
                 chunk = pb.EmbedStreamResponse(model=job.model, dimensions=job.dimension)
                 convert.fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
@@ -174,8 +175,8 @@ class EmbedRouter:
 
     @status.grpc_method
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        with self._admit("ListModels", grpc_context, self.args.limits.request_timeout_s):
-            infos = await asyncio.gather(*(self.catalog.info(name) for name in self.catalog.names))
+        with self._admit("ListModels", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            infos = await asyncio.gather(*(self.catalog.info(name, admitted.deadline) for name in self.catalog.names))
             default = self.args.default_model_name
             return pb.ListModelsResponse(models=[convert.model_message(i, default) for i in infos],
                                          default_model=default, limits=convert.limits_message(self.args.limits))
@@ -185,10 +186,10 @@ class EmbedRouter:
         with self._admit("GetModel", grpc_context, self.args.limits.request_timeout_s) as admitted:
             name = resolve_model_name(request.name, self.catalog.names, default="")
             admitted.call.model = name
-            info = await self.catalog.info(name)
+            info = await self.catalog.info(name, admitted.deadline)
             dimensions, normalize = output_shape(request, info)
             message = convert.model_message(info, self.args.default_model_name)
-            ranges, sentences = await self.catalog.quantization_ranges(name, dimensions, normalize)
+            ranges, sentences = await self.catalog.quantization_ranges(name, dimensions, normalize, admitted.deadline)
             message.quantization.CopyFrom(convert.quantization_message(ranges, dimensions or info.dimension,
                                                                        normalize, sentences))
             return pb.GetModelResponse(model=message)

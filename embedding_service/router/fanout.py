@@ -10,7 +10,6 @@ options (batching/coalescing.py): with many small calls the per-call work of Ser
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from embedding_service.batching.coalescing import Coalescer
 from embedding_service.config import RouterSettings
+from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import RouterMetrics
 from embedding_service.observability.tracing import Tracer
 from embedding_service.router.call_observer import ObservedCall
@@ -29,7 +29,7 @@ from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.messages import EmbedOptions, Input, ShardRequest, ShardResult
 from embedding_service.wire.reasons import Reason, ServiceError
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Fanout:
         s = self.settings
         lengths = None
         if len(job.inputs) > s.shard_size and s.shard_by_tokens:
-            lengths = await self.catalog.token_lengths(job.model, job.inputs)
+            lengths = await self.catalog.token_lengths(job.model, job.inputs, deadline)
         shards = plan_shards(job.inputs, s.shard_size, lengths)
         coalesce = len(shards) == 1 and s.coalesce_max_in_flight > 0
         limit = asyncio.Semaphore(s.max_concurrent_shards)
@@ -76,8 +76,8 @@ class Fanout:
                     result = await self.call(job.model, inputs, job.options, deadline)
             if result.too_long:
                 index = int(shard.positions[result.too_long[0]])
-                raise too_long(index, int(result.token_counts[result.too_long[0]]), await self.catalog.info(job.model),
-                               job.options.truncation)
+                info = await self.catalog.info(job.model, deadline)
+                raise too_long(index, int(result.token_counts[result.too_long[0]]), info, job.options.truncation)
             return shard, result
 
         call.planned(len(shards))

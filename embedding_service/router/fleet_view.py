@@ -9,7 +9,6 @@ how many calls it still has in flight, until none is left (ops/launcher.drain).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeVar
 
@@ -17,10 +16,11 @@ from grpc_health.v1 import health_pb2
 from ray.serve.handle import DeploymentHandle
 
 from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.observability.logs import service_logger
 from embedding_service.wire.fleet import NodeState, Snapshot
 from embedding_service.wire.messages import FLEET_LONG_POLL_S
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 T = TypeVar("T")
 

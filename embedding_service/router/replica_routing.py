@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import random
 import typing
 
 import ray
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from embedding_service.observability.logs import service_logger
 from embedding_service.wire.fleet import Snapshot
 from embedding_service.wire.messages import FLEET_LONG_POLL_S
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 # What a replica that refuses to serve still answers: what the model is, and its int8/uint8 ranges.
 ANSWERED_WHEN_REFUSED = frozenset({"describe", "quantization_ranges"})

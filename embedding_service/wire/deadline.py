@@ -6,6 +6,9 @@ service's own bound, and hands that Deadline on with every shard. Inside a proce
 on this process's monotonic clock. Between processes it travels as the time left: it pickles as its
 remaining seconds and is anchored again to the receiver's clock as it unpickles, so clocks of different
 machines never meet (the transit time is lost, a few milliseconds at most).
+
+A call the proxy sends again (its router was lost) also carries the time the service has spent on it so far
+(ELAPSED_KEY), so that the service's own bound counts from the call's arrival, not from each router's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,17 @@ import time
 from collections.abc import Iterable
 
 TIMEOUT_KEY = "embedding-timeout-ms"
+ELAPSED_KEY = "embedding-elapsed-ms"
+
+
+def _milliseconds(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> float | None:
+    for k, value in metadata or ():
+        if k == key:
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 class Deadline:
@@ -31,18 +45,23 @@ class Deadline:
     @classmethod
     def from_metadata(cls, metadata: Iterable[tuple[str, str | bytes]] | None) -> Deadline:
         """The caller's deadline as Serve's proxy saw it (TIMEOUT_KEY); unbounded when absent or not a number."""
-        for key, value in metadata or ():
-            if key == TIMEOUT_KEY:
-                try:
-                    return cls.after(int(value) / 1000)
-                except ValueError:
-                    return cls()
-        return cls()
+        return cls.after(_milliseconds(metadata, TIMEOUT_KEY))
+
+    @classmethod
+    def within(cls, bound_s: float | None, metadata: Iterable[tuple[str, str | bytes]] | None) -> Deadline:
+        """The earlier of the caller's deadline and the service's bound, less what a resent call has spent."""
+        spent = _milliseconds(metadata, ELAPSED_KEY) or 0.0
+        return cls.after(None if bound_s is None else bound_s - spent).earlier(cls.from_metadata(metadata))
 
     @staticmethod
     def metadata_entry(remaining_s: float) -> tuple[str, str]:
         """The metadata pair the proxy adds for a caller with `remaining_s` left."""
         return TIMEOUT_KEY, str(int(remaining_s * 1000))
+
+    @staticmethod
+    def elapsed_entry(spent_s: float) -> tuple[str, str]:
+        """The metadata pair the proxy adds to a call it sends again, `spent_s` after it arrived."""
+        return ELAPSED_KEY, str(int(spent_s * 1000))
 
     @classmethod
     def latest(cls, deadlines: Iterable[Deadline]) -> Deadline:

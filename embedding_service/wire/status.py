@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 
 from google.protobuf import message_factory
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from embedding_client.errors import STATUS_DETAILS_KEY
 from embedding_client.v1 import embedding_pb2
+from embedding_service.observability.logs import service_logger
 from embedding_service.wire.reasons import Reason, ServiceError
 
-logger = logging.getLogger(f"ray.serve.{__name__}")
+logger = service_logger(__name__)
 
 # Ray's proxy routes by method name alone, so a name identifies the reply type.
 _REPLY_TYPES = {
