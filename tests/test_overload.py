@@ -84,9 +84,13 @@ def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service
     # Coalescing off: merged, the 800 calls are a few dozen gRPC calls the service takes without refusing.
     with gateway_process("--targets", service.target, "--max-retries", "0", "--call-timeout-s", "120",
                          "--request-timeout-s", "120", "--coalesce-max-in-flight", "0") as (base, _):
-        statuses = asyncio.run(burst(base))
-    assert set(statuses) <= {200, 429}, statuses
-    assert statuses[429] > 0 and statuses[200] > 0, statuses
+        # Whether a burst overfills the queues depends on how fast this machine lets the calls in: seen 0 of
+        # 800 refused once in a full suite. Each burst is checked; a later one (at most three) must refuse.
+        bursts = []
+        while not bursts or (bursts[-1][429] == 0 and len(bursts) < 3):
+            bursts.append(asyncio.run(burst(base)))
+            assert set(bursts[-1]) <= {200, 429}, bursts
+    assert bursts[-1][429] > 0 and sum(b[200] for b in bursts) > 0, bursts
 
 
 def test_calls_past_their_deadline_are_dropped_not_computed(service):

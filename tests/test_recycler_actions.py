@@ -17,7 +17,8 @@ from embedding_service.fleet.ray_internals import DrainAnswer
 from embedding_service.fleet.recycler import NodeRecycler
 from embedding_service.router.fleet_view import ServiceView
 from embedding_service.wire.fleet import NodeState, NodeView, ReplicaView
-from tests.observe import total, wait_until
+from tests.conftest import METRICS_REPORT_MS
+from tests.observe import settled, total, wait_until
 
 NODE, IP = "abc123", "10.1.2.3"
 
@@ -141,8 +142,10 @@ def test_failed_and_started_actions_reach_the_clusters_metrics(service):
     """In the session's driver, a Ray worker: the recycler's counters are exported as Ray exports the service's."""
     settings = RecyclerSettings(grace_cycles=0, action="drain", action_retries=1, action_retry_s=0.05)
     drains = _Drains(DrainAnswer(False, "no"), DrainAnswer(True, ""))
-    before_failed = total("ray_embedding_node_drains_failed_total", action="drain", reason="rejected")
-    before_started = total("ray_embedding_node_drains_started_total", action="drain")
+    # The counts as exported once the earlier tests' own (this process's, reported every interval) have landed.
+    samples = settled("ray_embedding_node_drains_failed_total", 3 * METRICS_REPORT_MS / 1000)
+    before_failed = total("ray_embedding_node_drains_failed_total", samples, action="drain", reason="rejected")
+    before_started = total("ray_embedding_node_drains_started_total", samples, action="drain")
 
     async def scenario():
         recycler = await _recycler(settings, drains)
@@ -158,6 +161,10 @@ def test_failed_and_started_actions_reach_the_clusters_metrics(service):
         return (total("ray_embedding_node_drains_failed_total", action="drain", reason="rejected") - before_failed,
                 total("ray_embedding_node_drains_started_total", action="drain") - before_started)
 
-    wait_until(lambda: counted() == (1, 1), 30, "one failed drain and one started, as counted")
+    seen: list = []
+    try:
+        wait_until(lambda: seen.append(counted()) or seen[-1] == (1, 1), 30, "one failed drain and one started")
+    except TimeoutError as exc:
+        raise AssertionError(f"counted (failed, started) since the test began: {seen[-3:]}") from exc
     time.sleep(1.5)  # three report intervals: a count past the value would show now
     assert counted() == (1, 1)
