@@ -7,6 +7,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from benchmarks.callers import aiohttp_callers, openai_callers
 from benchmarks.clients import AsyncRestClient, GrpcClient, RestClient, concurrent, wait_answering
 from benchmarks.workloads import W1_TEXT, Work, pct
 
@@ -52,7 +53,8 @@ def measure_client(name: str, client, work: Work, results: dict, batch_stats) ->
 
 
 def measure_async_rest(rest: AsyncRestClient, work: Work, results: dict, batch_stats) -> dict:
-    """W1-W3 over REST from an asyncio caller (one AsyncClient), as rows `W<n>_rest_async`."""
+    """W1-W3 over REST from an asyncio caller (one AsyncClient), as rows `W<n>_rest_async`; W3 also from the
+    openai SDK (`W3_openai_sdk`) and from callers that keep their connections open (`W3_rest_keepalive`)."""
     ip, same = results["in_process"], results.get("in_process_backend")
     wall, lat = rest.run([[W1_TEXT]] * work.sizes["w1_n"], 1)
     w = {"W1_rest_async": _w1(lat, ip, same) | {"batches": batch_stats()}}
@@ -60,6 +62,12 @@ def measure_async_rest(rest: AsyncRestClient, work: Work, results: dict, batch_s
     w["W2_rest_async"] = _rate(len(work.w2) * work.sizes["w2_requests"] / wall, lat, ip, same) | {"batches": batch_stats()}
     wall, lat = rest.run([[s] for s in work.w3], 64)
     w["W3_rest_async"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    # The official SDK as 64 tasks on one AsyncOpenAI (its pool keeps up to 100 connections open), and
+    # callers that keep their connections open (aiohttp's pool).
+    wall, lat = openai_callers(rest.base, rest.model, [[s] for s in work.w3], 64)
+    w["W3_openai_sdk"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    wall, lat = aiohttp_callers(rest.base, rest.model, [[s] for s in work.w3], 64)
+    w["W3_rest_keepalive"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
     return w
 
 

@@ -9,8 +9,14 @@ from pathlib import Path
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(table(results))
-    plot(results, out / "results.png")
+    if results.get("mode") == "serving-path":
+        from benchmarks import serving_report
+
+        print(serving_report.table(results))
+        serving_report.plot(results, out / "results.png")
+    else:
+        print(table(results))
+        plot(results, out / "results.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
 
 

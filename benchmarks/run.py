@@ -51,6 +51,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-url", default="http://127.0.0.1:7997",
                         help="where the peer serves POST /v1/embeddings (default: %(default)s)")
     parser.add_argument("--peer-model", default=None, help="the model name the peer answers to (default: the service's)")
+    parser.add_argument("--serving-path", action="store_true",
+                        help="the serving path's own cost: a near-zero model, W1/W3 over gRPC and REST (also the "
+                             "openai SDK), every process's CPU per call; --peer-command may name {model}, the "
+                             "near-zero model's folder (serving_path.py)")
+    parser.add_argument("--workload", action="append", default=[],
+                        help="with --serving-path: only these workloads (e.g. W3_grpc); default all")
+    parser.add_argument("--model-dir", default=None,
+                        help="with --serving-path: where the near-zero model is built (kept; default a temp folder)")
     return parser.parse_args(argv)
 
 
@@ -136,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         sink = OtlpSink(keep=False).__enter__()
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint  # the gateway's, by the standard variable
     config = configured(opts, sink.endpoint if sink else None)
+    if opts.serving_path:
+        from benchmarks import serving_path
+        from embedding_service.ops import ray_internals
+
+        results = serving_path.main(opts, config, ray_internals.metrics_report_interval(METRICS_REPORT_MS))
+        write(results, Path(opts.out))
+        return 0
     config.export_app_env()  # before anything imports ray.serve (see ServeFile.export_app_env)
     work = Work.make(SIZES["quick" if opts.quick else "full"])
     results: dict = {"sizes": work.sizes, "model_options": opts.model_option, "router_options": opts.router_option,

@@ -203,6 +203,16 @@ class RouterSettings(Strict):
     health_check_period_s: float = Field(2.0, gt=0)
 
 
+class ProxySettings(Strict):
+    """What the service's code does in Serve's gRPC proxies (proxy/merging.py). Serve starts the proxies
+    without the application's args: these reach them through the node's environment (wire/node_env.py)."""
+
+    # Concurrent Embed calls of at most coalesce_max_inputs inputs that the router would treat alike leave
+    # the proxy as one call once this many such merged calls are out; 0: every call goes on its own.
+    coalesce_max_in_flight: int = Field(4, ge=0)
+    coalesce_max_inputs: int = Field(32, ge=1)
+
+
 class AuthSettings(Strict):
     """API keys for the gRPC API (`authorization: Bearer <key>` metadata on every EmbedService call).
 
@@ -285,6 +295,7 @@ class AppArgs(Strict):
     default_model: str | None = None
     limits: Limits = Limits()
     router: RouterSettings = RouterSettings()
+    proxy: ProxySettings = ProxySettings()
     recycler: RecyclerSettings = RecyclerSettings()
     auth: AuthSettings = AuthSettings()
     shutdown: ShutdownSettings = ShutdownSettings()

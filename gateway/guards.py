@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding_service.wire.bearer import bearer_key, known_key
@@ -14,21 +15,36 @@ from gateway.openai_schema import EmbeddingRequest
 from gateway.settings import GatewaySettings
 
 
+class Guard:
+    """Pure ASGI middleware (BaseHTTPMiddleware costs a task, streams and events per request): the API key
+    and the declared body size of every /v1/ request, refused before the app reads it."""
+
+    def __init__(self, app, settings: GatewaySettings) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in settings.api_keys]
+        self.max_body_bytes = settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            refusal = self._refusal(Headers(scope=scope))
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: Headers) -> errors.OpenAIError | None:
+        if self.keys:
+            given = bearer_key(headers.get("authorization"))
+            if given is None or not known_key(given, self.keys):
+                return errors.unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return errors.body_too_large(self.max_body_bytes)
+        return None
+
+
 def install(app: FastAPI, settings: GatewaySettings) -> None:
-    keys = [k.encode() for k in settings.api_keys]
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if keys:
-                given = bearer_key(request.headers.get("authorization"))
-                if given is None or not known_key(given, keys):
-                    return errors.unauthorized("missing or invalid API key (Authorization: Bearer <key>)").response()
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-                return errors.body_too_large(settings.max_body_bytes).response()
-        return await call_next(request)
-
+    app.add_middleware(Guard, settings=settings)
     app.add_exception_handler(errors.OpenAIError, errors.openai_error_handler)
 
     @app.exception_handler(RequestValidationError)

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser.add_argument("--coalesce-max-inputs", type=int, dest="coalesce_max_inputs")
     parser.add_argument("--coalesce-max-in-flight", type=int, dest="coalesce_max_in_flight")
     parser.add_argument("--keep-alive-s", type=int, dest="keep_alive_s")
+    parser.add_argument("--access-log", action="store_true", default=None, dest="access_log",
+                        help="log a line per request (off by default)")
     parser.add_argument("--drain-delay-s", type=float, dest="drain_delay_s")
     parser.add_argument("--shutdown-timeout-s", type=float, dest="shutdown_timeout_s")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -58,7 +60,7 @@ class DrainingServer(uvicorn.Server):
 def server(settings: GatewaySettings) -> DrainingServer:
     draining = threading.Event()
     config = uvicorn.Config(create_app(settings, draining), host=settings.host, port=settings.port, log_level="info",
-                            timeout_keep_alive=settings.keep_alive_s,
+                            timeout_keep_alive=settings.keep_alive_s, access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     return DrainingServer(config, draining, settings.drain_delay_s)
 

@@ -48,6 +48,9 @@ class GatewaySettings(BaseSettings):
     # timeout (60 s on the common ones), so the balancer never reuses a connection the gateway
     # has just closed (uvicorn's default, 5 s, makes that race: a reused connection breaks).
     keep_alive_s: int = Field(75, ge=1)
+    # uvicorn's line per request (a log record per call costs more CPU than the rest of the gateway's
+    # per-call work but its JSON and gRPC); the gateway's metrics and traces count every request anyway.
+    access_log: bool = False
 
     # On SIGTERM or Ctrl-C: /readyz answers 503 at once while requests are still
     # served for drain_delay_s (load balancers stop sending), then no new

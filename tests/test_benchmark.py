@@ -36,7 +36,8 @@ def test_benchmark_measures_every_workload_and_writes_table_json_and_png(service
     assert results["accuracy"]["precision"] == "fp32" and results["accuracy"]["canary_min_cosine"] > 0.99999
     w = results["workloads"]
     assert set(w) == ({f"W{i}_{side}" for i in (1, 2, 3, 4) for side in ("grpc", "rest")}
-                      | {"W1_rest_async", "W2_rest_async", "W3_rest_async", "W5_grpc_stream", "W6_grpc_real_text"})
+                      | {"W1_rest_async", "W2_rest_async", "W3_rest_async", "W3_openai_sdk", "W3_rest_keepalive",
+                         "W5_grpc_stream", "W6_grpc_real_text"})
     for name, v in w.items():
         assert v.get("ratio", 1) > 0 and v.get("p50_ms", 1) > 0, name
         # The batches the replicas ran, from the service's metrics: never over the configured maximum.
@@ -76,7 +77,8 @@ def test_the_benchmark_measures_a_peer_started_from_a_command_line_and_stops_it(
     results = {"in_process": {"limit": 100.0, "w1_p50_ms": 5.0, "w4_rate": 10.0}}
     peer = measure_peer(command, f"http://127.0.0.1:{port}", MINILM, work, results, tmp_path / "peer.log")
     w = peer["workloads"]
-    assert set(w) == {"W1_rest", "W2_rest", "W3_rest", "W4_rest", "W1_rest_async", "W2_rest_async", "W3_rest_async"}
+    assert set(w) == {"W1_rest", "W2_rest", "W3_rest", "W4_rest", "W1_rest_async", "W2_rest_async", "W3_rest_async",
+                      "W3_openai_sdk", "W3_rest_keepalive"}
     assert all(v.get("rate", 1) > 0 and v.get("p50_ms", 1) > 0 for v in w.values())
     assert w["W3_rest"]["ratio"] == w["W3_rest"]["rate"] / 100.0
     # Stopped with its whole process group: nothing of it is left.
@@ -86,6 +88,65 @@ def test_the_benchmark_measures_a_peer_started_from_a_command_line_and_stops_it(
     results |= {"workloads": {"W3_rest": {"rate": w["W3_rest"]["rate"] * 2, "batches": batches}}, "peer": peer}
     printed = table(results | {"in_process": results["in_process"] | {"limit_batch_size": 32, "rate_by_batch_size": {}}})
     assert "peer: `" in printed and "2.00x calls/s" in printed
+
+
+def test_the_serving_path_mode_measures_every_process_cpu_per_call_and_the_peer(service, tmp_path, capsys):
+    """--serving-path's measuring and report against the session's service and a gateway of its own process
+    (the near-zero model is built and configured by the mode itself: see the next test); the peer is this
+    project's gateway standing in for another server."""
+    import shlex
+    import sys
+
+    from benchmarks import serving_path as sp
+    from benchmarks.proc_cpu import CpuMeter
+    from benchmarks.report import write
+    from tests.conftest import free_port
+    from tests.gateway_helpers import gateway_process
+
+    sizes = {"w1_n": 5, "w3_requests": 64}
+    with gateway_process("--targets", service.target) as (base, _):
+        rows = sp.run_workloads(sp.workloads(service.target, base, MINILM, sizes), CpuMeter())
+    assert set(rows) == {"W1_grpc", "W1_rest", "W3_grpc", "W3_rest", "W3_rest_keepalive", "W3_rest_aiohttp",
+                         "W3_openai_sdk"}
+    for name, row in rows.items():
+        assert row["calls"] == (5 if name.startswith("W1") else 64) and row["rate"] > 0 and row["p50_ms"] > 0, name
+        cpu = row["cpu_ms_per_call"]
+        # Every process of the path spent CPU on these calls (the gateway on the REST ones).
+        path = ("proxy", "router", "replica") + (("gateway",) if "grpc" not in name else ())
+        assert all(cpu[role] > 0 for role in path), (name, cpu)
+        assert row["server_cpu_ms_per_call"] == sum(cpu.values()) and row["client_cpu_ms_per_call"] > 0
+
+    port = free_port()
+    command = f"exec {shlex.quote(sys.executable)} -m gateway --targets {service.target} --port {port}"
+    peer = sp.against_the_peer(command, f"http://127.0.0.1:{port}", tmp_path, sizes, tmp_path / "peer.log", None,
+                               model=MINILM)
+    assert set(peer["workloads"]) == {n for n in rows if "grpc" not in n}
+    assert all(set(v["cpu_ms_per_call"]) == {"peer"} and v["cpu_ms_per_call"]["peer"] > 0
+               for v in peer["workloads"].values())
+
+    results = {"mode": "serving-path", "model": "the session's MiniLM", "callers": sp.CALLERS, "sizes": sizes,
+               "cpus": 2, "workloads": rows, "peer": peer}
+    write(results, tmp_path)
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "ours  W3_grpc" in printed and "peer  W3_rest" in printed and "ours / peer: W1_rest" in printed
+
+
+def test_the_near_zero_model_loads_in_sentence_transformers_and_replaces_the_default_model(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from benchmarks import serving_path as sp
+    from benchmarks.near_zero import HIDDEN, build_near_zero_model
+    from embedding_service.ops.servefile import ServeFile
+
+    folder = build_near_zero_model(tmp_path)
+    model = SentenceTransformer(str(folder), device="cpu")
+    assert model.encode(["a sentence"]).shape == (1, HIDDEN)
+    assert model[0].auto_model.config.num_hidden_layers == 1 and model.max_seq_length == 256
+    config = sp.near_zero_config(ServeFile.load(), folder)
+    assert config.args.models[0].name == sp.NAME and config.args.models[0].path == str(folder)
+    assert config.args.default_model == sp.NAME
+    assert config.args.router == ServeFile.load().args.router  # the serving path as shipped
 
 
 def _cmdline(pid: str) -> str:

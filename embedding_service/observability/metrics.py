@@ -137,6 +137,8 @@ class ProxyMetrics(_Group):
     resent = counter("proxy_calls_resent", "Calls the proxy sent to another router because theirs stopped or "
                      "died before answering (an EmbedStream goes on with the inputs not yet returned).",
                      ("method",))
+    merged_callers = histogram("proxy_merged_callers", "Embed calls carried by one call the proxy sent to the "
+                               "router (1: a call that went alone; args.proxy.coalesce_max_in_flight).", COUNTS)
     options_in_force = gauge("proxy_grpc_options_in_force", "1 while this proxy's gRPC server runs with the "
                              "service's options (limits.proxy_max_pending_calls, proxy_max_streams_per_connection); "
                              "0: gRPC's defaults, which cancel bursts (the node was started without the "

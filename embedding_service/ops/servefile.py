@@ -68,8 +68,8 @@ class ServeFile:
 
     def node_environment(self) -> dict[str, str]:
         """What every Ray node's environment needs for the service (`node-env` prints it; the Kubernetes
-        manifests set it on each pod): the application's runtime_env env_vars, Ray's transport caps and the
-        proxy's gRPC server options, which Ray's workers apply as they start (proxy/grpc_options.py)."""
+        manifests set it on each pod): the application's runtime_env env_vars, Ray's transport caps, the
+        proxy's gRPC server options and args.proxy, which Ray's workers apply as they start (proxy/grpc_options.py)."""
         limits = self.args.limits
         cap = str(limits.max_request_bytes * TRANSPORT_CAP_FACTOR)
         return {
@@ -78,6 +78,7 @@ class ServeFile:
             # Serve's gRPC between its proxy and deployments caps what a replica receives at 4 MiB by default.
             ray_internals.REPLICA_MESSAGE_LENGTH_ENV: cap,
             node_env.PROXY_OPTIONS_ENV: node_env.encode(node_env.proxy_grpc_options(limits)),
+            node_env.PROXY_SETTINGS_ENV: node_env.encode_proxy_settings(self.args.proxy),
             ray_internals.PRELOAD_ENV: node_env.PRELOADED_MODULE,
         }
 

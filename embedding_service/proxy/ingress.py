@@ -37,10 +37,12 @@ from grpc_health.v1 import health_pb2_grpc
 from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.config import ProxySettings
 from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import ProxyMetrics, keep_gauges_set
 from embedding_service.proxy import serve_internals
 from embedding_service.proxy.health_relay import HealthRelay
+from embedding_service.proxy.merging import EmbedMerging, MergeFailed, Outcome, Send
 from embedding_service.wire import node_env, status
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -69,7 +71,11 @@ class _Proxy:
     def __init__(self) -> None:
         self.metrics = ProxyMetrics()
         self.options_in_force = True
+        self.settings = node_env.proxy_settings() or ProxySettings()
         self._gauges: asyncio.Task | None = None
+
+    def merging(self, send: Send) -> EmbedMerging:
+        return EmbedMerging(self.settings, send, on_send=self.metrics.merged_callers.observe)
 
     def check_options(self) -> None:
         """Whether Serve built this proxy's server with the service's options; says so when it did not."""
@@ -207,12 +213,17 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 class _Attempt:
     """The call as Serve's handler sees it for one attempt: the caller's remaining time added to the metadata
-    Serve forwards, and the status Serve sets kept here until the proxy decides what the caller sees."""
+    Serve forwards, and the status Serve sets kept here until the proxy decides what the caller sees.
 
-    def __init__(self, context, spent_s: float | None = None) -> None:
+    `extra`: metadata added to the caller's; `deadline`: the attempt's own (a merged call's, the last of its
+    callers'), else the caller's."""
+
+    def __init__(self, context, spent_s: float | None = None, extra: tuple = (),
+                 deadline: Deadline | None = None) -> None:
         self._context = context
         metadata = [(k, v) for k, v in context.invocation_metadata() if k not in (TIMEOUT_KEY, ELAPSED_KEY)]
-        remaining = context.time_remaining()
+        metadata.extend(extra)
+        remaining = context.time_remaining() if deadline is None else deadline.remaining()
         if remaining is not None:
             metadata.append(Deadline.metadata_entry(remaining))
         if spent_s is not None:  # sent again: the service's bound counts from the call's arrival
@@ -248,38 +259,49 @@ class _Attempt:
 
     def router_lost(self) -> bool:
         """Serve reported the router replica lost mid-call (INTERNAL, and no reason of the router's)."""
-        return self._code == grpc.StatusCode.INTERNAL and read_details(self._trailers, self._text()).reason is None
+        return self._code == grpc.StatusCode.INTERNAL and read_details(self._trailers, _text(self._details)).reason is None
 
-    def _text(self) -> str:
-        details = self._details or ""
-        return details.decode(errors="replace") if isinstance(details, bytes) else details
+    def outcome(self, reply: bytes) -> Outcome:
+        return Outcome(reply, self._code, self._details, self._trailers)
 
     def finish(self, context, stream: bool, method: str) -> None:
-        """Serve's status onto the caller's call; a failure Serve reported on its own gets the service's reason."""
-        if self._code is not None:
-            context.set_code(self._code)
-        if self._details:
-            context.set_details(self._details)
-        if self._trailers:
-            context.set_trailing_metadata(self._trailers)
-        if self._code in _SERVE_FAILURES and read_details(self._trailers, self._text()).reason is None:
-            reason, message = _SERVE_FAILURES[self._code]
-            _this_proxy().refuse(ServiceError(reason, message), context, stream, method)
+        _finish(self.outcome(b""), context, stream, method)
+
+
+def _text(details) -> str:
+    details = details or ""
+    return details.decode(errors="replace") if isinstance(details, bytes) else details
+
+
+def _finish(outcome: Outcome, context, stream: bool, method: str) -> None:
+    """Serve's status onto the caller's call; a failure Serve reported on its own gets the service's reason."""
+    if outcome.raised:
+        reason, message = _SERVE_FAILURES[grpc.StatusCode.UNKNOWN]
+        _this_proxy().refuse(ServiceError(reason, message), context, stream, method)
+        return
+    if outcome.code is not None:
+        context.set_code(outcome.code)
+    if outcome.details:
+        context.set_details(outcome.details)
+    if outcome.trailers:
+        context.set_trailing_metadata(outcome.trailers)
+    if outcome.code in _SERVE_FAILURES and read_details(outcome.trailers, _text(outcome.details)).reason is None:
+        reason, message = _SERVE_FAILURES[outcome.code]
+        _this_proxy().refuse(ServiceError(reason, message), context, stream, method)
 
 
 def _serve_raised(context, stream: bool, method: str) -> None:
     """Serve's own handler raised (gRPC would answer UNKNOWN with the exception's class): our status instead."""
     logger.exception("Serve's proxy failed a call")
-    reason, message = _SERVE_FAILURES[grpc.StatusCode.UNKNOWN]
-    _this_proxy().refuse(ServiceError(reason, message), context, stream, method)
+    _finish(Outcome(b"", raised=True), context, stream, method)
 
 
-async def _resend_now(attempt: _Attempt, tries: int, context, method: str) -> bool:
-    """Whether to send the call again after this attempt lost its router (tries left, time left); waits first."""
+async def _resend_now(attempt: _Attempt, tries: int, remaining: float | None, method: str) -> bool:
+    """Whether to send the call again after this attempt lost its router (tries left, `remaining` seconds
+    left to its caller); waits first."""
     if tries >= RESENDS or not attempt.router_lost():
         return False
     pause = RESEND_PAUSE_S[min(tries, len(RESEND_PAUSE_S) - 1)]
-    remaining = context.time_remaining()
     if remaining is not None and remaining <= pause:
         return False
     logger.warning("%s: the call's router replica was lost; sending it to another (%d of %d)", method, tries + 1,
@@ -287,6 +309,40 @@ async def _resend_now(attempt: _Attempt, tries: int, context, method: str) -> bo
     _this_proxy().metrics.resent.inc(tags={"method": method})
     await asyncio.sleep(pause)
     return True
+
+
+async def _send_unary(inner: Callable, request, context, method: str, extra: tuple = (),
+                      deadline: Deadline | None = None) -> Outcome:
+    """One unary call through Serve's handler, sent again while its router is lost (within its deadline)."""
+    arrived = time.monotonic()
+    for tries in range(RESENDS + 1):
+        attempt = _Attempt(context, time.monotonic() - arrived if tries else None, extra, deadline)
+        try:
+            reply = await inner(request, attempt)
+        except Exception:
+            logger.exception("Serve's proxy failed a call")
+            return Outcome(b"", raised=True)
+        remaining = context.time_remaining() if deadline is None else deadline.remaining()
+        if await _resend_now(attempt, tries, remaining, method):
+            continue
+        return attempt.outcome(reply)
+    raise AssertionError("unreachable")
+
+
+async def _merged_unary(merging: EmbedMerging, request, context, method: str) -> bytes:
+    """An Embed call that may leave with others (merging.py): its own part of the reply, or its status."""
+    try:
+        part = await merging.embed(request, context)
+    except asyncio.TimeoutError:
+        _this_proxy().refuse(ServiceError(Reason.TIMEOUT, "the call's deadline passed while it waited in Serve's "
+                                          "proxy to leave with others; retry with a longer deadline"),
+                             context, False, method)
+        return b""
+    except MergeFailed as failed:
+        _finish(failed.outcome, context, False, method)
+        return failed.outcome.reply
+    _finish(part.outcome, context, False, method)
+    return part.reply()
 
 
 class _StreamResume:
@@ -339,7 +395,7 @@ def _guarded(original: Callable, **keywords) -> Callable:
                 except Exception:
                     _serve_raised(context, True, method)
                     return
-                if await _resend_now(attempt, tries, context, method):
+                if await _resend_now(attempt, tries, context.time_remaining(), method):
                     if resume is None or resume.rest():
                         continue
                     return  # every input was returned before the router was lost: the stream is whole
@@ -350,22 +406,17 @@ def _guarded(original: Callable, **keywords) -> Callable:
     if not inspect.iscoroutinefunction(inner):
         return inner  # client streaming: these services have none
 
+    merging = _this_proxy().merging(lambda r, c, extra, deadline: _send_unary(inner, r, c, method, extra, deadline)) \
+        if method == "Embed" else None
+
     async def unary(request, context) -> bytes:
         if _refused_malformed(request, context, False, method):
             return b""
-        arrived = time.monotonic()
-        for tries in range(RESENDS + 1):
-            attempt = _Attempt(context, time.monotonic() - arrived if tries else None)
-            try:
-                reply = await inner(request, attempt)
-            except Exception:
-                _serve_raised(context, False, method)
-                return b""
-            if await _resend_now(attempt, tries, context, method):
-                continue
-            attempt.finish(context, False, method)
-            return reply
-        raise AssertionError("unreachable")
+        if merging is not None and merging.takes(request):
+            return await _merged_unary(merging, request, context, method)
+        outcome = await _send_unary(inner, request, context, method)
+        _finish(outcome, context, False, method)
+        return outcome.reply
 
     return unary
 

@@ -1,7 +1,8 @@
 """What the router records of each EmbedService call: its metrics and its span.
 
 One context manager around a call, from its arrival (before admission, so
-refused calls count too) to its last byte: the final gRPC code comes from the
+refused calls count too) to its last byte (a call Serve's proxy merged from several counts as
+those several in the requests counted): the final gRPC code comes from the
 one error mapping (wire/status.code_name), the model label from the router once it
 has resolved the name (until then NO_MODEL: never the caller's raw text).
 """
@@ -18,6 +19,7 @@ from embedding_service.observability import tracing
 from embedding_service.observability.metrics import NO_MODEL, RouterMetrics
 from embedding_service.observability.tracing import Tracer
 from embedding_service.wire import status
+from embedding_service.wire.messages import MERGED_KEY
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ObservedCall:
     tokens: int = 0
     first_shard_s: float | None = None
     span: Any = None
+    callers: int = 1  # the calls Serve's proxy merged into this one (proxy/merging.py)
 
     def tags(self) -> dict[str, str]:
         return {"method": self.method, "model": self.model}
@@ -51,6 +54,13 @@ class ObservedCall:
             self.metrics.tokens.inc(tokens, tags={"model": self.model})
 
 
+def _merged_calls(metadata: Iterable[tuple[str, str]] | None) -> int:
+    for key, value in metadata or ():
+        if key == MERGED_KEY:
+            return int(value) if value.isdigit() and int(value) > 0 else 1
+    return 1
+
+
 class CallObserver:
     def __init__(self, metrics: RouterMetrics, tracer: Tracer) -> None:
         self.metrics = metrics
@@ -59,7 +69,7 @@ class CallObserver:
     @contextlib.contextmanager
     def observe(self, method: str, metadata: Iterable[tuple[str, str]] | None) -> Iterator[ObservedCall]:
         """Counts the call and spans it (a child of the caller's `traceparent`, when it sent one)."""
-        call = ObservedCall(method, self.metrics)
+        call = ObservedCall(method, self.metrics, callers=_merged_calls(metadata))
         code = "OK"
         with self.tracer.span(f"EmbedService/{method}", kind="SERVER", parent=metadata,
                               attributes={"rpc.system": "grpc", "rpc.service": "embedding_service.v1.EmbedService",
@@ -76,7 +86,7 @@ class CallObserver:
     def _finish(self, call: ObservedCall, code: str) -> None:
         m = self.metrics
         tags = call.tags()
-        m.requests.inc(tags={**tags, "code": code})
+        m.requests.inc(call.callers, tags={**tags, "code": code})
         m.request_seconds.observe(time.perf_counter() - call.started, tags=tags)
         if code == "OK" and call.inputs:
             m.request_inputs.observe(call.inputs, tags=tags)

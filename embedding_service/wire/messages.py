@@ -31,6 +31,9 @@ COMPACT_ENCODINGS = {encoding: name for name, (encoding, _) in OUTPUTS.items() i
 # The compact types placed in ranges calibrated per model (the others are sign bits).
 RANGED = ("int8", "uint8")
 
+# Metadata on a call that Serve's proxy merged from several callers' (proxy/merging.py): how many.
+MERGED_KEY = "embedding-merged-calls"
+
 
 def model_deployment_name(model: str) -> str:
     return "model-" + model.replace("/", "_")

@@ -1,5 +1,5 @@
 """Settings that reach a process through its Ray node's environment, because Serve starts it without the
-application's args: the gRPC server options of Serve's proxy, derived from `args.limits`.
+application's args: the gRPC server options of Serve's proxy, derived from `args.limits`, and `args.proxy`.
 
 The run command and the Kubernetes manifests put them in every node's environment (ops/servefile.py); the
 proxy-side module named by PRELOADED_MODULE applies them as a Ray worker starts (proxy/grpc_options.py).
@@ -11,9 +11,10 @@ import json
 import os
 from collections.abc import Mapping
 
-from embedding_service.config import Limits
+from embedding_service.config import Limits, ProxySettings
 
 PROXY_OPTIONS_ENV = "EMBEDDING_SERVE_GRPC_OPTIONS"
+PROXY_SETTINGS_ENV = "EMBEDDING_PROXY_SETTINGS"
 PRELOADED_MODULE = "embedding_service.proxy.grpc_options"
 # The setting an operator changes, named when the options are not in force.
 SETTING = "args.limits.proxy_max_pending_calls"
@@ -45,3 +46,13 @@ def requested_proxy_options(environ: Mapping[str, str] = os.environ) -> list[tup
     if not raw:
         return None
     return [(str(key), value) for key, value in json.loads(raw)]
+
+
+def encode_proxy_settings(settings: ProxySettings) -> str:
+    return settings.model_dump_json()
+
+
+def proxy_settings(environ: Mapping[str, str] = os.environ) -> ProxySettings | None:
+    """args.proxy as this node's environment gives it; None when it gives none."""
+    raw = environ.get(PROXY_SETTINGS_ENV)
+    return ProxySettings.model_validate_json(raw) if raw else None

@@ -1,0 +1,178 @@
+"""Small Embed calls merged in Serve's proxy (proxy/merging.py): through the real proxy, each caller gets
+what it gets alone (vectors, order, tokens, its own error); driven directly, what cannot be timed on
+purpose through it (a caller whose deadline passes while it waits to leave)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from embedding_client.errors import read_details
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.config import ProxySettings
+from embedding_service.proxy import ingress
+from embedding_service.proxy.merging import EmbedMerging, Outcome
+from embedding_service.wire.messages import MERGED_KEY
+from embedding_service.wire.reasons import Reason
+from tests.conftest import MINILM
+from tests.observe import settled, total
+from tests.test_embed import text_inputs
+from tests.test_proxy_ingress import Context
+
+
+def _texts(k: int) -> list[str]:
+    return [f"merged caller {k} input {j} " + "word " * ((k * 5 + j) % 11) for j in range(1 + k % 3)]
+
+
+def _request(k: int) -> pb.EmbedRequest:
+    request = pb.EmbedRequest(model=MINILM, inputs=text_inputs(_texts(k)))
+    if k % 4 == 1:
+        request.dimensions = 16  # another key: merged only with its like
+    if k % 4 == 2:
+        request.encoding = pb.VECTOR_ENCODING_FLOAT32_LE
+    return request
+
+
+def _vectors(response: pb.EmbedResponse) -> np.ndarray:
+    return np.array([np.frombuffer(e.float32_le, "<f4") if e.float32_le else list(e.values)
+                     for e in response.embeddings], dtype=np.float32)
+
+
+def _concurrently(target: str, requests: list[pb.EmbedRequest]) -> list:
+    async def main():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+
+            async def one(request):
+                try:
+                    return await stub.Embed(request, timeout=60)
+                except grpc.aio.AioRpcError as err:
+                    return err
+
+            return await asyncio.gather(*(one(r) for r in requests))
+
+    return asyncio.run(main())
+
+
+def test_merged_calls_give_each_caller_its_own_vectors_order_and_usage(service, reference_models):
+    callers = 96
+    requests = [_request(k) for k in range(callers)]
+    alone = [service.stub.Embed(r, timeout=60) for r in requests[:8]]
+    before = settled("ray_embedding_proxy_merged_callers_count", 1.0)
+    replies = _concurrently(service.target, requests)
+    settled("ray_embedding_proxy_merged_callers_count", 1.0)
+    after = settled("ray_embedding_requests_total", 1.0, method="Embed", model=MINILM)
+
+    reference = reference_models[MINILM]
+    for k, (request, reply) in enumerate(zip(requests, replies)):
+        assert isinstance(reply, pb.EmbedResponse), reply
+        texts = _texts(k)
+        expected = reference.encode(texts, normalize_embeddings=True)
+        dims = 16 if k % 4 == 1 else expected.shape[1]
+        if dims != expected.shape[1]:
+            expected = expected[:, :dims] / np.linalg.norm(expected[:, :dims], axis=1, keepdims=True)
+        assert reply.model == MINILM and reply.dimensions == dims
+        assert [e.index for e in reply.embeddings] == list(range(len(texts)))
+        assert np.abs(_vectors(reply) - expected).max() < 1e-5
+        tokens = [len(reference.tokenizer(t)["input_ids"]) for t in texts]
+        assert [e.tokens for e in reply.embeddings] == tokens
+        assert reply.usage.prompt_tokens == reply.usage.total_tokens == sum(tokens)
+        if k < len(alone):
+            assert [e.tokens for e in reply.embeddings] == [e.tokens for e in alone[k].embeddings]
+            assert np.abs(_vectors(reply) - _vectors(alone[k])).max() < 1e-6
+
+    def delta(name: str) -> float:
+        return total(name, after) - total(name, before)
+
+    sent = delta("ray_embedding_proxy_merged_callers_count")
+    print(f"{callers} concurrent calls left the proxy as {sent:.0f} calls to the router")
+    assert 0 < sent < callers  # some of them together
+    # The router counts the calls it was sent, merged or not, as the callers' calls.
+    assert total("ray_embedding_requests_total", after, method="Embed", model=MINILM, code="OK") - \
+        total("ray_embedding_requests_total", before, method="Embed", model=MINILM, code="OK") == callers
+
+
+def test_an_input_refused_in_a_merged_call_fails_only_its_caller_with_its_own_index(service):
+    requests = [pb.EmbedRequest(model=MINILM, inputs=text_inputs([f"fine {k}"])) for k in range(48)]
+    bad = 7
+    requests[bad].inputs.add().token_ids.ids.extend([101, 10**7, 102])  # its input 1: out of the vocabulary
+    replies = _concurrently(service.target, requests)
+    error = replies[bad]
+    assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = read_details(error.trailing_metadata())
+    assert details.reason == Reason.TOKEN_ID_OUT_OF_RANGE.name and details.metadata["index"] == "1"
+    for k, reply in enumerate(replies):
+        if k != bad:
+            assert isinstance(reply, pb.EmbedResponse) and len(reply.embeddings) == 1, reply
+
+
+class _Caller(Context):
+    def peer(self):
+        return "ipv4:127.0.0.1:50000"
+
+
+def test_a_lone_call_goes_as_it_came_and_a_waiting_caller_gets_its_own_deadline():
+    sent: list[tuple[pb.EmbedRequest, tuple]] = []
+    release = asyncio.Event
+
+    async def main():
+        gate = release()
+
+        async def send(request, context, extra, deadline) -> Outcome:
+            sent.append((request, extra))
+            await gate.wait()
+            return Outcome(pb.EmbedResponse(model="m").SerializeToString())
+
+        merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1, coalesce_max_inputs=32), send)
+        first = pb.EmbedRequest(model="m", inputs=text_inputs(["first"]))
+        lone = asyncio.ensure_future(ingress._merged_unary(merging, first, _Caller(remaining=30), "Embed"))
+        await asyncio.sleep(0.05)
+        late = _Caller(remaining=0.2)  # queued behind the one in flight; its deadline passes first
+        waited = await ingress._merged_unary(merging, pb.EmbedRequest(model="m", inputs=text_inputs(["late"])),
+                                             late, "Embed")
+        gate.set()
+        await lone
+        return first, waited, late
+
+    first, waited, late = asyncio.run(main())
+    assert sent == [(first, ())]  # the lone call as it came; the late one never sent
+    assert waited == b"" and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert read_details(late.trailing_metadata()).reason == Reason.TIMEOUT.name
+
+
+def test_calls_that_wait_leave_as_one_with_their_count_and_the_last_deadline():
+    seen: list[tuple[pb.EmbedRequest, tuple, float | None]] = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def send(request, context, extra, deadline) -> Outcome:
+            seen.append((request, extra, None if deadline is None else deadline.remaining()))
+            await gate.wait()
+            reply = pb.EmbedResponse(model="m", dimensions=2)
+            for i, _ in enumerate(request.inputs):
+                reply.embeddings.add(index=i, values=[float(i), 0.0], tokens=i + 1)
+            return Outcome(reply.SerializeToString())
+
+        merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1, coalesce_max_inputs=32), send)
+        def call(texts, remaining):
+            return ingress._merged_unary(merging, pb.EmbedRequest(model="m", inputs=text_inputs(texts)),
+                                         _Caller(remaining=remaining), "Embed")
+
+        first = asyncio.ensure_future(call(["a"], 30))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(call(["b", "c"], 10)), asyncio.ensure_future(call(["d"], 20))]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return [await first] + [await w for w in waiting]
+
+    replies = [pb.EmbedResponse.FromString(r) for r in asyncio.run(main())]
+    merged, extra, remaining = seen[1]
+    assert [x.text for x in merged.inputs] == ["b", "c", "d"] and extra == ((MERGED_KEY, "2"),)
+    assert 19 < remaining <= 20
+    assert [[(e.index, e.values[0], e.tokens) for e in r.embeddings] for r in replies[1:]] == \
+        [[(0, 0.0, 1), (1, 1.0, 2)], [(0, 2.0, 3)]]
+    assert [r.usage.total_tokens for r in replies[1:]] == [3, 3]
