@@ -40,10 +40,10 @@ def plot(r: dict, path: Path) -> None:
     peer = r.get("peer", {}).get("workloads", {})
     bars = []  # (label, row)
     for name, row in r["workloads"].items():
-        bars.append((f"{name}\nours", row))
+        bars.append((f"{name} ours", row))
         if name in peer:
-            bars.append((f"{name}\npeer", peer[name]))
-    fig, (cpu_ax, rate_ax) = plt.subplots(1, 2, figsize=(14, 5))
+            bars.append((f"{name} peer", peer[name]))
+    fig, (cpu_ax, rate_ax) = plt.subplots(1, 2, figsize=(15, 6))
     x = range(len(bars))
     bottom = [0.0] * len(bars)
     for role in ROLES:
@@ -51,13 +51,13 @@ def plot(r: dict, path: Path) -> None:
         if any(heights):
             cpu_ax.bar(x, heights, bottom=bottom, label=role, color=COLORS[role])
             bottom = [b + h for b, h in zip(bottom, heights)]
-    cpu_ax.set_xticks(list(x), [label for label, _ in bars], fontsize=7)
+    cpu_ax.set_xticks(list(x), [label for label, _ in bars], fontsize=8, rotation=40, ha="right")
     cpu_ax.set_ylabel("server CPU per call (ms)")
     cpu_ax.set_title("CPU per one-sentence call, by process")
     cpu_ax.legend(fontsize=8)
     rate_ax.bar(x, [row["rate"] for _, row in bars],
                 color=[COLORS["peer"] if label.endswith("peer") else COLORS["proxy"] for label, _ in bars])
-    rate_ax.set_xticks(list(x), [label for label, _ in bars], fontsize=7)
+    rate_ax.set_xticks(list(x), [label for label, _ in bars], fontsize=8, rotation=40, ha="right")
     rate_ax.set_ylabel("calls/s")
     rate_ax.set_title(f"calls/s (W1: one at a time, W3: {r['callers']} callers)")
     fig.suptitle(f"serving path, {r['model']} ({r['cpus']} CPUs)", fontsize=10)

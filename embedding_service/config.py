@@ -209,7 +209,8 @@ class ProxySettings(Strict):
 
     # Concurrent Embed calls of at most coalesce_max_inputs inputs that the router would treat alike leave
     # the proxy as one call once this many such merged calls are out; 0: every call goes on its own.
-    coalesce_max_in_flight: int = Field(4, ge=0)
+    # Inputs per merged call: at most the router's shard_size keeps it one shard there.
+    coalesce_max_in_flight: int = Field(2, ge=0)
     coalesce_max_inputs: int = Field(32, ge=1)
 
 
