@@ -212,6 +212,9 @@ class ProxySettings(Strict):
     # Inputs per merged call: at most the router's shard_size keeps it one shard there.
     coalesce_max_in_flight: int = Field(2, ge=0)
     coalesce_max_inputs: int = Field(32, ge=1)
+    # Calls held in a proxy waiting to leave merged; past it a call is refused (RESOURCE_EXHAUSTED OVERLOADED
+    # with a retry delay), as the router's own queue bound refuses (router.max_queued_requests).
+    max_queued_calls: int = Field(1024, ge=1)
 
 
 class AuthSettings(Strict):

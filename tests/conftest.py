@@ -127,6 +127,9 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,
                           max_ongoing_requests=ROUTER_ONGOING, max_queued_requests=ROUTER_QUEUED)
+    # The proxy's own queue (calls waiting to leave merged) small enough for a burst test to overfill it, not
+    # the tests' 96 concurrent callers.
+    args["proxy"] = {"max_queued_calls": 256}
     args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
     args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
     args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)

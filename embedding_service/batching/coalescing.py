@@ -62,6 +62,11 @@ class Coalescer(Generic[R]):
         self._in_flight = 0
 
     @property
+    def waiting(self) -> int:
+        """Callers queued, not yet sent."""
+        return len(self._queue)
+
+    @property
     def idle(self) -> bool:
         """Nothing queued, nothing in flight: the owner may drop it."""
         return not self._queue and self._in_flight == 0

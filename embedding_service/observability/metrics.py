@@ -137,6 +137,9 @@ class ProxyMetrics(_Group):
     resent = counter("proxy_calls_resent", "Calls the proxy sent to another router because theirs stopped or "
                      "died before answering (an EmbedStream goes on with the inputs not yet returned).",
                      ("method",))
+    inputs_dropped = counter("proxy_inputs_dropped", "Inputs of Embed calls dropped while they waited in the proxy "
+                             "to leave merged: caller gone (reason=cancelled) or deadline passed (reason=deadline).",
+                             ("reason",))
     merged_callers = histogram("proxy_merged_callers", "Embed calls carried by one call the proxy sent to the "
                                "router (1: a call that went alone; args.proxy.coalesce_max_in_flight).", COUNTS)
     options_in_force = gauge("proxy_grpc_options_in_force", "1 while this proxy's gRPC server runs with the "

@@ -42,7 +42,7 @@ from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import ProxyMetrics, keep_gauges_set
 from embedding_service.proxy import serve_internals
 from embedding_service.proxy.health_relay import HealthRelay
-from embedding_service.proxy.merging import EmbedMerging, MergeFailed, Outcome, Send
+from embedding_service.proxy.merging import EmbedMerging, MergeFailed, MergingFull, Outcome, Send
 from embedding_service.wire import node_env, status
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -75,7 +75,9 @@ class _Proxy:
         self._gauges: asyncio.Task | None = None
 
     def merging(self, send: Send) -> EmbedMerging:
-        return EmbedMerging(self.settings, send, on_send=self.metrics.merged_callers.observe)
+        m = self.metrics
+        return EmbedMerging(self.settings, send, _Detached, on_send=m.merged_callers.observe,
+                            on_drop=lambda inputs, reason: m.inputs_dropped.inc(inputs, tags={"reason": reason}))
 
     def check_options(self) -> None:
         """Whether Serve built this proxy's server with the service's options; says so when it did not."""
@@ -268,6 +270,59 @@ class _Attempt:
         _finish(self.outcome(b""), context, stream, method)
 
 
+class _Detached:
+    """What Serve's handler reads of a caller's gRPC context, taken while the caller is there: a call the
+    merging sends may run on after that caller has gone, and a finished call's context must not be touched.
+    What Serve writes on it goes to the _Attempt around it."""
+
+    def __init__(self, context) -> None:
+        self._metadata = tuple(context.invocation_metadata())
+        self._peer = context.peer()
+        self._auth = context.auth_context()
+        self._identities = context.peer_identities()
+        self._identity_key = context.peer_identity_key()
+        self._deadline = Deadline.after(context.time_remaining())
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self):
+        return self._peer
+
+    def auth_context(self):
+        return self._auth
+
+    def peer_identities(self):
+        return self._identities
+
+    def peer_identity_key(self):
+        return self._identity_key
+
+    def time_remaining(self):
+        return self._deadline.remaining()
+
+    def code(self):
+        return None
+
+    def details(self):
+        return ""
+
+    def trailing_metadata(self):
+        return ()
+
+    def set_code(self, code) -> None:
+        pass
+
+    def set_details(self, details) -> None:
+        pass
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass
+
+    def set_compression(self, compression) -> None:
+        pass
+
+
 def _text(details) -> str:
     details = details or ""
     return details.decode(errors="replace") if isinstance(details, bytes) else details
@@ -337,6 +392,11 @@ async def _merged_unary(merging: EmbedMerging, request, context, method: str) ->
         _this_proxy().refuse(ServiceError(Reason.TIMEOUT, "the call's deadline passed while it waited in Serve's "
                                           "proxy to leave with others; retry with a longer deadline"),
                              context, False, method)
+        return b""
+    except MergingFull:
+        _this_proxy().refuse(ServiceError(Reason.OVERLOADED, f"Serve's proxy holds {merging.settings.max_queued_calls} "
+                                          "calls waiting already (args.proxy.max_queued_calls); retry after the "
+                                          "RetryInfo delay"), context, False, method)
         return b""
     except MergeFailed as failed:
         _finish(failed.outcome, context, False, method)

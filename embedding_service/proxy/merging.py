@@ -12,7 +12,12 @@ router serves unkeyed callers on loopback only). Each caller gets its own vector
 token usage, and its own deadline (the merged call runs to the last of theirs). A merged call refused as
 INVALID_ARGUMENT (an input too long, a token id out of range) is sent again per caller, so each gets the
 error, with its own input's index, or the vectors it would have got alone; any other failure is every
-caller's. The router counts each merged call as the calls it carries (MERGED_KEY).
+caller's. The router counts each merged call as the calls it carries (MERGED_KEY). At most
+`max_queued_calls` calls wait here; past that a call is refused at once (MergingFull), as a full queue refuses.
+
+A call is sent from the merging's own task, which may outlive any of its callers (one whose deadline passed,
+who left): what Serve reads of a caller's gRPC context is taken while the caller is there (`detach`), since the
+context of a finished call must not be touched again (gRPC frees it: touching it crashed the proxy).
 """
 
 from __future__ import annotations
@@ -97,6 +102,10 @@ class Part:
         return part.SerializeToString()
 
 
+class MergingFull(Exception):
+    """max_queued_calls calls are waiting already."""
+
+
 class MergeFailed(Exception):
     """A merged call that did not succeed; every caller in it gets its outcome (or goes again alone)."""
 
@@ -112,10 +121,14 @@ def _isolate(exc: BaseException) -> bool:
 class EmbedMerging:
     """Embed calls of at most `coalesce_max_inputs` inputs merged per key; `send` makes the router's call."""
 
-    def __init__(self, settings: ProxySettings, send: Send, on_send: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(self, settings: ProxySettings, send: Send, detach: Callable[[object], object],
+                 on_send: Callable[[int], None] = lambda n: None,
+                 on_drop: Callable[[int, str], None] = lambda inputs, reason: None) -> None:
         self.settings = settings
         self._send = send
+        self._detach = detach  # a caller's context -> what the router's call may read of it later
         self._on_send = on_send
+        self._on_drop = on_drop  # (inputs, CANCELLED or DEADLINE) of each caller dropped unsent
         self._coalescers: dict[tuple, Coalescer[Part]] = {}
 
     def takes(self, request) -> bool:
@@ -124,11 +137,14 @@ class EmbedMerging:
             0 < len(request.inputs) <= s.coalesce_max_inputs
 
     async def embed(self, request: pb.EmbedRequest, context) -> Part:
-        """The caller's part; TimeoutError when its own deadline passes while it waits to leave."""
+        """The caller's part; TimeoutError when its own deadline passes while it waits to leave, MergingFull
+        when max_queued_calls are waiting."""
+        if sum(c.waiting for c in self._coalescers.values()) >= self.settings.max_queued_calls:
+            raise MergingFull
         key = _key(request, context)
         coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new())
         remaining = context.time_remaining()
-        caller = _Caller(request, context)
+        caller = _Caller(request, self._detach(context))
         try:
             # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
             return await asyncio.wait_for(coalescer.enqueue([_Input(caller, x) for x in request.inputs],
@@ -140,7 +156,7 @@ class EmbedMerging:
     def _new(self) -> Coalescer[Part]:
         s = self.settings
         return Coalescer(self._merged, s.coalesce_max_inputs, s.coalesce_max_in_flight, split=_split,
-                         isolate=_isolate, on_send=self._on_send, where="in the proxy")
+                         isolate=_isolate, on_send=self._on_send, on_drop=self._on_drop, where="in the proxy")
 
     async def _merged(self, inputs: list[_Input], deadline: Deadline) -> Part:
         first = inputs[0].caller
