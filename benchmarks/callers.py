@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable
 Call = Callable[[list[str]], Awaitable[None]]
 
 
-async def _run(call: Call, payloads: list[list[str]], in_flight: int) -> tuple[float, list[float]]:
+async def _run(call: Call, payloads: list[list[str]], in_flight: int,
+               warm: int | None = None) -> tuple[float, list[float]]:
+    """`warm` calls first (default: one per caller), unmeasured."""
     gate = asyncio.Semaphore(in_flight)
 
     async def one(texts: list[str]) -> float:
@@ -26,7 +28,7 @@ async def _run(call: Call, payloads: list[list[str]], in_flight: int) -> tuple[f
             await call(texts)
             return time.perf_counter() - t
 
-    await asyncio.gather(*(one(["warm up"]) for _ in range(in_flight)))  # connections open, paths warm
+    await asyncio.gather(*(one(["warm up"]) for _ in range(in_flight if warm is None else warm)))
     start = time.perf_counter()
     latencies = await asyncio.gather(*(one(p) for p in payloads))
     return time.perf_counter() - start, list(latencies)
@@ -53,9 +55,9 @@ def grpc_callers(target: str, payloads: list[list[str]], in_flight: int) -> tupl
 
 
 def rest_callers(base: str, model: str, payloads: list[list[str]], in_flight: int,
-                 keep_alive: bool = False) -> tuple[float, list[float]]:
+                 keep_alive: bool = False, warm: int | None = None) -> tuple[float, list[float]]:
     """POST /v1/embeddings (base64) from `in_flight` tasks on one httpx.AsyncClient; `keep_alive`: a pool that
-    keeps every caller's connection open (else httpx's default, 20 kept alive)."""
+    keeps every caller's connection open (else httpx's default, 20 kept alive); `warm`: calls first."""
     import httpx
 
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100) if keep_alive else httpx.Limits(
@@ -68,7 +70,7 @@ def rest_callers(base: str, model: str, payloads: list[list[str]], in_flight: in
                                       json={"model": model, "input": texts, "encoding_format": "base64"})
                 r.raise_for_status()
 
-            return await _run(call, payloads, in_flight)
+            return await _run(call, payloads, in_flight, warm)
 
     return asyncio.run(main())
 

@@ -76,30 +76,11 @@ class AsyncRestClient:
         self.model = model
 
     def run(self, payloads: list[list[str]], in_flight: int) -> tuple[float, list[float]]:
-        """Posts every payload with `in_flight` at once; returns (wall seconds, latencies)."""
-        import asyncio
+        """Posts every payload with `in_flight` at once (httpx's default pool, as callers leave it; one call
+        first, unmeasured); returns (wall seconds, latencies)."""
+        from benchmarks.callers import rest_callers
 
-        import httpx
-
-        async def main() -> tuple[float, list[float]]:
-            # httpx's default pool (100 connections, 20 kept alive), as callers leave it.
-            async with httpx.AsyncClient(timeout=600) as client:
-                gate = asyncio.Semaphore(in_flight)
-
-                async def one(texts: list[str]) -> float:
-                    async with gate:
-                        t = time.perf_counter()
-                        r = await client.post(f"{self.base}/v1/embeddings", json={
-                            "model": self.model, "input": texts, "encoding_format": "base64"})
-                        r.raise_for_status()
-                        return time.perf_counter() - t
-
-                await one(["warm up"])
-                start = time.perf_counter()
-                latencies = await asyncio.gather(*(one(p) for p in payloads))
-                return time.perf_counter() - start, list(latencies)
-
-        return asyncio.run(main())
+        return rest_callers(self.base, self.model, payloads, in_flight, warm=1)
 
 
 def concurrent(call, payloads: list, in_flight: int) -> tuple[float, list[float]]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.callers import aiohttp_callers, openai_callers
@@ -71,15 +75,27 @@ def measure_async_rest(rest: AsyncRestClient, work: Work, results: dict, batch_s
     return w
 
 
-def measure_peer(command: str, base: str, model: str, work: Work, results: dict, log: Path) -> dict:
-    """The REST workloads (threads and asyncio) against another OpenAI-compatible server started from
-    `command` (a shell line), after the service has stopped: each system has the machine to itself."""
-    import signal
-    import subprocess
-
+@contextlib.contextmanager
+def peer_process(command: str, log: Path) -> Iterator[subprocess.Popen]:
+    """A peer server started from `command` (a shell line, its output to `log`), stopped with its whole
+    process group afterwards (SIGTERM, SIGKILL after 30 s)."""
     with open(log, "wb") as out:
         process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def measure_peer(command: str, base: str, model: str, work: Work, results: dict, log: Path) -> dict:
+    """The REST workloads (threads and asyncio) against another OpenAI-compatible server started from
+    `command` (a shell line), after the service has stopped: each system has the machine to itself."""
+    with peer_process(command, log) as process:
         rest = RestClient(base, model)
         wait_answering(rest, 900, process)
         rest.embed(work.w2)  # warm
@@ -90,13 +106,6 @@ def measure_peer(command: str, base: str, model: str, work: Work, results: dict,
         w = measure_client("rest", rest, work, results, no_batches)
         w |= measure_async_rest(AsyncRestClient(base, model), work, results, no_batches)
         w["W3_rest"]["calls_resent"] = rest.resent  # over the whole threaded run
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     return {"command": command, "url": base, "model": model, "workloads": w}
 
 

@@ -14,7 +14,6 @@ aiohttp (connections kept open) and through the official openai SDK's AsyncOpenA
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.callers import aiohttp_callers, grpc_callers, openai_callers, rest_callers
 from benchmarks.clients import GrpcClient, RestClient, wait_answering
+from benchmarks.measure import peer_process
 from benchmarks.proc_cpu import CpuMeter
 from benchmarks.workloads import W1_TEXT, pct, sentences
 
@@ -119,22 +119,12 @@ def against_the_peer(command: str, url: str, model_dir: Path, sizes: dict, log: 
                      model: str = NAME) -> dict:
     """The REST workloads against the peer started from `command`: {model} in it is the near-zero model's
     folder; it must answer to the model name `model`."""
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command.format(model=model_dir), shell=True, start_new_session=True,
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with peer_process(command.format(model=model_dir), log) as process:
         wait_answering(RestClient(url, model), 900, process)
         chosen = {k: v for k, v in workloads(None, url, model, sizes).items() if only is None or k in only}
         print(f"peer ({command}):", flush=True)
         return {"command": command, "url": url,
                 "workloads": run_workloads(chosen, CpuMeter(process.pid, role=lambda cmdline: "peer", include_root=True))}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def main(opts, config, metrics_report: dict) -> dict:

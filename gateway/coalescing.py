@@ -11,13 +11,12 @@ vectors) it would have got alone.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from embedding_client.errors import InvalidArgument
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.batching.coalescing import Coalescer
+from embedding_service.batching.coalescing import Coalescer, KeyedCoalescers
 from embedding_service.wire.deadline import Deadline
 
 
@@ -55,21 +54,14 @@ class EmbedCoalescing:
         self.max_inputs = max_inputs
         self.max_in_flight = max_in_flight
         self._on_send = on_send
-        self._coalescers: dict[tuple[str, int | None, int], Coalescer[Reply]] = {}
+        self._coalescers: KeyedCoalescers[tuple[str, int | None, int], Reply] = KeyedCoalescers(
+            lambda key: self._new(*key))
 
     async def embed(self, model: str, inputs: list[pb.EmbedInput], dimensions: int | None, deadline: Deadline,
                     encoding: int = pb.VECTOR_ENCODING_FLOAT32_LE) -> Reply:
         if self.max_in_flight == 0 or len(inputs) > self.max_inputs:
             return Reply.whole(await self._call(_request(model, inputs, dimensions, encoding), deadline))
-        key = (model, dimensions, encoding)
-        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new(*key))
-        try:
-            # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
-            # Its own deadline, though the merged call it rides in may run to a later caller's.
-            return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), deadline.remaining())
-        finally:
-            if coalescer.idle and self._coalescers.get(key) is coalescer:
-                del self._coalescers[key]  # keys come from callers (any model name): none kept idle
+        return await self._coalescers.submit((model, dimensions, encoding), inputs, deadline)
 
     def _new(self, model: str, dimensions: int | None, encoding: int) -> Coalescer[Reply]:
         async def send(inputs: list[pb.EmbedInput], deadline: Deadline) -> Reply:

@@ -139,3 +139,35 @@ class Coalescer(Generic[R]):
             self._in_flight -= 1
             self._pump()
 
+
+
+K = TypeVar("K")
+
+
+class KeyedCoalescers(Generic[K, R]):
+    """One Coalescer per key (made by `make(key)` on first use), dropped again once idle: keys that come from
+    callers (a model name, options, metadata) are never kept."""
+
+    def __init__(self, make: Callable[[K], Coalescer[R]]) -> None:
+        self._make = make
+        self._coalescers: dict[K, Coalescer[R]] = {}
+
+    def __len__(self) -> int:
+        """Keys with callers queued or in flight."""
+        return len(self._coalescers)
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued, not yet sent, over every key."""
+        return sum(c.waiting for c in self._coalescers.values())
+
+    async def submit(self, key: K, inputs: list[Any], deadline: Deadline) -> R:
+        """The caller's result; TimeoutError when its own deadline passes first (the merged call it rides in
+        may run to a later caller's)."""
+        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._make(key))
+        try:
+            # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
+            return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), deadline.remaining())
+        finally:
+            if coalescer.idle and self._coalescers.get(key) is coalescer:
+                del self._coalescers[key]

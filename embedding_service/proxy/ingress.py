@@ -273,7 +273,7 @@ class _Attempt:
 class _Detached:
     """What Serve's handler reads of a caller's gRPC context, taken while the caller is there: a call the
     merging sends may run on after that caller has gone, and a finished call's context must not be touched.
-    What Serve writes on it goes to the _Attempt around it."""
+    It is only ever used inside an _Attempt, which keeps the status Serve writes."""
 
     def __init__(self, context) -> None:
         self._metadata = tuple(context.invocation_metadata())
@@ -301,26 +301,8 @@ class _Detached:
     def time_remaining(self):
         return self._deadline.remaining()
 
-    def code(self):
-        return None
-
-    def details(self):
-        return ""
-
-    def trailing_metadata(self):
-        return ()
-
-    def set_code(self, code) -> None:
-        pass
-
-    def set_details(self, details) -> None:
-        pass
-
-    def set_trailing_metadata(self, metadata) -> None:
-        pass
-
     def set_compression(self, compression) -> None:
-        pass
+        pass  # the caller's call is answered by the _Attempt's status, compressed as gRPC's default
 
 
 def _text(details) -> str:

@@ -22,14 +22,13 @@ context of a finished call must not be touched again (gRPC frees it: touching it
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.batching.coalescing import Coalescer
+from embedding_service.batching.coalescing import Coalescer, KeyedCoalescers
 from embedding_service.config import ProxySettings
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
 from embedding_service.wire.messages import MERGED_KEY
@@ -129,7 +128,7 @@ class EmbedMerging:
         self._detach = detach  # a caller's context -> what the router's call may read of it later
         self._on_send = on_send
         self._on_drop = on_drop  # (inputs, CANCELLED or DEADLINE) of each caller dropped unsent
-        self._coalescers: dict[tuple, Coalescer[Part]] = {}
+        self._coalescers: KeyedCoalescers[tuple, Part] = KeyedCoalescers(lambda key: self._new())
 
     def takes(self, request) -> bool:
         s = self.settings
@@ -139,19 +138,11 @@ class EmbedMerging:
     async def embed(self, request: pb.EmbedRequest, context) -> Part:
         """The caller's part; TimeoutError when its own deadline passes while it waits to leave, MergingFull
         when max_queued_calls are waiting."""
-        if sum(c.waiting for c in self._coalescers.values()) >= self.settings.max_queued_calls:
+        if self._coalescers.waiting >= self.settings.max_queued_calls:
             raise MergingFull
-        key = _key(request, context)
-        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._new())
-        remaining = context.time_remaining()
         caller = _Caller(request, self._detach(context))
-        try:
-            # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
-            return await asyncio.wait_for(coalescer.enqueue([_Input(caller, x) for x in request.inputs],
-                                                            Deadline.after(remaining)), remaining)
-        finally:
-            if coalescer.idle and self._coalescers.get(key) is coalescer:
-                del self._coalescers[key]  # keys come from callers: none kept idle
+        return await self._coalescers.submit(_key(request, context), [_Input(caller, x) for x in request.inputs],
+                                             Deadline.after(context.time_remaining()))
 
     def _new(self) -> Coalescer[Part]:
         s = self.settings
