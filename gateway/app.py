@@ -35,7 +35,8 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
         app.state.embedding = EmbedCoalescing(
             lambda request, deadline: client.call("Embed", request, deadline=loop_deadline(deadline)),
             settings.coalesce_max_inputs,
-            settings.coalesce_max_in_flight, on_send=metrics.coalesced_callers.observe)
+            settings.coalesce_max_in_flight, on_send=metrics.coalesced_callers.observe,
+            max_queued=settings.coalesce_max_queued)
         try:
             yield
         finally:

@@ -6,7 +6,8 @@ through Serve's proxy and the router, whose per-call work was the limit (README,
 A request goes at once while fewer than `coalesce_max_in_flight` merged calls are out for its
 key; the ones that arrive meanwhile leave together (embedding_service.batching.coalescing). A merged call
 refused as INVALID_ARGUMENT is sent again per caller, so each caller gets the exact error (or
-vectors) it would have got alone.
+vectors) it would have got alone. At most `coalesce_max_queued` requests wait; past that `embed` raises
+CoalescingFull at once.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def _input_specific(exc: BaseException) -> bool:
     return isinstance(exc, InvalidArgument)
 
 
+class CoalescingFull(Exception):
+    """max_queued requests are waiting to leave already."""
+
+
 class EmbedCoalescing:
     """Embed calls, small ones merged per (model, dimensions, encoding).
 
@@ -49,10 +54,12 @@ class EmbedCoalescing:
     """
 
     def __init__(self, call: Callable[[pb.EmbedRequest, Deadline], Awaitable[pb.EmbedResponse]], max_inputs: int,
-                 max_in_flight: int, on_send: Callable[[int], None] = lambda callers: None) -> None:
+                 max_in_flight: int, on_send: Callable[[int], None] = lambda callers: None,
+                 max_queued: int = 1024) -> None:
         self._call = call
         self.max_inputs = max_inputs
         self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
         self._on_send = on_send
         self._coalescers: KeyedCoalescers[tuple[str, int | None, int], Reply] = KeyedCoalescers(
             lambda key: self._new(*key))
@@ -61,6 +68,8 @@ class EmbedCoalescing:
                     encoding: int = pb.VECTOR_ENCODING_FLOAT32_LE) -> Reply:
         if self.max_in_flight == 0 or len(inputs) > self.max_inputs:
             return Reply.whole(await self._call(_request(model, inputs, dimensions, encoding), deadline))
+        if self._coalescers.waiting >= self.max_queued:
+            raise CoalescingFull
         return await self._coalescers.submit((model, dimensions, encoding), inputs, deadline)
 
     def _new(self, model: str, dimensions: int | None, encoding: int) -> Coalescer[Reply]:

@@ -71,6 +71,14 @@ def timeout() -> OpenAIError:
     return OpenAIError(504, "the embedding service did not answer in time", "timeout", None, "timeout")
 
 
+def overloaded(queued: int, retry_after_s: int) -> OpenAIError:
+    """The gateway's own merging queue is full: a 429 the SDKs retry after Retry-After, as the service's full
+    queues answer."""
+    return OpenAIError(429, f"the gateway holds {queued} requests waiting for the embedding service already; "
+                       "retry after the Retry-After delay", "rate_limit_error", None, "rate_limit_exceeded",
+                       {"Retry-After": str(max(retry_after_s, 1))})
+
+
 def from_validation(problems: list[dict], known_params) -> OpenAIError:
     """A pydantic/FastAPI validation failure as OpenAI's 400, naming the request field when it is one."""
     first = problems[0] if problems else {}

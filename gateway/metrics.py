@@ -55,6 +55,8 @@ SPECS = {
                                    ("method", "code")),
     "coalesced_callers": MetricSpec("histogram", PREFIX + "coalesced_callers", "REST requests carried by each "
                                     "merged Embed call.", (), (1, 2, 4, 8, 16, 32, 64, 128)),
+    "coalescing_refused": MetricSpec("counter", PREFIX + "coalescing_refused", "REST requests refused with 429 "
+                                     "because coalesce_max_queued requests were waiting to leave in merged calls."),
 }
 
 

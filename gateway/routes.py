@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,10 +15,13 @@ from embedding_client import EmbeddingError
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.deadline import Deadline
 from gateway import errors, translate
+from gateway.coalescing import CoalescingFull
 from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
 
 OWNER = "embedding-service"
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503, 504)}
+
+logger = logging.getLogger("gateway")
 
 openai = APIRouter(prefix="/v1")
 operations = APIRouter()
@@ -56,8 +60,20 @@ async def create_embeddings(request: Request) -> Response:
         raise errors.from_service(err, state.settings.retry_after_s) from None
     except TimeoutError:  # its deadline passed while it waited to leave in a merged call
         raise errors.timeout() from None
+    except CoalescingFull:
+        raise _refused(state) from None
     payload = translate.render(reply, body.output_dtype, body.encoding_format == "base64")
     return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+
+
+def _refused(state) -> errors.OpenAIError:
+    if not getattr(state, "refusing_logged", False):
+        state.refusing_logged = True
+        logger.warning("the gateway's merging queue is full (coalesce_max_queued %d): refusing requests with 429 "
+                       "until it drains; see embedding_gateway_coalescing_refused_total",
+                       state.settings.coalesce_max_queued)
+    state.metrics.coalescing_refused.inc()
+    return errors.overloaded(state.settings.coalesce_max_queued, state.settings.retry_after_s)
 
 
 async def _call(request: Request, method: str, message):

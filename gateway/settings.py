@@ -63,6 +63,9 @@ class GatewaySettings(BaseSettings):
     # see gateway/coalescing.py.
     coalesce_max_inputs: int = Field(32, ge=1)
     coalesce_max_in_flight: int = Field(4, ge=0)
+    # Requests waiting to leave in a merged call, over every key; past that a request is refused at once with
+    # 429 and Retry-After (as the service's full queues refuse), never held without bound.
+    coalesce_max_queued: int = Field(1024, ge=1)
 
     # Bounds matching the service's limits.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)

@@ -83,6 +83,27 @@ def test_a_refused_input_fails_only_its_own_caller(service):
     assert callers > len(bodies) and calls < callers
 
 
+def test_requests_past_the_queue_bound_get_429_and_the_rest_their_vectors(service):
+    texts = make_texts(120, seed=5)
+    bodies = [{"model": MINILM, "input": [t], "encoding_format": "float"} for t in texts]
+    with running_gateway(targets=[service.target], coalesce_max_in_flight=1, coalesce_max_queued=8) as base:
+        replies = asyncio.run(_post_all(base, bodies))
+        scrape = httpx.get(f"{base}/metrics", timeout=10).text
+    refused = [r for r in replies if r.status_code == 429]
+    served = [(b, r) for b, r in zip(bodies, replies) if r.status_code == 200]
+    assert refused and served and len(refused) + len(served) == len(bodies), [r.status_code for r in replies]
+    for r in refused:
+        assert r.headers["Retry-After"] == "1"
+        error = r.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+        assert "8 requests waiting" in error["message"]
+    samples = {s.name: s.value for f in text_string_to_metric_families(scrape) for s in f.samples}
+    assert samples["embedding_gateway_coalescing_refused_total"] == len(refused)
+    alone = service.stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs([b["input"][0] for b, _ in served])))
+    vectors = np.array([r.json()["data"][0]["embedding"] for _, r in served], dtype=np.float32)
+    assert np.abs(vectors - vectors_of(alone)).max() < 1e-5
+
+
 class _Upstream:
     """Stands in for the gRPC service: records each call's inputs; the first call waits for `release`."""
 
