@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from embedding_service.config import AppArgs, ModelSettings, RecyclerSettings, RouterSettings, ShutdownSettings
 from embedding_service.fleet.recycler import NodeRecycler
 from embedding_service.model.deployment import EmbeddingModel
+from embedding_service.model.scoring import RerankModel, SparseModel
 from embedding_service.router.deployment import EmbedRouter
 from embedding_service.router.replica_routing import HealthyNodeRequestRouter
 from embedding_service.wire.messages import FLEET_DEPLOYMENT, ROUTER_DEPLOYMENT, model_deployment_name
@@ -51,8 +52,9 @@ def _model_app(settings: ModelSettings, fleet: Application, args: AppArgs) -> Ap
     routing = RequestRouterConfig(request_router_class=HealthyNodeRequestRouter,
                                   request_router_kwargs={"fleet_deployment": FLEET_DEPLOYMENT},
                                   max_backoff_s=args.router.handle_max_backoff_s)
+    replica = {"embedding": EmbeddingModel, "rerank": RerankModel, "sparse": SparseModel}[settings.kind]
     return (
-        serve.deployment(EmbeddingModel)
+        serve.deployment(replica)
         .options(
             name=model_deployment_name(settings.name),
             ray_actor_options={

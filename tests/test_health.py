@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.config import HEAD_RESOURCE
 from embedding_service.ops import launcher
-from tests.conftest import MINILM, REFUSING, TINY
+from tests.conftest import MINILM, REFUSING, RERANKER, SPLADE, TINY
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -28,7 +28,8 @@ def test_unknown_service_is_not_found(service):
 
 def test_list_names_every_service(service):
     listing = health_pb2_grpc.HealthStub(service.channel).List(health_pb2.HealthListRequest(), timeout=30)
-    assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY, REFUSING, "liveness"}
+    assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY, REFUSING, RERANKER, SPLADE,
+                                     "liveness"}
     # Its replica refuses to serve (test_precision.py); every other service serves.
     assert {k for k, s in listing.statuses.items() if s.status != SERVING} == {REFUSING}
 

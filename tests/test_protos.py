@@ -109,3 +109,27 @@ def test_service_errors_carry_their_reason_and_retry_hint_on_the_wire():
     assert ServiceError(Reason.NO_INPUTS, "x").retry_after_s is None
     copy = pickle.loads(pickle.dumps(ServiceError(Reason.INPUT_TOO_LONG, "long", index=3)))
     assert (copy.reason, copy.code, copy.metadata) == (Reason.INPUT_TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT, {"index": "3"})
+
+
+BASELINE = ROOT / "tests" / "data" / "proto-baseline"  # the protos as released before rerank and sparse (issue 23)
+
+
+def _breaking(against: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("buf"), "breaking", "--against", str(against)], cwd=cwd,
+                          capture_output=True, check=False, text=True, timeout=120)
+
+
+def test_nothing_released_changes_in_the_protos():
+    result = _breaking(BASELINE, ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_removed_field(tmp_path):
+    shutil.copytree(ROOT / "protos", tmp_path / "protos")
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    proto = tmp_path / "protos" / "embedding_service" / "v1" / "embedding.proto"
+    text = proto.read_text()
+    assert "  string prompt_name = 6;\n" in text
+    proto.write_text(text.replace("  string prompt_name = 6;\n", "", 1))
+    result = _breaking(BASELINE, tmp_path)
+    assert result.returncode != 0 and "prompt_name" in result.stdout + result.stderr

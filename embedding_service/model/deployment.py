@@ -16,17 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_service.batching.continuous import ContinuousBatcher
 from embedding_service.batching.waiters import DEADLINE, Expired
 from embedding_service.config import ModelSettings, TracingSettings
 from embedding_service.model.calibration import calibration_for
 from embedding_service.model.forward import LoadedModel, forward_sorted, load_model
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
+from embedding_service.model.replica import ServedReplica
 from embedding_service.model.tokenization import Prepared
-from embedding_service.model.watchdog import Placement, ReplicaWatchdog, current_placement, load_check
+from embedding_service.model.watchdog import Placement
 from embedding_service.observability.logs import service_logger
-from embedding_service.observability.metrics import ModelMetrics, keep_gauges_set
-from embedding_service.observability.tracing import service_tracer, set_attributes, wall_ns
+from embedding_service.observability.tracing import set_attributes, wall_ns
 from embedding_service.wire.messages import (
     RANGED,
     EmbedOptions,
@@ -84,62 +83,18 @@ def describe(settings: ModelSettings, loaded: LoadedModel) -> ModelInfo:
     )
 
 
-class EmbeddingModel:
+class EmbeddingModel(ServedReplica):
     def __init__(self, settings: ModelSettings, fleet, heartbeat_s: float, tracing: TracingSettings | None = None,
                  loaded: LoadedModel | None = None, placement: Placement | None = None) -> None:
         """Serve passes the first four; `loaded` and `placement` default to loading the model and asking Ray."""
-        self.settings = settings
         self.loaded = loaded = loaded or load_model(settings)
-        self.device, self.backend = loaded.device, loaded.backend
         self.info = describe(settings, loaded)
         self.refused = loaded.verification.refused if loaded.verification else None
         self._corpus: asyncio.Task | None = None  # the calibration corpus's fp32 vectors, made on first need
         self._ranges: dict[tuple[int | None, bool], np.ndarray] = {}
-        self._forward_max_tokens = settings.forward_token_budget(self.device)
-        self.metrics = ModelMetrics(model=settings.name, backend=self.backend)
-        self.tracer = service_tracer(tracing or TracingSettings(), "model")
-        self._batcher = ContinuousBatcher(self._run_batch, max_size=settings.max_batch_size,
-                                          size=lambda pending: len(pending.sequences),
-                                          max_wait_s=settings.batch_wait_timeout_s,
-                                          on_drop=lambda pending, reason: self._dropped(len(pending.sequences), reason),
-                                          on_depth=self.metrics.queue_depth.set)
-        self.watchdog = ReplicaWatchdog(fleet, settings.name, self.device, placement or current_placement(),
-                                        load_check(settings.gpu_check), settings.gpu_check_args, self.refused)
-        self.replica_id = self.watchdog.placement.replica_id
-        self._closed = False
-        # Serve builds the replica on its event loop: the first heartbeat goes out at once.
-        self.watchdog.start(heartbeat_s)
-        self._gauges = asyncio.get_running_loop().create_task(
-            keep_gauges_set(lambda: self.metrics.queue_depth.set(self._batcher.depth)))
-
-    # ---- Serve's lifecycle ------------------------------------------------
-
-    async def check_health(self) -> None:
-        """Serve's health check: fails on a quarantined node, so Serve replaces this replica elsewhere."""
-        if self.watchdog.quarantine_reason is not None:
-            raise RuntimeError(f"node {self.watchdog.placement.node_id} is quarantined: {self.watchdog.quarantine_reason}")
-        if self.watchdog.stopped:
-            raise RuntimeError("the device watchdog stopped")
-        if self._gauges.done():
-            raise RuntimeError("the metrics reporter stopped")
-
-    async def close(self) -> None:
-        """Leaves the recycler's view (its model's health follows at once) and stops the background work."""
-        self._closed = True
-        self._gauges.cancel()
-        self._batcher.close()
-        await self.watchdog.leave()
-        try:  # its last spans out, without holding up the stop for a collector that is down
-            await asyncio.wait_for(asyncio.to_thread(self.tracer.shutdown), timeout=5)
-        except asyncio.TimeoutError:
-            logger.warning("replica %s: spans not flushed within 5 s", self.replica_id)
-
-    def __del__(self):
-        # Serve calls this once the replica's calls in flight have finished (scale-down, upgrade) and awaits
-        # what it returns; a plain garbage collection gets None.
-        if getattr(self, "_closed", True):
-            return None
-        return self.close()
+        self._forward_max_tokens = settings.forward_token_budget(loaded.device)
+        self._serve(settings, fleet, heartbeat_s, tracing, loaded.device, loaded.backend, placement,
+                    size=lambda pending: len(pending.sequences))
 
     # ---- what the router asks -------------------------------------------
 
@@ -178,9 +133,6 @@ class EmbeddingModel:
 
     # ---- the work -------------------------------------------------------
 
-    def _dropped(self, count: int, reason: str) -> None:
-        self.metrics.sequences_dropped.inc(count, tags={"reason": reason})
-
     async def _embed(self, request: ShardRequest, span) -> ShardResult:
         if self.refused is not None:  # routing keeps calls away; one sent before the router heard is retried
             raise ReplicaRefused(f"replica {self.replica_id} refuses to serve: {self.refused}")
@@ -207,19 +159,9 @@ class EmbeddingModel:
         return prepared, prompt
 
     async def _forward_queued(self, prepared: Prepared, prompt: str | None, request: ShardRequest) -> _Computed:
-        """The shard's sequences through the batcher; an inference error that is a device fault is reported."""
+        """The shard's sequences through the batcher, its queue and forward spanned."""
         queued_wall = wall_ns()
-        try:
-            computed = await self._batcher.submit(_Pending(prepared.sequences, prompt, time.perf_counter_ns()),
-                                                  request.deadline)
-        except Expired:
-            raise
-        except Exception as exc:
-            # An inference error may be a device fault: check now, report, let the router retry.
-            fault = await self.watchdog.device_fault()
-            if fault is not None:
-                raise ReplicaFaulted(f"device fault on node {self.watchdog.placement.node_id}: {fault}") from exc
-            raise
+        computed = await self._queued(_Pending(prepared.sequences, prompt, time.perf_counter_ns()), request.deadline)
         batch = computed.batch
         self._timed("queue", self.metrics.queue_seconds, computed.queue_ns / 1e9)
         self.tracer.record("queue", queued_wall, batch.started_wall_ns)
@@ -235,11 +177,6 @@ class EmbeddingModel:
             return vectors
         ranges = (await self.quantization_ranges(opts.dimensions, opts.normalize))[0] if opts.output in RANGED else None
         return quantize(vectors, opts.output, ranges)
-
-    def _timed(self, stage: str, histogram, seconds: float) -> None:
-        histogram.observe(seconds)
-        if seconds > 0:
-            self.metrics.stage_seconds.inc(seconds, tags={"stage": stage})
 
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
         """One gathered batch, in the batcher's worker thread."""
@@ -268,13 +205,3 @@ class EmbeddingModel:
             _Computed(vectors=out, queue_ns=start_ns - item.enqueued_ns, inference_ns=inference_ns, batch=batch)
             for item, out in zip(items, outputs)
         ]
-
-    def _count_batch(self, sequences: int, padded: int, real: int, inference_ns: int) -> None:
-        m = self.metrics
-        m.sequences_forwarded.inc(sequences)
-        m.batch_size.observe(sequences)
-        m.batch_padded_tokens.observe(padded)
-        m.token_slots.inc(padded)
-        if padded > real:
-            m.padding_tokens.inc(padded - real)
-        self._timed("forward", m.forward_seconds, inference_ns / 1e9)

@@ -95,7 +95,7 @@ def specs_of(group: type) -> dict[str, MetricSpec]:
 
 
 CALL = ("method", "model")
-REPLICA = ("model", "backend")
+REPLICA = ("model", "backend", "kind")
 
 
 class RouterMetrics(_Group):

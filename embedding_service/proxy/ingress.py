@@ -11,7 +11,7 @@ with four changes at the edge, before a call costs the service anything:
   work for a caller who has left stops.
 - A call whose router replica stopped or died before answering (Serve force-kills a router that outlives its
   grace in an upgrade, a node fails) is sent again to another router, at most RESENDS times within the
-  caller's deadline: an Embed, ListModels or GetModel whole, an EmbedStream with only the inputs it has not
+  caller's deadline: a unary call whole, an EmbedStream or RerankStream with only the inputs it has not
   yet returned (their indexes kept), a WatchNodes again (each message is a whole view). The caller sees
   nothing of it but the time.
 - Serve's own failures (its queue full, no router replica, a router lost past the resends) get the service's
@@ -387,34 +387,46 @@ async def _merged_unary(merging: EmbedMerging, request, context, method: str) ->
     return part.reply()
 
 
-class _StreamResume:
-    """An EmbedStream's progress, so that it can go on elsewhere with only the inputs it has not returned."""
+# The streams that go on elsewhere with what they have not returned: request type -> (its list of inputs, the
+# chunk type, the chunk's list of results, each with the index of its input).
+_RESUMABLE = {
+    pb.EmbedStreamRequest: ("inputs", pb.EmbedStreamResponse, "embeddings"),
+    pb.RerankStreamRequest: ("documents", pb.RerankStreamResponse, "results"),
+}
 
-    def __init__(self, request: pb.EmbedStreamRequest) -> None:
+
+class _StreamResume:
+    """An EmbedStream's or RerankStream's progress, so that it can go on elsewhere with only the inputs it has
+    not returned."""
+
+    def __init__(self, request) -> None:
+        self.inputs, self.chunk, self.results = _RESUMABLE[type(request)]
         self.original = request
         self.request = request
         self._positions: list[int] | None = None  # each input's index in the original; None: the original
         self._returned: set[int] = set()
 
     def returned(self, message: bytes) -> bytes:
-        chunk = pb.EmbedStreamResponse.FromString(message)
+        chunk = self.chunk.FromString(message)
         if self._positions is None:
-            self._returned.update(e.index for e in chunk.embeddings)
+            self._returned.update(e.index for e in getattr(chunk, self.results))
             return message
-        for e in chunk.embeddings:
+        for e in getattr(chunk, self.results):
             e.index = self._positions[e.index]
             self._returned.add(e.index)
         return chunk.SerializeToString()
 
     def rest(self) -> bool:
         """The request for the inputs not yet returned; False when none is left."""
-        left = [i for i in range(len(self.original.inputs)) if i not in self._returned]
+        original = getattr(self.original, self.inputs)
+        left = [i for i in range(len(original)) if i not in self._returned]
         if not left:
             return False
-        request = pb.EmbedStreamRequest()
+        request = type(self.original)()
         request.CopyFrom(self.original)
-        del request.inputs[:]
-        request.inputs.extend(self.original.inputs[i] for i in left)
+        inputs = getattr(request, self.inputs)
+        del inputs[:]
+        inputs.extend(original[i] for i in left)
         self.request, self._positions = request, left
         return True
 
@@ -427,7 +439,7 @@ def _guarded(original: Callable, **keywords) -> Callable:
         async def server_stream(request, context):
             if _refused_malformed(request, context, True, method):
                 return
-            resume = _StreamResume(request) if isinstance(request, pb.EmbedStreamRequest) else None
+            resume = _StreamResume(request) if type(request) in _RESUMABLE else None
             arrived = time.monotonic()
             for tries in range(RESENDS + 1):
                 attempt = _Attempt(context, time.monotonic() - arrived if tries else None)

@@ -10,6 +10,8 @@ from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
 from embedding_service.wire.messages import ModelInfo, Verification
 
+KINDS = {"embedding": pb.MODEL_KIND_EMBEDDING, "rerank": pb.MODEL_KIND_RERANK, "sparse": pb.MODEL_KIND_SPARSE}
+
 
 def model_message(info: ModelInfo, default_model: str) -> pb.Model:
     return pb.Model(
@@ -22,6 +24,7 @@ def model_message(info: ModelInfo, default_model: str) -> pb.Model:
         vocab_size=info.vocab_size,
         is_default=info.name == default_model,
         source=info.source,
+        kind=KINDS[info.kind],
         long_inputs=None if info.windows is None else pb.LongInputWindows(
             window_tokens=info.windows.window_tokens, overlap_tokens=info.windows.overlap_tokens,
             max_windows=info.windows.max_windows),
@@ -48,7 +51,10 @@ def limits_message(limits: Limits) -> pb.ServiceLimits:
                             max_inputs_per_stream=limits.max_inputs_per_stream,
                             max_chars_per_input=limits.max_chars_per_input,
                             max_token_ids_per_input=limits.max_token_ids_per_input,
-                            max_request_bytes=limits.max_request_bytes)
+                            max_request_bytes=limits.max_request_bytes,
+                            max_documents_per_rerank=limits.max_documents_per_rerank,
+                            max_documents_per_rerank_stream=limits.max_documents_per_rerank_stream,
+                            max_sparse_terms=limits.max_sparse_terms)
 
 
 def quantization_message(ranges: np.ndarray, dimensions: int, normalized: bool, sentences: int) -> pb.QuantizationRanges:
@@ -67,6 +73,25 @@ def fill(embeddings, positions: Iterable[int], vectors: np.ndarray, counts: np.n
             embeddings.add(index=int(pos), float32_le=vec.astype("<f4", copy=False).tobytes(), tokens=int(counts[row]))
         else:
             embeddings.add(index=int(pos), values=vec.tolist(), tokens=int(counts[row]))
+
+
+def fill_sparse(embeddings, positions: Iterable[int], vectors, counts: np.ndarray) -> None:
+    """Adds one SparseEmbedding per vector (wire.messages.SparseVector)."""
+    for row, pos in enumerate(positions):
+        v = vectors[row]
+        e = embeddings.add(index=int(pos), tokens=int(counts[row]), active_terms=v.active)
+        e.indices.extend(v.indices.tolist())
+        e.values.extend(v.values.tolist())
+        if v.terms is not None:
+            e.terms.extend(v.terms)
+
+
+def fill_scores(results, positions: Iterable[int], scores: np.ndarray, counts: np.ndarray, documents) -> None:
+    """Adds one RerankResult per position (documents: the request's, when they are returned; else None)."""
+    for row, pos in enumerate(positions):
+        result = results.add(index=int(pos), score=float(scores[row]), tokens=int(counts[row]))
+        if documents is not None:
+            result.document = documents[pos]
 
 
 def stamp(message, tokens: int, queue_ns: int, inference_ns: int) -> None:

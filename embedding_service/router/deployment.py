@@ -31,7 +31,17 @@ from embedding_service.router.call_observer import CallObserver, ObservedCall
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.fanout import Fanout
 from embedding_service.router.fleet_view import SERVING, ServiceView
-from embedding_service.router.validation import Job, build_job, check_envelope, output_shape, resolve_model_name
+from embedding_service.router.validation import (
+    Job,
+    build_job,
+    build_rerank_job,
+    build_sparse_job,
+    check_envelope,
+    check_kind,
+    output_shape,
+    resolve_model_name,
+    top_n,
+)
 from embedding_service.wire import status
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -124,14 +134,18 @@ class EmbedRouter:
                     if self.view.shutting_down:
                         self._calls_changed.set()
 
-    async def _prepare(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline) -> Job:
-        name = resolve_model_name(request.model, self.catalog.names, self.args.default_model_name)
+    async def _prepare(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline, method: str,
+                       kind: str = "embedding", field: str = "inputs", build=build_job) -> Job:
+        """The call's job: its model (named, or the default of the method's kind), of the method's kind, within the
+        limits and serving."""
+        name = resolve_model_name(request.model, self.catalog.names, self.args.default_of(kind), kind)
         call.model = name
-        check_envelope(request, self.args.limits, max_inputs)
+        check_kind(name, self.args.model(name).kind, kind, method)
+        check_envelope(request, self.args.limits, max_inputs, field)
         refusal = self.view.refusal(name)
         if refusal is not None:
             raise ServiceError(Reason.MODEL_REFUSED, f"model {name!r} is not serving: {refusal}")
-        return build_job(request, await self.catalog.info(name, deadline), self.args.limits)
+        return build(request, await self.catalog.info(name, deadline), self.args.limits)
 
     # ---- EmbedService (names must not collide with grpc.health.v1) --------
 
@@ -140,7 +154,8 @@ class EmbedRouter:
         started = time.perf_counter_ns()
         with self._admit("Embed", grpc_context, self.args.limits.request_timeout_s) as admitted:
             call = admitted.call
-            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call, admitted.deadline)
+            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call, admitted.deadline,
+                                      "Embed")
             n = len(job.inputs)
             vectors: np.ndarray | None = None
             counts = np.zeros(n, dtype=np.int64)
@@ -164,7 +179,8 @@ class EmbedRouter:
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
         with self._admit("EmbedStream", grpc_context, self.args.limits.stream_timeout_s) as admitted:
             call = admitted.call
-            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call, admitted.deadline)
+            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call, admitted.deadline,
+                                      "EmbedStream")
             async for shard, result in self.fanout.results(job, admitted.deadline, call):
                 chunk = pb.EmbedStreamResponse(model=job.model, dimensions=job.dimension)
                 convert.fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
@@ -187,12 +203,86 @@ class EmbedRouter:
             name = resolve_model_name(request.name, self.catalog.names, default="")
             admitted.call.model = name
             info = await self.catalog.info(name, admitted.deadline)
-            dimensions, normalize = output_shape(request, info)
             message = convert.model_message(info, self.args.default_model_name)
+            if info.kind != "embedding":  # no vectors to place in int8/uint8 ranges
+                return pb.GetModelResponse(model=message)
+            dimensions, normalize = output_shape(request, info)
             ranges, sentences = await self.catalog.quantization_ranges(name, dimensions, normalize, admitted.deadline)
             message.quantization.CopyFrom(convert.quantization_message(ranges, dimensions or info.dimension,
                                                                        normalize, sentences))
             return pb.GetModelResponse(model=message)
+
+    @status.grpc_method
+    async def Rerank(self, request: pb.RerankRequest, grpc_context=None) -> pb.RerankResponse:
+        started = time.perf_counter_ns()
+        limits = self.args.limits
+        with self._admit("Rerank", grpc_context, limits.request_timeout_s) as admitted:
+            call = admitted.call
+            job = await self._prepare(request, limits.max_documents_per_rerank, call, admitted.deadline, "Rerank",
+                                      "rerank", "documents", build_rerank_job)
+            n = len(job.inputs)
+            keep = top_n(request, n)
+            scores = np.empty(n, dtype=np.float32)
+            counts = np.zeros(n, dtype=np.int64)
+            queue_ns = inference_ns = 0
+            async for shard, result in self.fanout.results(job, admitted.deadline, call):
+                scores[shard.positions] = result.vectors
+                counts[shard.positions] = result.token_counts
+                queue_ns += result.queue_ns
+                inference_ns += result.inference_ns
+            # Highest first, ties in document order (as CrossEncoder.rank's stable sort).
+            order = np.argsort(-scores, kind="stable")[:keep]
+            response = pb.RerankResponse(model=job.model)
+            convert.fill_scores(response.results, order, scores[order], counts[order],
+                                request.documents if request.return_documents else None)
+            tokens = int(counts.sum())
+            convert.stamp(response, tokens, queue_ns, inference_ns)
+            response.timing.total_time_ns = time.perf_counter_ns() - started
+            call.embedded(n, tokens)
+            return response
+
+    @status.grpc_method
+    async def RerankStream(self, request: pb.RerankStreamRequest,
+                           grpc_context=None) -> AsyncIterator[pb.RerankStreamResponse]:
+        limits = self.args.limits
+        with self._admit("RerankStream", grpc_context, limits.stream_timeout_s) as admitted:
+            call = admitted.call
+            job = await self._prepare(request, limits.max_documents_per_rerank_stream, call, admitted.deadline,
+                                      "RerankStream", "rerank", "documents", build_rerank_job)
+            documents = request.documents if request.return_documents else None
+            async for shard, result in self.fanout.results(job, admitted.deadline, call):
+                chunk = pb.RerankStreamResponse(model=job.model)
+                convert.fill_scores(chunk.results, shard.positions, result.vectors, result.token_counts, documents)
+                tokens = int(result.token_counts.sum())
+                convert.stamp(chunk, tokens, result.queue_ns, result.inference_ns)
+                yield chunk
+                call.embedded(len(shard.positions), tokens)
+
+    @status.grpc_method
+    async def EmbedSparse(self, request: pb.EmbedSparseRequest, grpc_context=None) -> pb.EmbedSparseResponse:
+        started = time.perf_counter_ns()
+        limits = self.args.limits
+        with self._admit("EmbedSparse", grpc_context, limits.request_timeout_s) as admitted:
+            call = admitted.call
+            job = await self._prepare(request, limits.max_inputs_per_request, call, admitted.deadline, "EmbedSparse",
+                                      "sparse", "inputs", build_sparse_job)
+            n = len(job.inputs)
+            vectors: list = [None] * n
+            counts = np.zeros(n, dtype=np.int64)
+            queue_ns = inference_ns = 0
+            async for shard, result in self.fanout.results(job, admitted.deadline, call):
+                for row, position in enumerate(shard.positions):
+                    vectors[position] = result.sparse[row]
+                counts[shard.positions] = result.token_counts
+                queue_ns += result.queue_ns
+                inference_ns += result.inference_ns
+            response = pb.EmbedSparseResponse(model=job.model, dimensions=job.dimension)
+            convert.fill_sparse(response.embeddings, range(n), vectors, counts)
+            tokens = int(counts.sum())
+            convert.stamp(response, tokens, queue_ns, inference_ns)
+            response.timing.total_time_ns = time.perf_counter_ns() - started
+            call.embedded(n, tokens)
+            return response
 
     @status.grpc_method
     async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:

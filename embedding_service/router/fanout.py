@@ -26,7 +26,7 @@ from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.failures import cause_label, replica_gone
 from embedding_service.router.validation import Job, too_long
 from embedding_service.wire.deadline import Deadline
-from embedding_service.wire.messages import EmbedOptions, Input, ShardRequest, ShardResult
+from embedding_service.wire.messages import REPLICA_METHODS, EmbedOptions, Input, ShardRequest, ShardResult
 from embedding_service.wire.reasons import Reason, ServiceError
 
 logger = service_logger(__name__)
@@ -112,7 +112,7 @@ class Fanout:
                                                                   "embedding.inputs": len(inputs)}) as span:
             for attempt in range(s.shard_retries + 1):
                 request = ShardRequest(inputs, options, deadline=deadline, trace_context=self.tracer.inject())
-                response = handle.embed.remote(request)
+                response = getattr(handle, REPLICA_METHODS[type(options)]).remote(request)
                 try:
                     result = await response
                     if span is not None:

@@ -8,7 +8,15 @@ import numpy as np
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
-from embedding_service.wire.messages import COMPACT_ENCODINGS, EmbedOptions, Input, ModelInfo
+from embedding_service.wire.messages import (
+    COMPACT_ENCODINGS,
+    EmbedOptions,
+    Input,
+    Kind,
+    ModelInfo,
+    RerankOptions,
+    SparseOptions,
+)
 from embedding_service.wire.reasons import Reason, ServiceError
 
 _POLICIES = {
@@ -22,34 +30,49 @@ _ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTO
               *COMPACT_ENCODINGS}
 
 
+# Rerank and sparse models truncate as sentence-transformers does (END) or refuse (REJECT).
+_SCORING_POLICIES = {pb.TRUNCATION_POLICY_UNSPECIFIED: "end", pb.TRUNCATION_POLICY_END: "end",
+                     pb.TRUNCATION_POLICY_REJECT: "reject"}
+
+
 @dataclass(frozen=True)
 class Job:
     model: str
     inputs: list[Input]
-    options: EmbedOptions
+    options: EmbedOptions | RerankOptions | SparseOptions
     raw_bytes: bool  # VECTOR_ENCODING_FLOAT32_LE
     dimension: int  # of the vectors returned
 
 
-def resolve_model_name(requested: str, known: list[str], default: str) -> str:
+def resolve_model_name(requested: str, known: list[str], default: str, kind: Kind | None = None) -> str:
+    """The model a call names, or `default` (of the method's `kind`) when it names none."""
+    if not requested and not default and kind is not None:
+        raise ServiceError(Reason.NO_MODEL_OF_KIND, f"the call names no model and no {kind} model is served",
+                           kind=kind)
     name = requested or default
     if name not in known:
         raise ServiceError(Reason.MODEL_NOT_FOUND, f"model {name!r} is not served; served models: {known}", model=name)
     return name
 
 
-def check_envelope(request, limits: Limits, max_inputs: int) -> None:
-    """Checks that need no model: size and count."""
+def check_kind(name: str, kind: Kind, needed: Kind, method: str) -> None:
+    if kind != needed:
+        raise ServiceError(Reason.WRONG_MODEL_KIND, f"model {name!r} is a {kind} model; {method} needs a {needed} model",
+                           model=name, kind=kind, needed=needed)
+
+
+def check_envelope(request, limits: Limits, max_inputs: int, field: str = "inputs") -> None:
+    """Checks that need no model: size and count (of `field`, the request's inputs or documents)."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise ServiceError(Reason.REQUEST_TOO_LARGE, f"request is {size} bytes; the limit is {limits.max_request_bytes}",
                            bytes=size, limit=limits.max_request_bytes)
-    n = len(request.inputs)
+    n = len(getattr(request, field))
     if n == 0:
-        raise ServiceError(Reason.NO_INPUTS, "inputs must contain at least one input", field="inputs")
+        raise ServiceError(Reason.NO_INPUTS, f"{field} must contain at least one {field.rstrip('s')}", field=field)
     if n > max_inputs:
-        raise ServiceError(Reason.TOO_MANY_INPUTS, f"{n} inputs in one call; the limit is {max_inputs}",
-                           count=n, limit=max_inputs)
+        raise ServiceError(Reason.TOO_MANY_INPUTS, f"{n} {field} in one call; the limit is {max_inputs}",
+                           count=n, limit=max_inputs, field=field)
 
 
 def output_shape(request, model: ModelInfo) -> tuple[int | None, bool]:
@@ -111,6 +134,59 @@ def _options(request, model: ModelInfo) -> EmbedOptions:
                         prompt_name=prompt_name, output=COMPACT_ENCODINGS.get(request.encoding, "float"))
 
 
+def build_rerank_job(request, model: ModelInfo, limits: Limits) -> Job:
+    """A Rerank or RerankStream: every document an input, scored against the query."""
+    if not request.query:
+        raise ServiceError(Reason.EMPTY_QUERY, "query is an empty string", field="query")
+    if len(request.query) > limits.max_chars_per_input:
+        raise ServiceError(Reason.INPUT_TOO_LARGE, f"query has {len(request.query)} characters; the limit is "
+                           f"{limits.max_chars_per_input}", field="query", limit=limits.max_chars_per_input)
+    documents = [_text(d, i, "document", limits) for i, d in enumerate(request.documents)]
+    options = RerankOptions(request.query, _scoring_policy(request.truncation, model), bool(request.activation))
+    return Job(model.name, documents, options, raw_bytes=False, dimension=1)
+
+
+def top_n(request, documents: int) -> int:
+    """How many results a Rerank returns: its top_n, between 1 and the documents, or all of them."""
+    if not request.HasField("top_n"):
+        return documents
+    if not 1 <= request.top_n <= documents:
+        raise ServiceError(Reason.INVALID_TOP, f"top_n must be between 1 and the {documents} documents, got "
+                           f"{request.top_n}", field="top_n", value=request.top_n, max=documents)
+    return request.top_n
+
+
+def build_sparse_job(request, model: ModelInfo, limits: Limits) -> Job:
+    texts = [_text(t, i, "input", limits) for i, t in enumerate(request.inputs)]
+    k = limits.max_sparse_terms
+    if request.HasField("top_k"):
+        if not 1 <= request.top_k <= limits.max_sparse_terms:
+            raise ServiceError(Reason.INVALID_TOP, f"top_k must be between 1 and {limits.max_sparse_terms}, got "
+                               f"{request.top_k}", field="top_k", value=request.top_k, max=limits.max_sparse_terms)
+        k = request.top_k
+    options = SparseOptions(top_k=k, truncation=_scoring_policy(request.truncation, model),
+                            return_tokens=bool(request.return_tokens))
+    return Job(model.name, texts, options, raw_bytes=False, dimension=model.dimension)
+
+
+def _text(text: str, index: int, noun: str, limits: Limits) -> str:
+    if not text:
+        raise ServiceError(Reason.EMPTY_INPUT, f"{noun} {index} is an empty string", index=index)
+    if len(text) > limits.max_chars_per_input:
+        raise ServiceError(Reason.INPUT_TOO_LARGE, f"{noun} {index} has {len(text)} characters; the limit is "
+                           f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input)
+    return text
+
+
+def _scoring_policy(truncation: int, model: ModelInfo) -> str:
+    if truncation in _SCORING_POLICIES:
+        return _SCORING_POLICIES[truncation]
+    if truncation in _POLICIES:
+        raise ServiceError(Reason.INVALID_TRUNCATION, f"truncation {pb.TruncationPolicy.Name(truncation)} is not "
+                           f"served for {model.kind} models: END or REJECT")
+    raise ServiceError(Reason.INVALID_TRUNCATION, f"unknown truncation policy {truncation}")
+
+
 def too_long(index: int, tokens: int, model: ModelInfo, truncation: str) -> ServiceError:
     """An input the replica found longer than the model (REJECT) or than its windows cover (WINDOWS) takes."""
     if truncation == "windows" and model.windows is not None:
@@ -120,8 +196,9 @@ def too_long(index: int, tokens: int, model: ModelInfo, truncation: str) -> Serv
             f"input {index} has {tokens} tokens; model {model.name!r} embeds at most {w.max_tokens} in "
             f"{w.max_windows} windows of {w.window_tokens} tokens overlapping by {w.overlap_tokens}",
             index=index, tokens=tokens, max_tokens=w.max_tokens)
+    what = f"document {index} with the query has" if model.kind == "rerank" else f"input {index} has"
     return ServiceError(
         Reason.INPUT_TOO_LONG,
-        f"input {index} has {tokens} tokens; model {model.name!r} takes at most "
+        f"{what} {tokens} tokens; model {model.name!r} takes at most "
         f"{model.max_sequence_length} and truncation is REJECT",
         index=index, tokens=tokens, max_tokens=model.max_sequence_length)

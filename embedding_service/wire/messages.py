@@ -18,6 +18,8 @@ from embedding_service.wire.deadline import UNBOUNDED, Deadline
 Input = str | np.ndarray  # a text, or int32 token ids without special tokens
 # What to do with an input longer than the model takes (the proto's TruncationPolicy).
 Policy = Literal["end", "start", "reject", "windows"]
+# What a model computes (config.ModelSettings.kind, the proto's ModelKind).
+Kind = Literal["embedding", "rerank", "sparse"]
 
 ROUTER_DEPLOYMENT = "EmbedRouter"
 FLEET_DEPLOYMENT = "NodeRecycler"
@@ -98,6 +100,7 @@ class ModelInfo:
     # The model's tokenizer (tokenizers' JSON), for the router to cut shards by tokens; "" when unknown.
     tokenizer_json: str = ""
     windows: Windows | None = None  # how truncation "windows" cuts long inputs; None: unknown
+    kind: Kind = "embedding"  # rerank: dimension 1 (a score per pair); sparse: dimension is the vocabulary's size
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,41 @@ class EmbedOptions:
 
 
 @dataclass(frozen=True)
+class RerankOptions:
+    """A rerank call's options: every input of its shards is a document scored against `query`."""
+
+    query: str
+    truncation: Policy = "end"  # end (CrossEncoder's own: the longer of query and document is cut) or reject
+    activation: bool = False  # the model's activation on the scores (sigmoid for one label); else raw logits
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """A sparse call's options, validated by the router."""
+
+    top_k: int  # terms kept per vector, its heaviest (the request's top_k or the service's max_sparse_terms)
+    truncation: Policy = "end"  # end or reject
+    return_tokens: bool = False
+
+
+# The replica method each kind of options is served by.
+REPLICA_METHODS = {EmbedOptions: "embed", RerankOptions: "rerank", SparseOptions: "embed_sparse"}
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """One input's sparse vector as the replica returns it."""
+
+    indices: np.ndarray  # int32 vocabulary ids, ascending
+    values: np.ndarray  # float32 weights, in the order of indices
+    active: int  # terms above zero before top_k cut them
+    terms: tuple[str, ...] | None = None  # the token strings of indices, when asked
+
+
+@dataclass(frozen=True)
 class ShardRequest:
     inputs: list[Input]
-    options: EmbedOptions
+    options: EmbedOptions | RerankOptions | SparseOptions
     # When the caller stops waiting; the replica drops a shard whose time ran out before it ran.
     deadline: Deadline = UNBOUNDED
     # The router's shard span as W3C trace headers (observability.tracing); None when tracing is off.
@@ -124,11 +159,14 @@ class ShardRequest:
 
 @dataclass
 class ShardResult:
-    vectors: np.ndarray | None  # (n, d) float32, or the compact type's int8/uint8; None when inputs were rejected
+    # (n, d) float32, or the compact type's int8/uint8; (n,) float32 scores of a rerank shard; None when inputs
+    # were rejected or for a sparse shard
+    vectors: np.ndarray | None
     token_counts: np.ndarray  # (n,) tokens per input, special tokens included
     too_long: list[int] = field(default_factory=list)  # shard positions over the limit
     queue_ns: int = 0
     inference_ns: int = 0
+    sparse: list[SparseVector] | None = None  # a sparse shard's vectors
 
     def part(self, offset: int, n: int) -> ShardResult | None:
         """Rows [offset, offset + n) of a result computed for several callers at once; None when only another
@@ -140,8 +178,9 @@ class ShardResult:
             too_long=[p - offset for p in self.too_long if offset <= p < offset + n],
             queue_ns=self.queue_ns,
             inference_ns=self.inference_ns,
+            sparse=None if self.sparse is None else self.sparse[rows],
         )
-        return None if part.vectors is None and not part.too_long else part
+        return None if part.vectors is None and part.sparse is None and not part.too_long else part
 
 
 class ReplicaFaulted(Exception):

@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_EMBEDDING: _ClassVar[ModelKind]
+    MODEL_KIND_RERANK: _ClassVar[ModelKind]
+    MODEL_KIND_SPARSE: _ClassVar[ModelKind]
+
 class TruncationPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRUNCATION_POLICY_UNSPECIFIED: _ClassVar[TruncationPolicy]
@@ -32,6 +39,10 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_QUARANTINED: _ClassVar[NodeState]
     NODE_STATE_DRAINING: _ClassVar[NodeState]
     NODE_STATE_RECYCLED: _ClassVar[NodeState]
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_EMBEDDING: ModelKind
+MODEL_KIND_RERANK: ModelKind
+MODEL_KIND_SPARSE: ModelKind
 TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_END: TruncationPolicy
 TRUNCATION_POLICY_START: TruncationPolicy
@@ -161,7 +172,7 @@ class EmbedStreamResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization", "long_inputs")
+    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization", "long_inputs", "kind")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +194,7 @@ class Model(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     LONG_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     max_sequence_length: int
@@ -197,7 +209,8 @@ class Model(_message.Message):
     refused: str
     quantization: QuantizationRanges
     long_inputs: LongInputWindows
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ..., long_inputs: _Optional[_Union[LongInputWindows, _Mapping]] = ...) -> None: ...
+    kind: ModelKind
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ..., long_inputs: _Optional[_Union[LongInputWindows, _Mapping]] = ..., kind: _Optional[_Union[ModelKind, str]] = ...) -> None: ...
 
 class LongInputWindows(_message.Message):
     __slots__ = ("window_tokens", "overlap_tokens", "max_windows")
@@ -248,18 +261,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceLimits(_message.Message):
-    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes")
+    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes", "max_documents_per_rerank", "max_documents_per_rerank_stream", "max_sparse_terms")
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_PER_STREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_IDS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENTS_PER_RERANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENTS_PER_RERANK_STREAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPARSE_TERMS_FIELD_NUMBER: _ClassVar[int]
     max_inputs_per_request: int
     max_inputs_per_stream: int
     max_chars_per_input: int
     max_token_ids_per_input: int
     max_request_bytes: int
-    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    max_documents_per_rerank: int
+    max_documents_per_rerank_stream: int
+    max_sparse_terms: int
+    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_documents_per_rerank: _Optional[int] = ..., max_documents_per_rerank_stream: _Optional[int] = ..., max_sparse_terms: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits")
@@ -328,3 +347,117 @@ class WatchNodesResponse(_message.Message):
     version: int
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     def __init__(self, version: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "truncation", "activation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    top_n: int
+    return_documents: bool
+    truncation: TruncationPolicy
+    activation: bool
+    def __init__(self, model: _Optional[str] = ..., query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., activation: _Optional[bool] = ...) -> None: ...
+
+class RerankResult(_message.Message):
+    __slots__ = ("index", "score", "document", "tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    document: str
+    tokens: int
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("model", "results", "usage", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    usage: Usage
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class RerankStreamRequest(_message.Message):
+    __slots__ = ("model", "query", "documents", "return_documents", "truncation", "activation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    return_documents: bool
+    truncation: TruncationPolicy
+    activation: bool
+    def __init__(self, model: _Optional[str] = ..., query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., return_documents: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., activation: _Optional[bool] = ...) -> None: ...
+
+class RerankStreamResponse(_message.Message):
+    __slots__ = ("model", "results", "usage", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    usage: Usage
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class EmbedSparseRequest(_message.Message):
+    __slots__ = ("model", "inputs", "truncation", "top_k", "return_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    truncation: TruncationPolicy
+    top_k: int
+    return_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., top_k: _Optional[int] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+
+class SparseEmbedding(_message.Message):
+    __slots__ = ("index", "indices", "values", "tokens", "terms", "active_terms")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TERMS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    tokens: int
+    terms: _containers.RepeatedScalarFieldContainer[str]
+    active_terms: int
+    def __init__(self, index: _Optional[int] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ..., active_terms: _Optional[int] = ...) -> None: ...
+
+class EmbedSparseResponse(_message.Message):
+    __slots__ = ("model", "embeddings", "dimensions", "usage", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    embeddings: _containers.RepeatedCompositeFieldContainer[SparseEmbedding]
+    dimensions: int
+    usage: Usage
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[SparseEmbedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...

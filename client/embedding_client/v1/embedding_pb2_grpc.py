@@ -68,6 +68,21 @@ class EmbedServiceStub:
                 request_serializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
                 response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/Rerank',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
+                _registered_method=True)
+        self.RerankStream = channel.unary_stream(
+                '/embedding_service.v1.EmbedService/RerankStream',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.RerankStreamRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.RerankStreamResponse.FromString,
+                _registered_method=True)
+        self.EmbedSparse = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/EmbedSparse',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedServiceServicer:
@@ -119,6 +134,31 @@ class EmbedServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Scores documents against a query with a rerank model (a cross-encoder)
+        and returns them ranked, highest score first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerankStream(self, request, context):
+        """Scores very many documents against a query and streams the scores in
+        chunks as shards finish, in completion order and unranked: every document
+        index appears exactly once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedSparse(self, request, context):
+        """Sparse (SPLADE-style) vectors with a sparse model: per input, the
+        vocabulary ids of its active terms and their weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +186,21 @@ def add_EmbedServiceServicer_to_server(servicer, server):
                     servicer.WatchNodes,
                     request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesRequest.FromString,
                     response_serializer=embedding__client_dot_v1_dot_embedding__pb2.WatchNodesResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.RerankRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.RerankResponse.SerializeToString,
+            ),
+            'RerankStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.RerankStream,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.RerankStreamRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.RerankStreamResponse.SerializeToString,
+            ),
+            'EmbedSparse': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedSparse,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,6 +347,87 @@ class EmbedService:
             '/embedding_service.v1.EmbedService/WatchNodes',
             embedding__client_dot_v1_dot_embedding__pb2.WatchNodesRequest.SerializeToString,
             embedding__client_dot_v1_dot_embedding__pb2.WatchNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/Rerank',
+            embedding__client_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/RerankStream',
+            embedding__client_dot_v1_dot_embedding__pb2.RerankStreamRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.RerankStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedSparse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/EmbedSparse',
+            embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseResponse.FromString,
             options,
             channel_credentials,
             insecure,

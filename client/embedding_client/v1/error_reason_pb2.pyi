@@ -33,6 +33,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_TIMEOUT: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_MODEL_REFUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_WRONG_MODEL_KIND: _ClassVar[ErrorReason]
+    ERROR_REASON_EMPTY_QUERY: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_TOP: _ClassVar[ErrorReason]
+    ERROR_REASON_NO_MODEL_OF_KIND: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason
 ERROR_REASON_NO_INPUTS: ErrorReason
@@ -59,5 +63,9 @@ ERROR_REASON_SHUTTING_DOWN: ErrorReason
 ERROR_REASON_TIMEOUT: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_MODEL_REFUSED: ErrorReason
+ERROR_REASON_WRONG_MODEL_KIND: ErrorReason
+ERROR_REASON_EMPTY_QUERY: ErrorReason
+ERROR_REASON_INVALID_TOP: ErrorReason
+ERROR_REASON_NO_MODEL_OF_KIND: ErrorReason
 STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
 status_code: _descriptor.FieldDescriptor
