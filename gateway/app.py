@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from embedding_service.observability.tracing import Tracer, env_tracer
-from gateway import guards, routes
+from gateway import guards, routes, scoring_routes
 from gateway.coalescing import EmbedCoalescing
 from gateway.metrics import GatewayMetrics, ObserveRequests
 from gateway.settings import GatewaySettings
@@ -49,6 +49,7 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     app.state.draining = draining or threading.Event()
     guards.install(app, settings)
     app.include_router(routes.openai)
+    app.include_router(scoring_routes.scoring)
     app.include_router(routes.operations)
     # Added last, so outermost of the app's middleware: it sees every response, refusals included.
     app.add_middleware(ObserveRequests, metrics=metrics, tracer=tracer)

@@ -26,6 +26,8 @@ _PARAM_BY_REASON = {
     Reason.INVALID_ENCODING: "encoding_format",
     Reason.MODEL_NOT_FOUND: "model",
 }
+# The service's field names (in the error's metadata) that the REST requests name otherwise.
+_REST_PARAMS = {"inputs": "input"}
 
 
 class OpenAIError(Exception):
@@ -95,8 +97,11 @@ def from_service(err: EmbeddingError, retry_after_s: int) -> OpenAIError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         if reason == Reason.REQUEST_TOO_LARGE:
             return OpenAIError(413, message, "invalid_request_error", None, "request_too_large")
-        return OpenAIError(400, message, "invalid_request_error", _PARAM_BY_REASON.get(reason),
-                           reason.name.lower() if reason else None)
+        field = err.metadata.get("field")  # the request field by its proto name, where the service names one
+        param = _REST_PARAMS.get(field, field) if field else _PARAM_BY_REASON.get(reason)
+        return OpenAIError(400, message, "invalid_request_error", param, reason.name.lower() if reason else None)
+    if reason == Reason.WRONG_MODEL_KIND:  # the caller named a model of another kind: its own error
+        return OpenAIError(400, message, "invalid_request_error", "model", "wrong_model_kind")
     if code == grpc.StatusCode.NOT_FOUND:
         return OpenAIError(404, message, "invalid_request_error", "model", "model_not_found")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -1,4 +1,4 @@
-"""What every request meets before a route: the API key and the body bound on /v1/, and OpenAI's error
+"""What every request meets before a route: the API key and the body bound on /v1/ and /v2/, and OpenAI's error
 objects for whatever fails (validation, unknown paths, the unexpected)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from gateway.settings import GatewaySettings
 
 class Guard:
     """Pure ASGI middleware (BaseHTTPMiddleware costs a task, streams and events per request): the API key
-    and the declared body size of every /v1/ request, refused before the app reads it."""
+    and the declared body size of every /v1/ and /v2/ request, refused before the app reads it."""
 
     def __init__(self, app, settings: GatewaySettings) -> None:
         self.app = app
@@ -25,7 +25,7 @@ class Guard:
         self.max_body_bytes = settings.max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1/", "/v2/")):
             refusal = self._refusal(Headers(scope=scope))
             if refusal is not None:
                 await refusal.response()(scope, receive, send)

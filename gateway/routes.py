@@ -27,7 +27,8 @@ openai = APIRouter(prefix="/v1")
 operations = APIRouter()
 
 
-async def _body(request: Request) -> EmbeddingRequest:
+async def read_body(request: Request, schema=EmbeddingRequest):
+    """The request's JSON body as `schema`, read within the body bound; OpenAI's 400 when it does not fit."""
     limit = request.app.state.settings.max_body_bytes
     raw = bytearray()
     async for part in request.stream():  # bounded even without Content-Length
@@ -35,9 +36,9 @@ async def _body(request: Request) -> EmbeddingRequest:
         if len(raw) > limit:
             raise errors.body_too_large(limit)
     try:
-        return EmbeddingRequest.model_validate_json(bytes(raw))
+        return schema.model_validate_json(bytes(raw))
     except ValidationError as exc:
-        raise errors.from_validation(exc.errors(), EmbeddingRequest.model_fields) from None
+        raise errors.from_validation(exc.errors(), schema.model_fields) from None
 
 
 @openai.post(
@@ -50,7 +51,7 @@ async def _body(request: Request) -> EmbeddingRequest:
 )
 async def create_embeddings(request: Request) -> Response:
     state = request.app.state
-    body = await _body(request)
+    body = await read_body(request)
     translate.check_dimensions(body)
     inputs = translate.inputs(body, state.settings.max_inputs)
     deadline = Deadline.after(state.settings.request_timeout_s)
@@ -76,7 +77,8 @@ def _refused(state) -> errors.OpenAIError:
     return errors.overloaded(state.settings.coalesce_max_queued, state.settings.retry_after_s)
 
 
-async def _call(request: Request, method: str, message):
+async def call(request: Request, method: str, message):
+    """EmbedService.<method> with the client's retries; the service's errors as OpenAI's."""
     try:
         return await request.app.state.client.call(method, message)
     except EmbeddingError as err:
@@ -89,14 +91,14 @@ def _model(m: pb.Model) -> dict:
 
 @openai.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> dict:
-    listing = await _call(request, "ListModels", pb.ListModelsRequest())
+    listing = await call(request, "ListModels", pb.ListModelsRequest())
     return {"object": "list", "data": [_model(m) for m in listing.models]}
 
 
 @openai.get("/models/{model:path}", response_model=Model, responses=ERROR_RESPONSES)
 async def get_model(request: Request, model: str) -> dict:
     try:
-        return _model((await _call(request, "GetModel", pb.GetModelRequest(name=model))).model)
+        return _model((await call(request, "GetModel", pb.GetModelRequest(name=model))).model)
     except errors.OpenAIError as exc:
         if exc.status == 404:
             raise errors.model_not_found(model) from None

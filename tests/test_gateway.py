@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedding_client.v1 import embedding_pb2 as pb
-from tests.conftest import MINILM, REFUSING, TINY, free_port
+from tests.conftest import MINILM, REFUSING, RERANKER, SPLADE, TINY, free_port
 from tests.gateway_helpers import ScriptedEmbed, gateway_process, post, readiness, running_gateway, scripted_grpc_peer
 from tests.test_embed import make_texts, text_inputs, vectors_of
 
@@ -81,7 +81,7 @@ def test_token_id_inputs(client, reference_models):
 
 def test_list_and_retrieve_models(client):
     listed = client.models.list()
-    assert {m.id for m in listed.data} == {MINILM, TINY, REFUSING}
+    assert {m.id for m in listed.data} == {MINILM, TINY, REFUSING, RERANKER, SPLADE}  # every kind, as OpenAI lists
     assert all(m.object == "model" for m in listed.data)
     assert client.models.retrieve(TINY).id == TINY
 

@@ -141,7 +141,7 @@ def build_rerank_job(request, model: ModelInfo, limits: Limits) -> Job:
     if len(request.query) > limits.max_chars_per_input:
         raise ServiceError(Reason.INPUT_TOO_LARGE, f"query has {len(request.query)} characters; the limit is "
                            f"{limits.max_chars_per_input}", field="query", limit=limits.max_chars_per_input)
-    documents = [_text(d, i, "document", limits) for i, d in enumerate(request.documents)]
+    documents = [_text(d, i, "document", limits, "documents") for i, d in enumerate(request.documents)]
     options = RerankOptions(request.query, _scoring_policy(request.truncation, model), bool(request.activation))
     return Job(model.name, documents, options, raw_bytes=False, dimension=1)
 
@@ -157,7 +157,7 @@ def top_n(request, documents: int) -> int:
 
 
 def build_sparse_job(request, model: ModelInfo, limits: Limits) -> Job:
-    texts = [_text(t, i, "input", limits) for i, t in enumerate(request.inputs)]
+    texts = [_text(t, i, "input", limits, "inputs") for i, t in enumerate(request.inputs)]
     k = limits.max_sparse_terms
     if request.HasField("top_k"):
         if not 1 <= request.top_k <= limits.max_sparse_terms:
@@ -169,12 +169,13 @@ def build_sparse_job(request, model: ModelInfo, limits: Limits) -> Job:
     return Job(model.name, texts, options, raw_bytes=False, dimension=model.dimension)
 
 
-def _text(text: str, index: int, noun: str, limits: Limits) -> str:
+def _text(text: str, index: int, noun: str, limits: Limits, field: str) -> str:
     if not text:
-        raise ServiceError(Reason.EMPTY_INPUT, f"{noun} {index} is an empty string", index=index)
+        raise ServiceError(Reason.EMPTY_INPUT, f"{noun} {index} is an empty string", index=index, field=field)
     if len(text) > limits.max_chars_per_input:
         raise ServiceError(Reason.INPUT_TOO_LARGE, f"{noun} {index} has {len(text)} characters; the limit is "
-                           f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input)
+                           f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input,
+                           field=field)
     return text
 
 
@@ -196,9 +197,14 @@ def too_long(index: int, tokens: int, model: ModelInfo, truncation: str) -> Serv
             f"input {index} has {tokens} tokens; model {model.name!r} embeds at most {w.max_tokens} in "
             f"{w.max_windows} windows of {w.window_tokens} tokens overlapping by {w.overlap_tokens}",
             index=index, tokens=tokens, max_tokens=w.max_tokens)
-    what = f"document {index} with the query has" if model.kind == "rerank" else f"input {index} has"
+    if model.kind == "rerank":
+        return ServiceError(
+            Reason.INPUT_TOO_LONG,
+            f"document {index} with the query has {tokens} tokens; model {model.name!r} takes at most "
+            f"{model.max_sequence_length} and truncation is REJECT",
+            index=index, tokens=tokens, max_tokens=model.max_sequence_length, field="documents")
     return ServiceError(
         Reason.INPUT_TOO_LONG,
-        f"{what} {tokens} tokens; model {model.name!r} takes at most "
+        f"input {index} has {tokens} tokens; model {model.name!r} takes at most "
         f"{model.max_sequence_length} and truncation is REJECT",
         index=index, tokens=tokens, max_tokens=model.max_sequence_length)
