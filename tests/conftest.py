@@ -34,6 +34,8 @@ RERANKER = "tiny-reranker"
 SPLADE = "tiny-splade"
 # Small enough for tests to pass it, big enough for every sparse vector of the tiny SPLADE model's to be cut.
 MAX_SPARSE_TERMS = 4096
+# Low enough for the client's splitting of a big rerank to be tried in seconds.
+MAX_DOCUMENTS_PER_RERANK = 200
 TINY_DIM = 48
 TINY_MAX_SEQ = 32
 # Truncation WINDOWS for the tiny model: windows smaller than the model takes, few of them.
@@ -141,7 +143,7 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
         if scoring_dirs:
             args["models"].append({"name": name, "kind": kind, "path": str(scoring_dirs[name]), "device": "cpu",
                                    "num_replicas": 1, "num_cpus": 0.25, "threads": 1})
-    args["limits"]["max_sparse_terms"] = MAX_SPARSE_TERMS
+    args["limits"].update(max_sparse_terms=MAX_SPARSE_TERMS, max_documents_per_rerank=MAX_DOCUMENTS_PER_RERANK)
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,
                           max_ongoing_requests=ROUTER_ONGOING, max_queued_requests=ROUTER_QUEUED)

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2
 
 from embedding_client import AsyncEmbedClient, EmbedClient, InvalidArgument, LocalFallback, RetryPolicy
-from embedding_client.aio import plan_calls
+from embedding_client.planning import plan_calls
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.wire.reasons import Reason, ServiceError

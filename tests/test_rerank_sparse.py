@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.reasons import Reason
-from tests.conftest import MAX_SPARSE_TERMS, MINILM, RERANKER, SPLADE
+from tests.conftest import MAX_DOCUMENTS_PER_RERANK, MAX_SPARSE_TERMS, MINILM, RERANKER, SPLADE
 from tests.test_embed import make_texts
 from tests.test_errors import error_info
 from tests.tiny_models import RERANK_MAX_SEQ
@@ -198,3 +198,71 @@ def test_bad_rerank_and_sparse_calls_get_precise_codes_and_reasons(service):
             pb.RerankRequest(model="no-such-model", query="q", documents=docs))
     # Nothing lost: the service answers right after.
     assert len(stub.Rerank(pb.RerankRequest(query="q", documents=docs), timeout=60).results) == 2
+
+
+def test_the_client_splits_a_big_rerank_and_ranks_it_whole(service, cross_encoder):
+    from embedding_client import AsyncEmbedClient, EmbedClient
+
+    documents = make_texts(450, seed=31, max_words=8)  # over MAX_DOCUMENTS_PER_RERANK: three calls
+    assert len(documents) > MAX_DOCUMENTS_PER_RERANK * 2
+    raw = _raw(cross_encoder, QUERY, documents)
+    with EmbedClient(service.target) as client:
+        calls = client.stats.calls
+        result = client.rerank(QUERY, documents, top_n=25, return_documents=True)
+        assert client.stats.calls - calls >= 3
+        sparse = client.embed_sparse(["rain", "cats and dogs"], top_k=8, return_tokens=True)
+    assert result.model == RERANKER and len(result.results) == 25
+    ours = [r.index for r in result.results]
+    # Ranked over all 450, not per call: the 25 highest scores of the whole list, highest first.
+    assert np.all(np.diff(raw[ours]) <= 1e-5)
+    assert np.abs(raw[ours] - np.sort(raw)[::-1][:25]).max() < 1e-5
+    assert all(abs(r.score - raw[r.index]) < 1e-5 and r.document == documents[r.index] for r in result.results)
+    assert len(sparse.vectors) == 2 and all(len(v.indices) == 8 and len(v.terms) == 8 for v in sparse.vectors)
+
+    async def asyncio_client():
+        async with AsyncEmbedClient(service.target) as client:
+            return await client.rerank(QUERY, documents[:10], activation=True)
+
+    import asyncio
+
+    ranked = asyncio.run(asyncio_client())
+    expected = cross_encoder.predict([[QUERY, d] for d in documents[:10]])
+    assert np.abs(np.array([r.score for r in ranked.results]) - expected[[r.index for r in ranked.results]]).max() \
+        < 1e-5
+
+
+def test_cli_sparse_and_rerank_write_jsonl_and_parquet(service, cross_encoder, sparse_encoder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    texts = make_texts(30, seed=37, max_words=10)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    base = [sys.executable, "-m", "embedding_client"]
+    common = ["--target", service.target, "--field", "body", "--no-progress"]
+    for output in (tmp_path / "sparse.jsonl", tmp_path / "sparse.parquet"):
+        done = subprocess.run(base + ["sparse", str(source), str(output), "--top-k", "16", "--chunk", "7", *common],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        rows = ([json.loads(line) for line in output.read_text().splitlines()] if output.suffix == ".jsonl"
+                else pq.read_table(output).to_pylist())
+        assert [r["index"] for r in rows] == list(range(len(texts)))
+        for row, (indices, values) in zip(rows, _sparse_reference(sparse_encoder, texts, 16)):
+            assert list(row["indices"]) == indices.tolist()
+            assert np.abs(np.array(row["values"], dtype=np.float32) - values).max() < 1e-5
+    assert not list(tmp_path.glob("sparse.*.progress.json")) and not list(tmp_path.glob("*.partial.*"))
+    raw = _raw(cross_encoder, QUERY, texts)
+    for output in (tmp_path / "ranked.jsonl", tmp_path / "ranked.parquet"):
+        done = subprocess.run(base + ["rerank", QUERY, str(source), str(output), "--top-n", "5", "--return-documents",
+                                      *common], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        rows = ([json.loads(line) for line in output.read_text().splitlines()] if output.suffix == ".jsonl"
+                else pq.read_table(output).to_pylist())
+        assert len(rows) == 5 and np.all(np.diff(raw[[r["index"] for r in rows]]) <= 1e-5)
+        assert all(abs(r["score"] - raw[r["index"]]) < 1e-5 and r["document"] == texts[r["index"]] for r in rows)
+    again = subprocess.run(base + ["rerank", QUERY, str(source), str(tmp_path / "ranked.jsonl"), *common],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode != 0 and "exists" in again.stderr

@@ -3,6 +3,8 @@
     from embedding_client import EmbedClient
     with EmbedClient(["10.0.0.1:9000", "10.0.0.2:9000"]) as client:
         vectors = client.embed(["first text", "second text"]).vectors   # float32, one row per input
+        ranked = client.rerank("a query", ["a document", "another"]).results  # with a rerank model served
+        sparse = client.embed_sparse(["first text"]).vectors                  # with a sparse model served
 
 Also: the generated stubs (`embedding_client.v1`), typed errors (`embedding_client.errors`), a local
 fallback (`embedding_client.fallback`), and a bulk command line (`python -m embedding_client`).
@@ -21,10 +23,12 @@ from embedding_client.errors import (
     Unavailable,
 )
 from embedding_client.fallback import LocalFallback
+from embedding_client.scoring import Ranked, RerankResult, SparseResult, SparseVector
 from embedding_client.sync import EmbedClient
 
 __all__ = [
     "AsyncEmbedClient", "ClientStats", "DeadlineExceeded", "EmbedClient", "EmbedResult", "EmbeddingError",
-    "FailedPrecondition", "InvalidArgument", "LocalFallback", "NotFound", "PermissionDenied", "ResourceExhausted",
-    "RetryPolicy", "Unauthenticated", "Unavailable", "Usage",
+    "FailedPrecondition", "InvalidArgument", "LocalFallback", "NotFound", "PermissionDenied", "Ranked",
+    "RerankResult", "ResourceExhausted", "RetryPolicy", "SparseResult", "SparseVector", "Unauthenticated",
+    "Unavailable", "Usage",
 ]

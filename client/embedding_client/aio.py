@@ -23,16 +23,14 @@ import numpy as np
 from embedding_client import progress as progress_bars
 from embedding_client.encodings import OUTPUTS, TRUNCATION
 from embedding_client.errors import DeadlineExceeded, EmbeddingError, InvalidArgument, Unavailable, from_rpc_error
+from embedding_client.planning import REQUEST_OVERHEAD, plan_calls
+from embedding_client.scoring import ScoringCalls
 from embedding_client.targets import TargetPool
 from embedding_client.v1 import embedding_pb2 as pb
 
 logger = logging.getLogger("embedding_client")
 
 API_KEY_ENV = "EMBEDDING_SERVICE_API_KEY"
-# Bytes a request adds around its inputs (model name, options) and per input (tags, lengths): kept
-# well clear of max_request_bytes rather than computed to the byte.
-_REQUEST_OVERHEAD = 1024
-_INPUT_OVERHEAD = 16
 
 Input = str | Sequence[int]
 Progress = Callable[[int, int], None]
@@ -87,22 +85,7 @@ def _input(x: Input) -> pb.EmbedInput:
     return pb.EmbedInput(token_ids=pb.TokenIds(ids=[int(i) for i in x]))
 
 
-def plan_calls(sizes: Sequence[int], max_inputs: int, max_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) runs of consecutive inputs, each within max_inputs and max_bytes (an input larger than
-    max_bytes alone goes alone: the service names it in its error)."""
-    runs, start, used = [], 0, _REQUEST_OVERHEAD
-    for k, size in enumerate(sizes):
-        cost = size + _INPUT_OVERHEAD
-        if k > start and (k - start >= max_inputs or used + cost > max_bytes):
-            runs.append((start, k))
-            start, used = k, _REQUEST_OVERHEAD
-        used += cost
-    if start < len(sizes):
-        runs.append((start, len(sizes)))
-    return runs
-
-
-class AsyncEmbedClient:
+class AsyncEmbedClient(ScoringCalls):
     """One client for the embedding service's targets. Make it inside a running event loop; `close()` it."""
 
     def __init__(self, targets: str | Sequence[str], *, api_key: str | None = None, timeout_s: float = 300.0,
@@ -284,7 +267,7 @@ class AsyncEmbedClient:
         except TimeoutError:
             raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed") from None
         sizes = [i.ByteSize() for i in items]
-        if len(items) <= limits.max_inputs_per_request and sum(sizes) + _REQUEST_OVERHEAD <= limits.max_request_bytes:
+        if len(items) <= limits.max_inputs_per_request and sum(sizes) + REQUEST_OVERHEAD <= limits.max_request_bytes:
             reply = await self.call("Embed", pb.EmbedRequest(inputs=items, **fields), deadline=deadline)
             job.take(0, reply.embeddings, reply.dimensions, reply.usage, reply.model)
             return

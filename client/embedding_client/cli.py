@@ -2,9 +2,13 @@
 
     python -m embedding_client embed texts.txt vectors.npy --target host:9000 [--target ...]
     python -m embedding_client embed docs.jsonl vectors.parquet --field body
+    python -m embedding_client sparse docs.jsonl sparse.jsonl --top-k 128      (or sparse.parquet)
+    python -m embedding_client rerank "a query" docs.jsonl ranked.jsonl --top-n 10
 
 Input: a text file (one input per line) or JSONL (an object per line, its `--field`, or a JSON string).
-Output: a float32 .npy of one row per input line (or Parquet when pyarrow is installed). Work goes in
+Output: a float32 .npy of one row per input line (or Parquet when pyarrow is installed); sparse vectors as
+JSONL (an object per input: index, indices, values, tokens, active_terms) or Parquet; a rerank as JSONL of the
+ranked documents (index, score, tokens, with --return-documents the document) or Parquet. Work goes in
 chunks; after each the rows are flushed and OUTPUT.progress.json records how far it got, so a run that
 is interrupted (Ctrl-C, SIGTERM, a lost connection) continues there when started again with the same
 arguments. A finished output is never overwritten without --overwrite.
@@ -13,7 +17,6 @@ arguments. A finished output is never overwritten without --overwrite.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -21,48 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from embedding_client import cli_scoring
 from embedding_client import progress as progress_bars
 from embedding_client.encodings import TRUNCATION
 from embedding_client.errors import EmbeddingError
+from embedding_client.files import fingerprint, read_inputs, write_json
 from embedding_client.sync import EmbedClient
-
-
-def read_inputs(path: Path, field: str) -> list[str]:
-    texts = []
-    jsonl = path.suffix in (".jsonl", ".ndjson")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SystemExit(f"{path}:{number}: not JSON ({exc})") from None
-                text = item if isinstance(item, str) else item.get(field) if isinstance(item, dict) else None
-                if not isinstance(text, str):
-                    raise SystemExit(f"{path}:{number}: no string field {field!r}")
-            else:
-                text = line
-            if not text:
-                raise SystemExit(f"{path}:{number}: empty input (the service embeds no empty text)")
-            texts.append(text)
-    return texts
-
-
-def _fingerprint(path: Path, options: dict) -> str:
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # atomic: a kill leaves the old record or the new one
 
 
 def embed_file(args: argparse.Namespace) -> int:
@@ -78,9 +45,9 @@ def embed_file(args: argparse.Namespace) -> int:
     texts = read_inputs(source, args.field)
     options = {"model": args.model, "dimensions": args.dimensions, "normalize": not args.no_normalize,
                "prompt_name": args.prompt_name, "truncation": args.truncation}
-    fingerprint = _fingerprint(source, options)
+    job = fingerprint(source, options)
     record = json.loads(record_path.read_text()) if record_path.exists() else None
-    if record is not None and record.get("fingerprint") != fingerprint:
+    if record is not None and record.get("fingerprint") != job:
         if not args.overwrite:
             raise SystemExit(f"{record_path} belongs to another input or other options; --overwrite starts afresh")
         record = None
@@ -92,9 +59,9 @@ def embed_file(args: argparse.Namespace) -> int:
         if record is None:
             dimension = args.dimensions or client.get_model(args.model).dimension
             vectors = np.lib.format.open_memmap(work, mode="w+", dtype=np.float32, shape=(len(texts), dimension))
-            record = {"fingerprint": fingerprint, "rows": len(texts), "dimensions": dimension, "done": 0,
+            record = {"fingerprint": job, "rows": len(texts), "dimensions": dimension, "done": 0,
                       "tokens": 0}
-            _write_json(record_path, record)
+            write_json(record_path, record)
         else:
             vectors = np.lib.format.open_memmap(work, mode="r+")
             print(f"resuming at input {record['done']} of {record['rows']}", file=sys.stderr)
@@ -106,7 +73,7 @@ def embed_file(args: argparse.Namespace) -> int:
                 vectors[start : start + len(chunk)] = result.vectors
                 vectors.flush()
                 record.update(done=start + len(chunk), tokens=record["tokens"] + result.usage.total_tokens)
-                _write_json(record_path, record)
+                write_json(record_path, record)
                 report(len(chunk), len(texts))
         except EmbeddingError as exc:
             print(f"\nstopped at input {record['done']} of {len(texts)}: {exc}; run again to continue",
@@ -132,6 +99,19 @@ def _to_parquet(vectors: np.ndarray, output: Path) -> None:
     pq.write_table(pa.table({"index": np.arange(len(vectors)), "embedding": column}), output)
 
 
+def common_options(command: argparse.ArgumentParser) -> None:
+    """What every command takes: the service, the model, the input file's field, auth, deadline, output."""
+    command.add_argument("--target", action="append", default=None,
+                         help="host:port of the service (repeat for several; default 127.0.0.1:9000)")
+    command.add_argument("--model", default="", help="served model name (default: the service's default of the kind)")
+    command.add_argument("--field", default="text", help="the JSONL field holding the text")
+    command.add_argument("--api-key-env", default="EMBEDDING_SERVICE_API_KEY",
+                         help="environment variable holding the API key (never on the command line)")
+    command.add_argument("--timeout-s", type=float, default=3600.0, help="deadline of each step, retries included")
+    command.add_argument("--overwrite", action="store_true")
+    command.add_argument("--no-progress", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedding_client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,26 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     embed = commands.add_parser("embed", help="embed a text or JSONL file into .npy or .parquet, resumable")
     embed.add_argument("input", help="a .txt (one input per line) or .jsonl file")
     embed.add_argument("output", help="a .npy or .parquet file")
-    embed.add_argument("--target", action="append", default=None,
-                       help="host:port of the service (repeat for several; default 127.0.0.1:9000)")
-    embed.add_argument("--model", default="", help="served model name (default: the service's default)")
+    common_options(embed)
     embed.add_argument("--dimensions", type=int, default=None)
     embed.add_argument("--no-normalize", action="store_true")
     embed.add_argument("--prompt-name", default="")
     embed.add_argument("--truncation", default="end", choices=list(TRUNCATION))
-    embed.add_argument("--field", default="text", help="the JSONL field holding the text")
     embed.add_argument("--chunk", type=int, default=10_000, help="inputs per resumable step")
-    embed.add_argument("--api-key-env", default="EMBEDDING_SERVICE_API_KEY",
-                       help="environment variable holding the API key (never on the command line)")
-    embed.add_argument("--timeout-s", type=float, default=3600.0, help="deadline of each step, retries included")
-    embed.add_argument("--overwrite", action="store_true")
-    embed.add_argument("--no-progress", action="store_true")
+    cli_scoring.add_commands(commands, common_options)
     args = parser.parse_args(argv)
     args.target = args.target or ["127.0.0.1:9000"]
-    if args.chunk < 1:
+    if getattr(args, "chunk", 1) < 1:
         parser.error("--chunk must be at least 1")
     try:
-        return embed_file(args)
+        return {"embed": embed_file, **cli_scoring.COMMANDS}[args.command](args)
     except EmbeddingError as exc:
         print(f"embedding_client: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from embedding_client.aio import AsyncEmbedClient, EmbedResult, Input, Progress
+from embedding_client.scoring import RerankResult, SparseResult
 from embedding_client.v1 import embedding_pb2 as pb
 
 
@@ -38,6 +39,19 @@ class EmbedClient:
         return self._run(self.aio.embed(inputs, model=model, dimensions=dimensions, normalize=normalize,
                                         prompt_name=prompt_name, truncation=truncation, output=output,
                                         progress=progress, timeout_s=timeout_s))
+
+    def rerank(self, query: str, documents: Sequence[str], *, model: str = "", top_n: int | None = None,
+               return_documents: bool = False, activation: bool = False, truncation: str = "end",
+               timeout_s: float | None = None) -> RerankResult:
+        return self._run(self.aio.rerank(query, documents, model=model, top_n=top_n,
+                                         return_documents=return_documents, activation=activation,
+                                         truncation=truncation, timeout_s=timeout_s))
+
+    def embed_sparse(self, texts: Sequence[str], *, model: str = "", top_k: int | None = None,
+                     return_tokens: bool = False, truncation: str = "end",
+                     timeout_s: float | None = None) -> SparseResult:
+        return self._run(self.aio.embed_sparse(texts, model=model, top_k=top_k, return_tokens=return_tokens,
+                                               truncation=truncation, timeout_s=timeout_s))
 
     def ranges(self, model: str = "", *, dimensions: int | None = None, normalize: bool = True,
                timeout_s: float | None = None) -> np.ndarray:
