@@ -40,6 +40,15 @@ def test_builder_wires_router_and_models():
     assert app is not None
 
 
+def test_each_kind_has_its_default_model():
+    args = AppArgs.parse({"models": [{"name": "r", "kind": "rerank"}, {"name": "a"}, {"name": "s", "kind": "sparse"},
+                                     {"name": "b"}, {"name": "r2", "kind": "rerank"}]})
+    assert args.default_model_name == args.default_of("embedding") == "a"  # the first embedding model, not r
+    assert args.default_of("rerank") == "r" and args.default_of("sparse") == "s"
+    assert AppArgs.parse({"models": [{"name": "r", "kind": "rerank"}]}).default_of("sparse") == ""
+    assert build_app({"models": [{"name": "r", "kind": "rerank"}, {"name": "s", "kind": "sparse"}]}) is not None
+
+
 def test_empty_args_give_the_packaged_default():
     args = AppArgs.parse(None)
     assert [m.name for m in args.models] == ["all-MiniLM-L6-v2"]
@@ -64,6 +73,12 @@ def test_empty_args_give_the_packaged_default():
         {"tracing": {"otlp_endpoint": "otel-collector:4317"}},
         {"tracing": {"otlp_endpoint": "http://c:4317", "sample_ratio": 1.5}},
         {"tracing": {"otlp_endpoint": "http://c:4317", "headers": "authorization=Bearer x"}},
+        # Rerank and sparse models: torch, fp32 (no accuracy gate of their kind yet), and never the Embed default.
+        {"models": [{"name": "r", "kind": "rerank", "backend": "openvino"}]},
+        {"models": [{"name": "r", "kind": "rerank", "precision": "bf16"}]},
+        {"models": [{"name": "s", "kind": "sparse", "precision": "int8"}]},
+        {"models": [{"name": "a"}, {"name": "r", "kind": "rerank"}], "default_model": "r"},
+        {"models": [{"name": "x", "kind": "classify"}]},
     ],
 )
 def test_bad_args_are_rejected_before_anything_starts(bad):

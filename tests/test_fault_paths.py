@@ -94,6 +94,47 @@ def test_inference_error_without_a_device_fault_is_not_reported(tmp_path, tiny_m
     assert recycler.named("report_failure") == []
 
 
+@pytest.mark.parametrize("kind", ["rerank", "sparse"])
+def test_a_device_fault_in_a_rerank_or_sparse_replica_is_reported_as_one(tmp_path, scoring_model_dirs, kind):
+    from embedding_service.model.scoring import RerankModel, SparseModel
+    from embedding_service.wire.messages import RerankOptions, SparseOptions
+    from tests.conftest import RERANKER, SPLADE
+
+    name = RERANKER if kind == "rerank" else SPLADE
+    settings = ModelSettings(name=name, kind=kind, path=str(scoring_model_dirs[name]), device="cpu",
+                             gpu_check="embedding_service.fleet.gpu_checks:fault_file_check",
+                             gpu_check_args={"directory": str(tmp_path)})
+    (tmp_path / "node-1").write_text("CUDA error: illegal memory access (injected)")
+    recycler = _RecyclerHandle()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async def main() -> BaseException:
+        cls = RerankModel if kind == "rerank" else SparseModel
+        replica = cls(settings, recycler, heartbeat_s=3600, placement=Placement("node-1", "replica-1"))
+        if kind == "rerank":
+            replica.model.predict = broken
+            request = ShardRequest(["a document"], RerankOptions("a query"))
+            call = replica.rerank
+        else:
+            replica.model.encode = broken
+            request = ShardRequest(["a sentence"], SparseOptions(top_k=8))
+            call = replica.embed_sparse
+        try:
+            with pytest.raises(Exception) as caught:
+                await call(request)
+            return caught.value
+        finally:
+            await replica.close()
+
+    error = asyncio.run(main())
+    assert isinstance(error, ReplicaFaulted), error
+    assert recycler.named("report_failure") == [("replica-1", "node-1", "CUDA error: illegal memory access (injected)")]
+    assert recycler.named("heartbeat") == [("replica-1", name, "node-1", "")]
+    assert recycler.named("forget_replica") == [("replica-1",)]
+
+
 def _view(own_node: str, states: dict[str, NodeState], shutting_down: bool = False) -> ServiceView:
     nodes = tuple(
         NodeView(node, "10.0.0.1", state, "fault" if state != NodeState.HEALTHY else "", 0.0,

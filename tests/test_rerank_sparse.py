@@ -266,3 +266,46 @@ def test_cli_sparse_and_rerank_write_jsonl_and_parquet(service, cross_encoder, s
     again = subprocess.run(base + ["rerank", QUERY, str(source), str(tmp_path / "ranked.jsonl"), *common],
                            capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_a_reranker_replica_killed_mid_stream_is_retried(service, cross_encoder):
+    import threading
+
+    import ray
+
+    from embedding_service.wire.messages import model_deployment_name
+    from tests.test_retry import replica_actors, wait_healthy
+
+    deployment = model_deployment_name(RERANKER)
+    (victim,) = replica_actors(deployment)
+    documents = make_texts(4000, seed=41, max_words=30)
+    chunks: list = []
+    outcome: dict = {}
+
+    def call():
+        try:
+            for chunk in service.stub.RerankStream(pb.RerankStreamRequest(query=QUERY, documents=documents),
+                                                   timeout=300):
+                chunks.append(chunk)
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+
+    from tests.observe import total, wait_until
+
+    retries = total("ray_embedding_shard_retries_total", model=RERANKER)
+    caller = threading.Thread(target=call)
+    caller.start()
+
+    wait_until(lambda: len(chunks) >= 2 or not caller.is_alive(), 120, "the first chunks")
+    assert caller.is_alive() and len(chunks) < len(documents) // 32, "the stream ended before the kill"
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    caller.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    scores = {r.index: r.score for c in chunks for r in c.results}
+    assert sorted(scores) == list(range(len(documents))) and sum(len(c.results) for c in chunks) == len(documents)
+    raw = _raw(cross_encoder, QUERY, documents)
+    assert np.abs(np.array([scores[i] for i in range(len(documents))]) - raw).max() < 1e-5
+    # The router sent the dead replica's shards again (counted), and Serve replaced the replica.
+    wait_until(lambda: total("ray_embedding_shard_retries_total", model=RERANKER) > retries, 30, "retries counted")
+    wait_healthy()
+    assert {a["name"] for a in replica_actors(deployment)} != {victim["name"]}
