@@ -105,9 +105,9 @@ class RouterMetrics(_Group):
                        "code (OK included).", ("method", "model", "code"))
     request_seconds = histogram("request_seconds", "Time from a call's arrival at the router to its last byte, "
                                 "whatever the outcome.", SECONDS, CALL)
-    request_inputs = histogram("request_inputs", "Inputs per successful Embed/EmbedStream call.", COUNTS, CALL)
-    request_tokens = histogram("request_tokens", "Tokens (special tokens included) per successful "
-                               "Embed/EmbedStream call.", TOKENS, CALL)
+    request_inputs = histogram("request_inputs", "Inputs (documents of a rerank) per successful call.", COUNTS, CALL)
+    request_tokens = histogram("request_tokens", "Tokens (special tokens included) per successful call.", TOKENS,
+                               CALL)
     first_shard_seconds = histogram("request_first_shard_seconds", "Time from a call's arrival to its first "
                                     "shard's vectors back (a stream's first chunk).", SECONDS, CALL)
     request_shards = histogram("request_shards", "Shards (mini-batches) a call was cut into.", COUNTS, ("model",))
@@ -118,8 +118,9 @@ class RouterMetrics(_Group):
     router_inputs_dropped = counter("router_inputs_dropped", "Inputs of calls dropped while they waited in the "
                                     "router to be coalesced: caller gone (reason=cancelled) or deadline passed "
                                     "(reason=deadline).", ("model", "reason"))
-    inputs = counter("inputs", "Inputs embedded and returned to callers.", ("model",))
-    tokens = counter("tokens", "Tokens embedded and returned to callers (special tokens included).", ("model",))
+    inputs = counter("inputs", "Inputs embedded (documents scored) and returned to callers.", ("model",))
+    tokens = counter("tokens", "Tokens embedded or scored and returned to callers (special tokens included).",
+                     ("model",))
     health_serving = gauge("health_serving", "1 while the grpc.health.v1 service is SERVING, 0 otherwise; service "
                            f"is a model name or {OVERALL} for the whole server.", ("service",))
 
