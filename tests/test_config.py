@@ -73,9 +73,9 @@ def test_empty_args_give_the_packaged_default():
         {"tracing": {"otlp_endpoint": "otel-collector:4317"}},
         {"tracing": {"otlp_endpoint": "http://c:4317", "sample_ratio": 1.5}},
         {"tracing": {"otlp_endpoint": "http://c:4317", "headers": "authorization=Bearer x"}},
-        # Rerank and sparse models: torch, fp32 (no accuracy gate of their kind yet), and never the Embed default.
+        # Rerank and sparse models: torch, fp32 or bf16, and never the Embed default.
         {"models": [{"name": "r", "kind": "rerank", "backend": "openvino"}]},
-        {"models": [{"name": "r", "kind": "rerank", "precision": "bf16"}]},
+        {"models": [{"name": "r", "kind": "rerank", "precision": "int8"}]},
         {"models": [{"name": "s", "kind": "sparse", "precision": "int8"}]},
         {"models": [{"name": "a"}, {"name": "r", "kind": "rerank"}], "default_model": "r"},
         {"models": [{"name": "x", "kind": "classify"}]},

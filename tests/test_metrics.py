@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import FORWARD_MAX_TOKENS
 from embedding_service.model.forward import plan_passes
-from tests.conftest import METRICS_REPORT_MS, MINILM, REFUSING, TINY
+from tests.conftest import METRICS_REPORT_MS, MINILM, REFUSING, RERANKER, SPLADE, TINY
 from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
 from tests.observe import scrape, settled, total, wait_until
 from tests.test_embed import make_texts, text_inputs
@@ -147,7 +147,8 @@ def test_health_and_node_gauges_match_the_service_state(service):
     assert total("ray_embedding_nodes", samples, state="healthy") == alive
     assert total("ray_embedding_nodes", samples, state="quarantined") == 0
     serving = {s.labels["service"]: s.value for s in samples if s.name == "ray_embedding_health_serving"}
-    assert serving == {"(overall)": 1, "embedding_service.v1.EmbedService": 1, MINILM: 1, TINY: 1, REFUSING: 0}
+    assert serving == {"(overall)": 1, "embedding_service.v1.EmbedService": 1, MINILM: 1, TINY: 1, REFUSING: 0,
+                       RERANKER: 1, SPLADE: 1}
 
 
 def gateway_samples(base: str) -> list:

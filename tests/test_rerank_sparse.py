@@ -278,7 +278,7 @@ def test_a_reranker_replica_killed_mid_stream_is_retried(service, cross_encoder)
 
     deployment = model_deployment_name(RERANKER)
     (victim,) = replica_actors(deployment)
-    documents = make_texts(4000, seed=41, max_words=30)
+    documents = make_texts(20_000, seed=41, max_words=30)  # seconds of work for the tiny model, ~3 MB
     chunks: list = []
     outcome: dict = {}
 

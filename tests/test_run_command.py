@@ -28,7 +28,7 @@ from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.cli import TEARDOWN_S
 from embedding_service.ops import ray_internals, servefile
 from embedding_service.wire.reasons import Reason
-from tests.conftest import REFUSING, TINY, free_port
+from tests.conftest import REFUSING, RERANKER, SPLADE, TINY, free_port
 from tests.gateway_helpers import readiness, running_gateway
 from tests.observe import wait_until
 from tests.tcp_relay import relay
@@ -247,5 +247,5 @@ def test_the_run_command_used_a_ray_of_its_own_and_left_the_sessions_alone(run_c
     # ray.init() with no address joins the last cluster started here: the run command must not.
     assert "Started a local Ray instance" in run_command.output()
     listed = service.stub.ListModels(pb.ListModelsRequest(), timeout=60)
-    assert {m.name for m in listed.models} == {"all-MiniLM-L6-v2", TINY, REFUSING}
+    assert {m.name for m in listed.models} == {"all-MiniLM-L6-v2", TINY, REFUSING, RERANKER, SPLADE}
     assert service.stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text="still here")]), timeout=60).embeddings

@@ -7,7 +7,8 @@ and shards that arrive while the model computes are gathered in the continuous b
 run in forward passes within the token budget (model/forward.plan_passes). Each pass is sentence-transformers'
 own `CrossEncoder.predict` or `SparseEncoder.encode` over its rows, so what is served is what they compute.
 
-Scores are the model's raw logits (CrossEncoder's activation replaced by the identity), and the activation
+Below fp32 (bf16 on torch) a replica first measures its kind's accuracy gate against the same weights in fp32
+(model/scoring_accuracy.py) and refuses to serve when it misses it. Scores are the model's raw logits (CrossEncoder's activation replaced by the identity), and the activation
 (sigmoid for one label) is applied to them on request, as CrossEncoder applies it. A sparse vector keeps its
 `top_k` heaviest terms, as `SparseEncoder.encode(max_active_dims=top_k)` does, indices ascending.
 """
@@ -24,6 +25,14 @@ from embedding_service.batching.waiters import DEADLINE, Expired
 from embedding_service.config import ModelSettings, TracingSettings
 from embedding_service.model.forward import model_source, plan_passes, resolve_device
 from embedding_service.model.replica import ServedReplica
+from embedding_service.model.scoring_accuracy import (
+    rerank_accuracy,
+    rerank_pairs,
+    run_in_passes,
+    sparse_accuracy,
+    sparse_sentences,
+    verify_scoring,
+)
 from embedding_service.model.watchdog import Placement
 from embedding_service.observability.logs import service_logger
 from embedding_service.observability.tracing import wall_ns
@@ -64,10 +73,28 @@ def _torch_threads(settings: ModelSettings) -> None:
         torch.set_num_threads(settings.threads)  # process-wide: holds in the forward thread too
 
 
+def _counter(tokenizer) -> Any:
+    """A tokenizer of the model's own to count tokens with on the event loop: a transformers fast tokenizer keeps
+    its padding and truncation as state, which the forward thread sets on every pass, so counting with it there
+    raced the passes (a count came back padded)."""
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    counter.no_padding()
+    counter.no_truncation()
+    return counter
+
+
 class _ScoringReplica(ServedReplica):
     """What the rerank and sparse replicas share: the shard's way through the batcher and its spans."""
 
     info: ModelInfo
+    _tokens: Any  # _counter's
+
+    def _lengths(self, rows: list) -> np.ndarray:
+        """Tokens of each row (a text, or a (query, document) pair), special tokens included, untruncated."""
+        return np.fromiter((len(e.ids) for e in self._tokens.encode_batch(rows, add_special_tokens=True)),
+                           dtype=np.int64, count=len(rows))
 
     def describe(self) -> ModelInfo:
         return self.info
@@ -139,11 +166,21 @@ class RerankModel(_ScoringReplica):
                                   trust_remote_code=settings.trust_remote_code)
         self.model.eval()
         self._identity = torch.nn.Identity()
+        verification = None
+        if settings.precision == "bf16":  # the fp32 reference first, from the same weights
+            pairs, per_query = rerank_pairs()
+            reference = self._raw_scores(pairs, settings.forward_batch_size)
+            self.model.to(torch.bfloat16)
+            verification = verify_scoring(settings, reference,
+                                          lambda: self._raw_scores(pairs, settings.forward_batch_size),
+                                          lambda ours, theirs: rerank_accuracy(ours, theirs, per_query))
+            self.refused = verification.refused
         tokenizer = self.model.tokenizer
+        self._tokens = _counter(tokenizer)
         self.info = ModelInfo(name=settings.name, dimension=1, max_sequence_length=int(self.model.max_length),
                               prompts={}, device=device, backend="torch", vocab_size=int(tokenizer.vocab_size),
-                              source=settings.path, tokenizer_json=tokenizer.backend_tokenizer.to_str(),
-                              kind="rerank")
+                              source=settings.path, verification=verification,
+                              tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="rerank")
         self._max_tokens = settings.forward_token_budget(device)
         logger.info("rerank model %s loaded from %s on %s", settings.name, settings.path, device)
         self._serve(settings, fleet, heartbeat_s, tracing, device, "torch", placement,
@@ -155,9 +192,7 @@ class RerankModel(_ScoringReplica):
     async def _rerank(self, request: ShardRequest) -> ShardResult:
         options: RerankOptions = request.options
         pairs = [[options.query, d] for d in request.inputs]
-        encoded = self.model.tokenizer([options.query] * len(pairs), list(request.inputs), truncation=False,
-                                       verbose=False)
-        full = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(pairs))
+        full = self._lengths([(options.query, d) for d in request.inputs])
         computed, counts, too_long = await self._shard(request, pairs, full, self.info.max_sequence_length)
         if computed is None:
             return ShardResult(vectors=None, token_counts=counts, too_long=too_long)
@@ -169,10 +204,12 @@ class RerankModel(_ScoringReplica):
         return ShardResult(scores.astype(np.float32, copy=False), counts, queue_ns=computed.queue_ns,
                            inference_ns=computed.inference_ns)
 
+    def _raw_scores(self, pairs: list[list[str]], batch: int | None = None) -> np.ndarray:
+        return self.model.predict(pairs, batch_size=batch or len(pairs), activation_fn=self._identity,
+                                  convert_to_numpy=True, show_progress_bar=False)
+
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
-        return self._passes(items, lambda pairs: self.model.predict(
-            pairs, batch_size=len(pairs), activation_fn=self._identity, convert_to_numpy=True,
-            show_progress_bar=False))
+        return self._passes(items, self._raw_scores)
 
 
 class SparseModel(_ScoringReplica):
@@ -189,11 +226,23 @@ class SparseModel(_ScoringReplica):
         self.model.eval()
         if settings.max_seq_length is not None:
             self.model.max_seq_length = settings.max_seq_length
+        verification = None
+        if settings.precision == "bf16":  # the fp32 reference first, from the same weights
+            import torch
+
+            texts, batch = sparse_sentences(), settings.forward_batch_size
+            reference = run_in_passes(texts, batch, self._weights)
+            self.model.to(torch.bfloat16)
+            verification = verify_scoring(settings, reference, lambda: run_in_passes(texts, batch, self._weights),
+                                          sparse_accuracy)
+            self.refused = verification.refused
         tokenizer = self.model.tokenizer
+        self._tokens = _counter(tokenizer)
         self.info = ModelInfo(name=settings.name, dimension=int(self.model.get_embedding_dimension()),
                               max_sequence_length=int(self.model.max_seq_length), prompts={}, device=device,
                               backend="torch", vocab_size=int(tokenizer.vocab_size), source=settings.path,
-                              tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="sparse")
+                              verification=verification, tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+                              kind="sparse")
         self._max_tokens = settings.forward_token_budget(device)
         logger.info("sparse model %s loaded from %s on %s", settings.name, settings.path, device)
         self._serve(settings, fleet, heartbeat_s, tracing, device, "torch", placement,
@@ -205,8 +254,7 @@ class SparseModel(_ScoringReplica):
     async def _embed_sparse(self, request: ShardRequest) -> ShardResult:
         options: SparseOptions = request.options
         texts = list(request.inputs)
-        encoded = self.model.tokenizer(texts, truncation=False, verbose=False)
-        full = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+        full = self._lengths(texts)
         computed, counts, too_long = await self._shard(request, texts, full, self.info.max_sequence_length)
         if computed is None:
             return ShardResult(vectors=None, token_counts=counts, too_long=too_long)
@@ -222,7 +270,10 @@ class SparseModel(_ScoringReplica):
         terms = tuple(self.model.tokenizer.convert_ids_to_tokens(keep.tolist())) if options.return_tokens else None
         return SparseVector(keep.astype(np.int32), weights[keep].astype(np.float32), int(len(active)), terms)
 
+    def _weights(self, texts: list[str]) -> np.ndarray:
+        """(n, vocab) float32 term weights, as SparseEncoder.encode computes them."""
+        return self.model.encode(texts, batch_size=len(texts), convert_to_tensor=True, convert_to_sparse_tensor=False,
+                                 show_progress_bar=False).float().cpu().numpy()
+
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
-        return self._passes(items, lambda texts: self.model.encode(
-            texts, batch_size=len(texts), convert_to_tensor=True, convert_to_sparse_tensor=False,
-            show_progress_bar=False).float().cpu().numpy())
+        return self._passes(items, self._weights)
