@@ -27,9 +27,11 @@ from embedding_service.model.forward import model_source, plan_passes, resolve_d
 from embedding_service.model.replica import ServedReplica
 from embedding_service.model.scoring_accuracy import (
     rerank_accuracy,
+    rerank_canary,
     rerank_pairs,
     run_in_passes,
     sparse_accuracy,
+    sparse_canary,
     sparse_sentences,
     verify_scoring,
 )
@@ -168,11 +170,14 @@ class RerankModel(_ScoringReplica):
         self._identity = torch.nn.Identity()
         verification = None
         if settings.precision == "bf16":  # the fp32 reference first, from the same weights
-            pairs, per_query = rerank_pairs()
-            reference = self._raw_scores(pairs, settings.forward_batch_size)
+            (pairs, per_query), canary, batch = rerank_pairs(), rerank_canary(), settings.forward_batch_size
+
+            def outputs() -> tuple[np.ndarray, np.ndarray]:
+                return self._raw_scores(canary, batch), self._raw_scores(pairs, batch)
+
+            reference = outputs()
             self.model.to(torch.bfloat16)
-            verification = verify_scoring(settings, reference,
-                                          lambda: self._raw_scores(pairs, settings.forward_batch_size),
+            verification = verify_scoring(settings, reference, outputs,
                                           lambda ours, theirs: rerank_accuracy(ours, theirs, per_query))
             self.refused = verification.refused
         tokenizer = self.model.tokenizer
@@ -230,11 +235,14 @@ class SparseModel(_ScoringReplica):
         if settings.precision == "bf16":  # the fp32 reference first, from the same weights
             import torch
 
-            texts, batch = sparse_sentences(), settings.forward_batch_size
-            reference = run_in_passes(texts, batch, self._weights)
+            texts, canary, batch = sparse_sentences(), sparse_canary(), settings.forward_batch_size
+
+            def outputs() -> tuple[np.ndarray, np.ndarray]:
+                return self._weights(canary), run_in_passes(texts, batch, self._weights)
+
+            reference = outputs()
             self.model.to(torch.bfloat16)
-            verification = verify_scoring(settings, reference, lambda: run_in_passes(texts, batch, self._weights),
-                                          sparse_accuracy)
+            verification = verify_scoring(settings, reference, outputs, sparse_accuracy)
             self.refused = verification.refused
         tokenizer = self.model.tokenizer
         self._tokens = _counter(tokenizer)

@@ -6,8 +6,10 @@ On the packaged corpus's gate sentences (model/accuracy.corpus), never its canar
   reranked result page would lose); mean cosine is not measured (logits are not vectors).
 - sparse: SPARSE_SENTENCES sentences; mean cosine of each sparse vector to its fp32 one, and recall@10 the share
   of each vector's ten heaviest fp32 terms that are among its ten heaviest.
-The replica computes the fp32 reference itself, with the same weights in fp32 before casting them, and refuses to
-serve when the gate (config.AccuracyGate) is missed, as an embedding replica does (model/verification.py).
+The canary sentences (their outputs' cosine to fp32's, at least the precision's canary_threshold) are checked
+first. The replica computes the fp32 reference itself, with the same weights in fp32 before casting them, and
+refuses to serve when the canary or the gate (config.AccuracyGate) is missed, as an embedding replica does
+(model/verification.py).
 """
 
 from __future__ import annotations
@@ -37,8 +39,26 @@ def rerank_pairs() -> tuple[list[list[str]], int]:
     return [[q, p] for q in queries for p in passages], PASSAGES
 
 
+def rerank_canary() -> list[list[str]]:
+    """The canary sentences paired each with the next: one score each."""
+    canary = corpus().canary
+    return [[q, canary[(k + 1) % len(canary)]] for k, q in enumerate(canary)]
+
+
 def sparse_sentences() -> list[str]:
     return list(corpus().gate[:SPARSE_SENTENCES])
+
+
+def sparse_canary() -> list[str]:
+    return list(corpus().canary)
+
+
+def canary_cosine(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """The lowest cosine of a canary's output to its fp32 one: per sentence for sparse vectors ((n, vocab)); for
+    rerank scores ((n,)), the cosine of the canary pairs' score vector to fp32's."""
+    ours, theirs = (outputs[None, :], reference[None, :]) if outputs.ndim == 1 else (outputs, reference)
+    norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+    return float(((ours * theirs).sum(axis=1) / np.maximum(norms, 1e-12)).min())
 
 
 def _recall(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -60,20 +80,29 @@ def sparse_accuracy(weights: np.ndarray, reference: np.ndarray) -> Accuracy:
     return Accuracy(len(weights), float(cosines.mean()), _recall(weights, reference))
 
 
-def verify_scoring(settings: ModelSettings, reference: np.ndarray, compute: Callable[[], np.ndarray],
+def verify_scoring(settings: ModelSettings, reference: tuple[np.ndarray, np.ndarray],
+                   compute: Callable[[], tuple[np.ndarray, np.ndarray]],
                    measure: Callable[[np.ndarray, np.ndarray], Accuracy]) -> Verification:
-    """`reference`: the fp32 outputs on the gate; `compute()`: the replica's own, as it serves them."""
+    """`reference`: the fp32 outputs on the canary and on the gate; `compute()`: the replica's own, as it serves
+    them. The canary first (its precision's canary_threshold), then the gate."""
     gate = settings.accuracy_gate
-    accuracy = measure(compute(), reference)
-    refused = gate_failure(accuracy, gate.min_mean_cosine if settings.kind == "sparse" else 0.0,
-                           gate.min_recall_at_10)
+    threshold = settings.canary_threshold
+    canary, outputs = compute()
+    worst = canary_cosine(canary, reference[0])
+    accuracy = measure(outputs, reference[1])
+    refused = None
+    if worst < threshold:
+        refused = f"canary failed: the canary's outputs have cosine {worst:.6f} to fp32 torch's (< {threshold})"
+    else:
+        refused = gate_failure(accuracy, gate.min_mean_cosine if settings.kind == "sparse" else 0.0,
+                               gate.min_recall_at_10)
     if refused is not None:
         refused = f"{settings.precision} on torch: {refused}"
         logger.error("model %s: refusing to serve: %s", settings.name, refused)
     else:
         logger.info("model %s: %s passed its %s gate (mean cosine %.5f, recall@10 %.4f)", settings.name,
                     settings.precision, settings.kind, accuracy.mean_cosine, accuracy.recall_at_10)
-    return Verification(settings.precision, REFERENCE, 1.0, settings.canary_threshold, accuracy,
+    return Verification(settings.precision, REFERENCE, worst, threshold, accuracy,
                         gate.min_mean_cosine if settings.kind == "sparse" else 0.0, gate.min_recall_at_10, refused)
 
 
