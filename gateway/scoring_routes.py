@@ -34,6 +34,13 @@ def _truncation(truncate: bool) -> int:
     return pb.TRUNCATION_POLICY_END if truncate else pb.TRUNCATION_POLICY_REJECT
 
 
+def _positive(value: int, param: str) -> int:
+    """A count the proto carries as int32; its upper bound is the service's to check."""
+    if not 1 <= value <= 2**31 - 1:
+        raise errors.invalid_request(f"{param} must be a positive integer", param)
+    return value
+
+
 def _json(payload: dict) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
@@ -45,9 +52,7 @@ async def _rerank(request: Request) -> Response:
                                return_documents=body.return_documents, activation=not body.raw_scores,
                                truncation=_truncation(body.truncate))
     if body.top_n is not None:
-        if not 1 <= body.top_n <= 2**31 - 1:
-            raise errors.invalid_request("top_n must be a positive integer", "top_n")
-        message.top_n = body.top_n
+        message.top_n = _positive(body.top_n, "top_n")
     reply: pb.RerankResponse = await call(request, "Rerank", message)
     results = []
     for r in reply.results:
@@ -77,9 +82,7 @@ async def create_sparse_embeddings(request: Request) -> Response:
     message = pb.EmbedSparseRequest(model=body.model or "", inputs=texts, return_tokens=body.return_tokens,
                                     truncation=_truncation(body.truncate))
     if body.top_k is not None:
-        if not 1 <= body.top_k <= 2**31 - 1:
-            raise errors.invalid_request("top_k must be a positive integer", "top_k")
-        message.top_k = body.top_k
+        message.top_k = _positive(body.top_k, "top_k")
     reply: pb.EmbedSparseResponse = await call(request, "EmbedSparse", message)
     data = []
     for e in reply.embeddings:

@@ -57,6 +57,32 @@ class Admitted:
     deadline: Deadline
 
 
+@dataclass
+class _Totals:
+    """A whole reply's token counts (by input position) and its shards' queue and inference times."""
+
+    counts: np.ndarray
+    queue_ns: int = 0
+    inference_ns: int = 0
+
+    @classmethod
+    def of(cls, n: int) -> _Totals:
+        return cls(np.zeros(n, dtype=np.int64))
+
+    def add(self, shard, result) -> None:
+        self.counts[shard.positions] = result.token_counts
+        self.queue_ns += result.queue_ns
+        self.inference_ns += result.inference_ns
+
+    def stamped(self, response, started_ns: int, call: ObservedCall):
+        """The reply with its usage and timing; the call counted as answered."""
+        tokens = int(self.counts.sum())
+        convert.stamp(response, tokens, self.queue_ns, self.inference_ns)
+        response.timing.total_time_ns = time.perf_counter_ns() - started_ns
+        call.embedded(len(self.counts), tokens)
+        return response
+
+
 class EmbedRouter:
     async def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle], fleet: DeploymentHandle) -> None:
         self.args = args
@@ -158,22 +184,15 @@ class EmbedRouter:
                                       "Embed")
             n = len(job.inputs)
             vectors: np.ndarray | None = None
-            counts = np.zeros(n, dtype=np.int64)
-            queue_ns = inference_ns = 0
+            totals = _Totals.of(n)
             async for shard, result in self.fanout.results(job, admitted.deadline, call):
                 if vectors is None:
                     vectors = np.empty((n, result.vectors.shape[1]), dtype=result.vectors.dtype)
                 vectors[shard.positions] = result.vectors
-                counts[shard.positions] = result.token_counts
-                queue_ns += result.queue_ns
-                inference_ns += result.inference_ns
+                totals.add(shard, result)
             response = pb.EmbedResponse(model=job.model, dimensions=job.dimension)
-            convert.fill(response.embeddings, range(n), vectors, counts, job.raw_bytes)
-            tokens = int(counts.sum())
-            convert.stamp(response, tokens, queue_ns, inference_ns)
-            response.timing.total_time_ns = time.perf_counter_ns() - started
-            call.embedded(n, tokens)
-            return response
+            convert.fill(response.embeddings, range(n), vectors, totals.counts, job.raw_bytes)
+            return totals.stamped(response, started, call)
 
     @status.grpc_method
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
@@ -223,23 +242,16 @@ class EmbedRouter:
             n = len(job.inputs)
             keep = top_n(request, n)
             scores = np.empty(n, dtype=np.float32)
-            counts = np.zeros(n, dtype=np.int64)
-            queue_ns = inference_ns = 0
+            totals = _Totals.of(n)
             async for shard, result in self.fanout.results(job, admitted.deadline, call):
                 scores[shard.positions] = result.vectors
-                counts[shard.positions] = result.token_counts
-                queue_ns += result.queue_ns
-                inference_ns += result.inference_ns
+                totals.add(shard, result)
             # Highest first, ties in document order (as CrossEncoder.rank's stable sort).
             order = np.argsort(-scores, kind="stable")[:keep]
             response = pb.RerankResponse(model=job.model)
-            convert.fill_scores(response.results, order, scores[order], counts[order],
+            convert.fill_scores(response.results, order, scores[order], totals.counts[order],
                                 request.documents if request.return_documents else None)
-            tokens = int(counts.sum())
-            convert.stamp(response, tokens, queue_ns, inference_ns)
-            response.timing.total_time_ns = time.perf_counter_ns() - started
-            call.embedded(n, tokens)
-            return response
+            return totals.stamped(response, started, call)
 
     @status.grpc_method
     async def RerankStream(self, request: pb.RerankStreamRequest,
@@ -268,21 +280,14 @@ class EmbedRouter:
                                       "sparse", "inputs", build_sparse_job)
             n = len(job.inputs)
             vectors: list = [None] * n
-            counts = np.zeros(n, dtype=np.int64)
-            queue_ns = inference_ns = 0
+            totals = _Totals.of(n)
             async for shard, result in self.fanout.results(job, admitted.deadline, call):
                 for row, position in enumerate(shard.positions):
                     vectors[position] = result.sparse[row]
-                counts[shard.positions] = result.token_counts
-                queue_ns += result.queue_ns
-                inference_ns += result.inference_ns
+                totals.add(shard, result)
             response = pb.EmbedSparseResponse(model=job.model, dimensions=job.dimension)
-            convert.fill_sparse(response.embeddings, range(n), vectors, counts)
-            tokens = int(counts.sum())
-            convert.stamp(response, tokens, queue_ns, inference_ns)
-            response.timing.total_time_ns = time.perf_counter_ns() - started
-            call.embedded(n, tokens)
-            return response
+            convert.fill_sparse(response.embeddings, range(n), vectors, totals.counts)
+            return totals.stamped(response, started, call)
 
     @status.grpc_method
     async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:

@@ -96,13 +96,7 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
 def _input(item: pb.EmbedInput, index: int, model: ModelInfo, limits: Limits) -> Input:
     kind = item.WhichOneof("kind")
     if kind == "text":
-        text = item.text
-        if not text:
-            raise ServiceError(Reason.EMPTY_INPUT, f"input {index} is an empty string", index=index)
-        if len(text) > limits.max_chars_per_input:
-            raise ServiceError(Reason.INPUT_TOO_LARGE, f"input {index} has {len(text)} characters; the limit is "
-                               f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input)
-        return text
+        return _text(item.text, index, "input", limits)
     if kind == "token_ids":
         ids = np.asarray(item.token_ids.ids, dtype=np.int32)
         if ids.size == 0:
@@ -169,13 +163,14 @@ def build_sparse_job(request, model: ModelInfo, limits: Limits) -> Job:
     return Job(model.name, texts, options, raw_bytes=False, dimension=model.dimension)
 
 
-def _text(text: str, index: int, noun: str, limits: Limits, field: str) -> str:
+def _text(text: str, index: int, noun: str, limits: Limits, field: str | None = None) -> str:
+    """A non-empty text within the character limit; `field` (its request field) goes in the error's metadata."""
+    named = {} if field is None else {"field": field}
     if not text:
-        raise ServiceError(Reason.EMPTY_INPUT, f"{noun} {index} is an empty string", index=index, field=field)
+        raise ServiceError(Reason.EMPTY_INPUT, f"{noun} {index} is an empty string", index=index, **named)
     if len(text) > limits.max_chars_per_input:
         raise ServiceError(Reason.INPUT_TOO_LARGE, f"{noun} {index} has {len(text)} characters; the limit is "
-                           f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input,
-                           field=field)
+                           f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input, **named)
     return text
 
 
