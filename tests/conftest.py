@@ -52,6 +52,12 @@ ROUTER_QUEUED = 64
 METRICS_REPORT_MS = 500
 
 
+def pytest_collection_modifyitems(items):
+    """The container image's tests first: its Ray, on the host's network and Ray's default ports, runs and stops
+    before the session's own starts (tests/test_image.py)."""
+    items.sort(key=lambda item: item.path.name != "test_image.py")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

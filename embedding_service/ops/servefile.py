@@ -23,7 +23,9 @@ from embedding_service.config import AppArgs
 from embedding_service.ops import ray_internals
 from embedding_service.wire import node_env
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "serve-config.yaml"
+# The checkout's file; an installed package (the container image) is told where its copy is.
+CONFIG_ENV = "EMBEDDING_SERVICE_CONFIG"
+DEFAULT_CONFIG = Path(os.environ.get(CONFIG_ENV) or Path(__file__).resolve().parents[2] / "serve-config.yaml")
 BUILDER = ":build_app"
 # Ray's transport caps, as a multiple of the router's own request bound: requests between the two get a
 # precise REQUEST_TOO_LARGE from the router.
