@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import threading
 
 import uvicorn
@@ -30,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
                         help="log a line per request (off by default)")
     parser.add_argument("--drain-delay-s", type=float, dest="drain_delay_s")
     parser.add_argument("--shutdown-timeout-s", type=float, dest="shutdown_timeout_s")
+    parser.add_argument("--parent-pid", type=int, dest="parent_pid",
+                        help="stop (as on SIGTERM) once this process, the one that started the gateway, is gone")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return GatewaySettings(**given)
 
@@ -65,8 +70,26 @@ def server(settings: GatewaySettings) -> DrainingServer:
     return DrainingServer(config, draining, settings.drain_delay_s)
 
 
+def follow_parent(running: DrainingServer, parent_pid: int, every_s: float = 1.0) -> threading.Thread:
+    """A parent killed outright (SIGKILL, OOM) sends no signal on: without this its gateway would live on."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(every_s)
+        logging.getLogger("gateway").warning("the process that started the gateway (pid %d) is gone: stopping",
+                                             parent_pid)
+        running.handle_exit(signal.SIGTERM, None)
+
+    thread = threading.Thread(target=watch, name="follow-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     print(f"OpenAI gateway on http://{settings.host}:{settings.port}/v1 -> gRPC {settings.targets}", flush=True)
-    server(settings).run()
+    running = server(settings)
+    if settings.parent_pid is not None:
+        follow_parent(running, settings.parent_pid)
+    running.run()
     return 0

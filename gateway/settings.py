@@ -57,6 +57,9 @@ class GatewaySettings(BaseSettings):
     # connections and up to shutdown_timeout_s for the requests in flight.
     drain_delay_s: float = Field(5.0, ge=0)
     shutdown_timeout_s: float = Field(30.0, gt=0)
+    # The process that started this one (`python -m embedding_service run`): when it is gone, however it died,
+    # the gateway stops as on SIGTERM instead of living on alone. None: nothing to follow (Kubernetes, by hand).
+    parent_pid: int | None = Field(None, gt=1)
 
     # Concurrent embedding requests of at most coalesce_max_inputs inputs for one model and
     # dimensions leave as one gRPC call once coalesce_max_in_flight such calls are out (0: off);

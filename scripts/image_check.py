@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["What is Ray Serve?", "A container image, checked from outside.", "Ünïcode and emoji 🚀 too."]
 START_TIMEOUT_S = 420
+GATEWAY_PORT = 8080  # the run command's default
+RAY_GCS_PORT = 6379
 STOP_MARGIN_S = 15  # docs/operations.md: the run command exits within grace_s + 15 s
 
 
@@ -50,6 +52,11 @@ def check(image: str) -> dict:
 
     config = ServeFile.load(ROOT / "serve-config.yaml")
     report: dict = {"image": image, "failed": []}
+    # What answers on the image's ports must be the image: a process already there would answer for it.
+    taken = [port for port in (config.grpc_port, GATEWAY_PORT, RAY_GCS_PORT) if _listening(port)]
+    if taken:
+        report["error"] = f"ports {taken} are already in use on this host: stop what holds them first"
+        return report
     report["image_config"] = image_config(image)
     ctr = buildah("from", "--pull-never", image).strip()
     log_path = Path(os.environ.get("IMAGE_CHECK_LOG", "/tmp/embedding-service-image-check.log"))
@@ -101,6 +108,23 @@ def judge(report: dict) -> None:
     need(report["stop"]["exited_s"] is not None and report["stop"]["exited_s"] <= report["stop"]["bound_s"],
          "SIGTERM stops it within the bound")
     need(not report["stop"]["left_behind"], "no process left after the stop")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _started(pid: int) -> str | None:
+    """A process's start time (field 22 of its stat), None once it is gone or a zombie: a pid is not reused
+    unseen."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 def buildah(*args: str, timeout: float = 120) -> str:
@@ -267,6 +291,9 @@ def inside(run_pid: int) -> dict:
 def stop(run: subprocess.Popen, grace_s: float) -> dict:
     """SIGTERM to the image's command, as Kubernetes sends it; timed until no process of the container is left."""
     roots = {_root(p) for p in container_pids(run.pid)} - {"", "/"}
+    # Every process of the container, by pid and start time: one that outlives the stop is found even once its
+    # root no longer reads as the container's (buildah unmounts it as its run ends).
+    seen = {p: _started(p) for p in container_pids(run.pid) if _root(p) in roots}
     service = next(p for p in container_pids(run.pid) if _is_service(Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")))
     bound = grace_s + STOP_MARGIN_S
     sent = time.monotonic()
@@ -274,11 +301,13 @@ def stop(run: subprocess.Popen, grace_s: float) -> dict:
     exited = None
     while time.monotonic() - sent < bound + 60:
         left = [p for p in os.listdir("/proc") if p.isdigit() and _root(int(p)) in roots]
+        left += [p for p, started in seen.items() if started is not None and _started(p) == started]
         if not left and run.poll() is not None:
             exited = round(time.monotonic() - sent, 1)
             break
         time.sleep(0.2)
-    left = [p for p in os.listdir("/proc") if p.isdigit() and _root(int(p)) in roots]
+    left = {int(p) for p in os.listdir("/proc") if p.isdigit() and _root(int(p)) in roots}
+    left |= {p for p, started in seen.items() if started is not None and _started(p) == started}
     return {"bound_s": bound, "exited_s": exited, "returncode": run.poll(), "left_behind": len(left)}
 
 

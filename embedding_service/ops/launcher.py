@@ -141,5 +141,6 @@ def start_gateway(config: ServeFile, target: str, port: int, drain_delay_s: floa
     auth = Authenticator(config.args.auth)
     if auth.enabled:
         environ["GATEWAY_UPSTREAM_API_KEY"] = auth.keys()[0].decode()
-    command = [sys.executable, "-m", "gateway", *config.gateway_args([target], port, drain_delay_s=drain_delay_s)]
+    command = [sys.executable, "-m", "gateway", *config.gateway_args([target], port, drain_delay_s=drain_delay_s),
+               "--parent-pid", str(os.getpid())]  # it stops if this process is killed outright
     return subprocess.Popen(command, env=environ, **popen)
