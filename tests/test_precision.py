@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -39,6 +40,12 @@ def minilm():
     return SentenceTransformer(model_source(ModelSettings(name="m").path), device="cpu")
 
 
+# The CPU's own bf16 units (the flags Linux reports), which OpenVINO's bf16 needs.
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split())
+CPU_HAS_BF16 = bool({"avx512_bf16", "amx_bf16"} & CPU_FLAGS)
+CPU_HAS_VNNI = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & CPU_FLAGS)  # int8 dot products
+
+
 def _embed_with(runtime, model, settings: ModelSettings):
     return text_embedder(runtime, InputEncoder(model), settings, "cpu", 384)
 
@@ -64,7 +71,20 @@ def test_the_gate_figures_and_reasons():
 
 @pytest.mark.parametrize("precision,backend", [("bf16", "openvino"), ("int8", "openvino"), ("bf16", "torch")])
 def test_each_precision_passes_its_gate_on_the_packaged_model(precision, backend, minilm):
-    loaded = load_model(ModelSettings(name=MINILM, precision=precision, backend=backend, threads=2))
+    settings = ModelSettings(name=MINILM, precision=precision, backend=backend, threads=2)
+    if (precision, backend) == ("bf16", "openvino") and not CPU_HAS_BF16:
+        # OpenVINO has no bf16 kernels on such a CPU: the replica refuses at start, saying so.
+        with pytest.raises(ValueError, match=r"precision bf16 needs a CPU with bf16 \(AMX or AVX512-BF16\)"):
+            load_model(settings)
+        return
+    loaded = load_model(settings)
+    if precision == "int8" and not CPU_HAS_VNNI:
+        # Without int8 dot-product units OpenVINO's int8 loses recall@10 (0.92 measured on an AVX2-only EPYC):
+        # the gate refuses it, naming the figure.
+        v = loaded.verification
+        assert v.refused.startswith("int8 on this backend: accuracy gate missed on 5000 sentences: recall@10 0.")
+        assert v.accuracy.recall_at_10 < 0.95
+        return
     v = loaded.verification
     assert v.refused is None and v.precision == precision and v.reference == calibration.SHIPPED_SOURCE
     assert v.accuracy.sentences == 5000
@@ -125,7 +145,7 @@ def test_the_calibrate_command_makes_a_file_a_model_then_uses(tiny_model_dir, tm
                            "--out", str(out)], capture_output=True, check=False, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "16 canary and 5000 gate vectors" in done.stdout
-    loaded = load_model(ModelSettings(name=TINY, path=str(tiny_model_dir), backend="openvino", precision="bf16",
+    loaded = load_model(ModelSettings(name=TINY, path=str(tiny_model_dir), backend="torch", precision="bf16",
                                       calibration=str(out)))
     assert loaded.verification.reference == str(out) and loaded.verification.accuracy.sentences == 5000
     # A calibration made for other weights is refused by name, not used.

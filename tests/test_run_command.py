@@ -36,7 +36,9 @@ from tests.tcp_relay import relay
 KEYS_ENV = "EMBEDDING_TEST_API_KEYS"
 ENV_KEY, FILE_KEY, ROTATED_KEY = "env-key-0123", "file-key-4567", "rotated-key-89ab"
 USER_KEY = "gateway-user-key"
-GRACE_S = 30
+# Long enough for the stream below to finish within it on a slow 2-core CPU (AVX2 only), where 30 s cut it; the
+# run command exits as soon as its calls in flight are done, so a fast machine does not wait it out.
+GRACE_S = 120
 STREAM_INPUTS = 60_000
 # What the test session put in its own environment for its own Ray: the run command derives its own.
 SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
