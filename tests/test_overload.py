@@ -99,7 +99,8 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
     before = settled(FORWARDED, 2 * METRICS_REPORT_MS / 1000, model=MINILM)  # earlier tests' forwards reported
     # 12 shards of 32 long inputs, more than the router sends at once (8): a replica that finishes its
     # share gets the next one, so both stay busy while the short calls wait.
-    blocker_inputs = [pb.EmbedInput(text=f"{i} " + " ".join(["retrieval"] * 160)) for i in range(384)]
+    # 80 tokens each: the blocker itself within the service's request bound (45 s) on a slow 2-core CPU.
+    blocker_inputs = [pb.EmbedInput(text=f"{i} " + " ".join(["retrieval"] * 80)) for i in range(384)]
     small_calls, small_size, small_deadline_s = 60, 16, 0.2
 
     async def run() -> tuple[object, collections.Counter]:
