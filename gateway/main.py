@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import uvicorn
 
@@ -75,7 +76,7 @@ def follow_parent(running: DrainingServer, parent_pid: int, every_s: float = 1.0
 
     def watch() -> None:
         while os.getppid() == parent_pid:
-            threading.Event().wait(every_s)
+            time.sleep(every_s)
         logging.getLogger("gateway").warning("the process that started the gateway (pid %d) is gone: stopping",
                                              parent_pid)
         running.handle_exit(signal.SIGTERM, None)

@@ -78,7 +78,7 @@ def check(image: str) -> dict:
                 report["ready_s"] = round(time.monotonic() - started, 1)
                 report |= outside(config.grpc_port, ready)
                 report |= inside(run.pid)
-                report["stop"] = stop(run, config.args.shutdown.grace_s)
+                report["stop"] = stop(run, report["service_pid"], config.args.shutdown.grace_s)
             finally:
                 if run.poll() is None:
                     os.killpg(run.pid, signal.SIGKILL)
@@ -117,14 +117,19 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _started(pid: int) -> str | None:
     """A process's start time (field 22 of its stat), None once it is gone or a zombie: a pid is not reused
     unseen."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
+    fields = _stat(pid)
+    return None if fields is None or fields[0] == "Z" else fields[19]
 
 
 def buildah(*args: str, timeout: float = 120) -> str:
@@ -243,11 +248,7 @@ def container_pids(run_pid: int) -> list[int]:
     """Every process under the buildah run process, however deep (Ray's own daemons included)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
+        if entry.isdigit() and (fields := _stat(entry)) is not None:
             children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], list(children.get(run_pid, []))
     while todo:
@@ -288,27 +289,28 @@ def inside(run_pid: int) -> dict:
             "roots": sorted({_root(p) for p in pids})}
 
 
-def stop(run: subprocess.Popen, grace_s: float) -> dict:
+def stop(run: subprocess.Popen, service_pid: int, grace_s: float) -> dict:
     """SIGTERM to the image's command, as Kubernetes sends it; timed until no process of the container is left."""
-    roots = {_root(p) for p in container_pids(run.pid)} - {"", "/"}
+    pids = container_pids(run.pid)
+    roots = {_root(p) for p in pids} - {"", "/"}
     # Every process of the container, by pid and start time: one that outlives the stop is found even once its
     # root no longer reads as the container's (buildah unmounts it as its run ends).
-    seen = {p: _started(p) for p in container_pids(run.pid) if _root(p) in roots}
-    service = next(p for p in container_pids(run.pid) if _is_service(Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")))
+    seen = {p: _started(p) for p in pids if _root(p) in roots}
+
+    def left() -> set[int]:
+        return ({int(p) for p in os.listdir("/proc") if p.isdigit() and _root(int(p)) in roots}
+                | {p for p, started in seen.items() if started is not None and _started(p) == started})
+
     bound = grace_s + STOP_MARGIN_S
     sent = time.monotonic()
-    os.kill(service, signal.SIGTERM)
+    os.kill(service_pid, signal.SIGTERM)
     exited = None
     while time.monotonic() - sent < bound + 60:
-        left = [p for p in os.listdir("/proc") if p.isdigit() and _root(int(p)) in roots]
-        left += [p for p, started in seen.items() if started is not None and _started(p) == started]
-        if not left and run.poll() is not None:
+        if not left() and run.poll() is not None:
             exited = round(time.monotonic() - sent, 1)
             break
         time.sleep(0.2)
-    left = {int(p) for p in os.listdir("/proc") if p.isdigit() and _root(int(p)) in roots}
-    left |= {p for p, started in seen.items() if started is not None and _started(p) == started}
-    return {"bound_s": bound, "exited_s": exited, "returncode": run.poll(), "left_behind": len(left)}
+    return {"bound_s": bound, "exited_s": exited, "returncode": run.poll(), "left_behind": len(left())}
 
 
 if __name__ == "__main__":
