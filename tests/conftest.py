@@ -46,6 +46,9 @@ HEAD = {HEAD_RESOURCE: 0.001}
 # replica while it rolls it on these 2 cores (test_upgrade): at 20 s, calls waiting through that gap timed out.
 REQUEST_TIMEOUT_S = 45
 WORKER_CPUS = 2
+# The refusing, reranking and sparse models' share: every replica of the session (2 x 0.5 + 0.5 + 3 x 0.1) fits on
+# one worker, so the recycler test's surviving worker takes all that its drained one held.
+SMALL_CPUS = 0.1
 ROUTER_ONGOING = 64
 ROUTER_QUEUED = 64
 # Ray reports metrics every 10 s by default; the tests scrape sooner.
@@ -113,6 +116,14 @@ def reference_models(tiny_model_dir):
     }
 
 
+@pytest.fixture(scope="session")
+def cross_encoder(scoring_model_dirs):
+    """sentence-transformers' own CrossEncoder on the tiny reranker the service serves."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(scoring_model_dirs[RERANKER]), device="cpu")
+
+
 def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None,
                      scoring_dirs: dict[str, Path] | None = None) -> ServeFile:
     config = servefile.read()
@@ -143,12 +154,12 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     args["models"].append(
         {"name": REFUSING, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch", "precision": "bf16",
          "accuracy_gate": {"min_mean_cosine": 1.0}, "calibration": str(reference), "num_replicas": 1,
-         "num_cpus": 0.25}
+         "num_cpus": SMALL_CPUS}
     )
     for name, kind in ((RERANKER, "rerank"), (SPLADE, "sparse")):
         if scoring_dirs:
             args["models"].append({"name": name, "kind": kind, "path": str(scoring_dirs[name]), "device": "cpu",
-                                   "num_replicas": 1, "num_cpus": 0.25, "threads": 1})
+                                   "num_replicas": 1, "num_cpus": SMALL_CPUS, "threads": 1})
     args["limits"].update(max_sparse_terms=MAX_SPARSE_TERMS, max_documents_per_rerank=MAX_DOCUMENTS_PER_RERANK)
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,

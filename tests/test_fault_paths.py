@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from embedding_service.config import ModelSettings
@@ -17,6 +18,7 @@ from embedding_service.model.watchdog import Placement
 from embedding_service.router.fleet_view import EMBED_SERVICE, NOT_SERVING, SERVING, ServiceView
 from embedding_service.wire.fleet import NodeState, NodeView, ReplicaView, Snapshot
 from embedding_service.wire.messages import EmbedOptions, ReplicaError, ReplicaFaulted, ShardRequest
+from embedding_service.wire.reasons import Reason
 
 
 class _Remote:
@@ -165,6 +167,14 @@ def test_routers_own_node_quarantined_is_not_serving():
 def test_nothing_is_serving_once_the_service_is_shutting_down():
     view = _view("A", {"A": NodeState.HEALTHY, "B": NodeState.HEALTHY}, shutting_down=True)
     assert view.shutting_down and set(view.statuses.values()) == {NOT_SERVING}
+
+
+def test_a_call_out_of_time_while_its_model_has_no_serving_replica_is_unavailable_and_retryable():
+    view = _view("A", {"A": NodeState.HEALTHY, "B": NodeState.DRAINING})  # m1's one replica moving off B
+    error = view.unavailable("m1")
+    assert error.reason == Reason.MODEL_UNAVAILABLE and error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.retry_after_s > 0 and "model 'm1' had no serving replica within the call's deadline" in error.message
+    assert view.unavailable("m2") is None  # served, only slow: its timeout stays DEADLINE_EXCEEDED
 
 
 def test_a_retried_shard_and_a_fault_are_counted_under_bounded_labels():

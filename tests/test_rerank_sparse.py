@@ -21,13 +21,6 @@ QUERY = "how do cats spend the day"
 
 
 @pytest.fixture(scope="module")
-def cross_encoder(scoring_model_dirs):
-    from sentence_transformers import CrossEncoder
-
-    return CrossEncoder(str(scoring_model_dirs[RERANKER]), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def sparse_encoder(scoring_model_dirs):
     from sentence_transformers import SparseEncoder
 

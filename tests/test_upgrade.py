@@ -122,8 +122,9 @@ def test_an_upgrade_under_load_finishes_calls_in_flight_and_loses_none(service, 
                 elif (model == TINY and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details.reason == "TIMEOUT"
                       and took < REQUEST_TIMEOUT_S + DEADLINE_SLACK_S):
                     # One replica: Serve stops it as its successor starts, and on a loaded machine the successor
-                    # can take longer than the service's bound to load. The call waits, and is answered at its
-                    # deadline with the service's reason.
+                    # can take longer than the service's bound to load. The call waits; at its deadline it is
+                    # MODEL_UNAVAILABLE (retried above) while the router's view shows no serving replica, TIMEOUT
+                    # when the successor had just registered.
                     timed_out.append(took)
                 else:
                     failed.append(f"{model} sent at {time.strftime('%H:%M:%S', time.localtime(time.time() - took))}, "

@@ -154,6 +154,11 @@ class EmbedRouter:
                 self._in_flight += 1
             try:
                 yield Admitted(call, deadline)
+            except TimeoutError:
+                unavailable = self.view.unavailable(call.model)
+                if unavailable is not None:
+                    raise unavailable from None
+                raise
             finally:
                 if counted:
                     self._in_flight -= 1

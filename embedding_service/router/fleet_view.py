@@ -19,6 +19,7 @@ from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.observability.logs import service_logger
 from embedding_service.wire.fleet import NodeState, Snapshot
 from embedding_service.wire.messages import FLEET_LONG_POLL_S
+from embedding_service.wire.reasons import Reason, ServiceError
 
 logger = service_logger(__name__)
 
@@ -71,6 +72,14 @@ class ServiceView:
             refusals[model] = (f"its {len(refused)} replica(s) refuse to serve; "
                                f"replica {first.replica_id}: {first.refused}")
         return refusals
+
+    def unavailable(self, model: str) -> ServiceError | None:
+        """What a call to `model` that ran out of time means while the model has no serving replica (its replicas
+        moving off a faulty node, or starting): the model was unavailable, which a retry can outlast; else None."""
+        if self.statuses.get(model, SERVING) == SERVING:
+            return None
+        return ServiceError(Reason.MODEL_UNAVAILABLE,
+                            f"model {model!r} had no serving replica within the call's deadline; retry shortly")
 
     def own_node_quarantined(self) -> bool:
         return self.snapshot is not None and self.snapshot.state_of(self.node_id) not in (None, NodeState.HEALTHY)
