@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MINILM, RERANKER, SPLADE
 from tests.gateway_helpers import running_gateway
-from tests.test_rerank_sparse import QUERY, _sparse_reference, cross_encoder, sparse_encoder  # noqa: F401
+from tests.test_rerank_sparse import QUERY, _sparse_reference, sparse_encoder  # noqa: F401
 from tests.tiny_models import RERANK_MAX_SEQ
 
 KEY = "gateway-key"
