@@ -175,6 +175,9 @@ def test_a_call_out_of_time_while_its_model_has_no_serving_replica_is_unavailabl
     assert error.reason == Reason.MODEL_UNAVAILABLE and error.code == grpc.StatusCode.UNAVAILABLE
     assert error.retry_after_s > 0 and "model 'm1' had no serving replica within the call's deadline" in error.message
     assert view.unavailable("m2") is None  # served, only slow: its timeout stays DEADLINE_EXCEEDED
+    # Shutting down, every status says NOT_SERVING, but a model whose replicas are there was slow, not missing.
+    assert _view("A", {"A": NodeState.HEALTHY, "B": NodeState.HEALTHY}, shutting_down=True).unavailable("m1") is None
+    assert ServiceView(["m1"], "A").unavailable("m1") is None  # no view yet: nothing known
 
 
 def test_a_retried_shard_and_a_fault_are_counted_under_bounded_labels():

@@ -76,7 +76,8 @@ class ServiceView:
     def unavailable(self, model: str) -> ServiceError | None:
         """What a call to `model` that ran out of time means while the model has no serving replica (its replicas
         moving off a faulty node, or starting): the model was unavailable, which a retry can outlast; else None."""
-        if self.statuses.get(model, SERVING) == SERVING:
+        # The replicas themselves, not the health statuses (which say NOT_SERVING for all once shutting down).
+        if self.snapshot is None or model not in self.models or model in self.snapshot.serving_models():
             return None
         return ServiceError(Reason.MODEL_UNAVAILABLE,
                             f"model {model!r} had no serving replica within the call's deadline; retry shortly")
