@@ -14,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 import ray
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_client.v1 import embedding_pb2 as pb
@@ -22,6 +21,7 @@ from tests.conftest import MINILM, RERANKER, TINY, WORKER_CPUS
 from tests.observe import scrape, total, wait_until
 from tests.test_embed import vectors_of
 from tests.test_errors import error_info
+from tests.test_rerank_sparse import _raw
 from tests.test_retry import wait_healthy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -75,7 +75,7 @@ class Load:
         """One call; what was wrong with its answer, or None."""
         if model == RERANKER:
             reply = self.stub.Rerank(pb.RerankRequest(model=model, query=texts[0], documents=texts[1:]), timeout=60)
-            expected = self.cross_encoder.predict([[texts[0], d] for d in texts[1:]], activation_fn=torch.nn.Identity())
+            expected = _raw(self.cross_encoder, texts[0], texts[1:])
             got = np.array([score for _, score in sorted((r.index, r.score) for r in reply.results)])
             return None if len(got) == len(expected) and np.abs(got - expected).max() < 1e-5 else model
         response = self.stub.Embed(pb.EmbedRequest(model=model, inputs=[pb.EmbedInput(text=t) for t in texts]),
