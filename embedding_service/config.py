@@ -234,9 +234,9 @@ class ProxySettings(Strict):
     without the application's args: these reach them through the node's environment (wire/node_env.py)."""
 
     # Concurrent Embed calls of at most coalesce_max_inputs inputs that the router would treat alike leave
-    # the proxy as one call once this many such merged calls are out; 0: every call goes on its own.
-    # Inputs per merged call: at most the router's shard_size keeps it one shard there.
-    coalesce_max_in_flight: int = Field(2, ge=0)
+    # the proxy as one call once this many such merged calls are out, or at once when they fill one; 0: every
+    # call goes on its own. Inputs per merged call: at most the router's shard_size keeps it one shard there.
+    coalesce_max_in_flight: int = Field(1, ge=0)
     coalesce_max_inputs: int = Field(32, ge=1)
     # Calls held in a proxy waiting to leave merged; past it a call is refused (RESOURCE_EXHAUSTED OVERLOADED
     # with a retry delay), as the router's own queue bound refuses (router.max_queued_requests).

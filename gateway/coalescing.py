@@ -4,7 +4,8 @@ dimensions and encoding leave the gateway as one Embed call, and its reply is sp
 Measured: with 64 asyncio callers of one sentence each, every REST call was one gRPC call
 through Serve's proxy and the router, whose per-call work was the limit (README, benchmark).
 A request goes at once while fewer than `coalesce_max_in_flight` merged calls are out for its
-key; the ones that arrive meanwhile leave together (embedding_service.batching.coalescing). A merged call
+key; the ones that arrive meanwhile leave together when one returns or as soon as they fill
+`coalesce_max_inputs` (embedding_service.batching.coalescing). A merged call
 refused as INVALID_ARGUMENT is sent again per caller, so each caller gets the exact error (or
 vectors) it would have got alone. At most `coalesce_max_queued` requests wait; past that `embed` raises
 CoalescingFull at once.

@@ -62,10 +62,10 @@ class GatewaySettings(BaseSettings):
     parent_pid: int | None = Field(None, gt=1)
 
     # Concurrent embedding requests of at most coalesce_max_inputs inputs for one model and
-    # dimensions leave as one gRPC call once coalesce_max_in_flight such calls are out (0: off);
-    # see gateway/coalescing.py.
+    # dimensions leave as one gRPC call once coalesce_max_in_flight such calls are out, or at once
+    # when they fill coalesce_max_inputs (0: off); see gateway/coalescing.py.
     coalesce_max_inputs: int = Field(32, ge=1)
-    coalesce_max_in_flight: int = Field(4, ge=0)
+    coalesce_max_in_flight: int = Field(1, ge=0)
     # Requests waiting to leave in a merged call, over every key; past that a request is refused at once with
     # 429 and Retry-After (as the service's full queues refuse), never held without bound.
     coalesce_max_queued: int = Field(1024, ge=1)

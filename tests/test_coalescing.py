@@ -92,6 +92,26 @@ def test_merged_calls_stay_within_the_input_limit_and_never_split_a_caller():
     asyncio.run(main())
 
 
+def test_callers_that_fill_a_merged_call_leave_without_waiting_for_a_slot():
+    async def main():
+        model, coalescer, blocker = await _busy()
+        partial = asyncio.ensure_future(coalescer.submit(["p"] * 10, UNBOUNDED))
+        await _settle()
+        assert len(model.calls) == 1  # 10 of 16 inputs: it waits for the slot
+        filling = asyncio.ensure_future(coalescer.submit(["f"] * 6, UNBOUNDED))
+        await _settle()
+        assert [len(c) for c in model.calls] == [1, 16]  # full: it left while the slot was still taken
+        more = [asyncio.ensure_future(coalescer.submit(["m"] * 7, UNBOUNDED)) for _ in range(3)]
+        await _settle()
+        assert [len(c) for c in model.calls] == [1, 16, 14]  # 7+7 (the third would not fit); 7 waits
+        model.release.set()
+        results = await asyncio.gather(blocker, partial, filling, *more)
+        assert [len(c) for c in model.calls] == [1, 16, 14, 7]
+        assert [len(r.token_counts) for r in results] == [1, 10, 6, 7, 7, 7]
+
+    asyncio.run(main())
+
+
 def test_a_rejected_input_fails_only_its_own_caller():
     async def main():
         model, coalescer, blocker = await _busy()

@@ -36,8 +36,9 @@ class _Entry:
 
 
 class Coalescer(Generic[R]):
-    """`send(inputs, deadline) -> R` carries the merged calls (with the last of their callers' deadlines); at
-    most `max_in_flight` at once, each with at most `max_inputs` inputs (a caller's own inputs are never split).
+    """`send(inputs, deadline) -> R` carries the merged calls (with the last of their callers' deadlines), each
+    with at most `max_inputs` inputs (a caller's own inputs are never split): a call leaves while fewer than
+    `max_in_flight` are out, or once the callers queued fill `max_inputs`.
 
     `split(result, offset, n)` is one caller's part of a merged result, or None when the caller
     must go again without the others (another caller's input was refused). `isolate(exc)`: whether
@@ -59,6 +60,7 @@ class Coalescer(Generic[R]):
         self._on_send = on_send  # callers in each merged call
         self._where = where
         self._queue: deque[_Entry] = deque()
+        self._queued_inputs = 0  # over the entries in _queue
         self._in_flight = 0
 
     @property
@@ -76,6 +78,7 @@ class Coalescer(Generic[R]):
         and cancelling the future drops the caller unsent."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(inputs, future, deadline, contextvars.copy_context()))
+        self._queued_inputs += len(inputs)
         self._pump()
         return future
 
@@ -90,7 +93,7 @@ class Coalescer(Generic[R]):
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._in_flight < self.max_in_flight and self._queue:
+        while self._queue and (self._in_flight < self.max_in_flight or self._queued_inputs >= self.max_inputs):
             batch: list[_Entry] = []
             total = 0
             while self._queue:
@@ -98,6 +101,7 @@ class Coalescer(Generic[R]):
                 if batch and (entry.alone or total + len(entry.inputs) > self.max_inputs):
                     break
                 self._queue.popleft()
+                self._queued_inputs -= len(entry.inputs)
                 if self._live(entry):
                     batch.append(entry)
                     total += len(entry.inputs)
@@ -109,6 +113,11 @@ class Coalescer(Generic[R]):
                 # In its first caller's context: the merged call's span joins that caller's trace.
                 batch[0].context.run(loop.create_task, self._run(batch))
 
+    def _requeue(self, entries: list[_Entry]) -> None:
+        """Back at the head of the queue, in their order."""
+        self._queue.extendleft(reversed(entries))
+        self._queued_inputs += sum(len(e.inputs) for e in entries)
+
     async def _run(self, batch: list[_Entry]) -> None:
         try:
             deadline = Deadline.latest(e.deadline for e in batch)
@@ -119,7 +128,7 @@ class Coalescer(Generic[R]):
                 if len(batch) > 1 and isinstance(exc, Exception) and self._isolate(exc):
                     for e in batch:
                         e.alone = True
-                    self._queue.extendleft(reversed(batch))
+                    self._requeue(batch)
                     return
                 fail_waiters((e.future for e in batch), exc)
                 if not isinstance(exc, Exception):
@@ -134,7 +143,7 @@ class Coalescer(Generic[R]):
                     again.append(e)  # another caller's input was rejected: this one goes again without it
                 elif not e.future.done():
                     e.future.set_result(part)
-            self._queue.extendleft(reversed(again))
+            self._requeue(again)
         finally:
             self._in_flight -= 1
             self._pump()
