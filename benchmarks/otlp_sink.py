@@ -20,6 +20,8 @@ class ReceivedSpan:
     kind: int
     component: str  # the exporting process's embedding.component resource attribute
     attributes: dict
+    start_ns: int = 0  # wall-clock, as the exporting process stamped it
+    end_ns: int = 0
 
     def attribute(self, key: str):
         return self.attributes.get(key)
@@ -54,7 +56,8 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
                 for s in scope_spans.spans:
                     received.append(ReceivedSpan(
                         s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.kind,
-                        str(resource.get("embedding.component", "")), {a.key: _value(a.value) for a in s.attributes}))
+                        str(resource.get("embedding.component", "")), {a.key: _value(a.value) for a in s.attributes},
+                        s.start_time_unix_nano, s.end_time_unix_nano))
         with self._lock:
             self._spans.extend(received)
             self.received += len(received)

@@ -1,7 +1,8 @@
 """Ray Serve's own floor for one small unary call on this machine, apart from anything of ours.
 
-`python -m benchmarks.serve_floor [--out FILE] [--calls N]`: for the shipped Serve settings
-(RAY_SERVE_THROUGHPUT_OPTIMIZED=1 with direct ingress off) and with Serve's direct ingress on, a trivial ingress
+`python -m benchmarks.serve_floor [--out FILE] [--calls N] [--config FILE]`: for the Serve settings the service
+ships (every RAY_SERVE_* variable of serve-config.yaml's runtime_env: the throughput bundle with direct ingress
+off, the proxy's calls over gRPC) and with Serve's direct ingress on, a trivial ingress
 deployment behind Serve's gRPC port (one hop) and one that awaits a second trivial deployment (two hops, as the
 proxy -> router -> model path), N sequential Embed calls each: p50/p90 milliseconds. Each setting runs in a
 process of its own, since Serve reads these variables when it is imported.
@@ -16,11 +17,7 @@ import subprocess
 import sys
 import time
 
-SETTINGS = {
-    "shipped (throughput-optimized, proxy)": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                                              "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
-    "direct ingress": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
-}
+SHIPPED = "shipped (serve-config.yaml's RAY_SERVE_* settings)"
 SERVICER = "embedding_client.v1.embedding_pb2_grpc.add_EmbedServiceServicer_to_server"
 
 
@@ -80,25 +77,38 @@ def _one_setting(calls: int) -> dict:
     return {"one_hop": one, "two_hops": two}
 
 
+def settings(config: str | None) -> dict[str, dict[str, str]]:
+    """Setting name -> Serve's variables: the service's own, read from its config file (so the floor is the
+    path the service ships), and the same with Serve's direct ingress on."""
+    from embedding_service.ops.servefile import ServeFile
+
+    shipped = {k: v for k, v in ServeFile.load(config).app_env.items() if k.startswith("RAY_SERVE_")}
+    return {SHIPPED: shipped, "direct ingress": {**shipped, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--config", help="the service's config file (default: serve-config.yaml)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_one_setting(args.calls)))
         return 0
     results = {}
-    for name, env in SETTINGS.items():
+    chosen = settings(args.config)
+    for name, env in chosen.items():
+        # Only these Serve variables: none inherited from the caller's environment.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
         child = subprocess.run([sys.executable, "-m", "benchmarks.serve_floor", "--child", "--calls", str(args.calls)],
-                               env={**os.environ, **env}, capture_output=True, text=True, timeout=600, check=True)
+                               env={**base, **env}, capture_output=True, text=True, timeout=600, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{name}: one hop p50 {results[name]['one_hop']['p50_ms']} ms, "
               f"two hops p50 {results[name]['two_hops']['p50_ms']} ms")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"calls": args.calls, "cpu": _cpu(), "results": results}, f, indent=1)
+            json.dump({"calls": args.calls, "cpu": _cpu(), "settings": chosen, "results": results}, f, indent=1)
     return 0
 
 

@@ -132,6 +132,40 @@ def test_the_serving_path_mode_measures_every_process_cpu_per_call_and_the_peer(
     assert "ours  W3_grpc" in printed and "peer  W3_rest" in printed and "ours / peer: W1_rest" in printed
 
 
+def test_the_stages_of_one_call_come_from_its_own_trace_and_add_up_to_its_latency(service, capsys):
+    """benchmarks.stages against the session's service, which traces every call to the session's collector."""
+    from benchmarks import stages
+
+    result = stages.measure(service.target, service.traces, calls=12)
+    assert result["calls"] == 12 and result["traced_whole"] == 12
+    got = result["stages_p50_ms"]
+    assert list(got) == [stages.OUTSIDE, *stages.STAGES]
+    # Each span sits inside the one that called it: no stage is negative, and the router's span is within
+    # the client's latency; the forward pass and the tokenizing took time.
+    assert all(ms >= 0 for ms in got.values()), got
+    assert got[stages.OUTSIDE] > 0 and got["replica: forward pass"] > 0 and got["replica: tokenizing"] > 0, got
+    stages.print_stages(result)
+    assert "12 of 12 calls traced whole" in capsys.readouterr().out
+
+
+def test_a_call_whose_trace_is_not_whole_has_no_stages():
+    from benchmarks import stages
+    from benchmarks.otlp_sink import ReceivedSpan
+
+    def span(name, start, end):
+        return ReceivedSpan(name, "t", name, "", 0, "", {}, start, end)
+
+    ms = 1_000_000
+    spans = [span(stages.ROUTER, 0, 10 * ms), span(stages.SHARD, 1 * ms, 9 * ms), span(stages.MODEL, 2 * ms, 8 * ms),
+             span(stages.TOKENIZE, 3 * ms, 4 * ms), span(stages.QUEUE, 4 * ms, 5 * ms),
+             span(stages.FORWARD, 5 * ms, 7 * ms)]
+    whole = stages.call_stages(spans, latency_s=0.012)
+    assert whole[stages.OUTSIDE] == 2.0 and whole["replica: forward pass"] == 2.0
+    assert whole["hop router -> model replica"] == 1.0 and whole["replica: after the forward pass"] == 1.0
+    assert sum(whole.values()) == 12.0  # the stages partition the client's latency
+    assert stages.call_stages(spans[:-1], latency_s=0.012) is None
+
+
 def test_the_near_zero_model_loads_in_sentence_transformers_and_replaces_the_default_model(tmp_path):
     from sentence_transformers import SentenceTransformer
 
