@@ -32,8 +32,15 @@ ROUTER_DROPPED = "ray_embedding_router_inputs_dropped_total"
 PROXY_DROPPED = "ray_embedding_proxy_inputs_dropped_total"
 
 
-def one(text: str) -> pb.EmbedRequest:
-    return pb.EmbedRequest(inputs=[pb.EmbedInput(text=text)])
+def one(text: str, dimensions: int | None = None) -> pb.EmbedRequest:
+    return pb.EmbedRequest(inputs=[pb.EmbedInput(text=text)], dimensions=dimensions)
+
+
+def unmergeable(i: int) -> int:
+    """A Matryoshka width of its own for call i among its neighbours. Identical small calls leave the proxy 32 to
+    a call (a burst of 3,000 is then about 94 calls, within the router's bounds, and all are served); calls that
+    differ in dimensions never merge, so a burst of them reaches the router's bounds as calls."""
+    return 16 + i % 360
 
 
 def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(service):
@@ -46,7 +53,7 @@ def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(serv
 
             async def call(i: int) -> None:
                 try:
-                    await stub.Embed(one(f"burst sentence {i}"), timeout=BURST_DEADLINE_S)
+                    await stub.Embed(one(f"burst sentence {i}", unmergeable(i)), timeout=BURST_DEADLINE_S)
                     outcomes["OK"] += 1
                 except grpc.aio.AioRpcError as err:
                     details = read_details(err.trailing_metadata(), err.details() or "")
@@ -73,7 +80,8 @@ def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service
         limits = httpx.Limits(max_connections=REST_BURST, max_keepalive_connections=REST_BURST)
         async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
             async def call(i: int) -> tuple[int, str | None]:
-                r = await client.post("/v1/embeddings", json={"model": MINILM, "input": f"rest burst {i}"})
+                r = await client.post("/v1/embeddings", json={"model": MINILM, "input": f"rest burst {i}",
+                                                              "dimensions": unmergeable(i)})
                 return r.status_code, r.headers.get("retry-after")
 
             results = await asyncio.gather(*(call(i) for i in range(REST_BURST)))
@@ -82,7 +90,8 @@ def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service
 
     # The gateway as its own process, with no retries: the caller sees every refusal itself. Its deadlines
     # outlast the burst: on 2 cores the replicas computing starve the proxy that refuses, for seconds.
-    # Coalescing off: merged, the 800 calls are a few dozen gRPC calls the service takes without refusing.
+    # Coalescing off, and calls that cannot merge in the proxy either (unmergeable): merged, the 800 calls are a
+    # few dozen gRPC calls the service takes without refusing.
     with gateway_process("--targets", service.target, "--max-retries", "0", "--call-timeout-s", "120",
                          "--request-timeout-s", "120", "--coalesce-max-in-flight", "0") as (base, _):
         # Whether a burst overfills the queues depends on how fast this machine lets the calls in: seen 0 of
