@@ -112,6 +112,10 @@ class ModelSettings(Strict):
     # Intra-op threads per replica for the backend (torch, ONNX Runtime or
     # OpenVINO); None leaves the backend's default. `torch_threads` is the old name.
     threads: int | None = Field(None, ge=1, validation_alias=AliasChoices("threads", "torch_threads"))
+    # OpenVINO only: pin its inference threads to cores (its ENABLE_CPU_PINNING). Off: a Ray node's cores are
+    # shared with Serve's proxy, the router and other replicas, and a pinned thread waits for its core while
+    # another is free (docs/benchmarks.md). On for a replica that has its cores to itself.
+    cpu_pinning: bool = False
 
     # Continuous batching across concurrent requests (batching/continuous.py): the most
     # sequences gathered into one batch, and how long an idle model waits for
@@ -154,6 +158,9 @@ class ModelSettings(Strict):
             raise ValueError(f"precision int8 runs on backend openvino (or auto on CPU), not {self.backend}")
         if self.precision == "bf16" and self.backend == "onnx":
             raise ValueError("precision bf16 runs on backend openvino or torch, not onnx")
+        if self.cpu_pinning and (self.backend not in ("auto", "openvino") or self.kind != "embedding"):
+            raise ValueError(f"cpu_pinning applies to backend openvino (or auto on CPU), not {self.backend} "
+                             f"for kind {self.kind}")
         return self
 
     def forward_token_budget(self, device: str) -> int:

@@ -95,6 +95,22 @@ def test_auto_is_openvino_on_cpu_torch_on_gpu_and_falls_back_to_torch(reference_
     assert any("running it with torch" in r.getMessage() for r in records)
 
 
+def test_openvino_pins_its_threads_to_cores_only_when_asked(reference_models):
+    """Off by default (the node's cores are shared with Serve's proxy and the router; docs/benchmarks.md)."""
+    from embedding_service.config import ModelSettings
+
+    for asked in (False, True):
+        _, runtime = load_runtime(reference_models[TINY], "openvino", "cpu", threads=1, cpu_pinning=asked)
+        assert runtime.compiled.get_property("ENABLE_CPU_PINNING") is asked
+    _, runtime = load_runtime(reference_models[TINY], "openvino", "cpu", threads=1)
+    assert runtime.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert ModelSettings(name="m", path="p").cpu_pinning is False
+    for refused in ({"backend": "torch"}, {"backend": "onnx"}, {"kind": "rerank"}):
+        with pytest.raises(ValueError, match="cpu_pinning applies to backend openvino"):
+            ModelSettings(name="m", path="p", cpu_pinning=True, **refused)
+    assert ModelSettings(name="m", path="p", cpu_pinning=True, backend="auto").cpu_pinning
+
+
 def test_a_tokenizer_without_token_types_feeds_zeros_as_torch_does(reference_models):
     model = reference_models[MINILM]
     _, runtime = load_runtime(model, "onnx", "cpu", threads=1)

@@ -77,7 +77,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     encoder = InputEncoder(model, settings.long_inputs)
     calibration = calibration_for(model, settings.calibration, gate=settings.precision != "fp32")
     samples = calibration_samples(encoder) if settings.precision == "int8" else []
-    backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples)
+    backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples,
+                                    settings.cpu_pinning)
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
     embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
     verification = verify(embed, calibration, settings)

@@ -195,7 +195,7 @@ class OpenVinoRuntime(_CompiledTransformer):
     (features of real sentences), SmoothQuant on, the rest of the graph in bf16 where the CPU has it."""
 
     def __init__(self, model, device: str, threads: int | None, precision: Precision = "fp32",
-                 samples: Sequence[dict] = ()) -> None:
+                 samples: Sequence[dict] = (), cpu_pinning: bool = False) -> None:
         super().__init__(model)
         if device != "cpu":
             raise ValueError("backend openvino runs on cpu here; use backend torch or onnx on cuda")
@@ -208,7 +208,7 @@ class OpenVinoRuntime(_CompiledTransformer):
             raise ValueError("precision int8 needs calibration samples")
         # fp32 says so: OpenVINO defaults to bf16 on CPUs that have it (about 1e-3 off).
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision != "fp32" and has_bf16 else "f32",
-                  "PERFORMANCE_HINT": "LATENCY"}
+                  "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": cpu_pinning}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
 
@@ -249,17 +249,21 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def load_runtime(model, backend: str, device: str, threads: int | None, precision: Precision = "fp32",
-                 samples: Sequence[dict] = ()) -> tuple[str, Runtime]:
+                 samples: Sequence[dict] = (), cpu_pinning: bool = False) -> tuple[str, Runtime]:
     """(the backend that runs, its runtime). "auto" falls back to torch where compiling fails (not for int8,
-    which torch does not run). `samples`: features of real sentences, to calibrate int8."""
+    which torch does not run). `samples`: features of real sentences, to calibrate int8. `cpu_pinning`: OpenVINO's
+    threads pinned to cores (ModelSettings.cpu_pinning; config refuses it for torch and onnx)."""
     resolved = resolve_backend(backend, device)
+    if cpu_pinning and resolved != "openvino":
+        logger.warning("cpu_pinning applies to OpenVINO only: backend %s on %s runs without it", resolved, device)
     if resolved == "torch":
         return resolved, TorchRuntime(model, precision)
     if resolved not in _RUNTIMES:
         raise ValueError(f"unknown backend {backend!r}")
     cls, package = _RUNTIMES[resolved]
     try:
-        return resolved, cls(model, device, threads, precision, samples)
+        extra = {"cpu_pinning": cpu_pinning} if resolved == "openvino" else {}
+        return resolved, cls(model, device, threads, precision, samples, **extra)
     except ImportError as exc:
         error: Exception = ValueError(f"backend {resolved} needs the {package} package: {exc}")
     except Exception as exc:
