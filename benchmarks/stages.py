@@ -32,7 +32,7 @@ ROUTER, SHARD, MODEL = "EmbedService/Embed", "shard", "model.embed"
 TOKENIZE, QUEUE, FORWARD = "tokenize", "queue", "forward"
 NEEDED = (ROUTER, SHARD, MODEL, TOKENIZE, QUEUE, FORWARD)
 
-# stage -> (start, end), each a (span, "start" | "end"); "client" stands for the client's own latency.
+# stage -> (start, end), each a (span, "start" | "end"); OUTSIDE, below, comes from the client's latency.
 STAGES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
     "router: its code before the shard call": ((ROUTER, "start"), (SHARD, "start")),
     "hop router -> model replica": ((SHARD, "start"), (MODEL, "start")),
