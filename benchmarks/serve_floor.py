@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {}
     chosen = settings(args.config)
+    # Only each setting's Serve variables: none inherited from the caller's environment.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     for name, env in chosen.items():
-        # Only these Serve variables: none inherited from the caller's environment.
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
         child = subprocess.run([sys.executable, "-m", "benchmarks.serve_floor", "--child", "--calls", str(args.calls)],
                                env={**base, **env}, capture_output=True, text=True, timeout=600, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
