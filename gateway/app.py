@@ -12,15 +12,29 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from embedding_service.observability.tracing import Tracer, env_tracer
-from gateway import guards, routes, scoring_routes
+from gateway import embeddings, guards, routes, scoring_routes
 from gateway.coalescing import EmbedCoalescing
 from gateway.metrics import GatewayMetrics, ObserveRequests
 from gateway.settings import GatewaySettings
 from gateway.upstream import loop_deadline, upstream_client
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with POST /v1/embeddings served ahead of its routing and middleware (embeddings.py) through the
+    gateway's own pure-ASGI layers: metrics and span outermost, then the API key and body bound."""
+
+    hot_path = None  # set by create_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == embeddings.PATH and scope["method"] == "POST":
+            scope["app"] = self
+            await self.hot_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: GatewaySettings, draining: threading.Event | None = None,
-               tracer: Tracer | None = None) -> FastAPI:
+               tracer: Tracer | None = None) -> GatewayApp:
     """The gateway; `draining` set (by main.DrainingServer on SIGTERM) turns /readyz to 503.
 
     `tracer`: where its spans go; by default from the standard OTEL_* variables (off unless an OTLP endpoint
@@ -43,7 +57,7 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
             await client.close()
             tracer.shutdown()
 
-    app = FastAPI(title="embedding-service OpenAI gateway", version="1", lifespan=lifespan)
+    app = GatewayApp(title="embedding-service OpenAI gateway", version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = draining or threading.Event()
@@ -53,4 +67,6 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     app.include_router(routes.operations)
     # Added last, so outermost of the app's middleware: it sees every response, refusals included.
     app.add_middleware(ObserveRequests, metrics=metrics, tracer=tracer)
+    app.hot_path = ObserveRequests(guards.Guard(embeddings.EmbeddingsEndpoint(app.state), settings), metrics, tracer,
+                                   route=embeddings.PATH)
     return app

@@ -71,12 +71,13 @@ class GatewayMetrics:
 
 class ObserveRequests:
     """Pure ASGI middleware (no per-request task as BaseHTTPMiddleware makes): counts, times and spans
-    each HTTP request under its route template."""
+    each HTTP request under its route template (`route` where the app serves one route, else the router's match)."""
 
-    def __init__(self, app, metrics: GatewayMetrics, tracer: Tracer) -> None:
+    def __init__(self, app, metrics: GatewayMetrics, tracer: Tracer, route: str | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.tracer = tracer
+        self.route = route
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -101,12 +102,12 @@ class ObserveRequests:
                                   attributes={"http.request.method": method}) as span:
                 await self.app(scope, receive, sending)
                 if span is not None:
-                    route = _route(scope)
+                    route = self.route or _route(scope)
                     span.update_name(f"{method} {route}")
                     tracing.set_attributes(span, **{"http.route": route,
                                                     "http.response.status_code": status["code"]})
         finally:
-            route = _route(scope)
+            route = self.route or _route(scope)
             m.in_flight.dec()
             m.http_requests.labels(route, method, str(status["code"])).inc()
             m.http_seconds.labels(route, method).observe(time.perf_counter() - started)

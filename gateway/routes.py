@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 from embedding_client import EmbeddingError
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.wire.deadline import Deadline
-from gateway import errors, translate
-from gateway.coalescing import CoalescingFull
+from gateway import embeddings, errors
 from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, ErrorResponse, Model, ModelList
 
 OWNER = "embedding-service"
@@ -29,20 +25,12 @@ operations = APIRouter()
 
 async def read_body(request: Request, schema=EmbeddingRequest):
     """The request's JSON body as `schema`, read within the body bound; OpenAI's 400 when it does not fit."""
-    limit = request.app.state.settings.max_body_bytes
-    raw = bytearray()
-    async for part in request.stream():  # bounded even without Content-Length
-        raw += part
-        if len(raw) > limit:
-            raise errors.body_too_large(limit)
-    try:
-        return schema.model_validate_json(bytes(raw))
-    except ValidationError as exc:
-        raise errors.from_validation(exc.errors(), schema.model_fields) from None
+    return embeddings.parse(await embeddings.read_body(request.receive, request.app.state.settings.max_body_bytes),
+                            schema)
 
 
 @openai.post(
-    "/embeddings",
+    embeddings.PATH.removeprefix("/v1"),
     response_model=CreateEmbeddingResponse,
     responses=ERROR_RESPONSES,
     # The body is parsed by hand (bounded, OpenAI errors); document it all the same.
@@ -50,31 +38,9 @@ async def read_body(request: Request, schema=EmbeddingRequest):
                                    "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
 )
 async def create_embeddings(request: Request) -> Response:
-    state = request.app.state
-    body = await read_body(request)
-    translate.check_dimensions(body)
-    inputs = translate.inputs(body, state.settings.max_inputs)
-    deadline = Deadline.after(state.settings.request_timeout_s)
-    try:
-        reply = await state.embedding.embed(body.model, inputs, body.dimensions, deadline, translate.encoding(body))
-    except EmbeddingError as err:
-        raise errors.from_service(err, state.settings.retry_after_s) from None
-    except TimeoutError:  # its deadline passed while it waited to leave in a merged call
-        raise errors.timeout() from None
-    except CoalescingFull:
-        raise _refused(state) from None
-    payload = translate.render(reply, body.output_dtype, body.encoding_format == "base64")
-    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
-
-
-def _refused(state) -> errors.OpenAIError:
-    if not getattr(state, "refusing_logged", False):
-        state.refusing_logged = True
-        logger.warning("the gateway's merging queue is full (coalesce_max_queued %d): refusing requests with 429 "
-                       "until it drains; see embedding_gateway_coalescing_refused_total",
-                       state.settings.coalesce_max_queued)
-    state.metrics.coalescing_refused.inc()
-    return errors.overloaded(state.settings.coalesce_max_queued, state.settings.retry_after_s)
+    """Reached only when the app is mounted under another: app.py serves this path before FastAPI routes."""
+    raw = await embeddings.read_body(request.receive, request.app.state.settings.max_body_bytes)
+    return Response(await embeddings.respond(request.app.state, raw), media_type="application/json")
 
 
 async def call(request: Request, method: str, message):

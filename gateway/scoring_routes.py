@@ -5,9 +5,9 @@ errors.py, metrics.py)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -42,7 +42,7 @@ def _positive(value: int, param: str) -> int:
 
 
 def _json(payload: dict) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+    return Response(orjson.dumps(payload), media_type="application/json")
 
 
 async def _rerank(request: Request) -> Response:

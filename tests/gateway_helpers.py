@@ -26,10 +26,11 @@ from tests.observe import wait_until
 
 
 @contextmanager
-def running_gateway(tracer=None, **settings):
+def running_gateway(tracer=None, root_path: str = "", **settings):
+    """The gateway app under uvicorn in a thread; `root_path`: uvicorn's, as behind a proxy that strips a prefix."""
     port = free_port()
     app = create_app(GatewaySettings(port=port, **settings), tracer=tracer)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", root_path=root_path)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

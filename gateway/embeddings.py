@@ -1,0 +1,114 @@
+"""POST /v1/embeddings: OpenAI's embeddings request in, the service's vectors out as OpenAI's JSON.
+
+The gateway's busiest route is served as plain ASGI ahead of FastAPI's routing, dependency solving and
+middleware stack (app.py dispatches to it): those cost more gateway CPU per small request than the route's own
+work. It keeps what every route gets: the API key and body bound (guards.Guard), the metrics and server span
+(metrics.ObserveRequests), OpenAI's error objects (errors.py). The FastAPI route of the same path
+(routes.py) documents it in /openapi.json and serves it the same way when the app is mounted elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from pydantic import ValidationError
+
+from embedding_client import EmbeddingError
+from embedding_service.wire.deadline import Deadline
+from gateway import errors, translate
+from gateway.coalescing import CoalescingFull
+from gateway.openai_schema import EmbeddingRequest
+
+PATH = "/v1/embeddings"
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+logger = logging.getLogger("gateway")
+
+
+def parse(raw: bytes, schema=EmbeddingRequest):
+    """The request body as `schema`; OpenAI's 400 naming the field when it does not validate."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        raise errors.from_validation(exc.errors(), schema.model_fields) from None
+
+
+async def respond(state, raw: bytes) -> bytes:
+    """The JSON reply to one embeddings request body, or an OpenAIError raised."""
+    body: EmbeddingRequest = parse(raw)
+    translate.check_dimensions(body)
+    inputs = translate.inputs(body, state.settings.max_inputs)
+    deadline = Deadline.after(state.settings.request_timeout_s)
+    try:
+        reply = await state.embedding.embed(body.model, inputs, body.dimensions, deadline, translate.encoding(body))
+    except EmbeddingError as err:
+        raise errors.from_service(err, state.settings.retry_after_s) from None
+    except TimeoutError:  # its deadline passed while it waited to leave in a merged call
+        raise errors.timeout() from None
+    except CoalescingFull:
+        raise refused(state) from None
+    payload = translate.render(reply, body.output_dtype, body.encoding_format == "base64")
+    return orjson.dumps(payload)
+
+
+def refused(state) -> errors.OpenAIError:
+    if not getattr(state, "refusing_logged", False):
+        state.refusing_logged = True
+        logger.warning("the gateway's merging queue is full (coalesce_max_queued %d): refusing requests with 429 "
+                       "until it drains; see embedding_gateway_coalescing_refused_total",
+                       state.settings.coalesce_max_queued)
+    state.metrics.coalescing_refused.inc()
+    return errors.overloaded(state.settings.coalesce_max_queued, state.settings.retry_after_s)
+
+
+class ClientGone(Exception):
+    """The caller disconnected before its body was read."""
+
+
+async def read_body(receive, limit: int) -> bytes:
+    """The whole body from ASGI `receive`, bounded by `limit` even without a Content-Length."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    raw = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: one message
+        if len(raw) > limit:
+            raise errors.body_too_large(limit)
+        return raw
+    parts = bytearray(raw)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        parts += message.get("body", b"")
+        if len(parts) > limit:
+            raise errors.body_too_large(limit)
+    return bytes(parts)
+
+
+class EmbeddingsEndpoint:
+    """The route as an ASGI app over the gateway's state (app.state: settings, embedding, metrics)."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            try:
+                raw = await read_body(receive, self.state.settings.max_body_bytes)
+                content = await respond(self.state, raw)
+            except ClientGone:
+                return
+            except errors.OpenAIError as exc:
+                await exc.response()(scope, receive, send)
+                return
+        except Exception:
+            # What FastAPI's exception handler answers for the other routes (guards.install), logged here.
+            logger.exception("POST %s failed in the gateway", PATH)
+            await errors.OpenAIError(500, "internal error in the gateway", "api_error").response()(scope, receive,
+                                                                                                     send)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*JSON_HEADERS, (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
