@@ -1,4 +1,5 @@
-"""Callers as asyncio services are written: many tasks on one event loop, one client shared by them.
+"""Callers as asyncio services are written: many tasks on one event loop, one client shared by them, either a
+task per call behind a semaphore (`_run`) or long-lived workers each taking the next call (`_run_workers`).
 
 gRPC through the generated stubs on one grpc.aio channel; REST through one httpx.AsyncClient, either with
 httpx's default pool (20 connections kept alive: with 64 callers most calls open a new connection) or
@@ -34,6 +35,27 @@ async def _run(call: Call, payloads: list[list[str]], in_flight: int,
     return time.perf_counter() - start, list(latencies)
 
 
+async def _run_workers(call: Call, payloads: list[list[str]], in_flight: int,
+                       warm: int | None = None) -> tuple[float, list[float]]:
+    """The other common shape: `in_flight` worker tasks, each taking the next payload as soon as its call is
+    done (no task per call, no semaphore). `warm` calls first (default: one per worker), unmeasured."""
+    latencies: list[float] = []
+
+    async def worker(queue) -> None:
+        for texts in queue:
+            t = time.perf_counter()
+            await call(texts)
+            latencies.append(time.perf_counter() - t)
+
+    warming = iter([["warm up"]] * (in_flight if warm is None else warm))
+    await asyncio.gather(*(worker(warming) for _ in range(in_flight)))
+    latencies.clear()
+    start = time.perf_counter()
+    queue = iter(payloads)  # shared: each worker takes the next
+    await asyncio.gather(*(worker(queue) for _ in range(in_flight)))
+    return time.perf_counter() - start, latencies
+
+
 def grpc_callers(target: str, payloads: list[list[str]], in_flight: int) -> tuple[float, list[float]]:
     """(wall seconds, latencies) of Embed calls from `in_flight` tasks on one channel."""
     import grpc
@@ -55,9 +77,11 @@ def grpc_callers(target: str, payloads: list[list[str]], in_flight: int) -> tupl
 
 
 def rest_callers(base: str, model: str, payloads: list[list[str]], in_flight: int,
-                 keep_alive: bool = False, warm: int | None = None) -> tuple[float, list[float]]:
+                 keep_alive: bool = False, warm: int | None = None,
+                 workers: bool = False) -> tuple[float, list[float]]:
     """POST /v1/embeddings (base64) from `in_flight` tasks on one httpx.AsyncClient; `keep_alive`: a pool that
-    keeps every caller's connection open (else httpx's default, 20 kept alive); `warm`: calls first."""
+    keeps every caller's connection open (else httpx's default, 20 kept alive); `warm`: calls first; `workers`:
+    `in_flight` long-lived worker tasks instead of a task per call behind a semaphore."""
     import httpx
 
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100) if keep_alive else httpx.Limits(
@@ -70,7 +94,7 @@ def rest_callers(base: str, model: str, payloads: list[list[str]], in_flight: in
                                       json={"model": model, "input": texts, "encoding_format": "base64"})
                 r.raise_for_status()
 
-            return await _run(call, payloads, in_flight, warm)
+            return await (_run_workers if workers else _run)(call, payloads, in_flight, warm)
 
     return asyncio.run(main())
 

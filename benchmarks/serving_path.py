@@ -62,6 +62,7 @@ def workloads(grpc_target: str | None, rest_base: str, model: str, sizes: dict) 
     if grpc_target:
         w["W3_grpc"] = (n3, lambda: grpc_callers(grpc_target, texts, CALLERS))
     w["W3_rest"] = (n3, lambda: rest_callers(rest_base, model, texts, CALLERS))
+    w["W3_rest_workers"] = (n3, lambda: rest_callers(rest_base, model, texts, CALLERS, workers=True))
     w["W3_rest_keepalive"] = (n3, lambda: rest_callers(rest_base, model, texts, CALLERS, keep_alive=True))
     w["W3_rest_aiohttp"] = (n3, lambda: aiohttp_callers(rest_base, model, texts, CALLERS))
     w["W3_openai_sdk"] = (n3, lambda: openai_callers(rest_base, model, texts, CALLERS))

@@ -106,8 +106,8 @@ def test_the_serving_path_mode_measures_every_process_cpu_per_call_and_the_peer(
     sizes = {"w1_n": 5, "w3_requests": 64}
     with gateway_process("--targets", service.target) as (base, _):
         rows = sp.run_workloads(sp.workloads(service.target, base, MINILM, sizes), CpuMeter())
-    assert set(rows) == {"W1_grpc", "W1_rest", "W3_grpc", "W3_rest", "W3_rest_keepalive", "W3_rest_aiohttp",
-                         "W3_openai_sdk"}
+    assert set(rows) == {"W1_grpc", "W1_rest", "W3_grpc", "W3_rest", "W3_rest_workers", "W3_rest_keepalive",
+                         "W3_rest_aiohttp", "W3_openai_sdk"}
     for name, row in rows.items():
         assert row["calls"] == (5 if name.startswith("W1") else 64) and row["rate"] > 0 and row["p50_ms"] > 0, name
         cpu = row["cpu_ms_per_call"]
