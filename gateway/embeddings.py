@@ -4,7 +4,8 @@ The gateway's busiest route is served as plain ASGI ahead of FastAPI's routing, 
 middleware stack (app.py dispatches to it): those cost more gateway CPU per small request than the route's own
 work. It keeps what every route gets: the API key and body bound (guards.Guard), the metrics and server span
 (metrics.ObserveRequests), OpenAI's error objects (errors.py). The FastAPI route of the same path
-(routes.py) documents it in /openapi.json and serves it the same way when the app is mounted elsewhere.
+(routes.py) documents it in /openapi.json, and serves it through this module where the app sees the path with a
+prefix (uvicorn's root_path, behind a proxy that strips one).
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ async def read_body(request: Request, schema=EmbeddingRequest):
                                    "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
 )
 async def create_embeddings(request: Request) -> Response:
-    """Reached only when the app is mounted under another: app.py serves this path before FastAPI routes."""
+    """Reached only where the app sees the path with a prefix (a root_path): app.py serves POST /v1/embeddings
+    before FastAPI routes."""
     raw = await embeddings.read_body(request.receive, request.app.state.settings.max_body_bytes)
     return Response(await embeddings.respond(request.app.state, raw), media_type="application/json")
 
