@@ -69,23 +69,16 @@ class ClientGone(Exception):
 
 async def read_body(receive, limit: int) -> bytes:
     """The whole body from ASGI `receive`, bounded by `limit` even without a Content-Length."""
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientGone
-    raw = message.get("body", b"")
-    if not message.get("more_body", False):  # the usual case: one message
-        if len(raw) > limit:
-            raise errors.body_too_large(limit)
-        return raw
-    parts = bytearray(raw)
-    while message.get("more_body", False):
+    body = bytearray()
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        parts += message.get("body", b"")
-        if len(parts) > limit:
+        body += message.get("body", b"")
+        if len(body) > limit:
             raise errors.body_too_large(limit)
-    return bytes(parts)
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 class EmbeddingsEndpoint:

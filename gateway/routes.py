@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,8 +14,6 @@ from gateway.openai_schema import CreateEmbeddingResponse, EmbeddingRequest, Err
 
 OWNER = "embedding-service"
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503, 504)}
-
-logger = logging.getLogger("gateway")
 
 openai = APIRouter(prefix="/v1")
 operations = APIRouter()
