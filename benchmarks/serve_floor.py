@@ -4,8 +4,11 @@
 ships (every RAY_SERVE_* variable of serve-config.yaml's runtime_env: the throughput bundle with direct ingress
 off, the proxy's calls over gRPC) and with Serve's direct ingress on, a trivial ingress
 deployment behind Serve's gRPC port (one hop) and one that awaits a second trivial deployment (two hops, as the
-proxy -> router -> model path), N sequential Embed calls each: p50/p90 milliseconds. Each setting runs in a
-process of its own, since Serve reads these variables when it is imported.
+proxy -> router -> model path), N sequential Embed calls each: p50/p90 milliseconds. A third shape is the two
+hops as the service makes its second one: a ShardRequest of one text to the model deployment's method, routed by
+the service's request router, answered with a ShardResult of one 384-float vector; what it takes over the plain
+two hops is what the service's messages and routing add to Serve's. Each setting runs in a process of its own,
+since Serve reads these variables when it is imported.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ SERVICER = "embedding_client.v1.embedding_pb2_grpc.add_EmbedServiceServicer_to_s
 
 def _one_setting(calls: int) -> dict:
     import grpc
+    import numpy as np
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
+    from ray.serve.config import RequestRouterConfig, gRPCOptions
 
     from embedding_client.v1 import embedding_pb2 as pb
     from embedding_client.v1 import embedding_pb2_grpc as pbg
+    from embedding_service.router.replica_routing import HealthyNodeRequestRouter
+    from embedding_service.wire.deadline import Deadline
+    from embedding_service.wire.messages import EmbedOptions, ShardRequest, ShardResult
 
     @serve.deployment
     class Leaf:
@@ -47,6 +54,22 @@ def _one_setting(calls: int) -> dict:
 
         async def Embed(self, request):
             await self.leaf.remote(1)
+            return pb.EmbedResponse(model=request.model)
+
+    @serve.deployment(request_router_config=RequestRouterConfig(request_router_class=HealthyNodeRequestRouter))
+    class ShardLeaf:
+        async def embed(self, request: ShardRequest) -> ShardResult:
+            n = len(request.inputs)
+            return ShardResult(vectors=np.zeros((n, 384), np.float32), token_counts=np.full(n, 3, np.int64))
+
+    @serve.deployment
+    class TwoHopsShard:
+        def __init__(self, leaf) -> None:
+            self.leaf = leaf
+
+        async def Embed(self, request):
+            shard = ShardRequest([request.inputs[0].text], EmbedOptions(), deadline=Deadline.after(30))
+            await self.leaf.embed.remote(shard)
             return pb.EmbedResponse(model=request.model)
 
     def measure() -> dict:
@@ -71,10 +94,12 @@ def _one_setting(calls: int) -> dict:
         one = measure()
         serve.run(TwoHops.bind(Leaf.bind()), name="floor", route_prefix="/")
         two = measure()
+        serve.run(TwoHopsShard.bind(ShardLeaf.bind()), name="floor", route_prefix="/")
+        shard = measure()
         serve.shutdown()
     finally:
         ray.shutdown()
-    return {"one_hop": one, "two_hops": two}
+    return {"one_hop": one, "two_hops": two, "two_hops_shard_messages": shard}
 
 
 def settings(config: str | None) -> dict[str, dict[str, str]]:
@@ -105,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                env={**base, **env}, capture_output=True, text=True, timeout=600, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{name}: one hop p50 {results[name]['one_hop']['p50_ms']} ms, "
-              f"two hops p50 {results[name]['two_hops']['p50_ms']} ms")
+              f"two hops p50 {results[name]['two_hops']['p50_ms']} ms, "
+              f"two hops with the shard messages p50 {results[name]['two_hops_shard_messages']['p50_ms']} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"calls": args.calls, "cpu": _cpu(), "settings": chosen, "results": results}, f, indent=1)

@@ -67,6 +67,17 @@ class ClientGone(Exception):
     """The caller disconnected before its body was read."""
 
 
+# nginx's "client closed request": what the metrics count a request whose caller left before its body arrived as.
+# uvicorn sends nothing to a caller that has gone, so no client ever reads it.
+CLIENT_GONE = 499
+
+
+async def gone(scope, receive, send) -> None:
+    """The answer to a request whose caller has gone (ClientGone), there only for the metrics and the span."""
+    await send({"type": "http.response.start", "status": CLIENT_GONE, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def read_body(receive, limit: int) -> bytes:
     """The whole body from ASGI `receive`, bounded by `limit` even without a Content-Length."""
     body = bytearray()
@@ -93,6 +104,7 @@ class EmbeddingsEndpoint:
                 raw = await read_body(receive, self.state.settings.max_body_bytes)
                 content = await respond(self.state, raw)
             except ClientGone:
+                await gone(scope, receive, send)
                 return
             except errors.OpenAIError as exc:
                 await exc.response()(scope, receive, send)

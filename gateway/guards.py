@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding_service.wire.bearer import bearer_key, known_key
-from gateway import errors
+from gateway import embeddings, errors
 from gateway.openai_schema import EmbeddingRequest
 from gateway.settings import GatewaySettings
 
@@ -46,6 +46,11 @@ class Guard:
 def install(app: FastAPI, settings: GatewaySettings) -> None:
     app.add_middleware(Guard, settings=settings)
     app.add_exception_handler(errors.OpenAIError, errors.openai_error_handler)
+
+    @app.exception_handler(embeddings.ClientGone)
+    async def _gone(request: Request, exc: embeddings.ClientGone) -> Response:
+        # The caller left mid-body (any route that reads one): counted as 499, not a 500 of the gateway's.
+        return Response(status_code=embeddings.CLIENT_GONE)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

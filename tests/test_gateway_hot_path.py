@@ -13,6 +13,7 @@ import numpy as np
 
 from embedding_client.v1 import embedding_pb2 as pb
 from tests.gateway_helpers import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
+from tests.observe import wait_until
 from tests.test_metrics import gateway_samples, total
 
 BODY_LIMIT = 64 * 1024
@@ -85,14 +86,28 @@ def test_a_reply_the_gateway_cannot_render_is_a_logged_500_and_it_serves_on(capl
     assert total("embedding_gateway_http_requests_total", samples, status="200", **route) == 1
 
 
-def test_a_caller_that_hangs_up_mid_body_costs_nothing():
+def test_a_caller_that_hangs_up_mid_body_costs_nothing_and_counts_as_499_on_every_route(caplog):
+    """Not the gateway's 500: the rerank and sparse routes (FastAPI's) count it as the hot path does."""
     peer = ThreeDimensions()
+    caplog.set_level(logging.ERROR, logger="gateway")
+    paths = ("/v1/embeddings", "/v1/rerank", "/v1/embeddings/sparse")
     with scripted_grpc_peer(peer) as target, running_gateway(targets=[target]) as base:
         host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 1000\r\n\r\n{\"model\": \"m\", \"inp")
+        for path in paths:
+            with socket.create_connection((host, int(port))) as raw:
+                raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: 1000\r\n\r\n{\"model\": \"m\", \"inp".encode())
         r = post(base, {"model": "m", "input": "still here"})
         assert r.status_code == 200
-        assert httpx.get(f"{base}/metrics").status_code == 200
-    assert len(peer.calls) == 1  # the half-sent request never reached the service
+
+        def gone() -> dict[str, float]:
+            samples = gateway_samples(base)
+            return {p: total("embedding_gateway_http_requests_total", samples, route=p, method="POST", status="499")
+                    for p in paths}
+
+        wait_until(lambda: all(gone().values()), 10, "the three hung-up requests counted")
+        assert gone() == {p: 1 for p in paths}
+        samples = gateway_samples(base)
+    assert total("embedding_gateway_http_requests_total", samples, status="500") == 0
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(peer.calls) == 1  # the half-sent requests never reached the service

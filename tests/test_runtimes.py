@@ -133,3 +133,18 @@ print(telemetry_utils.tm.__name__, "openvino_telemetry" in sys.modules, len(mult
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False", "0"], out.stderr[-2000:]
+
+
+def test_a_setting_the_replica_runs_without_is_named_for_its_metric():
+    """Each name is counted in embedding_settings_not_applied as the replica starts (model/deployment.py)."""
+    from embedding_service.config import ModelSettings
+    from embedding_service.model.forward import not_applied
+
+    pinned = ModelSettings(name="m", path="p", cpu_pinning=True, backend="auto")
+    assert not_applied(pinned, "cpu", "openvino") == ()
+    assert not_applied(pinned, "cuda", "torch") == ("cpu_pinning",)  # auto is torch on a GPU: pinning is moot
+    assert not_applied(pinned, "cpu", "torch") == ("cpu_pinning", "backend")  # OpenVINO could not compile it
+    plain = ModelSettings(name="m", path="p")
+    assert not_applied(plain, "cpu", "torch") == ("backend",)
+    assert not_applied(plain, "cuda", "torch") == ()
+    assert not_applied(ModelSettings(name="m", path="p", backend="torch"), "cpu", "torch") == ()

@@ -95,6 +95,8 @@ class EmbeddingModel(ServedReplica):
         self._forward_max_tokens = settings.forward_token_budget(loaded.device)
         self._serve(settings, fleet, heartbeat_s, tracing, loaded.device, loaded.backend, placement,
                     size=lambda pending: len(pending.sequences))
+        for setting in loaded.not_applied:
+            self.metrics.settings_not_applied.inc(tags={"setting": setting})
 
     # ---- what the router asks -------------------------------------------
 

@@ -17,7 +17,7 @@ import numpy as np
 from embedding_service.config import PACKAGE_PREFIX, ModelSettings
 from embedding_service.model.accuracy import corpus
 from embedding_service.model.calibration import Calibration, calibration_for
-from embedding_service.model.runtimes import Runtime, load_runtime
+from embedding_service.model.runtimes import Runtime, load_runtime, resolve_backend
 from embedding_service.model.tokenization import InputEncoder
 from embedding_service.model.verification import verify
 from embedding_service.observability.logs import service_logger
@@ -39,6 +39,8 @@ class LoadedModel:
     verification: Verification | None = None
     # The start-up check's reference; its corpus vectors (the gate), when loaded, give the int8/uint8 ranges.
     calibration: Calibration | None = None
+    # Settings the replica runs without (not_applied below); each was logged at WARNING as it loaded.
+    not_applied: tuple[str, ...] = ()
 
     @property
     def dimension(self) -> int:
@@ -82,7 +84,19 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
     embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
     verification = verify(embed, calibration, settings)
-    return LoadedModel(model, device, backend, runtime, encoder, verification, calibration)
+    return LoadedModel(model, device, backend, runtime, encoder, verification, calibration,
+                       not_applied(settings, device, backend))
+
+
+def not_applied(settings: ModelSettings, device: str, backend: str) -> tuple[str, ...]:
+    """The settings a model loaded on `device` with `backend` runs without: cpu_pinning where its backend is not
+    OpenVINO (backend auto on a GPU, or fallen back to torch), and backend auto that fell back to torch."""
+    missed = []
+    if settings.cpu_pinning and backend != "openvino":
+        missed.append("cpu_pinning")
+    if settings.backend == "auto" and backend != resolve_backend("auto", device):
+        missed.append("backend")
+    return tuple(missed)
 
 
 def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettings, device: str,

@@ -167,6 +167,10 @@ class ModelMetrics(_Group):
     forward_seconds = histogram("forward_seconds", "Time one batch took in the model (all its forward passes).",
                                 SECONDS, REPLICA)
     sequences_forwarded = counter("sequences_forwarded", "Inputs run through the model's forward pass.", REPLICA)
+    settings_not_applied = counter("settings_not_applied", "Counted once as a replica starts without a setting it "
+                                   "was given: setting=cpu_pinning (its backend is not OpenVINO), setting=backend "
+                                   "(backend auto could not compile the model and runs it with torch).",
+                                   (*REPLICA, "setting"))
     sequences_dropped = counter("sequences_dropped", "Queued inputs dropped before tokenization or forward: their "
                                 "caller had left (reason=cancelled) or their deadline had passed (reason=deadline).",
                                 (*REPLICA, "reason"))
