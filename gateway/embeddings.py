@@ -67,8 +67,8 @@ class ClientGone(Exception):
     """The caller disconnected before its body was read."""
 
 
-# nginx's "client closed request": what the metrics count a request whose caller left before its body arrived as.
-# uvicorn sends nothing to a caller that has gone, so no client ever reads it.
+# The status a request is counted with when its caller left before its body arrived: nginx's "client closed
+# request". uvicorn sends nothing to a caller that has gone, so no client ever reads it.
 CLIENT_GONE = 499
 
 
