@@ -24,7 +24,7 @@ BURST = 3000
 # Far past the few seconds a burst takes to be served or refused: a call still unanswered at this deadline waited in
 # a queue the service bounds (Serve's router backing off to 0.5 s between placements once left 165-401 of them so).
 BURST_DEADLINE_S = 60
-# Twice what one burst of 400 needed: at 400 the refusals ranged from 36 to 212, at 800 from 382 up.
+# Calls in the REST burst, more than the router's bounds hold while the model is busy.
 REST_BURST = 800
 FORWARDED = "ray_embedding_sequences_forwarded_total"
 DROPPED = "ray_embedding_sequences_dropped_total"
@@ -76,17 +76,33 @@ def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(serv
 
 
 def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service):
-    async def burst(base: str) -> collections.Counter:
-        limits = httpx.Limits(max_connections=REST_BURST, max_keepalive_connections=REST_BURST)
-        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-            async def call(i: int) -> tuple[int, str | None]:
-                r = await client.post("/v1/embeddings", json={"model": MINILM, "input": f"rest burst {i}",
-                                                              "dimensions": unmergeable(i)})
-                return r.status_code, r.headers.get("retry-after")
+    """The burst meets a model kept busy by a long call, so that it overfills the router's bounds (64 + 64 calls):
+    an idle service now takes 800 such calls from one httpx client without refusing one (three bursts in a row
+    were seen so; the client sends about 750 calls/s at most, docs/benchmarks.md)."""
+    # 768 inputs of about 160 tokens: both replicas busy past the burst, 8 shards of 32 at a time (the router's
+    # max_concurrent_shards), the next ones queued behind the burst's calls as earlier ones finish. It may run
+    # into the service's request bound (45 s) on a slow machine; it is cancelled once the burst is answered.
+    blocker_inputs = [pb.EmbedInput(text=f"{i} " + " ".join(["retrieval"] * 160)) for i in range(768)]
 
-            results = await asyncio.gather(*(call(i) for i in range(REST_BURST)))
-        assert all(retry and int(retry) >= 1 for status, retry in results if status == 429)
-        return collections.Counter(status for status, _ in results)
+    async def burst(base: str) -> collections.Counter:
+        before = await asyncio.to_thread(settled, FORWARDED, 2 * METRICS_REPORT_MS / 1000, model=MINILM)
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            blocker = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=blocker_inputs), timeout=300))
+            await asyncio.to_thread(wait_until, lambda: total(FORWARDED, model=MINILM) - total(
+                FORWARDED, before, model=MINILM) >= 32, 120, "the model busy with the blocker")
+            limits = httpx.Limits(max_connections=REST_BURST, max_keepalive_connections=REST_BURST)
+            async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+                async def call(i: int) -> tuple[int, str | None]:
+                    r = await client.post("/v1/embeddings", json={"model": MINILM, "input": f"rest burst {i}",
+                                                                  "dimensions": unmergeable(i)})
+                    return r.status_code, r.headers.get("retry-after")
+
+                results = await asyncio.gather(*(call(i) for i in range(REST_BURST)))
+            assert all(retry and int(retry) >= 1 for status, retry in results if status == 429)
+            blocker.cancel()
+            await asyncio.gather(blocker, return_exceptions=True)
+            return collections.Counter(status for status, _ in results)
 
     # The gateway as its own process, with no retries: the caller sees every refusal itself. Its deadlines
     # outlast the burst: on 2 cores the replicas computing starve the proxy that refuses, for seconds.
@@ -94,13 +110,14 @@ def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service
     # few dozen gRPC calls the service takes without refusing.
     with gateway_process("--targets", service.target, "--max-retries", "0", "--call-timeout-s", "120",
                          "--request-timeout-s", "120", "--coalesce-max-in-flight", "0") as (base, _):
-        # Whether a burst overfills the queues depends on how fast this machine lets the calls in: seen 0 of
-        # 800 refused once in a full suite. Each burst is checked; a later one (at most three) must refuse.
+        # On 2 cores the replicas computing also slow the calls' way in, so how many a burst gets refused still
+        # varies (2 to 528 of 800 seen): each burst is checked, and a later one (at most three) must refuse.
         bursts = []
         while not bursts or (bursts[-1][429] == 0 and len(bursts) < 3):
             bursts.append(asyncio.run(burst(base)))
             assert set(bursts[-1]) <= {200, 429}, bursts
     assert bursts[-1][429] > 0 and sum(b[200] for b in bursts) > 0, bursts
+    print(f"REST bursts of {REST_BURST} beside a long call: {[dict(b) for b in bursts]}")
 
 
 def test_calls_past_their_deadline_are_dropped_not_computed(service):
