@@ -14,6 +14,7 @@ import logging
 
 import orjson
 from pydantic import ValidationError
+from starlette.responses import Response
 
 from embedding_client import EmbeddingError
 from embedding_service.wire.deadline import Deadline
@@ -72,10 +73,10 @@ class ClientGone(Exception):
 CLIENT_GONE = 499
 
 
-async def gone(scope, receive, send) -> None:
-    """The answer to a request whose caller has gone (ClientGone), there only for the metrics and the span."""
-    await send({"type": "http.response.start", "status": CLIENT_GONE, "headers": [(b"content-length", b"0")]})
-    await send({"type": "http.response.body", "body": b""})
+def gone() -> Response:
+    """The answer to a request whose caller has gone (ClientGone), there only for the metrics and the span: here
+    and in FastAPI's handler for the other routes (guards.install)."""
+    return Response(status_code=CLIENT_GONE)
 
 
 async def read_body(receive, limit: int) -> bytes:
@@ -104,7 +105,7 @@ class EmbeddingsEndpoint:
                 raw = await read_body(receive, self.state.settings.max_body_bytes)
                 content = await respond(self.state, raw)
             except ClientGone:
-                await gone(scope, receive, send)
+                await gone()(scope, receive, send)
                 return
             except errors.OpenAIError as exc:
                 await exc.response()(scope, receive, send)

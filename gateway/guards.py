@@ -50,7 +50,7 @@ def install(app: FastAPI, settings: GatewaySettings) -> None:
     @app.exception_handler(embeddings.ClientGone)
     async def _gone(request: Request, exc: embeddings.ClientGone) -> Response:
         # The caller left mid-body (any route that reads one): counted as 499, not a 500 of the gateway's.
-        return Response(status_code=embeddings.CLIENT_GONE)
+        return embeddings.gone()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

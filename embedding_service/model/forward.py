@@ -39,7 +39,7 @@ class LoadedModel:
     verification: Verification | None = None
     # The start-up check's reference; its corpus vectors (the gate), when loaded, give the int8/uint8 ranges.
     calibration: Calibration | None = None
-    # Settings the replica runs without (not_applied below); each was logged at WARNING as it loaded.
+    # Settings the replica runs without (not_applied below), each logged at WARNING by load_model or load_runtime.
     not_applied: tuple[str, ...] = ()
 
     @property
@@ -84,8 +84,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
     embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
     verification = verify(embed, calibration, settings)
-    return LoadedModel(model, device, backend, runtime, encoder, verification, calibration,
-                       not_applied(settings, device, backend))
+    missed = not_applied(settings, device, backend)
+    if "cpu_pinning" in missed:  # a fallen-back backend was logged with its cause by load_runtime
+        logger.warning("cpu_pinning applies to OpenVINO only: backend %s on %s runs without it", backend, device)
+    return LoadedModel(model, device, backend, runtime, encoder, verification, calibration, missed)
 
 
 def not_applied(settings: ModelSettings, device: str, backend: str) -> tuple[str, ...]:

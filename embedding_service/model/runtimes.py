@@ -252,10 +252,9 @@ def load_runtime(model, backend: str, device: str, threads: int | None, precisio
                  samples: Sequence[dict] = (), cpu_pinning: bool = False) -> tuple[str, Runtime]:
     """(the backend that runs, its runtime). "auto" falls back to torch where compiling fails (not for int8,
     which torch does not run). `samples`: features of real sentences, to calibrate int8. `cpu_pinning`: OpenVINO's
-    threads pinned to cores (ModelSettings.cpu_pinning; config refuses it for torch and onnx)."""
+    threads pinned to cores (ModelSettings.cpu_pinning; config refuses it for torch and onnx; where the backend
+    that runs is not OpenVINO, forward.load_model says so)."""
     resolved = resolve_backend(backend, device)
-    if cpu_pinning and resolved != "openvino":
-        logger.warning("cpu_pinning applies to OpenVINO only: backend %s on %s runs without it", resolved, device)
     if resolved == "torch":
         return resolved, TorchRuntime(model, precision)
     if resolved not in _RUNTIMES:
