@@ -130,7 +130,11 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
     # share gets the next one, so both stay busy while the short calls wait.
     # 80 tokens each: the blocker itself within the service's request bound (45 s) on a slow 2-core CPU.
     blocker_inputs = [pb.EmbedInput(text=f"{i} " + " ".join(["retrieval"] * 80)) for i in range(384)]
-    small_calls, small_size, small_deadline_s = 60, 16, 0.2
+    # A replica that runs out of blocker work may start a batch of short calls (up to max_batch_size, 128
+    # inputs) still in time, and answer it late: legitimate, and up to 256 inputs seen from the two replicas. The
+    # short calls far outnumber that, so the bound below still tells dropping from computing everything (which
+    # would put every timed-out input among the extra forwards).
+    small_calls, small_size, small_deadline_s = 120, 16, 0.2
 
     async def run() -> tuple[object, collections.Counter]:
         async with grpc.aio.insecure_channel(service.target) as channel:
@@ -172,12 +176,13 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
                 total(ROUTER_DROPPED, samples, model=MINILM) - total(ROUTER_DROPPED, before, model=MINILM),
                 total(PROXY_DROPPED, samples) - total(PROXY_DROPPED, before))
 
-    # Without the drops every timed-out input would be forwarded in the end. With them, most are dropped where
+    # Without the drops every timed-out input would be forwarded in the end. With them, they are dropped where
     # they wait: in the proxy (calls queued to leave merged), in the router (to be coalesced) or at a replica;
-    # a few may start in time on a replica that ran out of blocker work, and answer late. (Counted as Ray
-    # reports each process's metrics.)
+    # a few may start in time on a replica that ran out of blocker work, and answer late. Calls still queued in
+    # Serve for a router or a replica when their caller leaves are cancelled by Serve itself, uncounted here:
+    # 40-70% of the timed-out inputs are counted. (Counted as Ray reports each process's metrics.)
     try:
-        wait_until(lambda: sum(dropped()) >= 0.5 * timed_out, 10, "the timed-out inputs counted as dropped")
+        wait_until(lambda: sum(dropped()) >= 0.25 * timed_out, 10, "the timed-out inputs counted as dropped")
     finally:
         at_replicas, in_router, in_proxy = dropped()
         print(f"short calls: {timed_out} inputs timed out, {answered} answered; forwarded beyond those answered: "
