@@ -54,6 +54,12 @@ async def respond(state, raw: bytes) -> bytes:
     return orjson.dumps(payload)
 
 
+async def reply(state, receive) -> bytes:
+    """The JSON reply to the request whose body ASGI `receive` carries, read within the body bound; an
+    OpenAIError or ClientGone raised. The route's whole work, here (EmbeddingsEndpoint) and in FastAPI's route."""
+    return await respond(state, await read_body(receive, state.settings.max_body_bytes))
+
+
 def refused(state) -> errors.OpenAIError:
     if not getattr(state, "refusing_logged", False):
         state.refusing_logged = True
@@ -102,8 +108,7 @@ class EmbeddingsEndpoint:
     async def __call__(self, scope, receive, send) -> None:
         try:
             try:
-                raw = await read_body(receive, self.state.settings.max_body_bytes)
-                content = await respond(self.state, raw)
+                content = await reply(self.state, receive)
             except ClientGone:
                 await gone()(scope, receive, send)
                 return

@@ -36,8 +36,7 @@ async def read_body(request: Request, schema=EmbeddingRequest):
 async def create_embeddings(request: Request) -> Response:
     """Reached only where the app sees the path with a prefix (a root_path): app.py serves POST /v1/embeddings
     before FastAPI routes."""
-    raw = await embeddings.read_body(request.receive, request.app.state.settings.max_body_bytes)
-    return Response(await embeddings.respond(request.app.state, raw), media_type="application/json")
+    return Response(await embeddings.reply(request.app.state, request.receive), media_type="application/json")
 
 
 async def call(request: Request, method: str, message):

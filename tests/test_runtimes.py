@@ -148,3 +148,35 @@ def test_a_setting_the_replica_runs_without_is_named_for_its_metric():
     assert not_applied(plain, "cpu", "torch") == ("backend",)
     assert not_applied(plain, "cuda", "torch") == ()
     assert not_applied(ModelSettings(name="m", path="p", backend="torch"), "cpu", "torch") == ()
+
+
+def test_a_replica_image_without_openvino_falls_back_to_torch_and_names_what_it_runs_without(tiny_model_dir,
+                                                                                          monkeypatch):
+    """backend auto with cpu_pinning on a CPU, where the openvino package is missing (an image built without it):
+    the model loads with torch, within 1e-5 of sentence-transformers', and the replica is told which settings it
+    runs without (counted in embedding_settings_not_applied as it starts), each logged at WARNING with its cause."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedding_service.config import ModelSettings
+    from embedding_service.model.forward import load_model
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # Ray's logging setup stops propagation, so caplog would not see it
+    logging.getLogger("ray.serve").addHandler(handler)
+    try:
+        loaded = load_model(ModelSettings(name="tiny", path=str(tiny_model_dir), backend="auto", cpu_pinning=True,
+                                          threads=1))
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    assert loaded.backend == "torch" and isinstance(loaded.runtime, TorchRuntime)
+    assert loaded.not_applied == ("cpu_pinning", "backend") and loaded.verification.refused is None
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("openvino could not compile" in m and "needs the openvino" in m for m in messages), messages
+    assert any("cpu_pinning applies to OpenVINO only: backend torch on cpu" in m for m in messages), messages
+    texts = ["a sentence", "another, somewhat longer sentence than the first"]
+    encoder = loaded.encoder
+    served = loaded.runtime.embed(encoder.features(encoder.prepare(texts, "end").sequences))
+    reference = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(texts)
+    assert np.abs(served - reference).max() < TOLERANCE
