@@ -8,7 +8,10 @@ built here, of another dimension), a tiny random-weight reranker and SPLADE mode
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +213,6 @@ def start_cluster():
     """A head (no CPUs: the proxy, router and recycler go there by resource) and two workers. Ray's own start of a
     node timed out once on a loaded 2-core machine (its raylet registered with the GCS; the driver's wait for it
     never saw it): a second try, once every process of the first is stopped."""
-    import warnings
-
     from ray.cluster_utils import Cluster
 
     for attempt in (1, 2):
@@ -227,7 +228,9 @@ def start_cluster():
             if attempt == 2:
                 raise
             warnings.warn(f"Ray's cluster failed to start ({exc}); starting it again", stacklevel=1)
-            session = Path("/tmp/ray/session_latest").resolve()  # the one just made, head or not
+            # The session just made, head or not, in Ray's temp folder (RAY_TMPDIR, else TMPDIR, else /tmp).
+            temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+            session = (Path(temp) / "ray" / "session_latest").resolve()
             cluster.shutdown()
             stop_session(session)
     raise AssertionError("unreachable")
@@ -236,9 +239,6 @@ def start_cluster():
 def stop_session(session: Path) -> None:
     """Kills what is left of a Ray session whose start failed: a node that never joined is not the Cluster's to
     shut down. Every process of a session names its directory on its command line."""
-    import os
-    import signal
-
     mark = f"={session}".encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
