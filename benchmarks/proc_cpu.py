@@ -32,7 +32,8 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int | str) -> str:
+    """A process's command line, arguments joined by spaces; empty once it has gone."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
@@ -60,7 +61,7 @@ def snapshot(root: int, role: Callable[[str], str] = service_role,
     while frontier:
         frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier and pid not in below}
         below |= frontier
-    return {pid: (role(_cmdline(pid)), stats[pid][1]) for pid in below}
+    return {pid: (role(cmdline(pid)), stats[pid][1]) for pid in below}
 
 
 def spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:

@@ -8,6 +8,7 @@ built here, of another dimension), a tiny random-weight reranker and SPLADE mode
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import grpc
 import pytest
 
 from benchmarks.otlp_sink import OtlpSink
+from benchmarks.proc_cpu import cmdline
 from embedding_service.config import HEAD_RESOURCE
 from embedding_service.ops import ray_internals, servefile
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
@@ -239,13 +241,10 @@ def start_cluster():
 def stop_session(session: Path) -> None:
     """Kills what is left of a Ray session whose start failed: a node that never joined is not the Cluster's to
     shut down. Every process of a session names its directory on its command line."""
-    mark = f"={session}".encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if mark in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
+        if f"={session}" in cmdline(pid):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,29 @@
-"""Observing the service: its metrics as Prometheus reads them (Ray's per-node endpoints, over HTTP), and waiting on conditions."""
+"""Observing the service: its metrics as Prometheus reads them (Ray's per-node endpoints, over HTTP), its logs, and
+waiting on conditions."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedding_service.ops.launcher import metrics_endpoints
+
+
+@contextlib.contextmanager
+def serve_logs(caplog) -> Iterator[None]:
+    """pytest's caplog sees the service's records within the block: they go to Serve's logger, which Ray's logging
+    setup stops from propagating."""
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def scrape() -> list:

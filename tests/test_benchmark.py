@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from benchmarks.proc_cpu import cmdline
 from embedding_service.ops.launcher import metrics_endpoints
 
 from .conftest import MINILM
@@ -83,7 +84,7 @@ def test_the_benchmark_measures_a_peer_started_from_a_command_line_and_stops_it(
     assert all(v.get("rate", 1) > 0 and v.get("p50_ms", 1) > 0 for v in w.values())
     assert w["W3_rest"]["ratio"] == w["W3_rest"]["rate"] / 100.0
     # Stopped with its whole process group: nothing of it is left.
-    alive = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
+    alive = [p for p in os.listdir("/proc") if p.isdigit() and marker in cmdline(p)]
     assert not alive, alive
     batches = {"batches": 1, "mean_size": 1.0, "mean_queue_ms": 0.0, "mean_forward_ms": 1.0, "padding_share": 0.0}
     results |= {"workloads": {"W3_rest": {"rate": w["W3_rest"]["rate"] * 2, "batches": batches}}, "peer": peer}
@@ -190,9 +191,3 @@ def test_the_near_zero_model_loads_in_sentence_transformers_and_replaces_the_def
     assert config.args.router == ServeFile.load().args.router  # the serving path as shipped
 
 
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""

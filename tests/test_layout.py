@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.proc_cpu import cmdline
+
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
@@ -168,15 +170,7 @@ def test_the_preloaded_module_loads_nothing_heavy_into_every_worker():
 
 def _processes(title: str) -> list[int]:
     """PIDs whose command line (Ray sets it to the actor's name) starts with `title`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith(title):
-            found.append(int(pid))
-    return found
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if cmdline(pid).startswith(title)]
 
 
 def _maps_torch(pid: int) -> bool:

@@ -18,7 +18,7 @@ from embedding_service.fleet.recycler import NodeRecycler
 from embedding_service.router.fleet_view import ServiceView
 from embedding_service.wire.fleet import NodeState, NodeView, ReplicaView
 from tests.conftest import METRICS_REPORT_MS
-from tests.observe import settled, total, wait_until
+from tests.observe import serve_logs, settled, total, wait_until
 
 NODE, IP = "abc123", "10.1.2.3"
 
@@ -114,8 +114,6 @@ def test_a_failed_drain_is_counted_shown_retried_and_escalated_to_the_command(tm
 
 
 def test_a_command_that_keeps_failing_is_given_up_on_with_the_node_left_quarantined(caplog):
-    import logging
-
     settings = RecyclerSettings(grace_cycles=0, action="command", command="echo no >&2; exit 3", action_retries=1,
                                 action_retry_s=0.05)
 
@@ -127,12 +125,8 @@ def test_a_command_that_keeps_failing_is_given_up_on_with_the_node_left_quaranti
             await asyncio.sleep(0.06)
         return _node(recycler)
 
-    serve_logs = logging.getLogger("ray.serve")  # the service logs beneath Serve's logger, which does not propagate
-    serve_logs.addHandler(caplog.handler)
-    try:
+    with serve_logs(caplog):
         node = asyncio.run(scenario())
-    finally:
-        serve_logs.removeHandler(caplog.handler)
     assert node.state == NodeState.QUARANTINED and node.failed_actions == 2
     assert "exited 3" in node.action_error and "no attempts left: the node is left to the operator" in node.action_error
     assert any(r.levelname == "ERROR" and "no attempts left" in r.getMessage() for r in caplog.records)

@@ -19,6 +19,7 @@ from embedding_service.model.runtimes import OnnxRuntime, OpenVinoRuntime, Torch
 from embedding_service.model.tokenization import InputEncoder
 
 from .conftest import MINILM, TINY
+from .observe import serve_logs
 
 TOLERANCE = 1e-5
 WORDS = "semantic search ranks documents dense vectors transformer query product weather music ü 東京 🙂".split()
@@ -74,7 +75,7 @@ def test_compiled_backends_refuse_what_they_cannot_run(reference_models):
         load_runtime(NoTransformer([object()]), "onnx", "cpu", threads=None)
 
 
-def test_auto_is_openvino_on_cpu_torch_on_gpu_and_falls_back_to_torch(reference_models):
+def test_auto_is_openvino_on_cpu_torch_on_gpu_and_falls_back_to_torch(reference_models, caplog):
     assert resolve_backend("auto", "cpu") == "openvino" and resolve_backend("auto", "cuda") == "torch"
     assert resolve_backend("onnx", "cpu") == "onnx"
     resolved, runtime = load_runtime(reference_models[TINY], "auto", "cpu", threads=1)
@@ -83,16 +84,10 @@ def test_auto_is_openvino_on_cpu_torch_on_gpu_and_falls_back_to_torch(reference_
     class NoTransformer(list):
         pass
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # Ray's logging setup stops propagation, so caplog would not see it
-    logging.getLogger("ray.serve").addHandler(handler)
-    try:
+    with serve_logs(caplog):
         resolved, runtime = load_runtime(NoTransformer([object()]), "auto", "cpu", threads=None)
-    finally:
-        logging.getLogger("ray.serve").removeHandler(handler)
     assert resolved == "torch" and isinstance(runtime, TorchRuntime)
-    assert any("running it with torch" in r.getMessage() for r in records)
+    assert any(r.levelno == logging.WARNING and "running it with torch" in r.getMessage() for r in caplog.records)
 
 
 def test_openvino_pins_its_threads_to_cores_only_when_asked(reference_models):
@@ -150,33 +145,23 @@ def test_a_setting_the_replica_runs_without_is_named_for_its_metric():
     assert not_applied(ModelSettings(name="m", path="p", backend="torch"), "cpu", "torch") == ()
 
 
-def test_a_replica_image_without_openvino_falls_back_to_torch_and_names_what_it_runs_without(tiny_model_dir,
-                                                                                          monkeypatch):
+def test_a_replica_image_without_openvino_falls_back_to_torch_and_names_what_it_runs_without(
+        tiny_model_dir, reference_models, monkeypatch, caplog):
     """backend auto with cpu_pinning on a CPU, where the openvino package is missing (an image built without it):
     the model loads with torch, within 1e-5 of sentence-transformers', and the replica is told which settings it
     runs without (counted in embedding_settings_not_applied as it starts), each logged at WARNING with its cause."""
-    from sentence_transformers import SentenceTransformer
-
     from embedding_service.config import ModelSettings
     from embedding_service.model.forward import load_model
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # Ray's logging setup stops propagation, so caplog would not see it
-    logging.getLogger("ray.serve").addHandler(handler)
-    try:
+    with serve_logs(caplog):
         loaded = load_model(ModelSettings(name="tiny", path=str(tiny_model_dir), backend="auto", cpu_pinning=True,
                                           threads=1))
-    finally:
-        logging.getLogger("ray.serve").removeHandler(handler)
     assert loaded.backend == "torch" and isinstance(loaded.runtime, TorchRuntime)
     assert loaded.not_applied == ("cpu_pinning", "backend") and loaded.verification.refused is None
-    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("openvino could not compile" in m and "needs the openvino" in m for m in messages), messages
     assert any("cpu_pinning applies to OpenVINO only: backend torch on cpu" in m for m in messages), messages
-    texts = ["a sentence", "another, somewhat longer sentence than the first"]
-    encoder = loaded.encoder
-    served = loaded.runtime.embed(encoder.features(encoder.prepare(texts, "end").sequences))
-    reference = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(texts)
-    assert np.abs(served - reference).max() < TOLERANCE
+    texts = _texts(16, seed=5)
+    served = _embed(loaded.runtime, loaded.encoder, texts, None, batch=8)
+    assert np.abs(served - reference_models[TINY].encode(texts)).max() < TOLERANCE
