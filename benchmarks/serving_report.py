@@ -23,12 +23,17 @@ def table(r: dict) -> str:
                          f"{v['server_cpu_ms_per_call']:>13.2f}  {parts}")
     if len(systems) == 2:
         lines.append("ours / peer: " + ", ".join(
-            f"{n} {v['rate'] / systems[1][1][n]['rate']:.2f}x calls/s, CPU/call "
-            f"{v['server_cpu_ms_per_call'] / systems[1][1][n]['server_cpu_ms_per_call']:.2f}x"
+            f"{n} {_ratio(v['rate'], systems[1][1][n]['rate'])} calls/s, CPU/call "
+            f"{_ratio(v['server_cpu_ms_per_call'], systems[1][1][n]['server_cpu_ms_per_call'])}"
             for n, v in systems[0][1].items() if n in systems[1][1]))
     if "error" in r.get("peer", {}):
         lines.append(f"the peer failed: {r['peer']['error']}")
     return "\n".join(lines)
+
+
+def _ratio(ours: float, peer: float) -> str:
+    """ours / peer; a peer's figure of 0 (CPU below /proc's 10 ms tick over a short workload) has no ratio."""
+    return f"{ours / peer:.2f}x" if peer else "n/a (the peer's figure is 0)"
 
 
 def plot(r: dict, path: Path) -> None:

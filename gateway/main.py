@@ -15,7 +15,8 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
 
-def parse_args(argv: list[str] | None = None) -> GatewaySettings:
+def arguments() -> argparse.ArgumentParser:
+    """The gateway's command line: a flag for each setting that may be given there (docs/configuration.md)."""
     parser = argparse.ArgumentParser(prog="python -m gateway", description="OpenAI-compatible embeddings gateway")
     parser.add_argument("--targets", nargs="+", help="gRPC targets host:port of the embedding service")
     parser.add_argument("--host")
@@ -36,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser.add_argument("--shutdown-timeout-s", type=float, dest="shutdown_timeout_s")
     parser.add_argument("--parent-pid", type=int, dest="parent_pid",
                         help="stop (as on SIGTERM) once this process, the one that started the gateway, is gone")
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> GatewaySettings:
+    given = {k: v for k, v in vars(arguments().parse_args(argv)).items() if v is not None}
     return GatewaySettings(**given)
 
 

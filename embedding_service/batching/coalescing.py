@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from embedding_service.batching.waiters import fail_waiters, why_stale
+from embedding_service.batching.waiters import CANCELLED, fail_waiters, why_stale
 from embedding_service.wire.deadline import Deadline
 
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(eq=False)  # each caller's own: found in the queue by identity
 class _Entry:
     inputs: list[Any]
     future: asyncio.Future
@@ -62,6 +62,7 @@ class Coalescer(Generic[R]):
         self._queue: deque[_Entry] = deque()
         self._queued_inputs = 0  # over the entries in _queue
         self._in_flight = 0
+        self.on_idle: Callable[[], None] = lambda: None  # told each time nothing is left queued or in flight
 
     @property
     def waiting(self) -> int:
@@ -77,10 +78,26 @@ class Coalescer(Generic[R]):
         """Queues the caller now (no await between this and the queue); its result comes on the future,
         and cancelling the future drops the caller unsent."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(inputs, future, deadline, contextvars.copy_context()))
+        entry = _Entry(inputs, future, deadline, contextvars.copy_context())
+        self._queue.append(entry)
         self._queued_inputs += len(inputs)
+        future.add_done_callback(lambda _: self._left(entry))
         self._pump()
         return future
+
+    def _left(self, entry: _Entry) -> None:
+        """A caller that left while queued waits no more, nor counts as waiting (a bound on waiting callers would
+        otherwise refuse new ones until the merged call ahead of it finished)."""
+        if not entry.future.cancelled():
+            return
+        try:
+            self._queue.remove(entry)
+        except ValueError:  # already sent, or dropped by _pump
+            return
+        self._queued_inputs -= len(entry.inputs)
+        self._on_drop(len(entry.inputs), CANCELLED)
+        if self.idle:
+            self.on_idle()
 
     async def submit(self, inputs: list[Any], deadline: Deadline) -> R:
         return await self.enqueue(inputs, deadline)
@@ -147,6 +164,8 @@ class Coalescer(Generic[R]):
         finally:
             self._in_flight -= 1
             self._pump()
+            if self.idle:
+                self.on_idle()
 
 
 
@@ -173,10 +192,15 @@ class KeyedCoalescers(Generic[K, R]):
     async def submit(self, key: K, inputs: list[Any], deadline: Deadline) -> R:
         """The caller's result; TimeoutError when its own deadline passes first (the merged call it rides in
         may run to a later caller's)."""
-        coalescer = self._coalescers.get(key) or self._coalescers.setdefault(key, self._make(key))
-        try:
-            # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
-            return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), deadline.remaining())
-        finally:
-            if coalescer.idle and self._coalescers.get(key) is coalescer:
-                del self._coalescers[key]
+        coalescer = self._coalescers.get(key)
+        if coalescer is None:
+            coalescer = self._coalescers[key] = self._make(key)
+            coalescer.on_idle = lambda: self._forget(key, coalescer)
+        # Queued before any await, so an idle coalescer dropped by another caller is never this one's.
+        return await asyncio.wait_for(coalescer.enqueue(inputs, deadline), deadline.remaining())
+
+    def _forget(self, key: K, coalescer: Coalescer[R]) -> None:
+        """Drops an idle coalescer, however its last caller ended (answered, gone, or out of time while the call
+        it rode in was still out)."""
+        if self._coalescers.get(key) is coalescer:
+            del self._coalescers[key]

@@ -231,6 +231,9 @@ class SparseModel(_ScoringReplica):
         self.model.eval()
         if settings.max_seq_length is not None:
             self.model.max_seq_length = settings.max_seq_length
+        # A module may learn its output size on its first forward: SpladePooling saved without embedding_dimension
+        # reports the transformer's hidden size, not the vocabulary, until then.
+        self.model.encode(["a"])
         verification = None
         if settings.precision == "bf16":  # the fp32 reference first, from the same weights
             import torch

@@ -76,10 +76,6 @@ class Deadline:
             return self
         return self if self.at <= other.at else other
 
-    @property
-    def bounded(self) -> bool:
-        return self.at is not None
-
     def remaining(self) -> float | None:
         """Seconds left (never below 0), or None with no bound."""
         return None if self.at is None else max(0.0, self.at - time.monotonic())

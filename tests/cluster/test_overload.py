@@ -1,0 +1,275 @@
+"""More calls than the service can take, and callers who leave: every call is served or told to retry
+(RESOURCE_EXHAUSTED with a RetryInfo delay, 429 with Retry-After), never CANCELLED or 502; work for a
+caller past its deadline is dropped, not computed.
+
+What makes the model busy and the service full is observed, not timed: blocker calls are added until every model
+replica has started on them; the proxy's queue of calls waiting to leave merged (args.proxy.max_queued_calls) is
+filled call by call, and a call refused shows it full. Whether work for a caller was computed after its deadline is
+read from the model's own spans, on the clock the test's deadlines come from."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+
+from embedding_client.errors import read_details
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.wire.reasons import Reason
+from tests.helpers.gateways import gateway_process
+from tests.helpers.models import MINILM
+from tests.helpers.observe import scrape, settled, total, wait_until
+from tests.helpers.session import METRICS_REPORT_MS, PROXY_MAX_QUEUED_CALLS, ROUTER_ONGOING
+
+# Past gRPC core's default backlog (1,000 calls not yet taken by the proxy), where it used to cancel calls.
+BURST = 3000
+# Far past the few seconds a burst takes to be served or refused: a call still unanswered at this deadline waited in
+# a queue the service bounds (Serve's router backing off to 0.5 s between placements once left 165-401 of them so).
+BURST_DEADLINE_S = 60
+REST_BURST = 200
+# Short-deadline calls of 16 inputs.
+SMALL_CALLS = 48
+FORWARDED = "ray_embedding_sequences_forwarded_total"
+QUEUE_DEPTH = "ray_embedding_queue_depth"
+DROPPED = "ray_embedding_sequences_dropped_total"
+ROUTER_DROPPED = "ray_embedding_router_inputs_dropped_total"
+PROXY_DROPPED = "ray_embedding_proxy_inputs_dropped_total"
+PROXY_SENT = "ray_embedding_proxy_merged_callers_count"
+SETTLE_S = 2 * METRICS_REPORT_MS / 1000
+# One input embedded whole in token windows (truncation WINDOWS; all-MiniLM-L6-v2's are 254 tokens, 223 apart): about
+# 4,500 tokens, 20 windows, in one shard, a replica's work for a second or more on a CPU. Blocker calls are such
+# inputs, one to a call, each with a Matryoshka width of its own so that none merge: Serve routes each on its own.
+LONG = " ".join(["retrieval"] * 4500)
+MIN_BLOCKERS, MAX_BLOCKERS = 3, 12
+REPLICAS = 2
+# How stale what a scrape shows may be (Ray reports every METRICS_REPORT_MS).
+REPORT_LAG_S = 2 * METRICS_REPORT_MS / 1000
+# The short calls' deadline, and how much later than it the deadline may reach a replica (each hop loses its transit
+# time, wire/deadline.py).
+SHORT_DEADLINE_S, TRANSIT_S = 0.3, 0.05
+# A key of the proxy's merging holds at most 31 one-input calls waiting (32 leave at once, merged): these many keys
+# hold more than the proxy's queue bound, three of them to spare (a call out that finishes early frees its key).
+HELD_KEYS = math.ceil(PROXY_MAX_QUEUED_CALLS / 30) + 3
+
+
+def one(text: str, dimensions: int | None = None) -> pb.EmbedRequest:
+    return pb.EmbedRequest(inputs=[pb.EmbedInput(text=text)], dimensions=dimensions)
+
+
+def unmergeable(i: int) -> int:
+    """A Matryoshka width of its own for call i among its neighbours. Identical small calls leave the proxy 32 to
+    a call (a burst of 3,000 is then about 94 calls, within the router's bounds, and all are served); calls that
+    differ in dimensions never merge, so a burst of them reaches the router's bounds as calls."""
+    return 16 + i % 360
+
+
+def refusal(err: grpc.aio.AioRpcError) -> tuple[tuple[str, str | None], float | None]:
+    details = read_details(err.trailing_metadata(), err.details() or "")
+    return (err.code().name, details.reason), details.retry_after_s
+
+
+@dataclass
+class Blocked:
+    calls: list[asyncio.Future]
+    before: list  # the scrape taken before them (forwards settled)
+
+
+def long_call(stub, text: str, dimensions: int, timeout: float = 300) -> asyncio.Future:
+    return asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
+        inputs=[pb.EmbedInput(text=text)], truncation=pb.TRUNCATION_POLICY_WINDOWS, dimensions=dimensions),
+        timeout=timeout))
+
+
+def forwarded_by_replica(samples: list) -> dict[str, float]:
+    return {s.labels["replica"]: s.value for s in samples if s.name == FORWARDED and s.labels.get("model") == MINILM}
+
+
+@contextlib.asynccontextmanager
+async def model_busy(stub) -> AsyncIterator[Blocked]:
+    """The model busy: blocker calls are added, one per half REPORT_LAG_S, until every replica has started on them, or
+    MIN_BLOCKERS have gone and one has (Serve routes them, at times all to one replica). On leaving, they finish
+    (cancelled, a blocker's batch would run on: forwards are counted as a batch ends), and the model is idle again,
+    its forwards reported."""
+    before = await asyncio.to_thread(settled, FORWARDED, SETTLE_S, model=MINILM)
+    started = forwarded_by_replica(before)
+    blocked = Blocked([], before)
+    added = 0.0  # when the last blocker call went
+    try:
+        while True:
+            now = forwarded_by_replica(await asyncio.to_thread(scrape))
+            busy = [r for r in now if now[r] > started.get(r, 0)]
+            if len(busy) == REPLICAS or (busy and len(blocked.calls) >= MIN_BLOCKERS):
+                break
+            if time.monotonic() - added > REPORT_LAG_S / 2:
+                assert len(blocked.calls) < MAX_BLOCKERS, f"the model never started on {MAX_BLOCKERS} blocker calls"
+                blocked.calls.append(long_call(stub, LONG, 384 - len(blocked.calls)))
+                added = time.monotonic()
+            await asyncio.sleep(0.2)
+        yield blocked
+    finally:
+        await asyncio.gather(*blocked.calls, return_exceptions=True)
+        await asyncio.to_thread(settled, FORWARDED, SETTLE_S, model=MINILM)
+
+
+@contextlib.asynccontextmanager
+async def saturated(stub) -> AsyncIterator[None]:
+    """The proxy's queue of calls waiting to leave merged full: HELD_KEYS keys (Matryoshka widths) each with a call out
+    that the busy model takes seconds to answer (one long input in windows, behind the blockers) and 30 one-input
+    calls waiting for it, more than the queue holds. Entered once one of them is refused OVERLOADED: the queue is
+    full, and stays so while the calls out run (a burst's first calls come within milliseconds of that; later ones
+    may find room). On leaving, the waiting calls are cancelled and the calls out finish, leaving the model idle."""
+    async with model_busy(stub):
+        before = await asyncio.to_thread(scrape)
+        held = [long_call(stub, LONG, unmergeable(key)) for key in range(HELD_KEYS)]
+        # Each out before the calls that wait for it are sent (one that came second would wait, and those behind it
+        # would leave with it): the proxy counts each call it sends.
+        await asyncio.to_thread(wait_until, lambda: total(PROXY_SENT) - total(PROXY_SENT, before) >= HELD_KEYS, 60,
+                                "the long calls sent on by the proxy")
+        waiting = [asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
+            inputs=[pb.EmbedInput(text=f"held {key} {n}")], truncation=pb.TRUNCATION_POLICY_WINDOWS,
+            dimensions=unmergeable(key)), timeout=300)) for key in range(HELD_KEYS) for n in range(30)]
+
+        def refused() -> bool:
+            return any(c.done() and isinstance(c.exception(), grpc.aio.AioRpcError) and refusal(c.exception())[0]
+                       == ("RESOURCE_EXHAUSTED", Reason.OVERLOADED.name) for c in waiting)
+
+        try:
+            while not refused():
+                pending = [c for c in held + waiting if not c.done()]
+                assert pending, "the proxy's queue never filled"
+                await asyncio.wait(pending, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            yield
+        finally:
+            for c in waiting:
+                c.cancel()
+            # Cancelled, a call out would leave its batch running on (forwards are counted as a batch ends).
+            await asyncio.gather(*held, *waiting, return_exceptions=True)
+
+
+def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(service):
+    """3,000 calls at once, past gRPC's backlog, each served or refused with a retry delay, never cancelled or lost:
+    into a full service (its first calls refused), and into an idle one (its first ROUTER_ONGOING served)."""
+    async def burst(stub) -> tuple[collections.Counter, list]:
+        outcomes: collections.Counter = collections.Counter()
+        hints: list = []
+
+        async def call(i: int) -> None:
+            try:
+                await stub.Embed(one(f"burst sentence {i}", unmergeable(i)), timeout=BURST_DEADLINE_S)
+                outcomes["OK"] += 1
+            except grpc.aio.AioRpcError as err:
+                outcome, hint = refusal(err)
+                outcomes[outcome] += 1
+                hints.append(hint)
+
+        await asyncio.gather(*(call(i) for i in range(BURST)))
+        return outcomes, hints
+
+    async def run() -> list[tuple[collections.Counter, list, float]]:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            await stub.Embed(one("warm up"), timeout=60)
+            results = []
+            async with saturated(stub):
+                started = time.monotonic()
+                results.append((*await burst(stub), time.monotonic() - started))
+            started = time.monotonic()
+            results.append((*await burst(stub), time.monotonic() - started))
+            return results
+
+    (full, full_hints, full_s), (idle, idle_hints, idle_s) = asyncio.run(run())
+    overloaded = ("RESOURCE_EXHAUSTED", Reason.OVERLOADED.name)
+    print(f"burst of {BURST} into a full service: {dict(full)} in {full_s:.1f} s; into an idle one: {dict(idle)} "
+          f"in {idle_s:.1f} s")
+    for outcomes in (full, idle):
+        assert set(outcomes) <= {"OK", overloaded} and sum(outcomes.values()) == BURST, outcomes
+    assert full[overloaded] >= 1, full
+    assert idle["OK"] >= ROUTER_ONGOING, idle
+    assert all(h is not None and h > 0 for h in full_hints + idle_hints), "every refusal says when to retry"
+    # The service is whole afterwards.
+    assert service.stub.Embed(one("after the burst"), timeout=60).embeddings
+
+
+def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service):
+    """Into a full service, each REST call of a burst is 200 or 429 with Retry-After (never 502 or 503), its first
+    ones 429; once it has room again, the same gateway serves."""
+    async def run(base: str) -> tuple[list[tuple[int, str | None]], int]:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            limits = httpx.Limits(max_connections=REST_BURST, max_keepalive_connections=REST_BURST)
+            async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+                async def call(i: int) -> tuple[int, str | None]:
+                    r = await client.post("/v1/embeddings", json={"model": MINILM, "input": f"rest burst {i}",
+                                                                  "dimensions": unmergeable(i)})
+                    return r.status_code, r.headers.get("retry-after")
+
+                async with saturated(stub):
+                    results = await asyncio.gather(*(call(i) for i in range(REST_BURST)))
+                after, _ = await call(REST_BURST)
+        return results, after
+
+    # The gateway as its own process, with no retries, coalescing off: the caller sees every refusal itself.
+    with gateway_process("--targets", service.target, "--max-retries", "0", "--call-timeout-s", "120",
+                         "--request-timeout-s", "120", "--coalesce-max-in-flight", "0") as (base, _):
+        results, after = asyncio.run(run(base))
+    statuses = collections.Counter(status for status, _ in results)
+    print(f"REST burst of {REST_BURST} into a full service: {dict(statuses)}")
+    assert set(statuses) <= {200, 429} and statuses[429] >= 1, statuses
+    assert all(int(retry) >= 1 for status, retry in results if status == 429), "every refusal says when to retry"
+    assert after == 200, "served once the service had room again"
+
+
+def test_calls_past_their_deadline_are_dropped_not_computed(service):
+    """Short-deadline calls queue behind the blockers' batches: those that time out waiting are dropped where they
+    wait (in the proxy, the router or at a replica, and counted there), never run through the model afterwards. Each
+    short call has a trace of its own; the model's `forward` spans say when each batch started, on this machine's
+    clock, which the short calls' deadlines come from."""
+    traces = [secrets.token_hex(16) for _ in range(SMALL_CALLS)]
+
+    async def run() -> tuple[Blocked, collections.Counter, float]:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            async with model_busy(stub) as blocked:
+                async def small(i: int) -> str:
+                    request = pb.EmbedRequest(inputs=[pb.EmbedInput(text=f"short {i} {j}") for j in range(16)])
+                    metadata = (("traceparent", f"00-{traces[i]}-{secrets.token_hex(8)}-01"),)
+                    try:
+                        await stub.Embed(request, timeout=SHORT_DEADLINE_S, metadata=metadata)
+                        return "OK"
+                    except grpc.aio.AioRpcError as err:
+                        return err.code().name
+
+                sent = time.time()
+                outcomes = collections.Counter(await asyncio.gather(*(small(i) for i in range(SMALL_CALLS))))
+                # The blockers finish: every batch a short call could have been in has ended.
+                assert all(len(r.embeddings) == 1 for r in await asyncio.gather(*blocked.calls))
+            return blocked, outcomes, sent
+
+    blocked, outcomes, sent = asyncio.run(run())
+    assert set(outcomes) <= {"DEADLINE_EXCEEDED", "OK"} and outcomes["DEADLINE_EXCEEDED"] >= 1, outcomes
+    after = settled(FORWARDED, SETTLE_S, model=MINILM)  # the spans of the last batches sent meanwhile (0.2 s)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(name, after, **labels) - total(name, blocked.before, **labels)
+
+    # A merged call (in the proxy or the router) runs in its first caller's trace: any short input that ran shows
+    # as a `forward` span in some short call's trace.
+    last_deadline_ns = int((sent + SHORT_DEADLINE_S + TRANSIT_S) * 1e9) + 10 ** 8  # + the sends' spread, 0.1 s
+    late = [s for trace in traces for s in service.traces.spans(trace)
+            if s.name == "forward" and s.start_ns > last_deadline_ns]
+    dropped = {"at the replicas": delta(DROPPED, model=MINILM), "in the router": delta(ROUTER_DROPPED, model=MINILM),
+               "in the proxy": delta(PROXY_DROPPED)}
+    print(f"{len(blocked.calls)} blocker calls; short calls {dict(outcomes)}; forwarded "
+          f"{delta(FORWARDED, model=MINILM):.0f}; dropped {dropped}")
+    assert not late, f"{len(late)} batches of short calls started after their callers' deadline"
+    # Counted where they waited, once (a call Serve cancels before it reaches the service's code is not counted).
+    assert 0 < sum(dropped.values()) <= outcomes["DEADLINE_EXCEEDED"] * 16

@@ -1,0 +1,40 @@
+"""The unit tier starts no Ray: after each module, neither this process's Ray nor any Ray daemon among its descendants
+(a test that did start one would make the tier slow and order-dependent, and belongs in tests/cluster/)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.proc_cpu import cmdline
+
+RAY_DAEMONS = ("gcs_server", "raylet")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process whose parent chain reaches `pid`."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            # The parent is the field after the (parenthesised, possibly spaced) command name.
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_started():
+    yield
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "a unit test connected to Ray: it belongs in tests/cluster/"
+    daemons = [cmdline(p) for p in descendants(os.getpid()) if any(d in cmdline(p) for d in RAY_DAEMONS)]
+    assert not daemons, f"a unit test started Ray: it belongs in tests/cluster/: {daemons}"

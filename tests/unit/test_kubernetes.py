@@ -1,0 +1,205 @@
+"""The Kubernetes manifests: rendered from serve-config.yaml and in sync with deploy/kubernetes/, valid against
+KubeRay v1.7.0's RayService CRD and the Kubernetes API's models; the image installs what the README installs.
+
+No container runtime or cluster exists here: nothing below builds an image or applies a manifest."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import re
+import shlex
+
+import jsonschema
+import pytest
+import yaml
+from kubernetes.client import ApiClient
+
+from embedding_service import cli
+from embedding_service.app import build_app
+from embedding_service.config import HEAD_RESOURCE, AppArgs
+from embedding_service.ops import kubernetes as k8s
+from embedding_service.ops import servefile
+from embedding_service.ops.servefile import ServeFile
+from embedding_service.wire.messages import LIVENESS
+from tests.helpers.paths import ROOT
+
+KUBERAY = ROOT / "tests" / "data" / "kuberay"  # copied from KubeRay v1.7.0 (the CRD gzipped)
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> jsonschema.Draft7Validator:
+    with gzip.open(KUBERAY / "ray.io_rayservices.v1.7.0.yaml.gz", "rt") as f:
+        crd = yaml.safe_load(f)
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(schema)
+
+
+def rendered(config: dict | None = None, **options) -> dict[str, list[dict]]:
+    parsed = ServeFile.parse(config) if config is not None else ServeFile.load()
+    texts = k8s.render(parsed, k8s.KubernetesOptions(**options))
+    return {name: [d for d in yaml.safe_load_all(text) if d] for name, text in texts.items()}
+
+
+def rayservice(config: dict | None = None, **options) -> dict:
+    return rendered(config, **options)["rayservice.yaml"][0]
+
+
+def groups(service: dict) -> dict[str, dict]:
+    return {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+
+def containers(service: dict) -> list[dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [c for t in templates for c in t["spec"]["containers"]]
+
+
+def round_trip(obj: dict, model: str) -> dict:
+    """`obj` loaded into the official Kubernetes client's model (required fields and types checked) and written
+    back: a field the API does not know, or of the wrong type, does not come back the same."""
+    client = ApiClient()
+    return client.sanitize_for_serialization(client.deserialize(json.dumps(obj), model, "application/json"))
+
+
+def test_committed_manifests_are_the_render_of_serve_config():
+    for name, text in k8s.render(ServeFile.load(), k8s.KubernetesOptions()).items():
+        committed = ROOT / "deploy" / "kubernetes" / name
+        assert committed.read_text() == text, f"{committed} is stale: run python -m embedding_service render-k8s"
+    assert cli.main(["render-k8s", "--check"]) == 0
+
+
+def test_the_check_command_notices_a_stale_manifest(tmp_path):
+    assert cli.main(["render-k8s", "--out", str(tmp_path)]) == 0
+    assert cli.main(["render-k8s", "--out", str(tmp_path), "--check"]) == 0
+    stale = tmp_path / "rayservice.yaml"
+    stale.write_text(stale.read_text().replace("maxReplicas: 1", "maxReplicas: 3"))
+    assert cli.main(["render-k8s", "--out", str(tmp_path), "--check"]) == 1
+
+
+def test_the_rayservice_validates_against_kuberays_crd(crd_validator):
+    service = rayservice()
+    assert [e.message for e in crd_validator.iter_errors(service)] == []
+    for sample in KUBERAY.glob("ray-service.*.yaml"):  # the validator takes KubeRay's own samples ...
+        assert [e.message for e in crd_validator.iter_errors(yaml.safe_load(sample.read_text()))] == [], sample
+    broken = copy.deepcopy(service)  # ... and refuses what KubeRay would refuse
+    broken["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "many"
+    assert len(list(crd_validator.iter_errors(broken))) == 2
+
+
+def test_pod_templates_and_gateway_objects_are_valid_kubernetes_objects():
+    manifests = rendered()
+    service = manifests["rayservice.yaml"][0]
+    cluster = service["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        assert round_trip(template, "V1PodTemplateSpec") == template
+    assert round_trip(service["spec"]["serveService"], "V1Service") == service["spec"]["serveService"]
+    models = {"Deployment": "V1Deployment", "Service": "V1Service", "PodDisruptionBudget": "V1PodDisruptionBudget",
+              "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler"}
+    gateway = manifests["gateway.yaml"]
+    assert sorted(o["kind"] for o in gateway) == sorted(models)
+    for obj in gateway:
+        assert round_trip(obj, models[obj["kind"]]) == obj, obj["kind"]
+    # The round trip can fail: a misspelt field is dropped by the model.
+    wrong = copy.deepcopy(gateway[0])
+    wrong["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    assert round_trip(wrong, "V1Deployment") != wrong
+
+
+def test_serve_config_v2_is_the_config_files_applications_and_build_app_takes_them():
+    loaded = ServeFile.load()
+    config = loaded.raw
+    service = rayservice()
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve["applications"] == config["applications"]
+    assert serve["grpc_options"] == config["grpc_options"] and serve["proxy_location"] == config["proxy_location"]
+    assert serve["http_options"] == {**config["http_options"], "host": "0.0.0.0"}  # KubeRay checks proxies over HTTP
+    args = serve["applications"][0]["args"]
+    assert AppArgs.parse(args) == AppArgs.parse(config["applications"][0]["args"])
+    assert build_app(args) is not None
+    # Every Ray pod gets what `run` gives its Ray nodes; the API keys come from a Secret.
+    env = loaded.node_environment()
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and "EMBEDDING_SERVE_GRPC_OPTIONS" in env
+    assert env["RAY_preload_python_modules"] == "embedding_service.proxy.grpc_options"
+    for container in containers(service):
+        values = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: v for k, v in values.items() if k in env} == env
+        secret = next(e for e in container["env"] if e["name"] == "EMBEDDING_API_KEYS")["valueFrom"]["secretKeyRef"]
+        assert secret == {"name": "embedding-service-api-keys", "key": "api-keys"}
+    assert "EMBEDDING_API_KEYS" not in service["spec"]["serveConfigV2"].replace("api_keys_env: EMBEDDING_API_KEYS", "")
+
+
+def test_groups_probes_and_ports():
+    args = ServeFile.load().args
+    service = rayservice()
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == k8s.RAY_VERSION and cluster["enableInTreeAutoscaling"] is True
+    # The head holds the router and the recycler, no models: they claim CPU and the head offers none to Ray.
+    start = cluster["headGroupSpec"]["rayStartParams"]
+    assert start["num-cpus"] == "0"
+    assert HEAD_RESOURCE in args.router.resources and HEAD_RESOURCE in args.recycler.resources
+    assert all(m.num_cpus > 0 and HEAD_RESOURCE not in m.resources for m in args.models)
+    # Only the head declares the head's resource, as `ray start` reads it through KubeRay's shell command.
+    (flag,) = shlex.split(f"--resources={start['resources']}")
+    assert json.loads(flag.removeprefix("--resources=")) == {HEAD_RESOURCE: 1}
+    assert all("resources" not in g["rayStartParams"] for g in cluster["workerGroupSpecs"])
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["livenessProbe"]["grpc"] == {"port": 9000, "service": LIVENESS}
+    assert "grpc" not in head["readinessProbe"]  # KubeRay deploys the app only once the head is Ready
+    assert {"name": "serve-grpc", "containerPort": 9000} in head["ports"]  # KubeRay's serve Service takes it
+    assert {"name": "serve-grpc", "port": 9000, "targetPort": 9000, "appProtocol": "kubernetes.io/h2c"} in \
+        service["spec"]["serveService"]["spec"]["ports"]
+    cpu, gpu = groups(service)["cpu-workers"], groups(service)["gpu-workers"]
+    model = args.models[0]
+    assert cpu["rayStartParams"]["num-cpus"] == "1" == str(int(model.num_cpus))  # one replica per pod
+    worker = cpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["requests"]["cpu"] == str(model.threads) == worker["resources"]["limits"]["cpu"]
+    assert worker["readinessProbe"]["grpc"] == {"port": 9000, "service": ""}
+    assert (cpu["minReplicas"], cpu["maxReplicas"]) == (model.num_replicas, model.num_replicas)
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (0, 0)  # no model claims a GPU in the shipped config
+    for template in [cluster["headGroupSpec"]["template"], cpu["template"], gpu["template"]]:
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_a_gpu_model_in_serve_config_flows_into_the_gpu_group():
+    config = servefile.read()
+    model = config["applications"][0]["args"]["models"][0]
+    model.update(device="cuda", num_gpus=0.5, num_cpus=2, autoscaling={"min_replicas": 2, "max_replicas": 8})
+    service = rayservice(config, gpu_type="NVIDIA-L4", gpu_image="r/e:cuda")
+    gpu, cpu = groups(service)["gpu-workers"], groups(service)["cpu-workers"]
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (1, 4)  # two replicas per GPU
+    assert (cpu["minReplicas"], cpu["maxReplicas"]) == (0, 0)
+    container = gpu["template"]["spec"]["containers"][0]
+    assert container["image"] == "r/e:cuda" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["rayStartParams"] == {"num-cpus": "2", "metrics-export-port": "8080", "num-gpus": "1"}
+    assert gpu["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert gpu["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    bounded = groups(rayservice(config, gpu_workers=k8s.Bounds(min=0, max=2), gpu_tolerations=[]))["gpu-workers"]
+    assert (bounded["minReplicas"], bounded["maxReplicas"]) == (0, 2) and "tolerations" not in bounded["template"]["spec"]
+
+
+def test_the_image_installs_with_the_readmes_script_and_pins_versions():
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^(scripts/install\.sh.*)$", readme, flags=re.MULTILINE)
+    assert len(commands) >= 2 and any("pytest" in c for c in commands) and any(" run" in c for c in commands)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in ci
+    assert re.search(r"^ +TORCH_INDEX_URL=.* scripts/install\.sh --release ", dockerfile, flags=re.MULTILINE)
+    # The official image by default, an exact version; scripts/image.sh names a stand-in where no registry answers.
+    assert re.search(r"^ARG BASE_IMAGE=python:\d+\.\d+\.\d+-slim-bookworm$", dockerfile, flags=re.MULTILINE)
+    # One stage: the checkout is mounted for the install's step, not copied into a layer.
+    assert re.findall(r"^FROM .*$", dockerfile, flags=re.MULTILINE) == ["FROM ${BASE_IMAGE}"]
+    assert re.search(r"^RUN --mount=type=bind,target=(\S+) \\$", dockerfile, flags=re.MULTILINE)
+    assert not re.search(r"^COPY \. ", dockerfile, flags=re.MULTILINE)
+    assert re.search(r"^USER 1000", dockerfile, flags=re.MULTILINE)  # not root
+    assert "PIP_CONSTRAINT=/tmp/checkout/deploy/docker/constraints.txt" in dockerfile
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    assert "TORCH_VERSION=2.13.0" in install
+    pins = [line for line in (ROOT / "deploy" / "docker" / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.+\-]*", p) for p in pins)
+    assert f"ray=={k8s.RAY_VERSION}" in pins  # the manifests' rayVersion is the image's Ray

@@ -1,0 +1,209 @@
+"""The wrapper around Serve's proxy handlers, driven directly for what the real proxy cannot be made to do on
+purpose (Serve's own handler raising, a router lost on cue). What it can do is tested through the real proxy
+(test_errors.py, test_overload.py, test_run_command.py, test_upgrade.py) and against Ray's own gRPC server
+(test_ray_internals.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import grpc
+import numpy as np
+
+from embedding_client.errors import STATUS_DETAILS_KEY, read_details
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.proxy import ingress
+from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
+from embedding_service.wire.reasons import Reason, ServiceError
+from tests.helpers.grpc_context import Context
+
+
+def serve_factory(behaviour, stream: bool):
+    """Stands in for Serve's handler factory, called as Serve calls it: its handlers do
+    `behaviour(request, context)` (a stream yields what it returns)."""
+
+    def factory(service_method, streaming_type):
+        if stream:
+            async def handler(request, context):
+                for item in await behaviour(request, context):
+                    yield item
+            return handler
+
+        async def unary(request, context):
+            return await behaviour(request, context)
+        return unary
+
+    return factory
+
+
+def guarded(behaviour, method: str, stream: bool):
+    return ingress._guarded(serve_factory(behaviour, stream), service_method=f"/embedding_service.v1.EmbedService/{method}",
+                            streaming_type="as Serve passes it")
+
+
+async def _stream(handler, request, context) -> list:
+    return [m async for m in handler(request, context)]
+
+
+def _router_lost(context) -> None:
+    """What Serve sets when the router replica it sent the call to died mid-call: INTERNAL, Ray's text."""
+    context.set_code(grpc.StatusCode.INTERNAL)
+    context.set_details("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.")
+
+
+def test_serve_raising_becomes_a_retryable_status_not_unknown():
+    async def broken(request, context):
+        raise RuntimeError("a bug inside Serve's proxy")
+
+    async def main():
+        context = Context()
+        assert await guarded(broken, "Embed", stream=False)(pb.EmbedRequest(), context) == b""
+        stream_context = Context()
+        assert await _stream(guarded(broken, "EmbedStream", stream=True), pb.EmbedStreamRequest(), stream_context) == []
+        return context, stream_context
+
+    context, stream_context = asyncio.run(main())
+    for ctx in (context, stream_context):
+        assert ctx.code() == grpc.StatusCode.UNAVAILABLE
+        details = read_details(ctx.trailing_metadata())
+        assert details.reason == Reason.SERVICE_UNAVAILABLE.name and details.retry_after_s
+        assert "RuntimeError" not in ctx.details()
+
+
+def test_the_callers_deadline_travels_and_cannot_be_forged():
+    forged = [("a", "1"), (TIMEOUT_KEY, "999999"), (ELAPSED_KEY, "999999")]
+    attempt = ingress._Attempt(Context(metadata=forged, remaining=2.5))
+    assert attempt.invocation_metadata() == (("a", "1"), (TIMEOUT_KEY, "2500"))
+    assert ingress._Attempt(Context(metadata=[(TIMEOUT_KEY, "5")])).invocation_metadata() == ()  # no deadline: none
+
+
+def test_serves_own_refusals_get_reasons_and_the_routers_are_kept():
+    async def refused(request, context):
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details("Request dropped due to backpressure (num_queued_requests=64, max_queued_requests=64).")
+        return b""
+
+    async def routers_own(request, context):
+        error = ServiceError(Reason.MODEL_UNAVAILABLE, "no replica")
+        context.set_code(error.code)
+        context.set_trailing_metadata([(STATUS_DETAILS_KEY, error.status_bytes())])
+        return b""
+
+    async def router_bug_on_a_stream(request, context):
+        context.set_code(grpc.StatusCode.INTERNAL)
+        context.set_details(ServiceError(Reason.INTERNAL, "a bug").stream_details())  # the router's own reason
+        return []
+
+    async def main():
+        full, ours, stream = Context(), Context(), Context()
+        await guarded(refused, "Embed", stream=False)(pb.EmbedRequest(), full)
+        await guarded(routers_own, "Embed", stream=False)(pb.EmbedRequest(), ours)
+        await _stream(guarded(router_bug_on_a_stream, "EmbedStream", stream=True), pb.EmbedStreamRequest(), stream)
+        return full, ours, stream
+
+    full, ours, stream = asyncio.run(main())
+    assert read_details(full.trailing_metadata()).reason == Reason.OVERLOADED.name
+    assert read_details(ours.trailing_metadata()).reason == Reason.MODEL_UNAVAILABLE.name
+    # Not taken for a lost router (no resend) and not rewritten: the router said why.
+    assert stream.code() == grpc.StatusCode.INTERNAL and stream.trailing_metadata() == ()
+
+
+def _chunk(indexes, n: int) -> bytes:
+    chunk = pb.EmbedStreamResponse(model="m", dimensions=1)
+    for i in indexes:
+        chunk.embeddings.add(index=i, float32_le=np.float32([i / n]).tobytes(), tokens=1)
+    return chunk.SerializeToString()
+
+
+def test_a_stream_whose_router_is_lost_goes_on_elsewhere_with_only_the_inputs_not_yet_returned():
+    texts = [f"input {i}" for i in range(10)]
+    asked: list[list[str]] = []
+
+    async def routers(request, context):
+        asked.append([e.text for e in request.inputs])
+        n = len(request.inputs)
+        if len(asked) == 1:  # the first router returns 0-3, then dies
+            _router_lost(context)
+            return [_chunk(range(4), n)]
+        return [_chunk(range(0, n, 2), n), _chunk(range(1, n, 2), n)]  # the second returns the rest whole
+
+    async def main():
+        context = Context(remaining=30)
+        request = pb.EmbedStreamRequest(inputs=[pb.EmbedInput(text=t) for t in texts])
+        return context, await _stream(guarded(routers, "EmbedStream", stream=True), request, context)
+
+    context, messages = asyncio.run(main())
+    assert asked == [texts, texts[4:]]  # sent again with the six inputs the caller has not had
+    returned = [e for m in messages for e in pb.EmbedStreamResponse.FromString(m).embeddings]
+    assert sorted(e.index for e in returned) == list(range(10))  # each input once, under its own index
+    assert [e.index for e in returned][4:] == [4, 6, 8, 5, 7, 9]
+    assert context.code() in (None, grpc.StatusCode.OK) and read_details(context.trailing_metadata()).reason is None
+
+
+def test_a_unary_call_whose_router_is_lost_is_sent_again_and_given_up_on_after_the_resends():
+    tries = {"Embed": 0, "ListModels": 0}
+
+    seen: list[dict] = []
+
+    async def lost_once(request, context):
+        tries["Embed"] += 1
+        seen.append(dict(context.invocation_metadata()))
+        if tries["Embed"] == 1:
+            _router_lost(context)
+            return b""
+        context.set_code(grpc.StatusCode.OK)
+        return b"the reply"
+
+    async def always_lost(request, context):
+        tries["ListModels"] += 1
+        _router_lost(context)
+        return b""
+
+    async def main():
+        ok, lost = Context(remaining=30), Context(remaining=30)
+        reply = await guarded(lost_once, "Embed", stream=False)(pb.EmbedRequest(), ok)
+        await guarded(always_lost, "ListModels", stream=False)(pb.ListModelsRequest(), lost)
+        return reply, ok, lost
+
+    reply, ok, lost = asyncio.run(main())
+    assert reply == b"the reply" and ok.code() == grpc.StatusCode.OK
+    assert tries == {"Embed": 2, "ListModels": 1 + ingress.RESENDS}
+    # The resent call carries what the service has spent on it, so its bound counts from the first arrival.
+    assert ELAPSED_KEY not in seen[0] and int(seen[1][ELAPSED_KEY]) >= ingress.RESEND_PAUSE_S[0] * 1000
+    assert lost.code() == grpc.StatusCode.UNAVAILABLE  # retryable, with the service's reason and a delay
+    details = read_details(lost.trailing_metadata())
+    assert details.reason == Reason.SERVICE_UNAVAILABLE.name and details.retry_after_s
+
+
+def test_a_call_with_no_time_left_for_a_resend_is_answered_at_once():
+    async def lost(request, context):
+        _router_lost(context)
+        return b""
+
+    async def main():
+        context = Context(remaining=0.1)  # less than the pause before a resend
+        await guarded(lost, "Embed", stream=False)(pb.EmbedRequest(), context)
+        return context
+
+    assert asyncio.run(main()).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_serves_client_streaming_handlers_are_left_as_serve_made_them():
+    def factory(service_method, streaming_type):
+        return "not a coroutine"  # what Serve makes for the kinds these services have none of
+
+    assert ingress._guarded(factory, service_method="/s/M", streaming_type="x") == "not a coroutine"
+    assert inspect.isasyncgenfunction(guarded(lambda r, c: None, "EmbedStream", stream=True))
+
+
+def test_the_services_bound_counts_from_the_calls_arrival_and_the_callers_deadline_still_wins():
+    def left(bound_s, metadata):
+        return Deadline.within(bound_s, metadata).remaining()
+
+    assert 44 < left(45, []) <= 45
+    assert 14 < left(45, [(ELAPSED_KEY, "30000")]) <= 15  # sent again 30 s after it arrived
+    assert left(45, [(ELAPSED_KEY, "50000")]) == 0  # spent more than the bound: expired, not unbounded
+    assert 1 < left(45, [(TIMEOUT_KEY, "2000"), (ELAPSED_KEY, "30000")]) <= 2
+    assert 9 < left(None, [(TIMEOUT_KEY, "10000"), (ELAPSED_KEY, "30000")]) <= 10  # no bound: the caller's
+    assert left(None, [(ELAPSED_KEY, "bad")]) is None

@@ -1,0 +1,130 @@
+"""The recycler's actions on a node, built through its constructor as Serve builds it: the shell-command
+template, and what happens when an action fails (Ray rejects or cannot take the drain, the command fails):
+counted as failed, never as started, shown in WatchNodes' view, tried again, escalated, then given up on.
+
+Ray's drain is the one thing replaced (it cannot be made to refuse here); the node list is given."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from embedding_service.config import RecyclerSettings
+from embedding_service.fleet.ray_internals import DrainAnswer
+from embedding_service.fleet.recycler import NodeRecycler
+from embedding_service.router.fleet_view import ServiceView
+from embedding_service.wire.fleet import NodeState, NodeView, ReplicaView
+from tests.helpers.observe import serve_logs
+
+NODE, IP = "abc123", "10.1.2.3"
+
+
+async def _recycler(settings: RecyclerSettings, drain=None) -> NodeRecycler:
+    recycler = NodeRecycler.__new__(NodeRecycler)
+    kwargs = {"drain": drain} if drain else {}
+    await recycler.__init__(settings, alive_nodes=lambda: {NODE: IP}, **kwargs)  # Serve awaits it the same way
+    recycler._loop.cancel()  # the test drives the ticks
+    return recycler
+
+
+async def _quarantine(recycler: NodeRecycler) -> None:
+    await recycler.cycle()  # the node is tracked
+    await recycler.report_failure("r1", NODE, "CUDA error: it's broken")
+
+
+def _node(recycler: NodeRecycler):
+    return next(n for n in recycler.book.snapshot().nodes if n.node_id == NODE)
+
+
+def test_command_action_runs_the_template_with_the_node(tmp_path):
+    out = tmp_path / "out.txt"
+    settings = RecyclerSettings(action="command", command=f"echo {{node_id}} {{node_ip}} {{reason}} > {out}")
+    node = NodeView(NODE, IP, NodeState.DRAINING, "CUDA error: it's broken", 0.0, (ReplicaView("r1", "m", NODE),))
+
+    async def scenario():
+        recycler = await _recycler(settings)
+        await recycler._act(node)
+
+    asyncio.run(scenario())
+    assert out.read_text().strip() == "abc123 10.1.2.3 CUDA error: it's broken"
+
+
+def test_command_action_needs_a_template():
+    with pytest.raises(ValidationError):
+        RecyclerSettings(action="command")
+
+
+class _Drains:
+    """Ray's drain as a script: each call answers (or raises) the next of `answers`."""
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.calls: list[tuple[str, str, float]] = []
+
+    def __call__(self, node_id: str, message: str, deadline_s: float) -> DrainAnswer:
+        self.calls.append((node_id, message, deadline_s))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_a_failed_drain_is_counted_shown_retried_and_escalated_to_the_command(tmp_path):
+    out = tmp_path / "escalated.txt"
+    settings = RecyclerSettings(grace_cycles=0, action="drain", action_retries=1, action_retry_s=0.05,
+                                command=f"echo {{node_id}} > {out}")
+    # A Ray that rejects the drain, then one whose call changed shape (the fence's import check passed).
+    drains = _Drains(DrainAnswer(False, "the node is busy"),
+                     TypeError("drain_node() takes 4 positional arguments but 5 were given"))
+    views: list = []
+
+    async def scenario():
+        recycler = await _recycler(settings, drains)
+        await _quarantine(recycler)
+        await recycler.cycle()  # past the grace: the first drain, rejected
+        first = _node(recycler)
+        view = ServiceView([], "head")
+        await view.update(recycler.book.snapshot())
+        views.append(view.nodes_message())
+        await recycler.cycle()  # the retry is not due yet: nothing happens
+        assert len(drains.calls) == 1
+        await asyncio.sleep(0.06)
+        await recycler.cycle()  # the second drain raises
+        second = _node(recycler)
+        await asyncio.sleep(0.06)
+        await recycler.cycle()  # drains spent: the command
+        return first, second, _node(recycler)
+
+    first, second, escalated = asyncio.run(scenario())
+    assert [c[0] for c in drains.calls] == [NODE, NODE]
+    # Never reported as draining while it is not: back to quarantined, with why and what comes next.
+    assert first.state == NodeState.QUARANTINED and first.failed_actions == 1
+    assert "Ray rejected the drain: the node is busy" in first.action_error
+    assert "drain again in 0.05 s" in first.action_error
+    assert "CUDA error: it's broken" in first.reason  # the fault itself is kept
+    (node,) = views[0].nodes
+    assert node.action_error == first.action_error and node.failed_actions == 1  # as WatchNodes shows it
+    assert second.failed_actions == 2 and "TypeError" in second.action_error and "command again" in second.action_error
+    assert escalated.state == NodeState.DRAINING and escalated.failed_actions == 2
+    assert out.read_text().strip() == NODE
+
+
+def test_a_command_that_keeps_failing_is_given_up_on_with_the_node_left_quarantined(caplog):
+    settings = RecyclerSettings(grace_cycles=0, action="command", command="echo no >&2; exit 3", action_retries=1,
+                                action_retry_s=0.05)
+
+    async def scenario():
+        recycler = await _recycler(settings)
+        await _quarantine(recycler)
+        for _ in range(3):
+            await recycler.cycle()
+            await asyncio.sleep(0.06)
+        return _node(recycler)
+
+    with serve_logs(caplog):
+        node = asyncio.run(scenario())
+    assert node.state == NodeState.QUARANTINED and node.failed_actions == 2
+    assert "exited 3" in node.action_error and "no attempts left: the node is left to the operator" in node.action_error
+    assert any(r.levelname == "ERROR" and "no attempts left" in r.getMessage() for r in caplog.records)
