@@ -98,6 +98,13 @@ pip_mounts() {
   MOUNTS+=(-v "$conf:/etc/pip.conf:ro")
 }
 
+# What the install step reads, as a digest: buildah's --layers cache keys a RUN step on its text and arguments, not on
+# the content of the checkout it mounts, so the digest is passed as an argument the step names.
+source_digest() {
+  { git ls-files -s; git diff HEAD; git ls-files -o --exclude-standard -z | xargs -0 -r sha256sum; } 2>/dev/null \
+    | sha256sum | cut -c1-16
+}
+
 build() {
   local gpu=0 tag args=()
   [[ "${1:-}" == "--gpu" ]] && gpu=1
@@ -116,7 +123,8 @@ build() {
   pip_mounts "$gpu"
   say "building $tag from $DOCKERFILE"
   local start=$SECONDS
-  buildah bud --isolation chroot --layers -f "$DOCKERFILE" --build-arg "BASE_IMAGE=$base" "${args[@]}" \
+  buildah bud --isolation chroot --layers -f "$DOCKERFILE" --build-arg "BASE_IMAGE=$base" \
+    --build-arg "SOURCE_DIGEST=$(source_digest)" "${args[@]}" \
     "${MOUNTS[@]}" -t "$tag" . >&2
   say "built $tag in $((SECONDS - start)) s on $base"
   buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag" >&2

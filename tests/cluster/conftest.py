@@ -21,3 +21,16 @@ def service(tiny_model_dir, scoring_model_dirs, tmp_path_factory, otlp_sink) -> 
     session's OTLP collector."""
     with running_service(tiny_model_dir, scoring_model_dirs, tmp_path_factory.mktemp("faults"), otlp_sink) as service:
         yield service
+
+
+@pytest.fixture(autouse=True)
+def service_healthy_at_start(request):
+    """Each test of the session's service starts from a known state: the application RUNNING, every deployment
+    HEALTHY (a test before it may have killed replicas, drained a node or rolled the application, and must leave it
+    so; Serve may still be replacing what it stopped)."""
+    if "service" in request.fixturenames:
+        request.getfixturevalue("service")
+        from tests.helpers.replicas import wait_healthy
+
+        wait_healthy(timeout_s=180)
+    yield

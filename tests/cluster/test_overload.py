@@ -16,7 +16,6 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -27,7 +26,7 @@ from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.wire.reasons import Reason
 from tests.helpers.gateways import gateway_process
 from tests.helpers.models import MINILM
-from tests.helpers.observe import scrape, settled, total, wait_until
+from tests.helpers.observe import scrape, settled, total
 from tests.helpers.session import METRICS_REPORT_MS, PROXY_MAX_QUEUED_CALLS, ROUTER_ONGOING
 
 # Past gRPC core's default backlog (1,000 calls not yet taken by the proxy), where it used to cancel calls.
@@ -43,21 +42,20 @@ QUEUE_DEPTH = "ray_embedding_queue_depth"
 DROPPED = "ray_embedding_sequences_dropped_total"
 ROUTER_DROPPED = "ray_embedding_router_inputs_dropped_total"
 PROXY_DROPPED = "ray_embedding_proxy_inputs_dropped_total"
-PROXY_SENT = "ray_embedding_proxy_merged_callers_count"
 SETTLE_S = 2 * METRICS_REPORT_MS / 1000
-# One input embedded whole in token windows (truncation WINDOWS; all-MiniLM-L6-v2's are 254 tokens, 223 apart): about
-# 4,500 tokens, 20 windows, in one shard, a replica's work for a second or more on a CPU. Blocker calls are such
-# inputs, one to a call, each with a Matryoshka width of its own so that none merge: Serve routes each on its own.
-LONG = " ".join(["retrieval"] * 4500)
-MIN_BLOCKERS, MAX_BLOCKERS = 3, 12
-REPLICAS = 2
-# How stale what a scrape shows may be (Ray reports every METRICS_REPORT_MS).
-REPORT_LAG_S = 2 * METRICS_REPORT_MS / 1000
+# Blockers: one-shard calls (32 inputs of about 40 tokens), each with a Matryoshka width of its own so that none merge
+# in the proxy or the router. Serve sends each to the replica with fewer calls running, so a wave of them is split
+# between the replicas; a replica runs what has queued in batches of up to 128 sequences (model.max_batch_size).
+BLOCKER_INPUTS, BATCH, REPLICAS = 32, 128, 2
+TEXT = " ".join(["retrieval"] * 40)
+WAVE, MAX_WAVES = 24, 4
 # The short calls' deadline, and how much later than it the deadline may reach a replica (each hop loses its transit
 # time, wire/deadline.py).
 SHORT_DEADLINE_S, TRANSIT_S = 0.3, 0.05
+# How long one of saturated()'s calls out keeps a replica, at least.
+HOLD_S = 1.5
 # A key of the proxy's merging holds at most 31 one-input calls waiting (32 leave at once, merged): these many keys
-# hold more than the proxy's queue bound, three of them to spare (a call out that finishes early frees its key).
+# hold more than the proxy's queue bound, three of them to spare.
 HELD_KEYS = math.ceil(PROXY_MAX_QUEUED_CALLS / 30) + 3
 
 
@@ -77,82 +75,99 @@ def refusal(err: grpc.aio.AioRpcError) -> tuple[tuple[str, str | None], float | 
     return (err.code().name, details.reason), details.retry_after_s
 
 
-@dataclass
-class Blocked:
-    calls: list[asyncio.Future]
-    before: list  # the scrape taken before them (forwards settled)
-
-
-def long_call(stub, text: str, dimensions: int, timeout: float = 300) -> asyncio.Future:
-    return asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
-        inputs=[pb.EmbedInput(text=text)], truncation=pb.TRUNCATION_POLICY_WINDOWS, dimensions=dimensions),
-        timeout=timeout))
-
-
-def forwarded_by_replica(samples: list) -> dict[str, float]:
-    return {s.labels["replica"]: s.value for s in samples if s.name == FORWARDED and s.labels.get("model") == MINILM}
+def queued() -> dict[str, float]:
+    """Sequences waiting in each MiniLM replica's batcher, as Ray last reported them."""
+    return {s.labels["replica"]: s.value for s in scrape() if s.name == QUEUE_DEPTH and s.labels.get("model") == MINILM}
 
 
 @contextlib.asynccontextmanager
-async def model_busy(stub) -> AsyncIterator[Blocked]:
-    """The model busy: blocker calls are added, one per half REPORT_LAG_S, until every replica has started on them, or
-    MIN_BLOCKERS have gone and one has (Serve routes them, at times all to one replica). On leaving, they finish
-    (cancelled, a blocker's batch would run on: forwards are counted as a batch ends), and the model is idle again,
-    its forwards reported."""
+async def model_busy(stub, finish: bool = False) -> AsyncIterator[list]:
+    """The model busy: waves of blocker calls until a replica, as Ray last reported, has a full batch of them waiting
+    behind the one it runs (Serve splits a wave between the replicas by the calls each runs, and sends later calls
+    alike), so a call sent now waits at least a batch's time there.
+    Yields the scrape taken before. On leaving, the blockers finish, or (not `finish`) are cancelled (a replica drops
+    those still queued, counted) and the batches already running are waited out; the forwards are reported: the
+    model is idle again."""
     before = await asyncio.to_thread(settled, FORWARDED, SETTLE_S, model=MINILM)
-    started = forwarded_by_replica(before)
-    blocked = Blocked([], before)
-    added = 0.0  # when the last blocker call went
+    blockers: list[asyncio.Future] = []
+
+    def wave() -> None:
+        for _ in range(WAVE):
+            k = len(blockers)
+            blockers.append(asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
+                inputs=[pb.EmbedInput(text=f"blocker {k} {i} {TEXT}") for i in range(BLOCKER_INPUTS)],
+                dimensions=384 - k), timeout=300)))
+
     try:
-        while True:
-            now = forwarded_by_replica(await asyncio.to_thread(scrape))
-            busy = [r for r in now if now[r] > started.get(r, 0)]
-            if len(busy) == REPLICAS or (busy and len(blocked.calls) >= MIN_BLOCKERS):
-                break
-            if time.monotonic() - added > REPORT_LAG_S / 2:
-                assert len(blocked.calls) < MAX_BLOCKERS, f"the model never started on {MAX_BLOCKERS} blocker calls"
-                blocked.calls.append(long_call(stub, LONG, 384 - len(blocked.calls)))
-                added = time.monotonic()
-            await asyncio.sleep(0.2)
-        yield blocked
+        for _ in range(MAX_WAVES):
+            wave()
+            waves_sent = time.monotonic()
+            while time.monotonic() - waves_sent < 10:
+                depths = await asyncio.to_thread(queued)
+                if depths and max(depths.values()) >= BATCH:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                continue
+            break
+        else:
+            failed = collections.Counter(repr(c.exception())[:200] for c in blockers if c.done() and c.exception())
+            raise AssertionError(f"{MAX_WAVES} waves of blockers never queued a batch at a replica: {depths}; "
+                                 f"{sum(c.done() for c in blockers)} of {len(blockers)} done, failed: {dict(failed)}")
+        yield before
     finally:
-        await asyncio.gather(*blocked.calls, return_exceptions=True)
+        if not finish:
+            for c in blockers:
+                c.cancel()
+        await asyncio.gather(*blockers, return_exceptions=True)
+        # A call to each replica (Serve sends each to the one with fewer running) waits out the batch it runs.
+        await asyncio.gather(*(stub.Embed(one(f"after the blockers {i}", 8 + i), timeout=120)
+                               for i in range(2 * REPLICAS)))
         await asyncio.to_thread(settled, FORWARDED, SETTLE_S, model=MINILM)
+
+
+def windowed(text: str, dimensions: int) -> pb.EmbedRequest:
+    """One input embedded whole in token windows (truncation WINDOWS: all-MiniLM-L6-v2's are 254 tokens, 223 apart)."""
+    return pb.EmbedRequest(inputs=[pb.EmbedInput(text=text)], truncation=pb.TRUNCATION_POLICY_WINDOWS,
+                           dimensions=dimensions)
 
 
 @contextlib.asynccontextmanager
 async def saturated(stub) -> AsyncIterator[None]:
     """The proxy's queue of calls waiting to leave merged full: HELD_KEYS keys (Matryoshka widths) each with a call out
-    that the busy model takes seconds to answer (one long input in windows, behind the blockers) and 30 one-input
-    calls waiting for it, more than the queue holds. Entered once one of them is refused OVERLOADED: the queue is
-    full, and stays so while the calls out run (a burst's first calls come within milliseconds of that; later ones
-    may find room). On leaving, the waiting calls are cancelled and the calls out finish, leaving the model idle."""
-    async with model_busy(stub):
-        before = await asyncio.to_thread(scrape)
-        held = [long_call(stub, LONG, unmergeable(key)) for key in range(HELD_KEYS)]
-        # Each out before the calls that wait for it are sent (one that came second would wait, and those behind it
-        # would leave with it): the proxy counts each call it sends.
-        await asyncio.to_thread(wait_until, lambda: total(PROXY_SENT) - total(PROXY_SENT, before) >= HELD_KEYS, 60,
-                                "the long calls sent on by the proxy")
-        waiting = [asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
-            inputs=[pb.EmbedInput(text=f"held {key} {n}")], truncation=pb.TRUNCATION_POLICY_WINDOWS,
-            dimensions=unmergeable(key)), timeout=300)) for key in range(HELD_KEYS) for n in range(30)]
+    that keeps the model a second or more (one long input in windows, sized from how long a short one takes here: at
+    most one runs on each replica at a time, the rest wait behind) and 30 one-input calls waiting for it, more than
+    the queue holds. Entered once one of them is refused OVERLOADED: the queue is full, and stays so while the calls
+    out run (a burst's first calls come within milliseconds of that; later ones may find room). On leaving, all of
+    them are cancelled and the batches already running waited out."""
+    started = time.monotonic()
+    await stub.Embed(windowed(" ".join(["retrieval"] * 2000), 383), timeout=120)  # 9 windows
+    windows = min(120, math.ceil(9 * HOLD_S / (time.monotonic() - started)))
+    text = " ".join(["retrieval"] * (223 * windows))
+    held = [asyncio.ensure_future(stub.Embed(windowed(text, unmergeable(key)), timeout=300))
+            for key in range(HELD_KEYS)]
+    waiting = [asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
+        inputs=[pb.EmbedInput(text=f"held {key} {n}")], truncation=pb.TRUNCATION_POLICY_WINDOWS,
+        dimensions=unmergeable(key)), timeout=300)) for key in range(HELD_KEYS) for n in range(30)]
 
-        def refused() -> bool:
-            return any(c.done() and isinstance(c.exception(), grpc.aio.AioRpcError) and refusal(c.exception())[0]
-                       == ("RESOURCE_EXHAUSTED", Reason.OVERLOADED.name) for c in waiting)
+    def refused() -> bool:
+        return any(c.done() and isinstance(c.exception(), grpc.aio.AioRpcError) and refusal(c.exception())[0]
+                   == ("RESOURCE_EXHAUSTED", Reason.OVERLOADED.name) for c in waiting)
 
-        try:
-            while not refused():
-                pending = [c for c in held + waiting if not c.done()]
-                assert pending, "the proxy's queue never filled"
-                await asyncio.wait(pending, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-            yield
-        finally:
-            for c in waiting:
-                c.cancel()
-            # Cancelled, a call out would leave its batch running on (forwards are counted as a batch ends).
-            await asyncio.gather(*held, *waiting, return_exceptions=True)
+    try:
+        while not refused():
+            pending = [c for c in held + waiting if not c.done()]
+            assert pending, "the proxy's queue never filled"
+            await asyncio.wait(pending, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        yield
+    finally:
+        for c in held + waiting:
+            c.cancel()
+        await asyncio.gather(*held, *waiting, return_exceptions=True)
+        # A call to each replica (Serve sends each to the one with fewer running) waits out the batch it runs.
+        await asyncio.gather(*(stub.Embed(one(f"after the held calls {i}", 8 + i), timeout=120)
+                               for i in range(2 * REPLICAS)))
+        await asyncio.to_thread(settled, FORWARDED, SETTLE_S, model=MINILM)
 
 
 def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(service):
@@ -235,10 +250,10 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
     clock, which the short calls' deadlines come from."""
     traces = [secrets.token_hex(16) for _ in range(SMALL_CALLS)]
 
-    async def run() -> tuple[Blocked, collections.Counter, float]:
+    async def run() -> tuple[list, collections.Counter, float]:
         async with grpc.aio.insecure_channel(service.target) as channel:
             stub = embedding_pb2_grpc.EmbedServiceStub(channel)
-            async with model_busy(stub) as blocked:
+            async with model_busy(stub, finish=True) as before:
                 async def small(i: int) -> str:
                     request = pb.EmbedRequest(inputs=[pb.EmbedInput(text=f"short {i} {j}") for j in range(16)])
                     metadata = (("traceparent", f"00-{traces[i]}-{secrets.token_hex(8)}-01"),)
@@ -250,16 +265,16 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
 
                 sent = time.time()
                 outcomes = collections.Counter(await asyncio.gather(*(small(i) for i in range(SMALL_CALLS))))
-                # The blockers finish: every batch a short call could have been in has ended.
-                assert all(len(r.embeddings) == 1 for r in await asyncio.gather(*blocked.calls))
-            return blocked, outcomes, sent
+            # The blockers done, the model idle again: every batch a short call could have been in has ended, its span
+            # sent; every drop counted, and only the short calls' (no blocker was cancelled).
+            return before, outcomes, sent
 
-    blocked, outcomes, sent = asyncio.run(run())
+    before, outcomes, sent = asyncio.run(run())
     assert set(outcomes) <= {"DEADLINE_EXCEEDED", "OK"} and outcomes["DEADLINE_EXCEEDED"] >= 1, outcomes
-    after = settled(FORWARDED, SETTLE_S, model=MINILM)  # the spans of the last batches sent meanwhile (0.2 s)
+    after = settled(FORWARDED, SETTLE_S, model=MINILM)
 
     def delta(name: str, **labels: str) -> float:
-        return total(name, after, **labels) - total(name, blocked.before, **labels)
+        return total(name, after, **labels) - total(name, before, **labels)
 
     # A merged call (in the proxy or the router) runs in its first caller's trace: any short input that ran shows
     # as a `forward` span in some short call's trace.
@@ -268,8 +283,7 @@ def test_calls_past_their_deadline_are_dropped_not_computed(service):
             if s.name == "forward" and s.start_ns > last_deadline_ns]
     dropped = {"at the replicas": delta(DROPPED, model=MINILM), "in the router": delta(ROUTER_DROPPED, model=MINILM),
                "in the proxy": delta(PROXY_DROPPED)}
-    print(f"{len(blocked.calls)} blocker calls; short calls {dict(outcomes)}; forwarded "
-          f"{delta(FORWARDED, model=MINILM):.0f}; dropped {dropped}")
+    print(f"short calls {dict(outcomes)}; forwarded {delta(FORWARDED, model=MINILM):.0f}; dropped {dropped}")
     assert not late, f"{len(late)} batches of short calls started after their callers' deadline"
     # Counted where they waited, once (a call Serve cancels before it reaches the service's code is not counted).
     assert 0 < sum(dropped.values()) <= outcomes["DEADLINE_EXCEEDED"] * 16
