@@ -1,7 +1,7 @@
 """Generate the Python messages, type stubs and gRPC stubs from protos/ into the client package.
 
 Run from anywhere: `python scripts/generate_protos.py`. The output is committed under
-client/embedding_client/v1; tests/test_protos.py regenerates into a temporary folder and fails
+client/embedding_client/v1; tests/unit/test_protos.py regenerates into a temporary folder and fails
 on any difference, so the stubs never drift from the protos.
 
 The protos keep their package (`embedding_service.v1`: the wire names every client uses) and

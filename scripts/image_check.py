@@ -9,7 +9,7 @@ set, the packaged model loads with no network at all (a second container in a ne
 a SIGTERM stops the whole container within the documented bound (args.shutdown.grace_s + 15 s,
 docs/operations.md), leaving no process behind.
 
-Used by scripts/image.sh check and tests/test_image.py; needs the test extra (grpcio, openai, sentence-transformers).
+Used by scripts/image.sh check and tests/cluster/test_image.py; needs the test extra (grpcio, openai, sentence-transformers).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Ray has no public Python call for a node drain (`ray drain-node` is a hidden CLI over the same call). Its
 shape is checked when this module is imported, in the recycler's process, so a Ray release that moved it
 stops the recycler at start with the Ray version and what moved, instead of quarantining nodes it then
-never drains. Tested against the installed Ray (tests/test_ray_internals.py); pyproject pins Ray's minor
+never drains. Tested against the installed Ray (tests/unit/test_ray_internals.py); pyproject pins Ray's minor
 release.
 """
 

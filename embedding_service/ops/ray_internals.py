@@ -12,7 +12,7 @@ packages: Serve reads its settings as it is first imported, which must come afte
 environment is exported, or the handles the driver builds miss Serve's gRPC transport). A Ray
 release that dropped one fails here, with the Ray version and what moved. Whether the preload took effect
 is only known in the proxy, which reports it (proxy/ingress.py). Tested against the installed Ray
-(tests/test_ray_internals.py); pyproject pins Ray's minor release.
+(tests/unit/test_ray_internals.py); pyproject pins Ray's minor release.
 """
 
 from __future__ import annotations

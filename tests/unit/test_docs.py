@@ -85,7 +85,9 @@ def test_every_link_between_the_pages_resolves():
 
 
 def test_every_module_path_the_docs_name_exists():
-    """`embedding_service/...py` and `gateway/...py` named in the docs are files of the tree (no stale paths)."""
-    named = {m for page in PAGES for m in re.findall(r"`((?:embedding_service|gateway)/[\w/]+\.py)`", page.read_text())}
+    """`embedding_service/...py`, `gateway/...py` and `tests/...py` named in the docs are files of the tree (no stale
+    paths)."""
+    named = {m for page in PAGES
+             for m in re.findall(r"`((?:embedding_service|gateway|tests)/[\w/]+\.py)(?:::\w+)?`", page.read_text())}
     missing = sorted(m for m in named if not (ROOT / m).exists())
     assert not missing, missing
