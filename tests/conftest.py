@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
+from tests.helpers.image import BackgroundBuild
 from tests.helpers.models import (
     MINILM,
     RERANKER,
@@ -29,6 +30,7 @@ ServeFile.load().export_app_env()
 
 TIERS = ("unit", "cluster")
 HERE = Path(__file__).resolve().parent
+IMAGE_BUILD = pytest.StashKey[BackgroundBuild]()
 
 
 def tier_of(item: pytest.Item) -> str:
@@ -44,6 +46,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item)))
     items.sort(key=lambda item: (tier_of(item) != "unit", item.path.name != "test_image.py"))
+
+
+def pytest_collection_finish(session):
+    """The container image's build starts now, in the background, when its tests are to run (they run first in the
+    cluster tier: the build overlaps the unit tier)."""
+    if any(item.path.name == "test_image.py" for item in session.items):
+        session.config.stash[IMAGE_BUILD] = BackgroundBuild()
+
+
+@pytest.fixture(scope="session")
+def image_build(request) -> BackgroundBuild:
+    return request.config.stash.get(IMAGE_BUILD, None) or BackgroundBuild()
 
 
 @pytest.fixture(scope="session")

@@ -6,28 +6,23 @@ image's Ray uses the default ports on the host's network."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from tests.helpers.image import run_script
 from tests.helpers.paths import ROOT
 
 IMAGE = "localhost/embedding-service:0.1.0-cpu"
 pytestmark = pytest.mark.timeout(3600)
 
 
-def _script(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("IMAGE", "BASE_IMAGE")}
-    return subprocess.run([str(ROOT / "scripts" / "image.sh"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
-def built() -> tuple[str, str]:
-    done = _script("build", timeout=2400)
+def built(image_build) -> tuple[str, str]:
+    """The build the session started in the background (tests/helpers/image.py)."""
+    done = image_build.result()
     assert done.returncode == 0, f"scripts/image.sh build failed:\n{done.stderr[-6000:]}"
     return done.stdout.strip().splitlines()[-1], done.stderr
 
@@ -47,7 +42,7 @@ def test_the_image_serves_from_its_default_command_and_stops_on_sigterm(built, t
     assert tag == IMAGE
     # Where no registry answers the build says so, and names the stand-in it used.
     assert "FROM docker.io/library/python:" in log or "LOCAL STAND-IN" in log, log[-3000:]
-    done = _script("check", str(tmp_path / "report.json"), timeout=1500)
+    done = run_script("check", str(tmp_path / "report.json"), timeout=1500)
     assert (tmp_path / "report.json").exists(), done.stderr[-4000:] + done.stdout[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["failed"] == [] and done.returncode == 0, report

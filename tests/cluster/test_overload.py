@@ -52,8 +52,8 @@ WAVE, MAX_WAVES = 24, 4
 # The short calls' deadline, and how much later than it the deadline may reach a replica (each hop loses its transit
 # time, wire/deadline.py).
 SHORT_DEADLINE_S, TRANSIT_S = 0.3, 0.05
-# How long one of saturated()'s calls out keeps a replica, at least.
-HOLD_S = 1.5
+# How long one of saturated()'s calls out keeps a replica, at least, and its fewest windows.
+HOLD_S, MIN_WINDOWS = 1.5, 20
 # A key of the proxy's merging holds at most 31 one-input calls waiting (32 leave at once, merged): these many keys
 # hold more than the proxy's queue bound, three of them to spare.
 HELD_KEYS = math.ceil(PROXY_MAX_QUEUED_CALLS / 30) + 3
@@ -140,9 +140,13 @@ async def saturated(stub) -> AsyncIterator[None]:
     the queue holds. Entered once one of them is refused OVERLOADED: the queue is full, and stays so while the calls
     out run (a burst's first calls come within milliseconds of that; later ones may find room). On leaving, all of
     them are cancelled and the batches already running waited out."""
-    started = time.monotonic()
-    await stub.Embed(windowed(" ".join(["retrieval"] * 2000), 383), timeout=120)  # 9 windows
-    windows = min(120, math.ceil(9 * HOLD_S / (time.monotonic() - started)))
+    await asyncio.to_thread(settled, FORWARDED, SETTLE_S, model=MINILM)  # the model idle: what it takes alone
+    took = []
+    for _ in range(2):
+        started = time.monotonic()
+        await stub.Embed(windowed(" ".join(["retrieval"] * 2000), 383), timeout=120)  # 9 windows
+        took.append(time.monotonic() - started)
+    windows = max(MIN_WINDOWS, min(120, math.ceil(9 * HOLD_S / min(took))))
     text = " ".join(["retrieval"] * (223 * windows))
     held = [asyncio.ensure_future(stub.Embed(windowed(text, unmergeable(key)), timeout=300))
             for key in range(HELD_KEYS)]
@@ -157,7 +161,8 @@ async def saturated(stub) -> AsyncIterator[None]:
     try:
         while not refused():
             pending = [c for c in held + waiting if not c.done()]
-            assert pending, "the proxy's queue never filled"
+            assert pending, f"the proxy's queue never filled: calls out of {windows} windows (9 took {took} s); " \
+                f"{collections.Counter(type(c.exception()).__name__ for c in held + waiting)}"
             await asyncio.wait(pending, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         yield
     finally:

@@ -165,6 +165,11 @@ def running_service(tiny_model_dir: Path, scoring_model_dirs: dict[str, Path], f
 
     config = make_test_config(tiny_model_dir, fault_dir, sink.endpoint, scoring_model_dirs)
     config.prepare_environment()
+    # What this process's environment already sets wins over the config (an operator's override); here it must
+    # be the test config's own: a value left by an earlier test would start the session's Ray otherwise.
+    stale = {k: os.environ[k] for k, v in config.node_environment().items()
+             if k != ray_internals.PRELOAD_ENV and os.environ[k] != v}
+    assert not stale, f"the session's nodes would start with settings other than its config's: {stale}"
     cluster = start_cluster()
     try:
         target = launcher.start(config, address=cluster.address)

@@ -1,5 +1,7 @@
-"""The unit tier starts no Ray: after each module, neither this process's Ray nor any Ray daemon among its descendants
-(a test that did start one would make the tier slow and order-dependent, and belongs in tests/cluster/)."""
+"""The unit tier starts no Ray and leaves the process's environment as it found it: after each module, neither this
+process's Ray nor any Ray daemon among its descendants (a test that did start one would make the tier slow and
+order-dependent, and belongs in tests/cluster/), and no environment variable changed (the cluster tier's Ray, started
+later in the same session, takes its nodes' settings from this process's environment)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,12 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_ray_started():
+def no_ray_started_nor_environment_changed():
+    environment = dict(os.environ)
     yield
+    changed = sorted(k for k in set(environment) | set(os.environ)
+                     if environment.get(k) != os.environ.get(k) and k != "PYTEST_CURRENT_TEST")
+    assert not changed, f"a unit test left the environment changed: {changed}"
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized(), "a unit test connected to Ray: it belongs in tests/cluster/"
     daemons = [cmdline(p) for p in descendants(os.getpid()) if any(d in cmdline(p) for d in RAY_DAEMONS)]

@@ -86,7 +86,16 @@ def test_bad_args_are_rejected_before_anything_starts(bad):
         build_app(bad)
 
 
-def test_the_nodes_get_the_transport_cap_the_proxys_options_and_the_apps_serve_settings(monkeypatch):
+@pytest.fixture
+def environment():
+    """os.environ as it was, whatever the test set in it (prepare_environment writes keys no test names)."""
+    saved = dict(os.environ)
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_the_nodes_get_the_transport_cap_the_proxys_options_and_the_apps_serve_settings(monkeypatch, environment):
     from embedding_service.ops import ray_internals
     from embedding_service.wire import node_env
 
