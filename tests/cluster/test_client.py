@@ -16,13 +16,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from embedding_client import AsyncEmbedClient, EmbedClient, InvalidArgument, LocalFallback, RetryPolicy
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_client.v1 import embedding_pb2_grpc
-from embedding_service.wire.reasons import Reason, ServiceError
-from tests.helpers.gateways import scripted_grpc_peer
+from embedding_service.wire.reasons import Reason
+from tests.helpers.gateways import ScriptedPeer, scripted_grpc_peer
 from tests.helpers.models import MINILM, TINY, TINY_DIM, TINY_MAX_SEQ
 from tests.helpers.paths import ROOT
 from tests.helpers.ports import free_port
@@ -68,29 +67,6 @@ def test_asyncio_client_under_concurrent_calls_and_typed_errors(service, referen
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-class ScriptedPeer(embedding_pb2_grpc.EmbedServiceServicer):
-    """A stand-in target (served by scripted_grpc_peer): its health is set by the test; Embed fails as
-    scripted, then answers zeros."""
-
-    def __init__(self, failures: list[ServiceError] | None = None) -> None:
-        self.failures = list(failures or [])
-        self.calls: list[float] = []
-        self.health = health.HealthServicer()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-
-    def Embed(self, request, context):
-        self.calls.append(time.monotonic())
-        if self.failures:
-            error = self.failures.pop(0)
-            context.set_trailing_metadata([("grpc-status-details-bin", error.status_bytes())])
-            context.abort(error.code, error.message)
-        zero = np.zeros(TINY_DIM, dtype="<f4").tobytes()
-        return pb.EmbedResponse(model="peer", dimensions=TINY_DIM,
-                                embeddings=[pb.Embedding(index=i, float32_le=zero) for i in range(len(request.inputs))])
-
-    def ListModels(self, request, context):
-        return pb.ListModelsResponse(limits=pb.ServiceLimits(max_inputs_per_request=2048, max_inputs_per_stream=10_000,
-                                                             max_request_bytes=1 << 20))
 
 
 def test_a_target_that_goes_not_serving_stops_getting_calls(service, reference_models):

@@ -1,4 +1,5 @@
-"""Runs gateways (real uvicorn on real ports) and a scripted gRPC peer for the tests."""
+"""Runs gateways (real uvicorn on real ports) and scripted gRPC peers for the tests: stand-ins for the service where
+the component under test is the gateway or the client."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ from contextlib import contextmanager
 
 import grpc
 import httpx
+import numpy as np
 import uvicorn
 from google.protobuf import duration_pb2  # noqa: F401  (RetryInfo's field type)
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.wire.reasons import ServiceError
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.helpers.models import TINY_DIM
 from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
 
@@ -111,3 +115,28 @@ def scripted_grpc_peer(servicer: embedding_pb2_grpc.EmbedServiceServicer, health
 
 def post(base: str, body, headers: dict | None = None, **kw) -> httpx.Response:
     return httpx.post(f"{base}/v1/embeddings", json=body, headers=headers or {}, timeout=60, **kw)
+
+
+class ScriptedPeer(embedding_pb2_grpc.EmbedServiceServicer):
+    """A stand-in target (served by scripted_grpc_peer): its health is set by the test; Embed fails as
+    scripted, then answers zeros."""
+
+    def __init__(self, failures: list[ServiceError] | None = None) -> None:
+        self.failures = list(failures or [])
+        self.calls: list[float] = []
+        self.health = health.HealthServicer()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def Embed(self, request, context):
+        self.calls.append(time.monotonic())
+        if self.failures:
+            error = self.failures.pop(0)
+            context.set_trailing_metadata([("grpc-status-details-bin", error.status_bytes())])
+            context.abort(error.code, error.message)
+        zero = np.zeros(TINY_DIM, dtype="<f4").tobytes()
+        return pb.EmbedResponse(model="peer", dimensions=TINY_DIM,
+                                embeddings=[pb.Embedding(index=i, float32_le=zero) for i in range(len(request.inputs))])
+
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(limits=pb.ServiceLimits(max_inputs_per_request=2048, max_inputs_per_stream=10_000,
+                                                             max_request_bytes=1 << 20))

@@ -3,18 +3,13 @@ in-process scripted gRPC peer."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2
 
 from embedding_client import EmbedClient, RetryPolicy
 from embedding_client.planning import plan_calls
-from embedding_client.v1 import embedding_pb2 as pb
-from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.wire.reasons import Reason, ServiceError
-from tests.helpers.gateways import scripted_grpc_peer
+from tests.helpers.gateways import ScriptedPeer, scripted_grpc_peer
 from tests.helpers.models import TINY_DIM
 
 
@@ -26,29 +21,6 @@ def test_calls_are_planned_within_the_limits():
     assert plan_calls([5000, 10], max_inputs=10, max_bytes=2000) == [(0, 1), (1, 2)]  # too big: alone
 
 
-class ScriptedPeer(embedding_pb2_grpc.EmbedServiceServicer):
-    """A stand-in target (served by scripted_grpc_peer): its health is set by the test; Embed fails as
-    scripted, then answers zeros."""
-
-    def __init__(self, failures: list[ServiceError] | None = None) -> None:
-        self.failures = list(failures or [])
-        self.calls: list[float] = []
-        self.health = health.HealthServicer()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-
-    def Embed(self, request, context):
-        self.calls.append(time.monotonic())
-        if self.failures:
-            error = self.failures.pop(0)
-            context.set_trailing_metadata([("grpc-status-details-bin", error.status_bytes())])
-            context.abort(error.code, error.message)
-        zero = np.zeros(TINY_DIM, dtype="<f4").tobytes()
-        return pb.EmbedResponse(model="peer", dimensions=TINY_DIM,
-                                embeddings=[pb.Embedding(index=i, float32_le=zero) for i in range(len(request.inputs))])
-
-    def ListModels(self, request, context):
-        return pb.ListModelsResponse(limits=pb.ServiceLimits(max_inputs_per_request=2048, max_inputs_per_stream=10_000,
-                                                             max_request_bytes=1 << 20))
 
 
 def test_retry_info_delay_is_honoured():

@@ -16,15 +16,8 @@ KEY = "test-key"
 BODY_LIMIT = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def gateway(service):
-    with running_gateway(targets=[service.target], api_keys=[KEY], max_body_bytes=BODY_LIMIT) as base:
-        yield base
 
 
-@pytest.fixture(scope="module")
-def client(gateway):
-    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def test_saturated_service_is_429_after_retries_that_honour_the_hint():

@@ -2,40 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from tests.helpers.gateways import ScriptedEmbed, post, running_gateway, scripted_grpc_peer
-from tests.helpers.observe import gateway_samples, scrape, settled, total, wait_until
-from tests.helpers.session import METRICS_REPORT_MS
-
-
-class Deltas:
-    """Metric values now against a baseline scrape, over the whole cluster."""
-
-    def __init__(self) -> None:
-        # Settled: calls of the tests before (64 at once in test_health) may still be on their way to the endpoint.
-        self.before = settled("ray_embedding_requests_total", 2 * METRICS_REPORT_MS / 1000)
-        self.after = self.before
-
-    def refresh(self) -> Deltas:
-        self.after = scrape()
-        return self
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return total(name, self.after, **labels) - total(name, self.before, **labels)
-
-    def wait(self, expected: dict[tuple, float], timeout_s: float = 30) -> None:
-        """Until every (name, labels) delta reaches its value (Ray reports every METRICS_REPORT_MS), then once
-        more after the next reports, so a count past the value shows too."""
-        def reached() -> bool:
-            self.refresh()
-            return all(self(name, **dict(labels)) >= value for (name, *labels), value in expected.items())
-
-        wait_until(reached, timeout_s, f"metric deltas {expected}")
-        time.sleep(1.5)  # three report intervals: anything counted twice would show now
-        self.refresh()
+from tests.helpers.observe import gateway_samples, total
 
 
 def test_gateway_metrics_count_routes_statuses_upstream_codes_and_retries():

@@ -13,29 +13,10 @@ from pydantic import ValidationError
 
 from embedding_service.config import RecyclerSettings
 from embedding_service.fleet.ray_internals import DrainAnswer
-from embedding_service.fleet.recycler import NodeRecycler
 from embedding_service.router.fleet_view import ServiceView
 from embedding_service.wire.fleet import NodeState, NodeView, ReplicaView
 from tests.helpers.observe import serve_logs
-
-NODE, IP = "abc123", "10.1.2.3"
-
-
-async def _recycler(settings: RecyclerSettings, drain=None) -> NodeRecycler:
-    recycler = NodeRecycler.__new__(NodeRecycler)
-    kwargs = {"drain": drain} if drain else {}
-    await recycler.__init__(settings, alive_nodes=lambda: {NODE: IP}, **kwargs)  # Serve awaits it the same way
-    recycler._loop.cancel()  # the test drives the ticks
-    return recycler
-
-
-async def _quarantine(recycler: NodeRecycler) -> None:
-    await recycler.cycle()  # the node is tracked
-    await recycler.report_failure("r1", NODE, "CUDA error: it's broken")
-
-
-def _node(recycler: NodeRecycler):
-    return next(n for n in recycler.book.snapshot().nodes if n.node_id == NODE)
+from tests.helpers.recycler import IP, NODE, ScriptedDrains, node_view, quarantine, started_recycler
 
 
 def test_command_action_runs_the_template_with_the_node(tmp_path):
@@ -44,7 +25,7 @@ def test_command_action_runs_the_template_with_the_node(tmp_path):
     node = NodeView(NODE, IP, NodeState.DRAINING, "CUDA error: it's broken", 0.0, (ReplicaView("r1", "m", NODE),))
 
     async def scenario():
-        recycler = await _recycler(settings)
+        recycler = await started_recycler(settings)
         await recycler._act(node)
 
     asyncio.run(scenario())
@@ -56,19 +37,6 @@ def test_command_action_needs_a_template():
         RecyclerSettings(action="command")
 
 
-class _Drains:
-    """Ray's drain as a script: each call answers (or raises) the next of `answers`."""
-
-    def __init__(self, *answers) -> None:
-        self.answers = list(answers)
-        self.calls: list[tuple[str, str, float]] = []
-
-    def __call__(self, node_id: str, message: str, deadline_s: float) -> DrainAnswer:
-        self.calls.append((node_id, message, deadline_s))
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
 
 def test_a_failed_drain_is_counted_shown_retried_and_escalated_to_the_command(tmp_path):
@@ -76,15 +44,15 @@ def test_a_failed_drain_is_counted_shown_retried_and_escalated_to_the_command(tm
     settings = RecyclerSettings(grace_cycles=0, action="drain", action_retries=1, action_retry_s=0.05,
                                 command=f"echo {{node_id}} > {out}")
     # A Ray that rejects the drain, then one whose call changed shape (the fence's import check passed).
-    drains = _Drains(DrainAnswer(False, "the node is busy"),
+    drains = ScriptedDrains(DrainAnswer(False, "the node is busy"),
                      TypeError("drain_node() takes 4 positional arguments but 5 were given"))
     views: list = []
 
     async def scenario():
-        recycler = await _recycler(settings, drains)
-        await _quarantine(recycler)
+        recycler = await started_recycler(settings, drains)
+        await quarantine(recycler)
         await recycler.cycle()  # past the grace: the first drain, rejected
-        first = _node(recycler)
+        first = node_view(recycler)
         view = ServiceView([], "head")
         await view.update(recycler.book.snapshot())
         views.append(view.nodes_message())
@@ -92,10 +60,10 @@ def test_a_failed_drain_is_counted_shown_retried_and_escalated_to_the_command(tm
         assert len(drains.calls) == 1
         await asyncio.sleep(0.06)
         await recycler.cycle()  # the second drain raises
-        second = _node(recycler)
+        second = node_view(recycler)
         await asyncio.sleep(0.06)
         await recycler.cycle()  # drains spent: the command
-        return first, second, _node(recycler)
+        return first, second, node_view(recycler)
 
     first, second, escalated = asyncio.run(scenario())
     assert [c[0] for c in drains.calls] == [NODE, NODE]
@@ -116,12 +84,12 @@ def test_a_command_that_keeps_failing_is_given_up_on_with_the_node_left_quaranti
                                 action_retry_s=0.05)
 
     async def scenario():
-        recycler = await _recycler(settings)
-        await _quarantine(recycler)
+        recycler = await started_recycler(settings)
+        await quarantine(recycler)
         for _ in range(3):
             await recycler.cycle()
             await asyncio.sleep(0.06)
-        return _node(recycler)
+        return node_view(recycler)
 
     with serve_logs(caplog):
         node = asyncio.run(scenario())
