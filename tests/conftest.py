@@ -41,18 +41,25 @@ def tier_of(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    """Marks each test with its tier; runs the unit tier first, then the container image's tests (its Ray, on the
-    host's network and Ray's default ports, runs and stops before the session's own starts), then the rest."""
+    """Marks each test with its tier; runs the unit tier first, then the cluster tier, the container image's tests
+    last: its build, started with the session, runs beside the other tests (the image's own Ray, on the host's
+    network, takes Ray's default ports, 6379 and the image's 9000 and 8080, which the session's Ray leaves free)."""
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item)))
-    items.sort(key=lambda item: (tier_of(item) != "unit", item.path.name != "test_image.py"))
+    items.sort(key=lambda item: (tier_of(item) != "unit", item.path.name == "test_image.py"))
 
 
 def pytest_collection_finish(session):
-    """The container image's build starts now, in the background, when its tests are to run (they run first in the
-    cluster tier: the build overlaps the unit tier)."""
-    if any(item.path.name == "test_image.py" for item in session.items):
+    """The container image's build starts now, in the background, when its tests are to run (last in the session:
+    the build overlaps the other tests)."""
+    if not session.config.option.collectonly and any(item.path.name == "test_image.py" for item in session.items):
         session.config.stash[IMAGE_BUILD] = BackgroundBuild()
+
+
+def pytest_sessionfinish(session):
+    build = session.config.stash.get(IMAGE_BUILD, None)
+    if build is not None:
+        build.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The container image, as the project ships it: built with buildah from deploy/docker/Dockerfile, its default
 command run and probed from outside and inside (scripts/image.sh, scripts/image_check.py), and the manifests
-rendered for the tag built. These run first in the session (conftest), before the session's own Ray starts: the
-image's Ray uses the default ports on the host's network."""
+rendered for the tag built. These run last in the session (tests/conftest.py), their build started with it in the
+background (tests/helpers/image.py); the image's Ray uses Ray's default ports on the host's network, which the
+session's own Ray leaves free."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ unpacking wheels and buildah writing layers; the unit tier mostly one core of Py
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import threading
 
@@ -21,22 +23,30 @@ def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 class BackgroundBuild:
-    """`scripts/image.sh build` in a thread of its own; `result()` waits for it."""
+    """`scripts/image.sh build` in a process group of its own, read by a thread; `result()` waits for it, `stop()` ends
+    it (a session that ends before the image's tests must not leave a build running)."""
 
     def __init__(self) -> None:
-        self._done: subprocess.CompletedProcess | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="image build", daemon=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("IMAGE", "BASE_IMAGE")}
+        self._process = subprocess.Popen([str(ROOT / "scripts" / "image.sh"), "build"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        self._done: subprocess.CompletedProcess | None = None
+        self._thread = threading.Thread(target=self._read, name="image build", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            self._done = run_script("build", timeout=BUILD_TIMEOUT_S)
-        except BaseException as exc:  # the waiting test reports it
-            self._done = exc
+    def _read(self) -> None:
+        stdout, stderr = self._process.communicate()
+        self._done = subprocess.CompletedProcess(self._process.args, self._process.returncode, stdout, stderr)
 
     def result(self) -> subprocess.CompletedProcess:
         self._thread.join(BUILD_TIMEOUT_S)
-        if isinstance(self._done, BaseException):
-            raise self._done
-        assert self._done is not None, "the image's build did not end"
+        if self._done is None:
+            self.stop()
+            raise TimeoutError(f"the image's build took over {BUILD_TIMEOUT_S} s")
         return self._done
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(timeout=30)
