@@ -14,6 +14,9 @@ import pytest
 from benchmarks.proc_cpu import cmdline
 
 RAY_DAEMONS = ("gcs_server", "raylet")
+# What the libraries set in the environment as they are first imported (ray, torch): not a test's doing.
+SET_ON_IMPORT = frozenset({"PYTEST_CURRENT_TEST", "RAY_CLIENT_MODE", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                           "TORCHINDUCTOR_CACHE_DIR"})
 
 
 def descendants(pid: int) -> list[int]:
@@ -38,7 +41,7 @@ def no_ray_started_nor_environment_changed():
     environment = dict(os.environ)
     yield
     changed = sorted(k for k in set(environment) | set(os.environ)
-                     if environment.get(k) != os.environ.get(k) and k != "PYTEST_CURRENT_TEST")
+                     if environment.get(k) != os.environ.get(k) and k not in SET_ON_IMPORT)
     assert not changed, f"a unit test left the environment changed: {changed}"
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized(), "a unit test connected to Ray: it belongs in tests/cluster/"
