@@ -52,6 +52,8 @@ logger = service_logger(__name__)
 # Times a call whose router was lost is sent again, and the pause before each (Serve learns of a dead
 # replica within a moment; a call sent at once may meet it again).
 RESENDS = 2
+# A call that waited here to leave merged longer than this tells the router how long (shorter: within any slack).
+WAITED_S = 0.01
 RESEND_PAUSE_S = (0.2, 1.0)
 
 # What a failure that Serve itself reports (no reason of ours attached) means to a caller.
@@ -228,7 +230,7 @@ class _Attempt:
         remaining = context.time_remaining() if deadline is None else deadline.remaining()
         if remaining is not None:
             metadata.append(Deadline.metadata_entry(remaining))
-        if spent_s is not None:  # sent again: the service's bound counts from the call's arrival
+        if spent_s is not None:  # sent again, or after waiting here: the service's bound counts from its arrival
             metadata.append(Deadline.elapsed_entry(spent_s))
         self._metadata = tuple(metadata)
         self._code: grpc.StatusCode | None = None
@@ -349,11 +351,15 @@ async def _resend_now(attempt: _Attempt, tries: int, remaining: float | None, me
 
 
 async def _send_unary(inner: Callable, request, context, method: str, extra: tuple = (),
-                      deadline: Deadline | None = None) -> Outcome:
-    """One unary call through Serve's handler, sent again while its router is lost (within its deadline)."""
-    arrived = time.monotonic()
+                      deadline: Deadline | None = None, arrived: float | None = None) -> Outcome:
+    """One unary call through Serve's handler, sent again while its router is lost (within its deadline).
+    `arrived`: when the call came to the proxy, for one that waited here to leave merged (else now): the service's
+    bound counts from then."""
+    if arrived is None:
+        arrived = time.monotonic()
     for tries in range(RESENDS + 1):
-        attempt = _Attempt(context, time.monotonic() - arrived if tries else None, extra, deadline)
+        spent = time.monotonic() - arrived
+        attempt = _Attempt(context, spent if tries or spent >= WAITED_S else None, extra, deadline)
         try:
             reply = await inner(request, attempt)
         except Exception:
@@ -460,7 +466,8 @@ def _guarded(original: Callable, **keywords) -> Callable:
     if not inspect.iscoroutinefunction(inner):
         return inner  # client streaming: these services have none
 
-    merging = _this_proxy().merging(lambda r, c, extra, deadline: _send_unary(inner, r, c, method, extra, deadline)) \
+    merging = _this_proxy().merging(
+        lambda r, c, extra, deadline, arrived: _send_unary(inner, r, c, method, extra, deadline, arrived)) \
         if method == "Embed" else None
 
     async def unary(request, context) -> bytes:

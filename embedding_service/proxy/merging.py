@@ -22,6 +22,7 @@ context of a finished call must not be touched again (gRPC frees it: touching it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -60,8 +61,9 @@ class Outcome:
         return self._parsed
 
 
-# The router's call: (request, the first caller's context, extra metadata, the merged deadline) -> Outcome.
-Send = Callable[[pb.EmbedRequest, object, tuple, Deadline | None], Awaitable[Outcome]]
+# The router's call: (request, the first caller's context, extra metadata, the merged deadline, when the last of its
+# callers came to the proxy) -> Outcome.
+Send = Callable[[pb.EmbedRequest, object, tuple, Deadline | None, float], Awaitable[Outcome]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class _Input:
 class _Caller:
     request: pb.EmbedRequest
     context: object
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,10 @@ class EmbedMerging:
 
     async def _merged(self, inputs: list[_Input], deadline: Deadline) -> Part:
         first = inputs[0].caller
+        # The service's bound counts from the last caller's arrival here (a merged call runs to the last deadline).
+        arrived = max(x.caller.arrived for x in inputs)
         if all(x.caller is first for x in inputs):  # alone: as it came
-            outcome = await self._send(first.request, first.context, (), None)
+            outcome = await self._send(first.request, first.context, (), None, arrived)
             if not outcome.ok:
                 raise MergeFailed(outcome)
             return Part(outcome)
@@ -161,7 +166,7 @@ class EmbedMerging:
         del merged.inputs[:]
         merged.inputs.extend(x.item for x in inputs)
         callers = len({id(x.caller) for x in inputs})
-        outcome = await self._send(merged, first.context, ((MERGED_KEY, str(callers)),), deadline)
+        outcome = await self._send(merged, first.context, ((MERGED_KEY, str(callers)),), deadline, arrived)
         if not outcome.ok:
             raise MergeFailed(outcome)
         return Part(outcome, 0, len(inputs))

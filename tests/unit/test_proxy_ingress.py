@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 
 import grpc
 import numpy as np
@@ -207,3 +208,22 @@ def test_the_services_bound_counts_from_the_calls_arrival_and_the_callers_deadli
     assert 1 < left(45, [(TIMEOUT_KEY, "2000"), (ELAPSED_KEY, "30000")]) <= 2
     assert 9 < left(None, [(TIMEOUT_KEY, "10000"), (ELAPSED_KEY, "30000")]) <= 10  # no bound: the caller's
     assert left(None, [(ELAPSED_KEY, "bad")]) is None
+
+
+def test_a_call_that_waited_in_the_proxy_tells_the_router_how_long():
+    """A call that waited to leave merged (behind a call stuck on a model with no replica, say) must not get the
+    service's whole bound again at the router: its caller's own deadline would pass first, unanswered."""
+    seen: list[tuple] = []
+
+    async def inner(request, attempt):
+        seen.append(dict(attempt.invocation_metadata()))
+        return b""
+
+    async def main() -> None:
+        waited = time.monotonic() - 2.0
+        await ingress._send_unary(inner, pb.EmbedRequest(), Context(remaining=100), "Embed", arrived=waited)
+        await ingress._send_unary(inner, pb.EmbedRequest(), Context(remaining=30), "Embed")  # just arrived
+
+    asyncio.run(main())
+    assert 2000 <= int(seen[0][ELAPSED_KEY]) < 3000 and ELAPSED_KEY not in seen[1]
+    assert 42 < Deadline.within(45, list(seen[0].items())).remaining() <= 43  # the bound less the 2 s it waited

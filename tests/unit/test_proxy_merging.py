@@ -4,6 +4,7 @@ through the real proxy: a caller that leaves while it waits, the queue bound, a 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -49,7 +50,7 @@ def test_a_merged_call_never_touches_the_context_of_a_caller_who_has_gone():
     async def main():
         gates = [asyncio.Event(), asyncio.Event()]
 
-        async def send(request, context, extra, deadline) -> Outcome:
+        async def send(request, context, extra, deadline, arrived) -> Outcome:
             await gates[len(read)].wait()
             read.append((context.peer(), context.auth_context(), context.invocation_metadata(), extra))
             reply = pb.EmbedResponse(model="m")
@@ -88,7 +89,7 @@ def test_calls_past_the_proxys_queue_bound_are_refused_with_a_retry_delay():
     async def main():
         gate = asyncio.Event()
 
-        async def send(request, context, extra, deadline) -> Outcome:
+        async def send(request, context, extra, deadline, arrived) -> Outcome:
             await gate.wait()
             return Outcome(pb.EmbedResponse(model="m").SerializeToString())
 
@@ -117,7 +118,7 @@ def test_a_lone_call_goes_as_it_came_and_a_waiting_caller_gets_its_own_deadline(
     async def main():
         gate = release()
 
-        async def send(request, context, extra, deadline) -> Outcome:
+        async def send(request, context, extra, deadline, arrived) -> Outcome:
             sent.append((request, extra))
             await gate.wait()
             return Outcome(pb.EmbedResponse(model="m").SerializeToString())
@@ -141,13 +142,13 @@ def test_a_lone_call_goes_as_it_came_and_a_waiting_caller_gets_its_own_deadline(
 
 
 def test_calls_that_wait_leave_as_one_with_their_count_and_the_last_deadline():
-    seen: list[tuple[pb.EmbedRequest, tuple, float | None]] = []
+    seen: list[tuple[pb.EmbedRequest, tuple, float | None, float]] = []
 
     async def main():
         gate = asyncio.Event()
 
-        async def send(request, context, extra, deadline) -> Outcome:
-            seen.append((request, extra, None if deadline is None else deadline.remaining()))
+        async def send(request, context, extra, deadline, arrived) -> Outcome:
+            seen.append((request, extra, None if deadline is None else deadline.remaining(), time.monotonic() - arrived))
             await gate.wait()
             reply = pb.EmbedResponse(model="m", dimensions=2)
             for i, _ in enumerate(request.inputs):
@@ -169,9 +170,10 @@ def test_calls_that_wait_leave_as_one_with_their_count_and_the_last_deadline():
         return [await first] + [await w for w in waiting]
 
     replies = [pb.EmbedResponse.FromString(r) for r in asyncio.run(main())]
-    merged, extra, remaining = seen[1]
+    merged, extra, remaining, waited = seen[1]
     assert [x.text for x in merged.inputs] == ["b", "c", "d"] and extra == ((MERGED_KEY, "2"),)
     assert 19 < remaining <= 20
+    assert 0.04 < waited < 1, "the service's bound counts from the last caller's arrival: it waited 0.05 s"
     assert [[(e.index, e.values[0], e.tokens) for e in r.embeddings] for r in replies[1:]] == \
         [[(0, 0.0, 1), (1, 1.0, 2)], [(0, 2.0, 3)]]
     assert [r.usage.total_tokens for r in replies[1:]] == [3, 3]
