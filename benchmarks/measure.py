@@ -45,14 +45,15 @@ def measure_client(name: str, client, work: Work, results: dict, batch_stats) ->
     ip, same = results["in_process"], results.get("in_process_backend")
     w = {}
     lat = [client.embed([W1_TEXT]) for _ in range(work.sizes["w1_n"])]
-    w[f"W1_{name}"] = _w1(lat, ip, same) | {"batches": batch_stats()}
+    w[f"W1_{name}"] = _w1(lat, ip, same) | {"batches": batch_stats(work.sizes["w1_n"])}
     wall, lat = concurrent(client.embed, [work.w2] * work.sizes["w2_requests"], 2)
-    w[f"W2_{name}"] = _rate(len(work.w2) * work.sizes["w2_requests"] / wall, lat, ip, same) | {"batches": batch_stats()}
+    w2_inputs = len(work.w2) * work.sizes["w2_requests"]
+    w[f"W2_{name}"] = _rate(w2_inputs / wall, lat, ip, same) | {"batches": batch_stats(w2_inputs)}
     wall, lat = concurrent(lambda s: client.embed([s]), work.w3, 64)
-    w[f"W3_{name}"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    w[f"W3_{name}"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats(len(work.w3))}
     wall, lat = concurrent(client.embed, work.w4, 2)
     rate = sum(map(len, work.w4)) / wall
-    w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats()}
+    w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats(sum(map(len, work.w4)))}
     return w
 
 
@@ -61,17 +62,18 @@ def measure_async_rest(rest: AsyncRestClient, work: Work, results: dict, batch_s
     openai SDK (`W3_openai_sdk`) and from callers that keep their connections open (`W3_rest_keepalive`)."""
     ip, same = results["in_process"], results.get("in_process_backend")
     wall, lat = rest.run([[W1_TEXT]] * work.sizes["w1_n"], 1)
-    w = {"W1_rest_async": _w1(lat, ip, same) | {"batches": batch_stats()}}
+    w = {"W1_rest_async": _w1(lat, ip, same) | {"batches": batch_stats(work.sizes["w1_n"])}}
     wall, lat = rest.run([work.w2] * work.sizes["w2_requests"], 2)
-    w["W2_rest_async"] = _rate(len(work.w2) * work.sizes["w2_requests"] / wall, lat, ip, same) | {"batches": batch_stats()}
+    w2_inputs = len(work.w2) * work.sizes["w2_requests"]
+    w["W2_rest_async"] = _rate(w2_inputs / wall, lat, ip, same) | {"batches": batch_stats(w2_inputs)}
     wall, lat = rest.run([[s] for s in work.w3], 64)
-    w["W3_rest_async"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    w["W3_rest_async"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats(len(work.w3))}
     # The official SDK as 64 tasks on one AsyncOpenAI (its pool keeps up to 100 connections open), and
     # callers that keep their connections open (aiohttp's pool).
     wall, lat = openai_callers(rest.base, rest.model, [[s] for s in work.w3], 64)
-    w["W3_openai_sdk"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    w["W3_openai_sdk"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats(len(work.w3))}
     wall, lat = aiohttp_callers(rest.base, rest.model, [[s] for s in work.w3], 64)
-    w["W3_rest_keepalive"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats()}
+    w["W3_rest_keepalive"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats(len(work.w3))}
     return w
 
 
@@ -100,7 +102,7 @@ def measure_peer(command: str, base: str, model: str, work: Work, results: dict,
         wait_answering(rest, 900, process)
         rest.embed(work.w2)  # warm
 
-        def no_batches() -> dict:  # the peer's batches are not ours to read
+        def no_batches(inputs: int) -> dict:  # the peer's batches are not ours to read
             return {}
 
         w = measure_client("rest", rest, work, results, no_batches)
@@ -110,10 +112,11 @@ def measure_peer(command: str, base: str, model: str, work: Work, results: dict,
 
 
 def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, results: dict, batch_stats) -> dict:
-    """W1-W5 against a running service and gateway; `batch_stats()` returns the batches run since its last call."""
+    """W1-W5 against a running service and gateway; `batch_stats(inputs)` returns the batches run since its last call, once the
+    replicas' metrics count the inputs sent since."""
     ip = results["in_process"]
     grpc_client.embed(work.w2)  # warm
-    batch_stats()
+    batch_stats(len(work.w2))
     w = measure_client("grpc", grpc_client, work, results, batch_stats)
     w |= measure_client("rest", rest, work, results, batch_stats)
     w["W3_rest"]["calls_resent"] = rest.resent  # over the whole threaded run
@@ -125,9 +128,9 @@ def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, resul
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     w["W5_grpc_stream"] = {"rate": seen / wall, "ratio": seen / wall / ip["w5_rate_sample"], "inputs": seen,
-                           "client_peak_mib": peak / 2**20, "result_mib": held / 2**20, "batches": batch_stats()}
+                           "client_peak_mib": peak / 2**20, "result_mib": held / 2**20, "batches": batch_stats(seen)}
     calls = [work.w6[i : i + 256] for i in range(0, len(work.w6), 256)]
     wall, lat = concurrent(grpc_client.embed, calls, 2)
     w["W6_grpc_real_text"] = {"rate": len(work.w6) / wall, "ratio": len(work.w6) / wall / ip["w6_rate"],
-                              "batches": batch_stats()}
+                              "batches": batch_stats(len(work.w6))}
     return w

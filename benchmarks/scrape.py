@@ -10,7 +10,9 @@ class BatchMetrics:
     """What the model replicas ran, read from the service's own metrics on Ray's Prometheus endpoints.
 
     Each call returns the batches run since the previous call: how many, their
-    sizes (histogram buckets), mean size, mean queue and forward time, padding share.
+    sizes (histogram buckets), mean size, mean queue and forward time, padding share. Told how many inputs
+    the replicas ran since the previous call, it reads until the metrics count them all, then once more a
+    report later (a batch's counters are reported together within one interval).
     """
 
     def __init__(self, endpoints: Callable[[], list[str]], model: str, report_s: float = 1.0) -> None:
@@ -25,7 +27,10 @@ class BatchMetrics:
 
         values: dict[tuple[str, str], float] = {}
         for url in self.endpoints():
-            for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            # Only the service's lines are parsed: Ray's own make up most of each endpoint's text.
+            ours = "\n".join(line for line in httpx.get(url, timeout=10).text.splitlines()
+                              if line.startswith(("ray_embedding_", "# HELP ray_embedding_", "# TYPE ray_embedding_")))
+            for family in text_string_to_metric_families(ours + "\n"):
                 for s in family.samples:
                     if s.name.startswith("ray_embedding_") and s.labels.get("model") == self.model:
                         k = (s.name, s.labels.get("le", s.labels.get("stage", "")))
@@ -42,8 +47,22 @@ class BatchMetrics:
             last = now
         return last
 
-    def __call__(self) -> dict:
-        now = self._settled()
+    def _counted(self, inputs: int) -> dict[tuple[str, str], float]:
+        def forwarded(now: dict) -> float:
+            key = ("ray_embedding_sequences_forwarded_total", "")
+            return now.get(key, 0.0) - self._last.get(key, 0.0)
+
+        for _ in range(60):
+            now = self._read()
+            if forwarded(now) >= inputs:
+                time.sleep(self.report_s)
+                return self._read()
+            time.sleep(self.report_s / 2)
+        raise TimeoutError(f"the replicas' metrics counted {forwarded(now):g} of {inputs} inputs forwarded after "
+                           f"{30 * self.report_s:g} s")
+
+    def __call__(self, inputs: int) -> dict:
+        now = self._counted(inputs)
 
         def d(name: str, label: str = "") -> float:  # label: a bucket's le or a stage
             return now.get((name, label), 0.0) - self._last.get((name, label), 0.0)
