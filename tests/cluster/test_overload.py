@@ -52,8 +52,12 @@ WAVE, MAX_WAVES = 24, 4
 # The short calls' deadline, and how much later than it the deadline may reach a replica (each hop loses its transit
 # time, wire/deadline.py).
 SHORT_DEADLINE_S, TRANSIT_S = 0.3, 0.05
-# How long one of saturated()'s calls out keeps a replica, at least, and its fewest windows.
-HOLD_S, MIN_WINDOWS = 1.5, 20
+# How long one of saturated()'s calls out keeps a replica, at least, and its fewest and most windows (below the
+# model's max_windows, 128). Its text is a word of one token and two characters with its space, so that the most
+# windows stay within the service's bound on an input's characters: 223 x 120 x 2 = 53,520 of 100,000 (with a word
+# of 10, 45 windows were refused INVALID_ARGUMENT on a machine that ran 9 in 0.3 s, and nothing held the queue).
+HOLD_S, MIN_WINDOWS, MAX_WINDOWS = 1.5, 20, 120
+WORD = "a"
 # A key of the proxy's merging holds at most 31 one-input calls waiting (32 leave at once, merged): these many keys
 # hold more than the proxy's queue bound, three of them to spare.
 HELD_KEYS = math.ceil(PROXY_MAX_QUEUED_CALLS / 30) + 3
@@ -133,7 +137,7 @@ def windowed(text: str, dimensions: int) -> pb.EmbedRequest:
 
 
 @contextlib.asynccontextmanager
-async def saturated(stub) -> AsyncIterator[None]:
+async def saturated(stub, max_chars: int) -> AsyncIterator[None]:
     """The proxy's queue of calls waiting to leave merged full: HELD_KEYS keys (Matryoshka widths) each with a call out
     that keeps the model a second or more (one long input in windows, sized from how long a short one takes here: at
     most one runs on each replica at a time, the rest wait behind) and 30 one-input calls waiting for it, more than
@@ -144,15 +148,21 @@ async def saturated(stub) -> AsyncIterator[None]:
     took = []
     for _ in range(2):
         started = time.monotonic()
-        await stub.Embed(windowed(" ".join(["retrieval"] * 2000), 383), timeout=120)  # 9 windows
+        await stub.Embed(windowed(" ".join([WORD] * 2000), 383), timeout=120)  # 9 windows
         took.append(time.monotonic() - started)
-    windows = max(MIN_WINDOWS, min(120, math.ceil(9 * HOLD_S / min(took))))
-    text = " ".join(["retrieval"] * (223 * windows))
+    windows = max(MIN_WINDOWS, min(MAX_WINDOWS, math.ceil(9 * HOLD_S / min(took))))
+    text = " ".join([WORD] * (223 * windows))
+    assert len(text) <= max_chars, (len(text), max_chars)
     held = [asyncio.ensure_future(stub.Embed(windowed(text, unmergeable(key)), timeout=300))
             for key in range(HELD_KEYS)]
     waiting = [asyncio.ensure_future(stub.Embed(pb.EmbedRequest(
         inputs=[pb.EmbedInput(text=f"held {key} {n}")], truncation=pb.TRUNCATION_POLICY_WINDOWS,
         dimensions=unmergeable(key)), timeout=300)) for key in range(HELD_KEYS) for n in range(30)]
+
+    def outcome(call: asyncio.Future) -> str:
+        err = call.exception()
+        return "OK" if err is None else f"{err.code().name} {err.details()}" if isinstance(err, grpc.RpcError) \
+            else repr(err)
 
     def refused() -> bool:
         return any(c.done() and isinstance(c.exception(), grpc.aio.AioRpcError) and refusal(c.exception())[0]
@@ -162,7 +172,8 @@ async def saturated(stub) -> AsyncIterator[None]:
         while not refused():
             pending = [c for c in held + waiting if not c.done()]
             assert pending, f"the proxy's queue never filled: calls out of {windows} windows (9 took {took} s); " \
-                f"{collections.Counter(type(c.exception()).__name__ for c in held + waiting)}"
+                f"the calls out: {collections.Counter(outcome(c) for c in held)}, the calls waiting: " \
+                f"{collections.Counter(outcome(c) for c in waiting)}"
             await asyncio.wait(pending, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         yield
     finally:
@@ -199,7 +210,7 @@ def test_a_grpc_burst_past_the_queue_bounds_is_served_or_told_when_to_retry(serv
             stub = embedding_pb2_grpc.EmbedServiceStub(channel)
             await stub.Embed(one("warm up"), timeout=60)
             results = []
-            async with saturated(stub):
+            async with saturated(stub, service.config.args.limits.max_chars_per_input):
                 started = time.monotonic()
                 results.append((*await burst(stub), time.monotonic() - started))
             started = time.monotonic()
@@ -232,7 +243,7 @@ def test_a_rest_burst_through_the_gateway_is_200_or_429_with_retry_after(service
                                                                   "dimensions": unmergeable(i)})
                     return r.status_code, r.headers.get("retry-after")
 
-                async with saturated(stub):
+                async with saturated(stub, service.config.args.limits.max_chars_per_input):
                     results = await asyncio.gather(*(call(i) for i in range(REST_BURST)))
                 after, _ = await call(REST_BURST)
         return results, after
