@@ -47,13 +47,12 @@ def measure_client(name: str, client, work: Work, results: dict, batch_stats) ->
     lat = [client.embed([W1_TEXT]) for _ in range(work.sizes["w1_n"])]
     w[f"W1_{name}"] = _w1(lat, ip, same) | {"batches": batch_stats(work.sizes["w1_n"])}
     wall, lat = concurrent(client.embed, [work.w2] * work.sizes["w2_requests"], 2)
-    w2_inputs = len(work.w2) * work.sizes["w2_requests"]
-    w[f"W2_{name}"] = _rate(w2_inputs / wall, lat, ip, same) | {"batches": batch_stats(w2_inputs)}
+    w[f"W2_{name}"] = _rate(work.w2_inputs / wall, lat, ip, same) | {"batches": batch_stats(work.w2_inputs)}
     wall, lat = concurrent(lambda s: client.embed([s]), work.w3, 64)
     w[f"W3_{name}"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats(len(work.w3))}
     wall, lat = concurrent(client.embed, work.w4, 2)
-    rate = sum(map(len, work.w4)) / wall
-    w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats(sum(map(len, work.w4)))}
+    rate = work.w4_inputs / wall
+    w[f"W4_{name}"] = {"rate": rate, "ratio": rate / ip["w4_rate"], "batches": batch_stats(work.w4_inputs)}
     return w
 
 
@@ -64,8 +63,7 @@ def measure_async_rest(rest: AsyncRestClient, work: Work, results: dict, batch_s
     wall, lat = rest.run([[W1_TEXT]] * work.sizes["w1_n"], 1)
     w = {"W1_rest_async": _w1(lat, ip, same) | {"batches": batch_stats(work.sizes["w1_n"])}}
     wall, lat = rest.run([work.w2] * work.sizes["w2_requests"], 2)
-    w2_inputs = len(work.w2) * work.sizes["w2_requests"]
-    w["W2_rest_async"] = _rate(w2_inputs / wall, lat, ip, same) | {"batches": batch_stats(w2_inputs)}
+    w["W2_rest_async"] = _rate(work.w2_inputs / wall, lat, ip, same) | {"batches": batch_stats(work.w2_inputs)}
     wall, lat = rest.run([[s] for s in work.w3], 64)
     w["W3_rest_async"] = _rate(len(work.w3) / wall, lat, ip, same) | {"batches": batch_stats(len(work.w3))}
     # The official SDK as 64 tasks on one AsyncOpenAI (its pool keeps up to 100 connections open), and
@@ -112,8 +110,8 @@ def measure_peer(command: str, base: str, model: str, work: Work, results: dict,
 
 
 def measure_service(grpc_client: GrpcClient, rest: RestClient, work: Work, results: dict, batch_stats) -> dict:
-    """W1-W5 against a running service and gateway; `batch_stats(inputs)` returns the batches run since its last call, once the
-    replicas' metrics count the inputs sent since."""
+    """W1-W5 against a running service and gateway; `batch_stats(inputs)` returns the batches run since its last
+    call, once the replicas' metrics count the inputs sent since."""
     ip = results["in_process"]
     grpc_client.embed(work.w2)  # warm
     batch_stats(len(work.w2))

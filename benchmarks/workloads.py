@@ -49,6 +49,16 @@ class Work:
     w5: list[str]
     w6: list[str]  # real text: the packaged gate sentences (news and documentation prose)
 
+    @property
+    def w2_inputs(self) -> int:
+        """W2's inputs over all its calls."""
+        return len(self.w2) * self.sizes["w2_requests"]
+
+    @property
+    def w4_inputs(self) -> int:
+        """W4's inputs over all its calls."""
+        return sum(map(len, self.w4))
+
     @classmethod
     def make(cls, sizes: dict) -> Work:
         from embedding_service.model.accuracy import corpus
