@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI's embeddings REST schema over the gRPC Embed API.
 
 The app's state holds what the routes use: the settings, the service's client (upstream.py), the Embed
-coalescing (coalescing.py), the metrics and the draining flag.
+coalescing (coalescing.py), the metrics, the draining flag and the budget of request bodies held (body_budget.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from embedding_service.observability.tracing import Tracer, env_tracer
 from gateway import embeddings, guards, routes, scoring_routes
+from gateway.body_budget import BodyBudget
 from gateway.coalescing import EmbedCoalescing
 from gateway.metrics import GatewayMetrics, ObserveRequests
 from gateway.settings import GatewaySettings
@@ -61,12 +62,13 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = draining or threading.Event()
+    app.state.bodies = BodyBudget(settings.max_body_bytes_in_flight)  # one budget for the hot path and the routes
     guards.install(app, settings)
     app.include_router(routes.openai)
     app.include_router(scoring_routes.scoring)
     app.include_router(routes.operations)
     # Added last, so outermost of the app's middleware: it sees every response, refusals included.
     app.add_middleware(ObserveRequests, metrics=metrics, tracer=tracer)
-    app.hot_path = ObserveRequests(guards.Guard(embeddings.EmbeddingsEndpoint(app.state), settings), metrics, tracer,
-                                   route=embeddings.PATH)
+    app.hot_path = ObserveRequests(guards.Guard(embeddings.EmbeddingsEndpoint(app.state), settings, app.state.bodies),
+                                   metrics, tracer, route=embeddings.PATH)
     return app

@@ -11,14 +11,16 @@ prefix (uvicorn's root_path, behind a proxy that strips one).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import orjson
 from pydantic import ValidationError
 from starlette.responses import Response
 
 from embedding_client import EmbeddingError
+from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.deadline import Deadline
-from gateway import errors, translate
+from gateway import errors, json_body, translate
 from gateway.coalescing import CoalescingFull
 from gateway.openai_schema import EmbeddingRequest
 
@@ -28,36 +30,58 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 logger = logging.getLogger("gateway")
 
 
-def parse(raw: bytes, schema=EmbeddingRequest):
-    """The request body as `schema`; OpenAI's 400 naming the field when it does not validate."""
+def parse(raw: bytes | bytearray, settings, schema=EmbeddingRequest):
+    """The request body as `schema`: JSON of at most settings.max_json_values values (json_body.py), its list fields
+    by their JSON type within the settings' bounds (bounded_lists.py); OpenAI's 400 with the first problem only,
+    naming the field."""
+    data = json_body.load(raw, settings.max_json_values)
     try:
-        return schema.model_validate_json(raw)
+        return schema.model_validate(data, context=settings)
     except ValidationError as exc:
-        raise errors.from_validation(exc.errors(), schema.model_fields) from None
+        raise errors.from_validation(exc.errors(include_url=False, include_input=False), schema.model_fields) from None
 
 
-async def respond(state, raw: bytes) -> bytes:
-    """The JSON reply to one embeddings request body, or an OpenAIError raised."""
-    body: EmbeddingRequest = parse(raw)
+@dataclass(frozen=True)
+class EmbedCall:
+    """What one embeddings request asks of the service and how its reply is rendered: all that is kept of its body
+    while it waits, as the body's bytes and Python objects are large next to it."""
+
+    model: str
+    inputs: list[pb.EmbedInput]
+    dimensions: int | None
+    encoding: int
+    output_dtype: str
+    base64: bool
+
+
+def embed_call(state, raw: bytes | bytearray) -> EmbedCall:
+    """The call one embeddings request body asks for, or an OpenAIError raised."""
+    body: EmbeddingRequest = parse(raw, state.settings)
     translate.check_dimensions(body)
-    inputs = translate.inputs(body, state.settings.max_inputs)
+    return EmbedCall(body.model, translate.inputs(body), body.dimensions, translate.encoding(body), body.output_dtype,
+                     body.encoding_format == "base64")
+
+
+async def respond(state, call: EmbedCall) -> bytes:
+    """The JSON reply to one embeddings call, or an OpenAIError raised."""
     deadline = Deadline.after(state.settings.request_timeout_s)
     try:
-        reply = await state.embedding.embed(body.model, inputs, body.dimensions, deadline, translate.encoding(body))
+        reply = await state.embedding.embed(call.model, call.inputs, call.dimensions, deadline, call.encoding)
     except EmbeddingError as err:
         raise errors.from_service(err, state.settings.retry_after_s) from None
     except TimeoutError:  # its deadline passed while it waited to leave in a merged call
         raise errors.timeout() from None
     except CoalescingFull:
         raise refused(state) from None
-    payload = translate.render(reply, body.output_dtype, body.encoding_format == "base64")
+    payload = translate.render(reply, call.output_dtype, call.base64)
     return orjson.dumps(payload)
 
 
 async def reply(state, receive) -> bytes:
     """The JSON reply to the request whose body ASGI `receive` carries, read within the body bound; an
-    OpenAIError or ClientGone raised. The route's whole work, here (EmbeddingsEndpoint) and in FastAPI's route."""
-    return await respond(state, await read_body(receive, state.settings.max_body_bytes))
+    OpenAIError or ClientGone raised. The route's whole work, here (EmbeddingsEndpoint) and in FastAPI's route.
+    The body and what it parsed into are dropped before the call goes out."""
+    return await respond(state, embed_call(state, await read_body(receive, state.settings.max_body_bytes)))
 
 
 def refused(state) -> errors.OpenAIError:
@@ -85,8 +109,9 @@ def gone() -> Response:
     return Response(status_code=CLIENT_GONE)
 
 
-async def read_body(receive, limit: int) -> bytes:
-    """The whole body from ASGI `receive`, bounded by `limit` even without a Content-Length."""
+async def read_body(receive, limit: int) -> bytearray:
+    """The whole body from ASGI `receive`, bounded by `limit` even without a Content-Length; as read, not copied
+    into bytes (the parse takes either)."""
     body = bytearray()
     while True:
         message = await receive()
@@ -96,7 +121,7 @@ async def read_body(receive, limit: int) -> bytes:
         if len(body) > limit:
             raise errors.body_too_large(limit)
         if not message.get("more_body", False):
-            return bytes(body)
+            return body
 
 
 class EmbeddingsEndpoint:

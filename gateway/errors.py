@@ -81,6 +81,19 @@ def overloaded(queued: int, retry_after_s: int) -> OpenAIError:
                        {"Retry-After": str(max(retry_after_s, 1))})
 
 
+def too_many_values(counted: int, limit: int) -> OpenAIError:
+    """A body that would parse into more objects than max_json_values (json_body.py)."""
+    return invalid_request(f"the request body holds more than {limit} JSON values ({counted} counted; "
+                           "max_json_values): send fewer inputs or token ids per request")
+
+
+def bodies_in_flight(limit: int, retry_after_s: int) -> OpenAIError:
+    """The bodies of other requests fill max_body_bytes_in_flight: a 429 the SDKs retry after Retry-After."""
+    return OpenAIError(429, f"the gateway holds {limit} bytes of request bodies already (max_body_bytes_in_flight); "
+                       "retry after the Retry-After delay", "rate_limit_error", None, "rate_limit_exceeded",
+                       {"Retry-After": str(max(retry_after_s, 1))})
+
+
 def from_validation(problems: list[dict], known_params) -> OpenAIError:
     """A pydantic/FastAPI validation failure as OpenAI's 400, naming the request field when it is one."""
     first = problems[0] if problems else {}

@@ -21,8 +21,8 @@ operations = APIRouter()
 
 async def read_body(request: Request, schema=EmbeddingRequest):
     """The request's JSON body as `schema`, read within the body bound; OpenAI's 400 when it does not fit."""
-    return embeddings.parse(await embeddings.read_body(request.receive, request.app.state.settings.max_body_bytes),
-                            schema)
+    settings = request.app.state.settings
+    return embeddings.parse(await embeddings.read_body(request.receive, settings.max_body_bytes), settings, schema)
 
 
 @openai.post(

@@ -15,7 +15,6 @@ from embedding_client.v1 import embedding_pb2 as pb
 from gateway import errors
 from gateway.routes import ERROR_RESPONSES, call, read_body
 from gateway.scoring_schema import (
-    DocumentText,
     RerankRequest,
     RerankResponse,
     SparseEmbeddingRequest,
@@ -46,9 +45,8 @@ def _json(payload: dict) -> Response:
 
 
 async def _rerank(request: Request) -> Response:
-    body: RerankRequest = await read_body(request, RerankRequest)
-    documents = [d.text if isinstance(d, DocumentText) else d for d in body.documents]
-    message = pb.RerankRequest(model=body.model or "", query=body.query, documents=documents,
+    body: RerankRequest = await read_body(request, RerankRequest)  # its documents' texts, bounded
+    message = pb.RerankRequest(model=body.model or "", query=body.query, documents=body.documents,
                                return_documents=body.return_documents, activation=not body.raw_scores,
                                truncation=_truncation(body.truncate))
     if body.top_n is not None:
@@ -74,11 +72,8 @@ for path in ("/v1/rerank", "/v2/rerank"):
 @scoring.post("/v1/embeddings/sparse", response_model=SparseEmbeddingResponse, responses=ERROR_RESPONSES,
               openapi_extra=_documented(SparseEmbeddingRequest))
 async def create_sparse_embeddings(request: Request) -> Response:
-    body: SparseEmbeddingRequest = await read_body(request, SparseEmbeddingRequest)
+    body: SparseEmbeddingRequest = await read_body(request, SparseEmbeddingRequest)  # its input bounded
     texts = [body.input] if isinstance(body.input, str) else body.input
-    limit = request.app.state.settings.max_inputs
-    if len(texts) > limit:
-        raise errors.invalid_request(f"{len(texts)} inputs; at most {limit} per request", "input")
     message = pb.EmbedSparseRequest(model=body.model or "", inputs=texts, return_tokens=body.return_tokens,
                                     truncation=_truncation(body.truncate))
     if body.top_k is not None:

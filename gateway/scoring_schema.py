@@ -1,11 +1,17 @@
 """The rerank and sparse REST schema: Cohere's v2 rerank (which Jina's and vLLM's rerank also take) and the
-gateway's sparse embeddings, fields in the order of Cohere's documentation."""
+gateway's sparse embeddings, fields in the order of Cohere's documentation.
+
+The requests are validated with the gateway's settings as pydantic's context (embeddings.parse): their list fields are
+checked by bounded_lists within their bounds, not by pydantic's unions.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
+
+from gateway import bounded_lists
 
 
 class DocumentText(BaseModel):
@@ -22,7 +28,7 @@ class RerankRequest(BaseModel):
 
     model: StrictStr | None = None
     query: StrictStr
-    documents: list[StrictStr | DocumentText]
+    documents: list[StrictStr | DocumentText]  # their texts once validated
     top_n: StrictInt | None = None
     return_documents: StrictBool = False  # Jina's and Cohere v1's; Cohere v2 returns none
     # Cohere's relevance_score is the model's activation (sigmoid for one label), in [0, 1]; raw_scores (TEI's
@@ -31,6 +37,11 @@ class RerankRequest(BaseModel):
     # TEI's: false refuses a query-document pair over the model's maximum instead of cutting it.
     truncate: StrictBool = True
     priority: StrictInt | None = None  # Cohere's scheduling hint; every call is served alike here
+
+    @field_validator("documents", mode="plain", json_schema_input_type=list[StrictStr | DocumentText])
+    @classmethod
+    def _documents_by_their_json_type(cls, value: object, info: ValidationInfo) -> list[str]:
+        return bounded_lists.documents(value, info.context.max_documents)
 
 
 class RerankDocument(BaseModel):
@@ -76,6 +87,11 @@ class SparseEmbeddingRequest(BaseModel):
     top_k: StrictInt | None = None
     return_tokens: StrictBool = False
     truncate: StrictBool = True
+
+    @field_validator("input", mode="plain", json_schema_input_type=StrictStr | list[StrictStr])
+    @classmethod
+    def _input_by_its_json_type(cls, value: object, info: ValidationInfo) -> str | list[str]:
+        return bounded_lists.texts(value, "input", info.context.max_inputs)
 
 
 class SparseEmbedding(BaseModel):

@@ -114,6 +114,29 @@ class GatewaySettings(BaseSettings):
         description="Inputs one request may carry; the run command and the manifests set it to the service's "
         "limits.max_inputs_per_request.",
     )
+    max_token_ids: int = Field(
+        100_000, ge=1,
+        description="Token ids one input given as tokens may carry (400 past it, before its ids are looked at); the "
+        "service's limits.max_token_ids_per_input, whose default it has.",
+    )
+    max_documents: int = Field(
+        1000, ge=1,
+        description="Documents one rerank request may carry (400 past it, before they are looked at); the service's "
+        "limits.max_documents_per_rerank, whose default it has.",
+    )
+    max_json_values: int = Field(
+        2**19, ge=1024,
+        description="JSON values (strings, numbers, booleans, nulls, arrays, objects, keys) one request body may "
+        "hold, counted over its bytes before it is parsed (400 past it): each parses into a Python object of up to "
+        "~100 bytes, so a body of small values within max_body_bytes could otherwise take gigabytes. 524,288 is "
+        "above OpenAI's own bound of 300,000 tokens per request, sent as token ids; it bounds one parse to ~50 MB.",
+    )
+    max_body_bytes_in_flight: int = Field(
+        128 * 1024 * 1024, ge=1024,
+        description="Bytes of request bodies the gateway holds at once over every request, counted as they arrive "
+        "and until each request is answered (its inputs live on as the gRPC message); a request that would pass "
+        "it gets 429 and Retry-After at once. A body larger than this is read only while no other is held.",
+    )
     max_message_bytes: int = Field(
         256 * 1024 * 1024, ge=1024,
         description="Largest gRPC message the gateway sends to or receives from the service, in bytes.",

@@ -9,31 +9,18 @@ import numpy as np
 from embedding_client.encodings import OUTPUTS
 from embedding_client.v1 import embedding_pb2 as pb
 from gateway import errors
+from gateway.bounded_lists import INT32_MAX
 from gateway.coalescing import Reply
 from gateway.openai_schema import EmbeddingRequest
 
-INT32_MAX = 2**31 - 1
 
-
-def inputs(body: EmbeddingRequest, max_inputs: int) -> list[pb.EmbedInput]:
+def inputs(body: EmbeddingRequest) -> list[pb.EmbedInput]:
+    """`input` as validated (bounded_lists.embedding_input: bounded, token ids in range): a string, strings, one
+    array of token ids or arrays of them."""
     raw = body.input
-    if isinstance(raw, str):
-        items: list = [raw]
-    elif raw and all(isinstance(x, int) for x in raw):
-        items = [raw]  # one token array
-    else:
-        items = list(raw)
-    if len(items) > max_inputs:
-        raise errors.invalid_request(f"{len(items)} inputs; at most {max_inputs} per request", "input")
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            out.append(pb.EmbedInput(text=item))
-        else:
-            if any(not 0 <= t <= INT32_MAX for t in item):
-                raise errors.invalid_request("token ids must be non-negative 32-bit integers", "input")
-            out.append(pb.EmbedInput(token_ids=pb.TokenIds(ids=item)))
-    return out
+    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+    return [pb.EmbedInput(text=item) if isinstance(item, str) else pb.EmbedInput(token_ids=pb.TokenIds(ids=item))
+            for item in items]
 
 
 def check_dimensions(body: EmbeddingRequest) -> None:
