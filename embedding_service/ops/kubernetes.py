@@ -17,6 +17,14 @@ kept in sync by a test). What comes from where:
   probe that waited for the app would never let the app be deployed. Workers' readiness is gRPC health ""
   (this pod's proxy is up and the service serves: only then does the serve Service send it calls); their
   liveness is their raylet's health over HTTP (a worker with no replica has no proxy, and is not dead).
+- Ray's control plane: token authentication (KubeRay's `authOptions`, the token from a Secret every node and the
+  operator read), and a NetworkPolicy (networkpolicy.yaml) that denies ingress to this service's pods but for
+  Ray's own traffic between its Ray pods, the gateway's calls, the operator's dashboard and proxy checks, the
+  metrics scrape and the gateway's users.
+- Every pod runs as the image's user with no privilege, no capability, the runtime's seccomp profile, a read-only
+  root filesystem (writable emptyDirs where Ray and the libraries write) and no Kubernetes API token but the
+  autoscaler's. The service's API keys reach only the Ray pods, whose proxy and router check them; the gateway
+  gets its own keys and the one key it calls the service with.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import math
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field
@@ -40,8 +48,23 @@ RAY_VERSION = "2.60.0"  # the image's Ray (deploy/docker/constraints.txt pins it
 GRPC_PORT_NAME = "serve-grpc"  # KubeRay puts head ports named serve or serve-* in the serve Service
 METRICS_PORT = 8080
 DASHBOARD_AGENT_PORT = 52365  # Ray's default; its /api/local_raylet_healthz is what KubeRay's own probe asks
+DASHBOARD_PORT = 8265
+GATEWAY_PORT = 8080
 API_KEYS_KEY = "api-keys"  # the key of the service's Secret that holds its API keys
 GATEWAY_KEY = "gateway-key"  # ... and the one key the gateway calls the service with
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay v1.7 reads Ray's token from in authOptions.secretName's Secret
+# The image's user (deploy/docker/Dockerfile: USER 1000:1000) and its home (HOME=/home/ray).
+IMAGE_UID = 1000
+IMAGE_HOME = "/home/ray"
+# The writable places of a Ray pod, each an emptyDir over the read-only root: Ray's session folder (KubeRay's own
+# volume name for it, so the head's autoscaler sidecar shares it as KubeRay means it to), /tmp (Python's temporary
+# files, ONNX exports) and the home (HF, torch and Triton caches, ~/.ray).
+RAY_WRITABLE = {"tmp": "/tmp", "ray-logs": "/tmp/ray", "home": IMAGE_HOME}
+GATEWAY_WRITABLE = {"tmp": "/tmp"}
+# Where the kubelet would mount a pod's API token; only the autoscaler sidecar gets one there.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes (1.22+) on every namespace
+RAY_CLUSTER_LABEL = "ray.io/cluster"  # set by KubeRay on every Ray pod: the RayCluster's generated name
 HEADER = "# Rendered by `python -m embedding_service render-k8s` from serve-config.yaml; edit that, not this.\n"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 # The gateway pod's drain delay: load balancers stop sending before it stops accepting.
@@ -51,6 +74,10 @@ GATEWAY_DRAIN_DELAY_S = 5
 class Bounds(Strict):
     min: int = Field(ge=0)
     max: int = Field(ge=0)
+
+
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+Namespace = Annotated[str, Field(pattern=NAMESPACE_PATTERN, max_length=63)]
 
 
 class KubernetesOptions(Strict):
@@ -75,6 +102,28 @@ class KubernetesOptions(Strict):
     # Secrets, created by hand (README): the service's keys (API_KEYS_KEY, GATEWAY_KEY), the gateway's own keys.
     api_keys_secret: str = "embedding-service-api-keys"
     gateway_keys_secret: str = "embedding-gateway-api-keys"
+    ray_token_secret: str | None = Field(
+        "embedding-service-ray-token",
+        description="Secret (key auth_token) holding Ray's token, created by hand like the API keys; every Ray "
+        "node and KubeRay's operator read it. None: KubeRay creates one per RayCluster (named after the cluster's "
+        "generated name, deleted with it, so a new token at every upgrade).")
+    operator_namespace: Namespace = Field(
+        "default",
+        description="Namespace of KubeRay's operator, the one caller of the dashboard and the Serve HTTP proxy's "
+        "health: the namespace its Helm chart or kustomization was installed into (`default` in KubeRay's guide).")
+    operator_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/component": "kuberay-operator"},
+        description="Labels of the operator's pods in operator_namespace (KubeRay's Helm chart and kustomization "
+        "both set this one); empty: any pod of that namespace.")
+    monitoring_namespace: Namespace | None = Field(
+        "monitoring",
+        description="Namespace whose pods scrape the metrics ports (Ray pods' and the gateway's); None: no scrape.")
+    gateway_client_namespaces: list[Namespace] | None = Field(
+        None, description="Namespaces whose pods may call the gateway's HTTP port; None: any source, in or "
+        "outside the cluster (a LoadBalancer, an ingress controller).")
+    grpc_client_namespaces: list[Namespace] = Field(
+        default_factory=list, description="Namespaces whose pods may call the service's gRPC port directly, "
+        "besides the gateway's pods (always allowed).")
 
 
 def _labels(options: KubernetesOptions, component: str) -> dict[str, str]:
@@ -114,8 +163,32 @@ def _grpc_probe(port: int, service: str, **timing: int) -> dict[str, Any]:
     return {"grpc": {"port": port, "service": service}, "timeoutSeconds": 5, **timing}
 
 
-def _security() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+def _pod_security() -> dict[str, Any]:
+    # At the pod's level too, for the containers KubeRay adds (the autoscaler, the workers' wait-gcs-ready).
+    return {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security() -> dict[str, Any]:
+    """Every container's: Kubernetes' `restricted` Pod Security profile, and a root filesystem nothing writes."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _writable(paths: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts): an emptyDir at each path, parents first."""
+    return ([{"name": n, "emptyDir": {}} for n in paths],
+            [{"name": n, "mountPath": p} for n, p in sorted(paths.items(), key=lambda item: item[1])])
+
+
+def _autoscaler_api_token() -> dict[str, Any]:
+    """The volume the kubelet mounts for a pod's API access (token, cluster CA, namespace), for one container:
+    KubeRay's autoscaler sidecar scales the worker groups through the Kubernetes API; nothing else in the pod
+    calls it, so the pod itself mounts no token."""
+    return {"name": "autoscaler-api-access", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},  # the autoscaler rereads it each minute
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}]}}
 
 
 def _replica_bounds(model: ModelSettings) -> tuple[int, int]:
@@ -137,19 +210,17 @@ class _Pods:
 
     @classmethod
     def of(cls, config: ServeFile, options: KubernetesOptions) -> _Pods:
-        volumes, mounts = _key_file_mount(config.args, options)
+        key_volumes, key_mounts = _key_file_mount(config.args, options)
+        volumes, mounts = _writable(RAY_WRITABLE)
         # Serve stops a replica within shutdown.grace_s; the pod waits that and a margin before its kill.
-        return cls(_env(config, options), config.grpc_port, volumes, mounts,
+        return cls(_env(config, options), config.grpc_port, volumes + key_volumes, mounts + key_mounts,
                    math.ceil(config.args.shutdown.grace_s) + 30)
 
-    def spec(self, container: dict[str, Any]) -> dict[str, Any]:
-        if self.mounts:
-            container = {**container, "volumeMounts": self.mounts}
-        spec: dict[str, Any] = {"containers": [container], "securityContext": _security(),
-                                "terminationGracePeriodSeconds": self.grace_s}
-        if self.volumes:
-            spec["volumes"] = self.volumes
-        return spec
+    def spec(self, container: dict[str, Any], *volumes: dict[str, Any]) -> dict[str, Any]:
+        container = {**container, "securityContext": container_security(), "volumeMounts": self.mounts}
+        # No process of a Ray pod calls the Kubernetes API (the head's autoscaler gets its own token).
+        return {"containers": [container], "securityContext": _pod_security(), "automountServiceAccountToken": False,
+                "terminationGracePeriodSeconds": self.grace_s, "volumes": self.volumes + list(volumes)}
 
 
 def _worker_group(name: str, models: list[ModelSettings], image: str, memory: str, bounds: Bounds | None,
@@ -216,15 +287,38 @@ def _head_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> d
         "livenessProbe": _grpc_probe(pods.grpc_port, LIVENESS, initialDelaySeconds=60, periodSeconds=10,
                                      failureThreshold=6),
         # Ray's GCS is up: what KubeRay waits for before it submits the Serve config.
-        "readinessProbe": {"httpGet": {"path": "/api/gcs_healthz", "port": 8265}, "initialDelaySeconds": 10,
+        # (Ray keeps its health paths open under token authentication.)
+        "readinessProbe": {"httpGet": {"path": "/api/gcs_healthz", "port": DASHBOARD_PORT}, "initialDelaySeconds": 10,
                            "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 10},
     }
     return {
         # The head's own resource (the router and the recycler run there), JSON quoted for `ray start`'s shell.
+        # The dashboard listens on the pod's address: KubeRay's operator submits serveConfigV2 and reads Serve's
+        # status through it. The NetworkPolicy lets only the operator in, and Ray's token guards every call.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT),
                            "resources": json.dumps(json.dumps({HEAD_RESOURCE: 1}))},
-        "template": {"metadata": {"labels": _labels(options, "ray-head")}, "spec": pods.spec(container)},
+        "template": {"metadata": {"labels": _labels(options, "ray-head")},
+                     "spec": pods.spec(container, _autoscaler_api_token())},
     }
+
+
+def _autoscaler_options() -> dict[str, Any]:
+    """KubeRay's autoscaler sidecar (v2): a drained (recycled) worker's pod is deleted, and replaced while Serve
+    wants its replicas. It gets the pods' hardening, the head's writable /tmp and home (KubeRay mounts the session
+    folder itself) and the one API token of the pod."""
+    mounts = [{"name": n, "mountPath": RAY_WRITABLE[n]} for n in ("tmp", "home")]
+    mounts.append({"name": _autoscaler_api_token()["name"], "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True})
+    return {"version": "v2", "idleTimeoutSeconds": 300, "securityContext": container_security(),
+            "volumeMounts": mounts}
+
+
+def _auth_options(options: KubernetesOptions) -> dict[str, Any]:
+    """Ray's token authentication: KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from the Secret) in every
+    Ray container, and its operator sends the token to the dashboard."""
+    auth: dict[str, Any] = {"mode": "token"}
+    if options.ray_token_secret:
+        auth["secretName"] = options.ray_token_secret
+    return auth
 
 
 def ray_service(config: ServeFile, options: KubernetesOptions) -> dict[str, Any]:
@@ -244,9 +338,9 @@ def ray_service(config: ServeFile, options: KubernetesOptions) -> dict[str, Any]
             "upgradeStrategy": {"type": "NewCluster"},  # a config change of the cluster: a new one, then the switch
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
+                "authOptions": _auth_options(options),
                 "enableInTreeAutoscaling": True,
-                # v2: a drained (recycled) worker's pod is deleted, and replaced while Serve wants its replicas.
-                "autoscalerOptions": {"version": "v2", "idleTimeoutSeconds": 300},
+                "autoscalerOptions": _autoscaler_options(),
                 "headGroupSpec": _head_group(config, pods, options),
                 "workerGroupSpecs": [
                     _worker_group("cpu-workers", cpu_models, options.image, options.worker_memory,
@@ -265,23 +359,28 @@ def gateway(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any
     labels = _labels(options, "gateway")
     # KubeRay's serve Service: `<RayService name>-serve-svc`, backed by the pods whose proxy is ready.
     target = f"{options.name}-serve-svc.{options.namespace}.svc:{config.grpc_port}"
+    # Its own callers' keys and the one key it calls the service with; never the service's key list, which only
+    # the Ray pods' proxy and router check.
     env: list[dict[str, Any]] = [{"name": "GATEWAY_API_KEYS", "valueFrom": {"secretKeyRef": {
         "name": options.gateway_keys_secret, "key": API_KEYS_KEY}}}]
     if config.args.auth.configured:
         env.append({"name": "GATEWAY_UPSTREAM_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": options.api_keys_secret, "key": GATEWAY_KEY}}})
     resources = {"cpu": "1", "memory": "1Gi"}
+    volumes, mounts = _writable(GATEWAY_WRITABLE)
     container = {
         "name": "gateway",
         "image": options.image,
         "command": ["python3", "-m", "gateway"],
-        "args": config.gateway_args([target], 8080, host="0.0.0.0", drain_delay_s=GATEWAY_DRAIN_DELAY_S),
+        "args": config.gateway_args([target], GATEWAY_PORT, host="0.0.0.0", drain_delay_s=GATEWAY_DRAIN_DELAY_S),
         "env": env,
-        "ports": [{"name": "http", "containerPort": 8080}],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
                           "failureThreshold": 3},
+        "securityContext": container_security(),
+        "volumeMounts": mounts,
     }
     meta = {"name": name, "namespace": options.namespace, "labels": labels}
     deployment = {
@@ -293,8 +392,10 @@ def gateway(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels}, "spec": {
                 "containers": [container],
-                "securityContext": _security(),
+                "securityContext": _pod_security(),
+                "automountServiceAccountToken": False,  # the gateway calls the service, never the Kubernetes API
                 "terminationGracePeriodSeconds": GATEWAY_DRAIN_DELAY_S + math.ceil(config.args.shutdown.grace_s) + 5,
+                "volumes": volumes,
             }},
         },
     }
@@ -317,6 +418,68 @@ def gateway(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any
     return [deployment, service, budget, autoscaler]
 
 
+def _in_namespaces(names: list[str], pod_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A NetworkPolicy peer: the pods (those with pod_labels, if given) of the named namespaces."""
+    peer: dict[str, Any] = {"namespaceSelector": {"matchExpressions": [
+        {"key": NAMESPACE_LABEL, "operator": "In", "values": sorted(names)}]}}
+    if pod_labels:
+        peer["podSelector"] = {"matchLabels": dict(pod_labels)}
+    return peer
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def _ray_pods(options: KubernetesOptions) -> dict[str, Any]:
+    """The Ray pods of this RayService, whichever of its RayClusters (KubeRay names each `<name>-<random>`, and
+    an upgrade runs two): this service's label and KubeRay's cluster label."""
+    return {"matchLabels": {"app.kubernetes.io/name": options.name},
+            "matchExpressions": [{"key": RAY_CLUSTER_LABEL, "operator": "Exists"}]}
+
+
+def _policy(options: KubernetesOptions, name: str, pods: dict[str, Any], ingress: list[dict]) -> dict[str, Any]:
+    """Ingress to `pods` as the rules allow; no rule: none at all."""
+    spec: dict[str, Any] = {"podSelector": pods, "policyTypes": ["Ingress"]}
+    if ingress:
+        spec["ingress"] = ingress
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{options.name}-{name}", "namespace": options.namespace,
+                         "labels": _labels(options, "network-policy")},
+            "spec": spec}
+
+
+def network_policies(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any]]:
+    """Ingress to this service's pods: none but what the rules below allow (NetworkPolicies add up). The kubelet's
+    probes come from the node, which NetworkPolicy leaves open; egress is not restricted."""
+    gateway_pods = {"podSelector": {"matchLabels": _labels(options, "gateway")}}
+    ray = [
+        # Ray's own traffic, GCS (6379), client (10001), raylets, object managers, agents and workers, on ports
+        # Ray picks at start: any port, from this service's Ray pods only.
+        {"from": [{"podSelector": _ray_pods(options)}]},
+        {"from": [gateway_pods], "ports": _tcp(config.grpc_port)},
+        # KubeRay's operator: the dashboard (serveConfigV2, Serve's status) and the head's Serve proxy health.
+        {"from": [_in_namespaces([options.operator_namespace], options.operator_pod_labels)],
+         "ports": _tcp(DASHBOARD_PORT, config.http_port)},
+    ]
+    if options.grpc_client_namespaces:
+        ray.append({"from": [_in_namespaces(options.grpc_client_namespaces)], "ports": _tcp(config.grpc_port)})
+    gateway: list[dict[str, Any]] = []
+    if options.gateway_client_namespaces is None:  # a rule without `from` admits any source
+        gateway.append({"ports": _tcp(GATEWAY_PORT)})
+    elif options.gateway_client_namespaces:  # (an empty `from` would too: no namespace, no rule)
+        gateway.append({"from": [_in_namespaces(options.gateway_client_namespaces)], "ports": _tcp(GATEWAY_PORT)})
+    if options.monitoring_namespace:
+        ray.append({"from": [_in_namespaces([options.monitoring_namespace])], "ports": _tcp(METRICS_PORT)})
+        gateway.append({"from": [_in_namespaces([options.monitoring_namespace])], "ports": _tcp(GATEWAY_PORT)})
+    return [
+        # Whatever no rule below names, for every pod of this service.
+        _policy(options, "default-deny", {"matchLabels": {"app.kubernetes.io/name": options.name}}, []),
+        _policy(options, "ray", _ray_pods(options), ray),
+        _policy(options, "gateway", {"matchLabels": _labels(options, "gateway")}, gateway),
+    ]
+
+
 class _Dumper(yaml.SafeDumper):
     """Plain YAML for kubectl and reviewers: no anchors, multi-line strings (serveConfigV2) as literal blocks."""
 
@@ -333,7 +496,8 @@ def render(config: ServeFile, options: KubernetesOptions) -> dict[str, str]:
     def dump(documents: list[dict[str, Any]]) -> str:
         return HEADER + "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120) for d in documents)
 
-    return {"rayservice.yaml": dump([ray_service(config, options)]), "gateway.yaml": dump(gateway(config, options))}
+    return {"rayservice.yaml": dump([ray_service(config, options)]), "gateway.yaml": dump(gateway(config, options)),
+            "networkpolicy.yaml": dump(network_policies(config, options))}
 
 
 def stale_files(rendered: dict[str, str], out: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """The Kubernetes manifests: rendered from serve-config.yaml and in sync with deploy/kubernetes/, valid against
-KubeRay v1.7.0's RayService CRD and the Kubernetes API's models; the image installs what the README installs.
+KubeRay v1.7.0's RayService CRD and the Kubernetes API's models; Ray's token authentication, the NetworkPolicies
+and every pod's hardening; the image installs what the README installs.
 
 No container runtime or cluster exists here: nothing below builds an image or applies a manifest."""
 
@@ -50,10 +51,59 @@ def groups(service: dict) -> dict[str, dict]:
     return {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
 
 
-def containers(service: dict) -> list[dict]:
+def templates(service: dict) -> list[dict]:
     cluster = service["spec"]["rayClusterConfig"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    return [c for t in templates for c in t["spec"]["containers"]]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def containers(service: dict) -> list[dict]:
+    return [c for t in templates(service) for c in t["spec"]["containers"]]
+
+
+def pod_templates(manifests: dict[str, list[dict]]) -> list[dict]:
+    """Every pod template rendered: the Ray head's, each worker group's and the gateway's."""
+    deployment = next(o for o in manifests["gateway.yaml"] if o["kind"] == "Deployment")
+    return templates(manifests["rayservice.yaml"][0]) + [deployment["spec"]["template"]]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions In/Exists) applied as Kubernetes applies it."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] in ("In", "Exists"), e
+        if e["key"] not in labels or (e["operator"] == "In" and labels[e["key"]] not in e["values"]):
+            return False
+    return True
+
+
+def admitted(policies: list[dict], pod_labels: dict[str, str], port: int) -> list[dict] | None:
+    """The peers the NetworkPolicies admit to `port` of a pod with these labels (NetworkPolicies add up);
+    None: any source (a rule without `from`)."""
+    selecting = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels)]
+    assert selecting, f"no policy selects {pod_labels}: all ingress open"
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in selecting)
+    peers: list[dict] = []
+    for rule in (r for p in selecting for r in p["spec"].get("ingress", [])):
+        if "ports" in rule and not any(q["port"] == port and q["protocol"] == "TCP" for q in rule["ports"]):
+            continue
+        if not rule.get("from"):
+            return None
+        peers.extend(p for p in rule["from"] if p not in peers)
+    return peers
+
+
+def ray_pod_labels(template: dict) -> dict[str, str]:
+    """A Ray pod's labels: its template's and those KubeRay adds (the RayCluster's generated name among them)."""
+    return {**template["metadata"]["labels"], "ray.io/cluster": "embedding-service-x7k2q", "ray.io/is-ray-node": "yes"}
+
+
+def in_namespace(name: str, **pod_labels: str) -> dict:
+    peer: dict = {"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [name]}]}}
+    if pod_labels:
+        peer["podSelector"] = {"matchLabels": pod_labels}
+    return peer
 
 
 def round_trip(obj: dict, model: str) -> dict:
@@ -102,6 +152,10 @@ def test_pod_templates_and_gateway_objects_are_valid_kubernetes_objects():
     assert sorted(o["kind"] for o in gateway) == sorted(models)
     for obj in gateway:
         assert round_trip(obj, models[obj["kind"]]) == obj, obj["kind"]
+    policies = manifests["networkpolicy.yaml"]
+    assert [p["kind"] for p in policies] == ["NetworkPolicy"] * 3
+    for policy in policies:
+        assert round_trip(policy, "V1NetworkPolicy") == policy
     # The round trip can fail: a misspelt field is dropped by the model.
     wrong = copy.deepcopy(gateway[0])
     wrong["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
@@ -203,3 +257,135 @@ def test_the_image_installs_with_the_readmes_script_and_pins_versions():
             if line and not line.startswith("#")]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.+\-]*", p) for p in pins)
     assert f"ray=={k8s.RAY_VERSION}" in pins  # the manifests' rayVersion is the image's Ray
+
+
+def test_ray_requires_its_token_from_a_named_secret(crd_validator):
+    service = rayservice()
+    cluster = service["spec"]["rayClusterConfig"]
+    # KubeRay v1.7 sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (the Secret's auth_token) in every Ray container,
+    # the autoscaler's and the workers' wait-gcs-ready included, and its operator sends the token to the dashboard.
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "embedding-service-ray-token"}
+    assert k8s.RAY_TOKEN_KEY == "auth_token"
+    assert [e.message for e in crd_validator.iter_errors(service)] == []
+    # The CRD names exactly these fields; a mode it does not know is refused.
+    with gzip.open(KUBERAY / "ray.io_rayservices.v1.7.0.yaml.gz", "rt") as f:
+        crd = yaml.safe_load(f)
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    auth = schema["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["authOptions"]
+    assert sorted(auth["properties"]) == ["enableK8sTokenAuth", "mode", "secretName"]
+    assert auth["properties"]["mode"]["enum"] == ["disabled", "token"]
+    broken = copy.deepcopy(service)
+    broken["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "on"
+    assert len(list(crd_validator.iter_errors(broken))) == 1
+    # No token in the manifest: RAY_AUTH_* come from KubeRay, the token from the Secret.
+    assert all(not e["name"].startswith("RAY_AUTH") for c in containers(service) for e in c["env"])
+    # Without a Secret named, KubeRay generates one per RayCluster.
+    assert rayservice(ray_token_secret=None)["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    # The README's steps create the Secret under KubeRay's key.
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert "secret generic embedding-service-ray-token --from-literal=auth_token=" in docs
+
+
+def test_network_policies_admit_only_what_each_port_needs():
+    manifests = rendered()
+    policies = manifests["networkpolicy.yaml"]
+    service = manifests["rayservice.yaml"][0]
+    gateway_pod = pod_templates(manifests)[-1]["metadata"]["labels"]
+    assert all(p["metadata"]["namespace"] == "embedding" for p in policies)
+    # Default deny: one policy without rules selects every pod of the service (and nothing else).
+    (deny,) = [p for p in policies if "ingress" not in p["spec"]]
+    for template in pod_templates(manifests):
+        assert selects(deny["spec"]["podSelector"], template["metadata"]["labels"])
+    assert not selects(deny["spec"]["podSelector"], {"app.kubernetes.io/name": "other"})
+    ray_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "embedding-service"},
+                                "matchExpressions": [{"key": "ray.io/cluster", "operator": "Exists"}]}}
+    gateway_pods = {"podSelector": {"matchLabels": gateway_pod}}
+    operator = in_namespace("default", **{"app.kubernetes.io/component": "kuberay-operator"})
+    monitoring = in_namespace("monitoring")
+    for template in templates(service):
+        pod = ray_pod_labels(template)
+        # GCS, the client port and Ray's other ports (picked at start): the service's own Ray pods only.
+        for port in (6379, 10001, 52365, 20000):
+            assert admitted(policies, pod, port) == [ray_pods], port
+        assert admitted(policies, pod, 9000) == [ray_pods, gateway_pods]  # Serve's gRPC: the gateway
+        assert admitted(policies, pod, 8265) == [ray_pods, operator]  # the dashboard: KubeRay's operator
+        assert admitted(policies, pod, 8000) == [ray_pods, operator]  # the proxy's health, which KubeRay checks
+        assert admitted(policies, pod, 8080) == [ray_pods, monitoring]  # Ray's metrics
+    # The Ray pods' selector needs KubeRay's label: the gateway is not a Ray pod, a pod without it not either.
+    assert not selects(ray_pods["podSelector"], gateway_pod)
+    assert not selects(ray_pods["podSelector"], templates(service)[0]["metadata"]["labels"])
+    # The gateway: its users (anyone by default) and the metrics scrape, on its one port; nothing else.
+    assert admitted(policies, gateway_pod, 8080) is None
+    assert admitted(policies, gateway_pod, 9000) == admitted(policies, gateway_pod, 6379) == []
+
+    # What an operator supplies.
+    policies = rendered(operator_namespace="ray-system", monitoring_namespace=None, gateway_client_namespaces=["web"],
+                        grpc_client_namespaces=["batch"], operator_pod_labels={})["networkpolicy.yaml"]
+    pod = ray_pod_labels(templates(service)[0])
+    assert admitted(policies, pod, 8265) == [ray_pods, in_namespace("ray-system")]
+    assert admitted(policies, pod, 9000) == [ray_pods, gateway_pods, in_namespace("batch")]
+    assert admitted(policies, pod, 8080) == [ray_pods]
+    assert admitted(policies, gateway_pod, 8080) == [in_namespace("web")]
+    closed = rendered(gateway_client_namespaces=[])["networkpolicy.yaml"]  # no namespace: no rule, not an empty `from`
+    assert admitted(closed, gateway_pod, 8080) == [monitoring]
+    with pytest.raises(ValueError):
+        k8s.KubernetesOptions(grpc_client_namespaces=["Not A Namespace"])
+
+
+def test_every_pod_and_container_is_hardened():
+    manifests = rendered()
+    service = manifests["rayservice.yaml"][0]
+    cluster = service["spec"]["rayClusterConfig"]
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^USER {k8s.IMAGE_UID}:{k8s.IMAGE_UID}$", dockerfile, flags=re.MULTILINE)  # runs as non-root
+    assert re.search(rf"^ENV HOME={k8s.IMAGE_HOME}$", dockerfile, flags=re.MULTILINE)
+    hardened = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    ray_templates = templates(service)
+    for template in pod_templates(manifests):
+        spec = template["spec"]
+        assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                           "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert spec["automountServiceAccountToken"] is False  # none of their processes calls the Kubernetes API
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (container,) = spec["containers"]
+        assert container["securityContext"] == hardened, container["name"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        # The root is read-only: writable emptyDirs where Ray's session, temporary files and caches go.
+        writable = {"/tmp", "/tmp/ray", "/home/ray"} if template in ray_templates else {"/tmp"}
+        assert {p for p, n in mounts.items() if "emptyDir" in volumes[n]} == writable, container["name"]
+        assert k8s.SERVICE_ACCOUNT_DIR not in mounts
+    # KubeRay's volume for the session folder, so that it shares this one with the head's autoscaler.
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}["/tmp/ray"] == "ray-logs"
+    # The autoscaler sidecar KubeRay adds: the same hardening, and the pod's one API token (it scales the groups).
+    autoscaler = cluster["autoscalerOptions"]
+    assert autoscaler["securityContext"] == hardened and autoscaler["version"] == "v2"
+    mounts = {m["mountPath"]: m for m in autoscaler["volumeMounts"]}
+    assert {"/tmp", "/home/ray"} <= set(mounts)
+    token = mounts[k8s.SERVICE_ACCOUNT_DIR]
+    assert token["readOnly"] is True
+    (volume,) = [v for v in head["volumes"] if v["name"] == token["name"]]
+    assert [sorted(s) for s in volume["projected"]["sources"]] == [["serviceAccountToken"], ["configMap"],
+                                                                  ["downwardAPI"]]
+    assert all(token["name"] not in {v["name"] for v in t["spec"]["volumes"]} for t in ray_templates[1:])
+
+
+def test_the_services_api_keys_reach_only_the_pods_that_check_them():
+    config = servefile.read()
+    config["applications"][0]["args"]["auth"]["api_keys_file"] = "/etc/embedding/keys.json"
+    for manifests in (rendered(), rendered(config)):
+        for container in containers(manifests["rayservice.yaml"][0]):  # Serve's proxy and the router check them
+            assert "EMBEDDING_API_KEYS" in {e["name"] for e in container["env"]}
+        deployment = next(o for o in manifests["gateway.yaml"] if o["kind"] == "Deployment")
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        # Its own callers' keys, and the one key it calls the service with: never the service's list.
+        assert refs == {"GATEWAY_API_KEYS": {"name": "embedding-gateway-api-keys", "key": "api-keys"},
+                        "GATEWAY_UPSTREAM_API_KEY": {"name": "embedding-service-api-keys", "key": "gateway-key"}}
+        assert all("secret" not in v for v in spec["volumes"])
+    # The key file, where the config names one, is mounted in the Ray pods alone.
+    for template in templates(rendered(config)["rayservice.yaml"][0]):
+        (keys,) = [v["secret"] for v in template["spec"]["volumes"] if "secret" in v]
+        assert keys["secretName"] == "embedding-service-api-keys" and keys["items"][0]["key"] == "api-keys"
