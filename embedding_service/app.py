@@ -2,23 +2,63 @@
 
 It validates `args` (config.AppArgs) and binds the three kinds of deployment: the router (the ingress),
 one deployment per model, and the fleet's recycler that both follow.
+
+The router and the recycler are placed on the head node by a resource only the head declares
+(config.HEAD_RESOURCE: the run command's Ray, the Kubernetes head group, the cluster recipe). A Ray started
+without it (`serve run serve-config.yaml` on one machine) would leave them pending forever: on a one-node Ray
+they are placed without it (that node is the head), said once at WARNING; on a larger one the build fails at
+once, saying what to run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from embedding_service.config import AppArgs, ModelSettings, RecyclerSettings, RouterSettings, ShutdownSettings
+from embedding_service.config import (
+    HEAD_RESOURCE,
+    AppArgs,
+    ModelSettings,
+    RecyclerSettings,
+    RouterSettings,
+    ShutdownSettings,
+)
 from embedding_service.fleet.recycler import NodeRecycler
 from embedding_service.model.deployment import EmbeddingModel
 from embedding_service.model.scoring import RerankModel, SparseModel
+from embedding_service.observability.logs import service_logger
 from embedding_service.router.deployment import EmbedRouter
 from embedding_service.router.replica_routing import HealthyNodeRequestRouter
 from embedding_service.wire.messages import FLEET_DEPLOYMENT, ROUTER_DEPLOYMENT, model_deployment_name
+
+logger = service_logger(__name__)
+
+
+class NoHeadNode(RuntimeError):
+    """A Ray of several nodes where none declares the head's resource."""
+
+
+def place_on_head(resources: dict[str, float]) -> dict[str, float]:
+    """`resources` for a deployment pinned to the head, as this Ray can place them (see the module's doc)."""
+    if HEAD_RESOURCE not in resources or not ray.is_initialized():
+        return resources
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if any(HEAD_RESOURCE in n["Resources"] for n in nodes):
+        return resources
+    if len(nodes) == 1:
+        logger.warning("no node of this one-node Ray declares the resource %r that places the router and the recycler "
+                       "on the head: they run on its only node (start Ray with --resources='{\"%s\": 1}', or with "
+                       "`python -m embedding_service run`, to place them on purpose)", HEAD_RESOURCE, HEAD_RESOURCE)
+        return {k: v for k, v in resources.items() if k != HEAD_RESOURCE}
+    raise NoHeadNode(
+        f"none of this Ray's {len(nodes)} nodes declares the resource {HEAD_RESOURCE!r} that places the router and "
+        f"the recycler on the head node, so they could never start: start the head with `ray start --head "
+        f"--resources='{{\"{HEAD_RESOURCE}\": 1}}'` (docs/operations.md: a Ray cluster by hand), or run the "
+        "service with `python -m embedding_service run`")
 
 
 def _graceful(shutdown: ShutdownSettings) -> dict[str, float]:
@@ -34,7 +74,7 @@ def _fleet_app(settings: RecyclerSettings) -> Application:
             name=FLEET_DEPLOYMENT,
             num_replicas=1,
             # On the head node: it must outlive any worker it recycles.
-            ray_actor_options={"num_cpus": 0, "resources": settings.resources},
+            ray_actor_options={"num_cpus": 0, "resources": place_on_head(settings.resources)},
             # Every router long-polls it and every replica heartbeats.
             max_ongoing_requests=10_000,
         )
@@ -77,7 +117,7 @@ def _router_options(router: RouterSettings, shutdown: ShutdownSettings) -> dict[
     return {
         "name": ROUTER_DEPLOYMENT,
         "num_replicas": router.num_replicas,
-        "ray_actor_options": {"num_cpus": router.num_cpus, "resources": router.resources},
+        "ray_actor_options": {"num_cpus": router.num_cpus, "resources": place_on_head(router.resources)},
         "max_ongoing_requests": router.max_ongoing_requests,
         "max_queued_requests": router.max_queued_requests,
         "health_check_period_s": router.health_check_period_s,

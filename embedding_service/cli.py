@@ -11,6 +11,7 @@ Each command reads the config file once (ops/servefile.py) and imports what it n
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import subprocess
@@ -49,6 +50,8 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _run_parser(run: argparse.ArgumentParser) -> None:
     _config_option(run)
     run.add_argument("--address", default=None, help="Ray cluster address; default starts a local Ray")
+    run.add_argument("--node-ip-address", default=None,
+                     help="the address other machines join this local Ray at; default: Ray listens on loopback only")
     run.add_argument("--gateway-port", type=int, default=8080, help="OpenAI REST gateway port (default: %(default)s)")
     run.add_argument("--gateway-drain-delay-s", type=float, default=1.0,
                      help="seconds the gateway keeps serving with /readyz 503 after a stop (default: %(default)s)")
@@ -58,12 +61,19 @@ def _run_parser(run: argparse.ArgumentParser) -> None:
 
 def run_command(opts: argparse.Namespace) -> int:
     from embedding_service.ops import launcher
-    from embedding_service.router.auth import Authenticator
+    from embedding_service.wire import node_env
+    from embedding_service.wire.auth import Authenticator
 
     config = ServeFile.load(opts.config)
-    target = launcher.start(config, address=opts.address)
+    target = launcher.start(config, address=opts.address, node_ip_address=opts.node_ip_address)
     print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
     print(f"Prometheus metrics (service, Ray Serve): {', '.join(launcher.metrics_endpoints())}", flush=True)
+    if node_env.ray_token_auth():
+        print("Ray's token authentication: on (its token: RAY_AUTH_TOKEN, or ~/.ray/auth_token)", flush=True)
+    else:
+        print(f"WARNING: Ray runs without token authentication ({node_env.AUTH_MODE_ENV}="
+              f"{os.environ.get(node_env.AUTH_MODE_ENV, 'unset')}): anyone who reaches its ports can run code here",
+              flush=True)
     auth = config.args.auth
     if not Authenticator(auth).enabled:
         print(f"{auth.api_keys_env or 'no API key variable'} is not set and no key file is configured "
@@ -160,6 +170,16 @@ def _render_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gpu-tolerations", action="store_true",
                         help="no toleration of the nvidia.com/gpu taint on GPU workers")
     parser.add_argument("--gateway-replicas", type=_bounds, default=defaults.gateway_replicas, metavar="MIN:MAX")
+    parser.add_argument("--ray-token-secret", default=defaults.ray_token_secret,
+                        help="Secret (key auth_token) with Ray's token; '' lets KubeRay make one (default: %(default)s)")
+    parser.add_argument("--operator-namespace", default=defaults.operator_namespace,
+                        help="KubeRay operator's namespace, the dashboard's one caller (default: %(default)s)")
+    parser.add_argument("--monitoring-namespace", default=defaults.monitoring_namespace,
+                        help="namespace that scrapes the metrics ports; '' for none (default: %(default)s)")
+    parser.add_argument("--gateway-client-namespace", action="append", default=None, dest="gateway_clients",
+                        help="a namespace whose pods may call the gateway (repeat it); unset: any source")
+    parser.add_argument("--grpc-client-namespace", action="append", default=[], dest="grpc_clients",
+                        help="a namespace whose pods may call the gRPC API directly besides the gateway (repeat it)")
     parser.set_defaults(handler=render_command)
 
 
@@ -169,7 +189,10 @@ def render_command(opts: argparse.Namespace) -> int:
     options = kubernetes.KubernetesOptions(
         name=opts.name, namespace=opts.namespace, image=opts.image, gpu_image=opts.gpu_image,
         cpu_workers=opts.cpu_workers, gpu_workers=opts.gpu_workers, gpu_type=opts.gpu_type,
-        gateway_replicas=opts.gateway_replicas, **({"gpu_tolerations": []} if opts.no_gpu_tolerations else {}))
+        gateway_replicas=opts.gateway_replicas, ray_token_secret=opts.ray_token_secret or None,
+        operator_namespace=opts.operator_namespace, monitoring_namespace=opts.monitoring_namespace or None,
+        gateway_client_namespaces=opts.gateway_clients, grpc_client_namespaces=opts.grpc_clients,
+        **({"gpu_tolerations": []} if opts.no_gpu_tolerations else {}))
     rendered = kubernetes.render(ServeFile.load(opts.config), options)
     out = Path(opts.out)
     if opts.check:

@@ -8,9 +8,11 @@ their measurements, are in docs/ (operations, precision, benchmarks).
 
 from __future__ import annotations
 
+import shlex
+import string
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PACKAGE_PREFIX = "package:"
 # A custom resource the head node declares (the run command's local Ray, the Kubernetes head group, or
@@ -279,6 +281,12 @@ class Limits(Strict):
         2048, ge=1, le=2**31 - 1,
         description="Most terms one sparse vector is returned with (a call's top_k is at most this).",
     )
+    max_query_tokens: int = Field(
+        512, ge=1, le=2**31 - 1,
+        description="Tokens of a rerank query, counted by the model's own tokenizer without special tokens; a longer "
+        "query is refused (INPUT_TOO_LONG, field query) before any document is scored. Every (query, document) pair "
+        "carries the query, and a model cuts a pair to its maximum anyway (512 tokens for most rerankers).",
+    )
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,
         description="Serialized request size the router accepts, in bytes; the run command gives its gateway the "
@@ -376,6 +384,17 @@ class ProxySettings(Strict):
         description="Calls held in a proxy waiting to leave merged; past it a call is refused (RESOURCE_EXHAUSTED "
         "OVERLOADED with a retry delay), as the router's own queue bound refuses (router.max_queued_requests).",
     )
+    max_node_watchers: int = Field(
+        256, ge=1,
+        description="WatchNodes streams one proxy serves at once (each from the one stream the proxy follows from "
+        "the router, holding none of the router's call slots); past it a new one is refused (RESOURCE_EXHAUSTED "
+        "OVERLOADED).",
+    )
+    max_node_watchers_per_caller: int = Field(
+        4, ge=1,
+        description="WatchNodes streams one caller (its API key; its address where no keys are configured) may "
+        "hold open in one proxy; past it a new one is refused (RESOURCE_EXHAUSTED OVERLOADED).",
+    )
 
 
 class AuthSettings(Strict):
@@ -395,6 +414,16 @@ class AuthSettings(Strict):
     api_keys_file: str | None = Field(
         None, min_length=1,
         description="Path of a file with one key per line (a mounted secret), re-read when it changes; None: none.",
+    )
+
+    admin_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the Ray nodes' environment variable that holds the operators' keys (as api_keys_env). "
+        "An admin key is also an API key; only it reads operator detail from WatchNodes (node addresses, the "
+        "recycler's command and its output). None: none.",
+    )
+    admin_keys_file: str | None = Field(
+        None, min_length=1, description="Path of a file with one admin key per line, re-read when it changes.",
     )
 
     @property
@@ -437,6 +466,23 @@ class TracingSettings(Strict):
     )
 
 
+COMMAND_PLACEHOLDERS = ("node_id", "node_ip", "reason")
+
+
+def command_words(template: str) -> list[str]:
+    """`recycler.command` split into its program and arguments as a shell splits words, the placeholders still in
+    them: filled into each word afterwards, a value stays one argument whatever it holds (no shell ever sees it)."""
+    words = shlex.split(template)
+    if not words:
+        raise ValueError("recycler.command is empty")
+    for word in words:
+        for _, field, _, _ in string.Formatter().parse(word):  # raises on a lone brace
+            if field is not None and field not in COMMAND_PLACEHOLDERS:
+                raise ValueError(f"recycler.command: unknown placeholder {{{field}}}: the known ones are {{node_id}}, "
+                                 "{node_ip} and {reason}; a literal brace is doubled")
+    return words
+
+
 class RecyclerSettings(Strict):
     """The node recycler (one replica, on the head node)."""
 
@@ -455,9 +501,11 @@ class RecyclerSettings(Strict):
     )
     command: str | None = Field(
         None,
-        description="Shell command with placeholders {node_id}, {node_ip} and {reason}, e.g. \"ssh {node_ip} "
-        "docker stop ray-worker\": the action with action command; with action drain it is tried (when set) once "
-        "the drains have failed.",
+        description="Command with placeholders {node_id}, {node_ip} and {reason}, e.g. \"ssh {node_ip} docker stop "
+        "ray-worker\": the action with action command; with action drain it is tried (when set) once the drains have "
+        "failed. Split into words once as a shell would (quotes group words), then run without a shell, each "
+        "placeholder filled in within its word as one literal value; pipes, redirections and $(...) need an explicit "
+        "`sh -c '...' name {node_ip}`, the value then read as \"$1\". Literal braces are doubled: {{ }}.",
     )
     command_timeout_s: float = Field(
         120.0, gt=0, description="Seconds `command` may run before it counts as failed."
@@ -484,6 +532,13 @@ class RecyclerSettings(Strict):
         default_factory=lambda: dict(ON_HEAD),
         description="Ray resources for placement: the head node, which outlives any worker the recycler recycles.",
     )
+
+    @field_validator("command")
+    @classmethod
+    def _command_splits(cls, command: str | None) -> str | None:
+        if command is not None:
+            command_words(command)  # refused at validation, not when a node fails
+        return command
 
     @model_validator(mode="after")
     def _command_needs_template(self) -> RecyclerSettings:

@@ -2,7 +2,7 @@
 
 Replicas report faults (replica id, node id, reason) and heartbeat; the recycler quarantines the node at
 once, lets `grace_cycles` ticks pass (replicas there fail their Serve health check, the routers stop
-routing there), then acts on the node: Ray's own drain (default), a shell command, or nothing. An action
+routing there), then acts on the node: Ray's own drain (default), a command, or nothing. An action
 that fails (Ray rejects the drain, the call raises, the command exits non-zero or times out) is counted
 as failed, shown in WatchNodes, and tried again `action_retries` times; after failed drains the command,
 when one is configured, is tried next. Every step is logged with its reason. Callers long-poll
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import ray
 
-from embedding_service.config import RecyclerSettings
+from embedding_service.config import RecyclerSettings, command_words
 from embedding_service.fleet import ray_internals
 from embedding_service.fleet.node_state import NodeBook
 from embedding_service.observability.logs import service_logger
@@ -67,6 +67,8 @@ class NodeRecycler:
         self.book = NodeBook(settings.grace_cycles, settings.report_retention_s, settings.replica_ttl_s,
                              settings.action_retry_s)
         self._drain_node = drain
+        # Split once, here: each run fills the node's values into these words and runs them without a shell.
+        self._command_words = command_words(settings.command) if settings.command else None
         self._alive_nodes = alive_nodes
         self._changed = asyncio.Condition()
         self._routers: dict[str, float] = {}  # router replica -> last heard
@@ -155,12 +157,19 @@ class NodeRecycler:
             raise ActionFailed("rejected", f"Ray rejected the drain: {answer.message or 'no reason given'}")
         logger.warning("recycler: Ray accepted the drain of node %s", node.node_id)
 
+    def _command_argv(self, node: NodeView) -> list[str]:
+        """The command's words with the node's values filled in: each value stays inside its word, taken literally
+        (a reason or address holding quotes, `;` or `$(...)` is one argument, never more, never run)."""
+        return [word.format(node_id=node.node_id, node_ip=node.node_ip, reason=node.reason)
+                for word in self._command_words]
+
     async def _command(self, node: NodeView) -> None:
-        if not self.settings.command:
+        if not self._command_words:
             raise ActionFailed("error", "no recycler.command is configured")
-        command = self.settings.command.format(node_id=node.node_id, node_ip=node.node_ip, reason=shlex.quote(node.reason))
-        process = await asyncio.create_subprocess_shell(
-            command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        argv = self._command_argv(node)
+        command = shlex.join(argv)  # for the log and the node's action_error
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
         try:
             output, _ = await asyncio.wait_for(process.communicate(), timeout=self.settings.command_timeout_s)

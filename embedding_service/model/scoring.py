@@ -4,8 +4,10 @@ They serve as embedding replicas do (model/replica.py: the device watchdog, Serv
 and spans): each call brings one shard, its token lengths are counted on arrival (the truncation policy
 decides here: END cuts as sentence-transformers does, REJECT answers the shard's positions over the maximum),
 and shards that arrive while the model computes are gathered in the continuous batcher, sorted by length and
-run in forward passes within the token budget (model/forward.plan_passes). Each pass is sentence-transformers'
-own `CrossEncoder.predict` or `SparseEncoder.encode` over its rows, so what is served is what they compute.
+run in forward passes within the token budget (model/forward.plan_passes). A sparse pass is SparseEncoder.encode
+over its rows; a rerank shard's pairs are tokenized on arrival, in a thread, the query once for all its documents
+(model/pairs.py), and a pass runs CrossEncoder.predict's own steps on their features (or predict itself, for a
+model whose pairs cannot be joined from token ids), so what is served is what sentence-transformers computes.
 
 Below fp32 (bf16 on torch) a replica first measures its kind's accuracy gate against the same weights in fp32
 (model/scoring_accuracy.py) and refuses to serve when it misses it. Scores are the model's raw logits (CrossEncoder's activation replaced by the identity), and the activation
@@ -15,6 +17,7 @@ Below fp32 (bf16 on torch) a replica first measures its kind's accuracy gate aga
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,7 @@ import numpy as np
 from embedding_service.batching.waiters import DEADLINE, Expired
 from embedding_service.config import ModelSettings, TracingSettings
 from embedding_service.model.forward import model_source, plan_passes, resolve_device
+from embedding_service.model.pairs import PairEncoder
 from embedding_service.model.replica import ServedReplica
 from embedding_service.model.scoring_accuracy import (
     rerank_accuracy,
@@ -101,15 +105,19 @@ class _ScoringReplica(ServedReplica):
     def describe(self) -> ModelInfo:
         return self.info
 
+    def _check_serving(self, request: ShardRequest) -> None:
+        """Refused replica, or the caller's deadline passed: before any work on the shard."""
+        if self.refused is not None:
+            raise ReplicaRefused(f"replica {self.replica_id} refuses to serve: {self.refused}")
+        if request.deadline.expired():
+            self._dropped(len(request.inputs), DEADLINE)
+            raise Expired("the caller's deadline passed before the shard reached the model")
+
     async def _shard(self, request: ShardRequest, rows: list[Any], full: np.ndarray, max_tokens: int) -> tuple[
             _Computed | None, np.ndarray, list[int]]:
         """Runs a shard's rows (`full`: their untruncated tokens): what was computed (None when rows were
         refused), each row's tokens as run, and the positions REJECT refused."""
-        if self.refused is not None:
-            raise ReplicaRefused(f"replica {self.replica_id} refuses to serve: {self.refused}")
-        if request.deadline.expired():
-            self._dropped(len(rows), DEADLINE)
-            raise Expired("the caller's deadline passed before the shard reached the model")
+        self._check_serving(request)
         counts = np.minimum(full, max_tokens)
         if request.options.truncation == "reject":
             too_long = [int(k) for k in np.flatnonzero(full > max_tokens)]
@@ -181,7 +189,7 @@ class RerankModel(_ScoringReplica):
                                           lambda ours, theirs: rerank_accuracy(ours, theirs, per_query))
             self.refused = verification.refused
         tokenizer = self.model.tokenizer
-        self._tokens = _counter(tokenizer)
+        self._pairs = PairEncoder(self.model)
         self.info = ModelInfo(name=settings.name, dimension=1, max_sequence_length=int(self.model.max_length),
                               prompts={}, device=device, backend="torch", vocab_size=int(tokenizer.vocab_size),
                               source=settings.path, verification=verification,
@@ -196,9 +204,11 @@ class RerankModel(_ScoringReplica):
 
     async def _rerank(self, request: ShardRequest) -> ShardResult:
         options: RerankOptions = request.options
-        pairs = [[options.query, d] for d in request.inputs]
-        full = self._lengths([(options.query, d) for d in request.inputs])
-        computed, counts, too_long = await self._shard(request, pairs, full, self.info.max_sequence_length)
+        self._check_serving(request)
+        # Off the event loop: the query is the router's to bound (max_query_tokens), yet even one within it is
+        # tokenized once per shard here, and its documents with it.
+        pairs = await asyncio.to_thread(self._pairs.pairs, options.query, request.inputs)
+        computed, counts, too_long = await self._shard(request, pairs.rows, pairs.full, self.info.max_sequence_length)
         if computed is None:
             return ShardResult(vectors=None, token_counts=counts, too_long=too_long)
         scores = computed.out
@@ -213,8 +223,21 @@ class RerankModel(_ScoringReplica):
         return self.model.predict(pairs, batch_size=batch or len(pairs), activation_fn=self._identity,
                                   convert_to_numpy=True, show_progress_bar=False)
 
+    def _joined_scores(self, rows: list) -> np.ndarray:
+        """Raw scores of joined pairs (PairEncoder): one pass of CrossEncoder.predict's own steps on their
+        features, the tokenization done."""
+        import torch
+
+        features = self._pairs.features(rows)
+        features = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        with torch.inference_mode():
+            scores = self.model(features)["scores"]
+        if scores.ndim > 1 and self.model.num_labels == 1:
+            scores = scores.squeeze(-1)
+        return scores.float().cpu().numpy()
+
     def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
-        return self._passes(items, self._raw_scores)
+        return self._passes(items, self._joined_scores if self._pairs.from_ids else self._raw_scores)
 
 
 class SparseModel(_ScoringReplica):

@@ -124,6 +124,10 @@ class RouterMetrics(_Group):
     health_serving = gauge("health_serving", "1 while the grpc.health.v1 service is SERVING, 0 otherwise; service "
                            f"is a model name or {OVERALL} for the whole server.", ("service",))
 
+    ray_token_auth = gauge("ray_token_auth", "1 while the router's Ray runs with Ray's token authentication "
+                           "(RAY_AUTH_MODE=token); 0: anyone who reaches Ray's ports (its dashboard, GCS, client "
+                           "server) can run code on the cluster.")
+
     def set_health(self, statuses: dict[str, bool]) -> None:
         for service, serving in statuses.items():
             self.health_serving.set(1 if serving else 0, tags={"service": service or OVERALL})
@@ -147,6 +151,11 @@ class ProxyMetrics(_Group):
                              "service's options (limits.proxy_max_pending_calls, proxy_max_streams_per_connection); "
                              "0: gRPC's defaults, which cancel bursts (the node was started without the "
                              "service's environment).")
+    keys_checked = gauge("proxy_keys_checked", "1 while this proxy checks each caller's API key (args.auth, from "
+                         "the node's environment) before it reads the call's request; 0: the node was started without "
+                         "it, and the proxy serves callers on loopback only.")
+    node_watchers = gauge("proxy_node_watchers", "WatchNodes streams this proxy serves (from one stream of the "
+                          "router's; args.proxy.max_node_watchers bounds them, per caller and in all).")
 
 
 class ModelMetrics(_Group):

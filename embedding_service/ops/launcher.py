@@ -16,15 +16,27 @@ from typing import Any, TypeVar
 
 from embedding_service.config import HEAD_RESOURCE
 from embedding_service.ops.servefile import ServeFile
+from embedding_service.wire import node_env
 from embedding_service.wire.messages import FLEET_DEPLOYMENT
 
 T = TypeVar("T")
 
 
-def start(config: ServeFile, address: str | None = None, ray_init_kwargs: dict | None = None) -> str:
+def start(config: ServeFile, address: str | None = None, ray_init_kwargs: dict | None = None,
+          node_ip_address: str | None = None) -> str:
     """Deploys the config's applications (on a local Ray of its own when `address` is None); returns the gRPC
-    target (host:port). A local Ray's head declares HEAD_RESOURCE, where the router and the recycler run."""
+    target (host:port). A local Ray's head declares HEAD_RESOURCE, where the router and the recycler run; it
+    listens on loopback only unless `node_ip_address` names the address other machines join it at."""
     config.prepare_environment()  # before ray.serve is imported (see ServeFile.export_app_env)
+    if not address:
+        if node_ip_address is None:  # read as Ray is imported
+            os.environ.setdefault(node_env.LOOPBACK_RAY_ENV, "0")
+        else:
+            ray_init_kwargs = {**(ray_init_kwargs or {}), "_node_ip_address": node_ip_address}
+        # Ray's token authentication on (Ray makes a token in ~/.ray/auth_token if there is none), unless the
+        # environment says otherwise: the router then says so at WARNING and in embedding_ray_token_auth. Set before
+        # Ray is imported: it reads the mode once per process.
+        os.environ.setdefault(node_env.AUTH_MODE_ENV, "token")
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -37,6 +49,7 @@ def start(config: ServeFile, address: str | None = None, ray_init_kwargs: dict |
         kwargs = dict(ray_init_kwargs or {})
         if not address:
             kwargs["resources"] = {HEAD_RESOURCE: 1, **kwargs.get("resources", {})}
+            kwargs.setdefault("dashboard_host", "127.0.0.1")
         # No address: a Ray of our own. (ray.init's default joins the last cluster started on this machine,
         # which this command would then deploy into and shut down on exit.)
         ray.init(address=address or "local", namespace="serve", runtime_env=runtime_env or None, **kwargs)
@@ -135,7 +148,7 @@ def start_gateway(config: ServeFile, target: str, port: int, drain_delay_s: floa
     With the service's API keys configured, it calls the service with one of them (in its environment, not
     its command line, which `ps` shows).
     """
-    from embedding_service.router.auth import Authenticator
+    from embedding_service.wire.auth import Authenticator
 
     environ = dict(os.environ if env is None else env)
     auth = Authenticator(config.args.auth)

@@ -71,7 +71,7 @@ class ServeFile:
     def node_environment(self) -> dict[str, str]:
         """What every Ray node's environment needs for the service (`node-env` prints it; the Kubernetes
         manifests set it on each pod): the application's runtime_env env_vars, Ray's transport caps, the
-        proxy's gRPC server options and args.proxy, which Ray's workers apply as they start (proxy/grpc_options.py)."""
+        proxy's gRPC server options, args.proxy and args.auth, which Ray's workers apply as they start (proxy/grpc_options.py)."""
         limits = self.args.limits
         cap = str(limits.max_request_bytes * TRANSPORT_CAP_FACTOR)
         return {
@@ -81,6 +81,7 @@ class ServeFile:
             ray_internals.REPLICA_MESSAGE_LENGTH_ENV: cap,
             node_env.PROXY_OPTIONS_ENV: node_env.encode(node_env.proxy_grpc_options(limits)),
             node_env.PROXY_SETTINGS_ENV: node_env.encode_proxy_settings(self.args.proxy),
+            node_env.AUTH_SETTINGS_ENV: node_env.encode_auth_settings(self.args.auth),
             ray_internals.PRELOAD_ENV: node_env.PRELOADED_MODULE,
         }
 
@@ -97,7 +98,9 @@ class ServeFile:
         process's environment already sets wins; preloaded modules add up."""
         self.export_app_env()
         for key, value in self.node_environment().items():
-            if key == ray_internals.PRELOAD_ENV:
+            if key == node_env.AUTH_SETTINGS_ENV:  # who may call is this file's to say, never an inherited value's
+                os.environ[key] = value
+            elif key == ray_internals.PRELOAD_ENV:
                 os.environ[key] = ray_internals.with_preloaded(os.environ.get(key, ""), value)
             else:
                 os.environ.setdefault(key, value)
@@ -108,6 +111,8 @@ class ServeFile:
         limits = self.args.limits
         return ["--host", host, "--port", str(port), "--targets", *targets,
                 "--max-inputs", str(limits.max_inputs_per_request),
+                "--max-token-ids", str(limits.max_token_ids_per_input),
+                "--max-documents", str(limits.max_documents_per_rerank),
                 "--max-body-bytes", str(limits.max_request_bytes),
                 "--drain-delay-s", _number(drain_delay_s),
                 "--shutdown-timeout-s", _number(self.args.shutdown.grace_s)]

@@ -9,14 +9,22 @@ reaches Serve's queue bound and gets RESOURCE_EXHAUSTED with a retry hint instea
 Ray's raylet imports the modules its nodes' environment names (ops/ray_internals.PRELOAD_ENV) into each
 worker before it runs anything; the run command and the Kubernetes manifests name this one there and put
 the options in PROXY_OPTIONS_ENV. Where they are missing the proxy says so when it starts (ingress.py).
+
+On a Ray whose node is loopback only, Serve's replicas' inter-deployment servers are bound to loopback here too.
 """
 
 from __future__ import annotations
 
-from embedding_service.wire.node_env import requested_proxy_options
+import os
+
+from embedding_service.wire.node_env import LOOPBACK_RAY_ENV, requested_proxy_options
 
 _options = requested_proxy_options()
 if _options:
     from embedding_service.proxy import serve_internals
 
     serve_internals.apply_server_options(_options)
+if os.environ.get(LOOPBACK_RAY_ENV) == "0":  # a Ray on loopback only (the run command's): its replicas too
+    from embedding_service.proxy import serve_internals
+
+    serve_internals.bind_replica_servers_to_loopback()

@@ -39,8 +39,9 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 FIRST_TABLE_WAIT_S = 5.0
 
 
-async def follow_router() -> AsyncIterator[dict[str, int]]:
-    """The router's status tables, through a deployment handle found by asking Serve which app holds it."""
+async def follow_router(method: str = "health_updates") -> AsyncIterator:
+    """What the router's streaming `method` sends (its status tables by default), through a deployment handle
+    found by asking Serve which app holds it."""
     from ray import serve  # only in the proxy: this module is imported outside Ray too
 
     found = await asyncio.to_thread(serve.status)  # a blocking call to Serve's controller
@@ -48,10 +49,10 @@ async def follow_router() -> AsyncIterator[dict[str, int]]:
     if not apps:
         raise LookupError(f"no application with a {ROUTER_DEPLOYMENT} deployment is running")
     if len(apps) > 1:
-        logger.warning("several applications hold %s (%s); health follows %s", ROUTER_DEPLOYMENT, apps, apps[0])
+        logger.warning("several applications hold %s (%s); the proxy follows %s", ROUTER_DEPLOYMENT, apps, apps[0])
     handle = serve.get_deployment_handle(ROUTER_DEPLOYMENT, apps[0]).options(stream=True)
-    async for table in handle.health_updates.remote():
-        yield table
+    async for update in getattr(handle, method).remote():
+        yield update
 
 
 class HealthRelay(health_pb2_grpc.HealthServicer):

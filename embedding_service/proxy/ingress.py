@@ -2,9 +2,16 @@
 
 serve-config.yaml names `add_EmbedServiceServicer_to_server` and `add_HealthServicer_to_server` from here in
 `grpc_options.grpc_servicer_functions`. The health service is answered here, from the router's view that
-each proxy follows over one stream (health_relay.py). The embedding service's handlers are Serve's own,
-with four changes at the edge, before a call costs the service anything:
+each proxy follows over one stream (health_relay.py), and so is WatchNodes (nodes_relay.py). The embedding
+service's handlers are Serve's own, with five changes at the edge, before a call costs the service anything:
 
+- The caller's API key (or, with no keys configured, its being on loopback) is checked before gRPC reads
+  the call's request: the methods are registered as request-streaming, so a request's bytes are read only
+  when the handler asks for them, and a caller without a key costs the proxy its headers. args.auth reaches
+  the proxy through the node's environment (wire/node_env.py); where it does not, the proxy serves callers on
+  loopback only, and says so once at WARNING and in `embedding_proxy_keys_checked`.
+- Metadata the service passes between its own processes (the deadline, time spent, merged calls) is taken
+  from what the caller sent, never from the caller.
 - Request bytes that do not parse get INVALID_ARGUMENT (MALFORMED_REQUEST) and a plain message. gRPC's own
   deserializer failure is UNKNOWN, with Python's exception in the message.
 - The caller's deadline goes on to the router as metadata (wire/deadline.py; Serve does not pass it), so
@@ -37,14 +44,18 @@ from grpc_health.v1 import health_pb2_grpc
 from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
-from embedding_service.config import ProxySettings
+from embedding_service.config import AuthSettings, ProxySettings
 from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import ProxyMetrics, keep_gauges_set
 from embedding_service.proxy import serve_internals
 from embedding_service.proxy.health_relay import HealthRelay
 from embedding_service.proxy.merging import EmbedMerging, MergeFailed, MergingFull, Outcome, Send
+from embedding_service.proxy.nodes_relay import NodesRelay, caller_identity
 from embedding_service.wire import node_env, status
-from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
+from embedding_service.wire.auth import Authenticator, peer_host
+from embedding_service.wire.bearer import bearer_key
+from embedding_service.wire.deadline import Deadline
+from embedding_service.wire.messages import INTERNAL_METADATA
 from embedding_service.wire.reasons import Reason, ServiceError
 
 logger = service_logger(__name__)
@@ -74,6 +85,15 @@ class _Proxy:
         self.metrics = ProxyMetrics()
         self.options_in_force = True
         self.settings = node_env.proxy_settings() or ProxySettings()
+        auth = node_env.auth_settings()
+        self.keys_checked = auth is not None
+        if auth is None:
+            logger.warning(
+                "Serve's gRPC proxy has no args.auth in its node's environment (%s): it serves callers on loopback "
+                "only. Start every Ray node with what `python -m embedding_service node-env` prints (the run "
+                "command and the rendered Kubernetes manifests set it).", node_env.AUTH_SETTINGS_ENV)
+        self.auth = Authenticator(auth or AuthSettings(), require_keys=False)
+        self.nodes = NodesRelay(self.settings, on_count=self.metrics.node_watchers.set)
         self._gauges: asyncio.Task | None = None
 
     def merging(self, send: Send) -> EmbedMerging:
@@ -109,6 +129,17 @@ class _Proxy:
 
     def _report(self) -> None:
         self.metrics.options_in_force.set(1 if self.options_in_force else 0)
+        self.metrics.keys_checked.set(1 if self.keys_checked else 0)
+        self.metrics.node_watchers.set(self.nodes.watchers)
+
+    def admitted(self, context, stream: bool, method: str) -> bool:
+        """Whether the caller may call (its key, or loopback where no keys are configured); else it is answered."""
+        try:
+            self.auth.check(context.invocation_metadata(), context.peer())
+        except ServiceError as error:
+            self.refuse(error, context, stream, method)
+            return False
+        return True
 
     def refuse(self, error: ServiceError, context, stream: bool, method: str) -> None:
         """Answers the call with `error` here, in the proxy, and counts it."""
@@ -131,7 +162,8 @@ def add_EmbedServiceServicer_to_server(servicer: Any, server: Any) -> None:  # n
     proxy.check_options()
     capture = _Capture()
     embedding_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, capture)
-    handlers = {name: _rebuilt(h, h.unary_unary or h.unary_stream) for name, h in capture.handlers.items()}
+    # Request-streaming: gRPC reads a request only when its handler asks, after the caller's key was checked.
+    handlers = {name: _read_on_demand(h) for name, h in capture.handlers.items()}
     # Serve swaps each handler's behaviour for one made by its factory; ours wraps that, for these services only.
     with serve_internals.wrapped_handler_factory(server, _guarded):
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
@@ -167,6 +199,25 @@ def _rebuilt(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMet
     make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
     return make(behaviour, request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
+
+
+def _read_on_demand(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler registered as request-streaming (its behaviour is Serve's to set), with a lenient parser."""
+    make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+    return make(handler.unary_stream or handler.unary_unary, request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+
+
+async def _one_request(requests, context, stream: bool, method: str):
+    """The call's one request, read now; None (and the call answered) when its bytes did not parse or it sent none."""
+    request = None
+    async for request in requests:
+        break
+    if request is None:
+        _this_proxy().refuse(ServiceError(Reason.MALFORMED_REQUEST, "the call carried no request message"),
+                             context, stream, method)
+        return None
+    return None if _refused_malformed(request, context, stream, method) else request
 
 
 def _checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -225,7 +276,7 @@ class _Attempt:
     def __init__(self, context, spent_s: float | None = None, extra: tuple = (),
                  deadline: Deadline | None = None) -> None:
         self._context = context
-        metadata = [(k, v) for k, v in context.invocation_metadata() if k not in (TIMEOUT_KEY, ELAPSED_KEY)]
+        metadata = [(k, v) for k, v in context.invocation_metadata() if k not in INTERNAL_METADATA]
         metadata.extend(extra)
         remaining = context.time_remaining() if deadline is None else deadline.remaining()
         if remaining is not None:
@@ -438,12 +489,20 @@ class _StreamResume:
 
 
 def _guarded(original: Callable, **keywords) -> Callable:
-    inner = original(**keywords)
+    unary_keywords = serve_internals.unary_request_keywords(keywords)
+    if unary_keywords is None:
+        return original(**keywords)  # a unary-request slot: never run (the methods read their requests as streams)
+    inner = original(**unary_keywords)
     method = keywords["service_method"].rsplit("/", 1)[-1]
+    if method == "WatchNodes":
+        return _watch_nodes
     if inspect.isasyncgenfunction(inner):
 
-        async def server_stream(request, context):
-            if _refused_malformed(request, context, True, method):
+        async def server_stream(requests, context):
+            if not _this_proxy().admitted(context, True, method):
+                return
+            request = await _one_request(requests, context, True, method)
+            if request is None:
                 return
             resume = _StreamResume(request) if type(request) in _RESUMABLE else None
             arrived = time.monotonic()
@@ -463,15 +522,16 @@ def _guarded(original: Callable, **keywords) -> Callable:
                 return
 
         return server_stream
-    if not inspect.iscoroutinefunction(inner):
-        return inner  # client streaming: these services have none
 
     merging = _this_proxy().merging(
         lambda r, c, extra, deadline, arrived: _send_unary(inner, r, c, method, extra, deadline, arrived)) \
         if method == "Embed" else None
 
-    async def unary(request, context) -> bytes:
-        if _refused_malformed(request, context, False, method):
+    async def unary(requests, context) -> bytes:
+        if not _this_proxy().admitted(context, False, method):
+            return b""
+        request = await _one_request(requests, context, False, method)
+        if request is None:
             return b""
         if merging is not None and merging.takes(request):
             return await _merged_unary(merging, request, context, method)
@@ -481,3 +541,23 @@ def _guarded(original: Callable, **keywords) -> Callable:
 
     return unary
 
+
+async def _watch_nodes(requests, context):
+    """WatchNodes from this proxy's relay of the router's view (nodes_relay.py), bounded per caller."""
+    proxy = _this_proxy()
+    if not proxy.admitted(context, True, "WatchNodes") or await _one_request(requests, context, True, "WatchNodes") \
+            is None:
+        return
+    metadata = context.invocation_metadata()
+    caller = caller_identity(bearer_key(next((v for k, v in metadata if k == "authorization"), None))
+                             if proxy.auth.enabled else None, peer_host(context.peer()))
+    try:
+        proxy.nodes.admit(caller)
+    except ServiceError as error:
+        proxy.refuse(error, context, True, "WatchNodes")
+        return
+    try:
+        async for view in proxy.nodes.watch(proxy.auth.is_admin(metadata, context.peer())):
+            yield view.SerializeToString()
+    finally:
+        proxy.nodes.leave(caller)

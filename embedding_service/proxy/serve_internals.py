@@ -10,6 +10,12 @@ nowhere else:
    failures): `gRPCGenericServer.service_handler_factory`, which the server reads, and calls with the keywords
    `service_method` and `streaming_type`, for each method registered.
 3. grpc.health.v1 answered in the proxy itself: `gRPCGenericServer.add_passthrough_service`.
+5. On a Ray whose node is loopback only (the run command's own: node_env.LOOPBACK_RAY_ENV "0"), each replica's
+   inter-deployment gRPC server listens on loopback too, not on every interface (Serve binds "[::]:0"):
+   `replica.add_port_to_grpc_server`, the name replica.py calls it by.
+4. The service's methods registered as request-streaming, so that gRPC reads no request before the proxy has
+   checked the caller's key: the factory is asked for each streaming type (`gRPCStreamingType`, by its values),
+   and a request-streaming slot is served with Serve's handler of the matching unary-request type.
 
 Each shape is checked as this module is imported (in the proxy, and in every worker the options are
 preloaded into): a Ray release that moved one stops with the Ray version and what moved, rather than serving
@@ -29,6 +35,8 @@ from ray.serve._private import constants, grpc_util
 OPTIONS = "DEFAULT_GRPC_SERVER_OPTIONS"
 FACTORY = "service_handler_factory"
 FACTORY_KEYWORDS = ("service_method", "streaming_type")
+# Serve's streaming types (their values) of a request-streaming slot -> the unary-request type it stands for.
+UNARY_REQUEST_OF = {"stream_unary": "unary_unary", "stream_stream": "unary_stream"}
 
 
 class RayInternalsChanged(RuntimeError):
@@ -55,6 +63,12 @@ def _check() -> None:
                                   f"({', '.join(k + '=' for k in FACTORY_KEYWORDS)}) per method")
     if not callable(getattr(server, "add_passthrough_service", None)):
         raise RayInternalsChanged(f"{where}: gRPCGenericServer.add_passthrough_service is gone")
+    from ray.serve._private.proxy_request_response import gRPCStreamingType
+
+    values = {t.value for t in gRPCStreamingType}
+    if not set(UNARY_REQUEST_OF) | set(UNARY_REQUEST_OF.values()) <= values:
+        raise RayInternalsChanged(f"{where}: gRPCStreamingType's values are {sorted(values)}, not those of gRPC's "
+                                  "four kinds of method")
 
 
 _check()
@@ -93,6 +107,32 @@ def wrapped_handler_factory(server, wrap: Callable[..., Callable]) -> Iterator[N
         setattr(server, FACTORY, original)
     if not made:
         raise RayInternalsChanged(f"Ray {ray.__version__}: Serve registered the services without its handler factory")
+
+
+def unary_request_keywords(keywords: dict) -> dict | None:
+    """The factory's keywords for Serve's handler of the unary-request type that a request-streaming slot stands
+    for; None for a unary-request slot (gRPC never runs those of a method registered as request-streaming)."""
+    kind = keywords[FACTORY_KEYWORDS[1]]
+    unary = UNARY_REQUEST_OF.get(getattr(kind, "value", kind))
+    return None if unary is None else {**keywords, FACTORY_KEYWORDS[1]: type(kind)(unary)}
+
+
+REPLICA_ADDRESS = "[::]:0"
+
+
+def bind_replica_servers_to_loopback() -> None:
+    """Each Serve replica started in this process from here on listens on 127.0.0.1 for inter-deployment calls."""
+    from ray.serve._private import replica
+
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or REPLICA_ADDRESS not in replica.Replica._on_initialized.__code__.co_consts:
+        raise RayInternalsChanged(f"Ray {ray.__version__}: Serve's replica no longer binds its inter-deployment "
+                                  f"server with add_port_to_grpc_server(server, {REPLICA_ADDRESS!r})")
+
+    def on_loopback(server, address: str):
+        return add_port(server, "127.0.0.1:0" if address == REPLICA_ADDRESS else address)
+
+    replica.add_port_to_grpc_server = on_loopback
 
 
 def add_passthrough(server, service: str) -> None:

@@ -54,10 +54,17 @@ class ObservedCall:
             self.metrics.tokens.inc(tokens, tags={"model": self.model})
 
 
+# More callers than one proxy ever merges into one call: a value past it did not come from a proxy.
+MAX_MERGED_CALLS = 1 << 20
+
+
 def _merged_calls(metadata: Iterable[tuple[str, str]] | None) -> int:
+    """The callers a call carries, as the proxy wrote it (it drops a caller's own): 1 for anything else."""
     for key, value in metadata or ():
         if key == MERGED_KEY:
-            return int(value) if value.isdigit() and int(value) > 0 else 1
+            if isinstance(value, str) and value.isdigit() and len(value) <= 7 and 0 < int(value) <= MAX_MERGED_CALLS:
+                return int(value)
+            return 1
     return 1
 
 

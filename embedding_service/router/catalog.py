@@ -22,6 +22,9 @@ from embedding_service.wire.deadline import UNBOUNDED, Deadline
 from embedding_service.wire.messages import Input, ModelInfo
 from embedding_service.wire.reasons import Reason, ServiceError
 
+# Characters of a text counted on the event loop (well under a millisecond); a longer one goes to a thread.
+INLINE_CHARS = 2048
+
 
 class ModelCatalog:
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
@@ -40,12 +43,25 @@ class ModelCatalog:
     async def token_lengths(self, model: str, inputs: list[Input], deadline: Deadline = UNBOUNDED) -> np.ndarray | None:
         """Each input's tokens by the model's tokenizer (in a thread: a big call must not hold up the event
         loop), or None when the replica did not send its tokenizer."""
+        counter = await self._counter(model, deadline)
+        return None if counter is None else await asyncio.to_thread(counter.of, inputs)
+
+    async def text_tokens(self, model: str, text: str, deadline: Deadline = UNBOUNDED) -> int | None:
+        """One text's content tokens by the model's tokenizer (a rerank query's), or None without a tokenizer. A
+        short text is counted here, a long one in a thread (100,000 characters took 27 ms)."""
+        counter = await self._counter(model, deadline)
+        if counter is None:
+            return None
+        if len(text) <= INLINE_CHARS:
+            return counter.count(text)
+        return await asyncio.to_thread(counter.count, text)
+
+    async def _counter(self, model: str, deadline: Deadline) -> TokenLengths | None:
         if model not in self._counters:
             info = await self.info(model, deadline)
             self._counters[model] = (TokenLengths(info.tokenizer_json, info.max_sequence_length)
                                      if info.tokenizer_json else None)
-        counter = self._counters[model]
-        return None if counter is None else await asyncio.to_thread(counter.of, inputs)
+        return self._counters[model]
 
     async def quantization_ranges(self, model: str, dimensions: int | None, normalize: bool,
                                   deadline: Deadline = UNBOUNDED) -> tuple[np.ndarray, int]:

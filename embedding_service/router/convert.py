@@ -54,7 +54,8 @@ def limits_message(limits: Limits) -> pb.ServiceLimits:
                             max_request_bytes=limits.max_request_bytes,
                             max_documents_per_rerank=limits.max_documents_per_rerank,
                             max_documents_per_rerank_stream=limits.max_documents_per_rerank_stream,
-                            max_sparse_terms=limits.max_sparse_terms)
+                            max_sparse_terms=limits.max_sparse_terms,
+                            max_query_tokens=limits.max_query_tokens)
 
 
 def quantization_message(ranges: np.ndarray, dimensions: int, normalized: bool, sentences: int) -> pb.QuantizationRanges:

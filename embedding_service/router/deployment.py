@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import RouterMetrics, keep_gauges_set
 from embedding_service.observability.tracing import service_tracer
 from embedding_service.router import convert
-from embedding_service.router.auth import Authenticator
+from embedding_service.wire.auth import Authenticator
 from embedding_service.router.call_observer import CallObserver, ObservedCall
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.fanout import Fanout
@@ -38,12 +39,14 @@ from embedding_service.router.validation import (
     build_sparse_job,
     check_envelope,
     check_kind,
+    check_query_tokens,
     output_shape,
     resolve_model_name,
     top_n,
 )
 from embedding_service.wire import status
 from embedding_service.wire.deadline import Deadline
+from embedding_service.wire.node_env import AUTH_MODE_ENV, ray_token_auth
 from embedding_service.wire.reasons import Reason, ServiceError
 
 logger = service_logger(__name__)
@@ -96,6 +99,11 @@ class EmbedRouter:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.view = ServiceView(models, ray.get_runtime_context().get_node_id())
         self.metrics = RouterMetrics()
+        self.ray_token_auth = ray_token_auth()
+        if not self.ray_token_auth:
+            logger.warning("router: Ray runs without token authentication (%s=%s): anyone who reaches its ports can "
+                           "run code on the cluster; start every Ray node with %s=token (docs/security.md)",
+                           AUTH_MODE_ENV, os.environ.get(AUTH_MODE_ENV, "unset"), AUTH_MODE_ENV)
         self.tracer = service_tracer(args.tracing, "router")
         self.observer = CallObserver(self.metrics, self.tracer)
         self.fanout = Fanout(self.catalog, args.router, self.metrics, self.tracer)
@@ -126,6 +134,7 @@ class EmbedRouter:
 
     def _report_health(self) -> None:
         self.metrics.set_health({name: found == SERVING for name, found in self.view.statuses.items()})
+        self.metrics.ray_token_auth.set(1 if self.ray_token_auth else 0)
 
     async def check_health(self) -> None:
         if self.view.own_node_quarantined():
@@ -137,8 +146,9 @@ class EmbedRouter:
     # ---- admission ------------------------------------------------------
 
     @contextlib.contextmanager
-    def _admit(self, method: str, grpc_context, timeout_s: float | None, counted: bool = True) -> Iterator[Admitted]:
-        """Admits an EmbedService call: the caller's key, no shutdown under way; counts it while it runs.
+    def _admit(self, method: str, grpc_context, timeout_s: float | None) -> Iterator[Admitted]:
+        """Admits an EmbedService call: the caller's key (checked by the proxy already; again here, for a proxy
+        whose node lacks args.auth), no shutdown under way; counts it while it runs.
 
         Its deadline is the service's bound or the caller's (as the proxy passed it), whichever comes first; the
         bound counts from the call's arrival at the proxy when the proxy sent it again.
@@ -150,8 +160,7 @@ class EmbedRouter:
             if self.view.shutting_down:
                 raise ServiceError(Reason.SHUTTING_DOWN, "the service is shutting down and takes no new calls; retry")
             deadline = Deadline.within(timeout_s, metadata)
-            if counted:
-                self._in_flight += 1
+            self._in_flight += 1
             try:
                 yield Admitted(call, deadline)
             except TimeoutError:
@@ -160,10 +169,9 @@ class EmbedRouter:
                     raise unavailable from None
                 raise
             finally:
-                if counted:
-                    self._in_flight -= 1
-                    if self.view.shutting_down:
-                        self._calls_changed.set()
+                self._in_flight -= 1
+                if self.view.shutting_down:
+                    self._calls_changed.set()
 
     async def _prepare(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline, method: str,
                        kind: str = "embedding", field: str = "inputs", build=build_job) -> Job:
@@ -177,6 +185,15 @@ class EmbedRouter:
         if refusal is not None:
             raise ServiceError(Reason.MODEL_REFUSED, f"model {name!r} is not serving: {refusal}")
         return build(request, await self.catalog.info(name, deadline), self.args.limits)
+
+    async def _rerank_job(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline, method: str) -> Job:
+        """A Rerank's or RerankStream's job, its query within max_query_tokens: counted once per call, here, before
+        any replica scores a pair (a rerank replica always sends its tokenizer; without one nothing is counted)."""
+        job = await self._prepare(request, max_inputs, call, deadline, method, "rerank", "documents", build_rerank_job)
+        tokens = await self.catalog.text_tokens(job.model, job.options.query, deadline)
+        if tokens is not None:
+            check_query_tokens(tokens, job.model, self.args.limits)
+        return job
 
     # ---- EmbedService (names must not collide with grpc.health.v1) --------
 
@@ -242,8 +259,7 @@ class EmbedRouter:
         limits = self.args.limits
         with self._admit("Rerank", grpc_context, limits.request_timeout_s) as admitted:
             call = admitted.call
-            job = await self._prepare(request, limits.max_documents_per_rerank, call, admitted.deadline, "Rerank",
-                                      "rerank", "documents", build_rerank_job)
+            job = await self._rerank_job(request, limits.max_documents_per_rerank, call, admitted.deadline, "Rerank")
             n = len(job.inputs)
             keep = top_n(request, n)
             scores = np.empty(n, dtype=np.float32)
@@ -264,8 +280,8 @@ class EmbedRouter:
         limits = self.args.limits
         with self._admit("RerankStream", grpc_context, limits.stream_timeout_s) as admitted:
             call = admitted.call
-            job = await self._prepare(request, limits.max_documents_per_rerank_stream, call, admitted.deadline,
-                                      "RerankStream", "rerank", "documents", build_rerank_job)
+            job = await self._rerank_job(request, limits.max_documents_per_rerank_stream, call, admitted.deadline,
+                                         "RerankStream")
             documents = request.documents if request.return_documents else None
             async for shard, result in self.fanout.results(job, admitted.deadline, call):
                 chunk = pb.RerankStreamResponse(model=job.model)
@@ -294,14 +310,13 @@ class EmbedRouter:
             convert.fill_sparse(response.embeddings, range(n), vectors, totals.counts)
             return totals.stamped(response, started, call)
 
-    @status.grpc_method
-    async def WatchNodes(self, request: pb.WatchNodesRequest, grpc_context=None) -> AsyncIterator[pb.WatchNodesResponse]:
-        """Every node with its state, reason and replicas: now, then at each change."""
-        with self._admit("WatchNodes", grpc_context, timeout_s=None, counted=False):
-            async for message in self.view.changes(self.view.nodes_message):
-                yield message
+    # ---- what the proxies serve themselves: WatchNodes and grpc.health.v1 ----
 
-    # ---- grpc.health.v1, as the proxies serve it (proxy/health_relay.py) ----
+    async def node_updates(self) -> AsyncIterator[pb.WatchNodesResponse]:
+        """Every node with its state, reason and replicas: now, then at each change. Each proxy follows this one
+        stream and serves WatchNodes itself (proxy/nodes_relay.py), so watchers hold none of this replica's slots."""
+        async for message in self.view.changes(self.view.nodes_message):
+            yield message
 
     async def health_updates(self) -> AsyncIterator[dict[str, int]]:
         """The status of every health service name: now, then at each change. Each proxy follows this one

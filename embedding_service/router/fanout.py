@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
-from embedding_service.batching.coalescing import Coalescer
+from embedding_service.batching.coalescing import Coalescer, KeyedCoalescers
 from embedding_service.config import RouterSettings
 from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import RouterMetrics
@@ -55,7 +55,8 @@ class Fanout:
         self.settings = settings
         self.metrics = metrics
         self.tracer = tracer
-        self._coalescers: dict[tuple[str, EmbedOptions], Coalescer[ShardResult]] = {}
+        # Keyed by the call's options, which hold a rerank's query: a key is dropped once its calls are done.
+        self.coalescers: KeyedCoalescers[tuple[str, EmbedOptions], ShardResult] = KeyedCoalescers(self._coalescer)
 
     async def results(self, job: Job, deadline: Deadline, call: ObservedCall) -> AsyncIterator[tuple[Shard, ShardResult]]:
         """Runs every shard, yielding each as it finishes; fails fast on the first error or at the deadline."""
@@ -70,7 +71,7 @@ class Fanout:
         async def run(shard: Shard) -> tuple[Shard, ShardResult]:
             inputs = [job.inputs[p] for p in shard.positions]
             if coalesce:
-                result = await self._coalescer(job.model, job.options).submit(inputs, deadline)
+                result = await self.coalescers.submit((job.model, job.options), inputs, deadline)
             else:
                 async with limit:
                     result = await self.call(job.model, inputs, job.options, deadline)
@@ -92,17 +93,15 @@ class Fanout:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _coalescer(self, model: str, options: EmbedOptions) -> Coalescer[ShardResult]:
-        key = (model, options)
-        if key not in self._coalescers:
-            m = self.metrics
-            self._coalescers[key] = Coalescer(
-                lambda inputs, deadline: self.call(model, inputs, options, deadline),
-                max_inputs=self.settings.shard_size, max_in_flight=self.settings.coalesce_max_in_flight,
-                split=ShardResult.part,
-                on_drop=lambda n, reason: m.router_inputs_dropped.inc(n, tags={"model": model, "reason": reason}),
-                on_send=lambda callers: m.coalesced_callers.observe(callers, tags={"model": model}))
-        return self._coalescers[key]
+    def _coalescer(self, key: tuple[str, EmbedOptions]) -> Coalescer[ShardResult]:
+        model, options = key
+        m = self.metrics
+        return Coalescer(
+            lambda inputs, deadline: self.call(model, inputs, options, deadline),
+            max_inputs=self.settings.shard_size, max_in_flight=self.settings.coalesce_max_in_flight,
+            split=ShardResult.part,
+            on_drop=lambda n, reason: m.router_inputs_dropped.inc(n, tags={"model": model, "reason": reason}),
+            on_send=lambda callers: m.coalesced_callers.observe(callers, tags={"model": model}))
 
     async def call(self, model: str, inputs: list[Input], options: EmbedOptions, deadline: Deadline) -> ShardResult:
         """One shard on one replica of the model, sent again (with backoff) while replicas die under it."""

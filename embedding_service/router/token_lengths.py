@@ -31,3 +31,7 @@ class TokenLengths:
             encodings = self._tokenizer.encode_batch([inputs[k] for k in texts], add_special_tokens=False)
             lengths[texts] = [len(e.ids) for e in encodings]
         return np.minimum(lengths, self.max_length)
+
+    def count(self, text: str) -> int:
+        """Content tokens of one text (special tokens left out), however many: a rerank query's, for its bound."""
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)

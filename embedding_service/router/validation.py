@@ -140,6 +140,15 @@ def build_rerank_job(request, model: ModelInfo, limits: Limits) -> Job:
     return Job(model.name, documents, options, raw_bytes=False, dimension=1)
 
 
+def check_query_tokens(tokens: int, model: str, limits: Limits) -> None:
+    """A rerank query within max_query_tokens (its content tokens by the model's tokenizer): every pair carries it,
+    so an unbounded one would be tokenized and cut again for every document."""
+    if tokens > limits.max_query_tokens:
+        raise ServiceError(Reason.INPUT_TOO_LONG, f"query has {tokens} tokens; the limit is "
+                           f"{limits.max_query_tokens} (by model {model!r}'s tokenizer)", field="query",
+                           tokens=tokens, max_tokens=limits.max_query_tokens)
+
+
 def top_n(request, documents: int) -> int:
     """How many results a Rerank returns: its top_n, between 1 and the documents, or all of them."""
     if not request.HasField("top_n"):

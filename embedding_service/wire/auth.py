@@ -49,48 +49,67 @@ def is_local_peer(peer: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+class KeySource:
+    """Keys from an environment variable and/or a file (one key per line, re-read when its content changes)."""
+
+    def __init__(self, env_name: str | None, path: str | None, environ: Mapping[str, str]) -> None:
+        self.env_name, self.path = env_name, path
+        self.unset_env = bool(env_name and env_name not in environ and not path)
+        self._env_keys = parse_keys(environ.get(env_name, "")) if env_name else ()
+        self._file_keys: tuple[bytes, ...] = ()
+        self._file_content: bytes | None = None
+        self._file_checked = float("-inf")
+        self._reload_file()
+
+    def describe(self) -> str:
+        return " and ".join(s for s in (f"environment variable {self.env_name}" if self.env_name else "",
+                                        f"file {self.path}" if self.path else "") if s)
+
+    def _reload_file(self) -> None:
+        """Reads the key file again and keeps its keys when its content changed. The content, not its mtime and
+        size: a key rewritten with one of the same length and the old mtime kept (os.utime, a copy with -p, a
+        restored backup) must still be revoked; the file is small and read at most once per FILE_CHECK_S."""
+        if self.path is None:
+            return
+        self._file_checked = time.monotonic()
+        try:
+            with open(self.path, "rb") as f:
+                content = f.read()
+        except FileNotFoundError:
+            self._file_keys, self._file_content = (), None
+            return
+        if content != self._file_content:
+            self._file_keys = parse_keys(content.decode())
+            self._file_content = content
+
+    def keys(self) -> tuple[bytes, ...]:
+        if self.path and time.monotonic() - self._file_checked >= FILE_CHECK_S:
+            self._reload_file()
+        return self._env_keys + self._file_keys
+
+
 class Authenticator:
-    def __init__(self, settings: AuthSettings, environ: Mapping[str, str] = os.environ) -> None:
+    def __init__(self, settings: AuthSettings, environ: Mapping[str, str] = os.environ,
+                 require_keys: bool = True) -> None:
+        """`require_keys`: a source named but empty stops the start (False: every caller is refused instead, for a
+        process that cannot refuse to start, Serve's proxy)."""
         self.settings = settings
         # A named variable that is not set at all (and no file): serving loopback callers only, as with no auth
         # configured, rather than refusing to start: the shipped config names one for Kubernetes, where a Secret
         # sets it, while `run` on a laptop has none. Set but holding no key still stops the start.
-        self.unset_env = bool(settings.api_keys_env and settings.api_keys_env not in environ
-                              and not settings.api_keys_file)
-        self._env_keys = parse_keys(environ.get(settings.api_keys_env, "")) if settings.api_keys_env else ()
-        self._file_keys: tuple[bytes, ...] = ()
-        self._file_stamp: tuple[float, int] | None = None
-        self._file_checked = float("-inf")
-        self._reload_file()
-        if self.enabled and not self.keys():
-            sources = [f"environment variable {settings.api_keys_env}" if settings.api_keys_env else "",
-                       f"file {settings.api_keys_file}" if settings.api_keys_file else ""]
-            raise ValueError(f"args.auth names {' and '.join(s for s in sources if s)} but no API key was found there")
+        self._callers = KeySource(settings.api_keys_env, settings.api_keys_file, environ)
+        self._admins = KeySource(settings.admin_keys_env, settings.admin_keys_file, environ)
+        self.unset_env = self._callers.unset_env
+        if require_keys and self.enabled and not self.keys():
+            raise ValueError(f"args.auth names {self._callers.describe()} but no API key was found there")
 
     @property
     def enabled(self) -> bool:
         return self.settings.configured and not self.unset_env
 
-    def _reload_file(self) -> None:
-        path = self.settings.api_keys_file
-        if path is None:
-            return
-        self._file_checked = time.monotonic()
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            self._file_keys, self._file_stamp = (), None
-            return
-        stamp = (stat.st_mtime, stat.st_size)
-        if stamp != self._file_stamp:
-            with open(path) as f:
-                self._file_keys = parse_keys(f.read())
-            self._file_stamp = stamp
-
     def keys(self) -> tuple[bytes, ...]:
-        if self.settings.api_keys_file and time.monotonic() - self._file_checked >= FILE_CHECK_S:
-            self._reload_file()
-        return self._env_keys + self._file_keys
+        """The keys callers may call with (an admin key is one too)."""
+        return self._callers.keys() + self._admins.keys()
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> None:
         """Raises ServiceError unless the caller may call."""
@@ -104,13 +123,25 @@ class Authenticator:
                     peer=_peer_address(peer),
                 )
             return
-        given = bearer_key(next((v for k, v in metadata if k == "authorization"), None))
+        given = _given_key(metadata)
         if given is None:
             raise ServiceError(Reason.API_KEY_MISSING, "this service needs an API key: `authorization: Bearer <key>`",
                                peer=_peer_address(peer))
         if not known_key(given, self.keys()):
             raise ServiceError(Reason.API_KEY_INVALID, "the API key is not valid for this service",
                                peer=_peer_address(peer))
+
+    def is_admin(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> bool:
+        """Whether an admitted caller may read operator detail: an admin key, or any loopback caller of a service
+        with no keys configured (the machine's own operator)."""
+        if not self.enabled:
+            return is_local_peer(peer)
+        given = _given_key(metadata)
+        return given is not None and known_key(given, self._admins.keys())
+
+
+def _given_key(metadata: Iterable[tuple[str, str | bytes]]) -> bytes | None:
+    return bearer_key(next((v for k, v in metadata if k == "authorization"), None))
 
 
 def _peer_address(peer: str) -> str:

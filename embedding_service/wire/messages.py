@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from embedding_client.encodings import OUTPUTS
-from embedding_service.wire.deadline import UNBOUNDED, Deadline
+from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, UNBOUNDED, Deadline
 
 Input = str | np.ndarray  # a text, or int32 token ids without special tokens
 # What to do with an input longer than the model takes (the proto's TruncationPolicy).
@@ -35,6 +35,9 @@ RANGED = ("int8", "uint8")
 
 # Metadata on a call that Serve's proxy merged from several callers' (proxy/merging.py): how many.
 MERGED_KEY = "embedding-merged-calls"
+# What the service's own processes tell each other in a call's metadata: the proxy drops these from what a
+# caller sent, so a caller never sets them.
+INTERNAL_METADATA = frozenset({TIMEOUT_KEY, ELAPSED_KEY, MERGED_KEY})
 
 
 def model_deployment_name(model: str) -> str:

@@ -1,5 +1,7 @@
 """Settings that reach a process through its Ray node's environment, because Serve starts it without the
-application's args: the gRPC server options of Serve's proxy, derived from `args.limits`, and `args.proxy`.
+application's args: the gRPC server options of Serve's proxy, derived from `args.limits`, `args.proxy`, and
+`args.auth` (where the keys are: the names of a variable and a file, never a key), which the proxy checks
+before it reads a call's request.
 
 The run command and the Kubernetes manifests put them in every node's environment (ops/servefile.py); the
 proxy-side module named by PRELOADED_MODULE applies them as a Ray worker starts (proxy/grpc_options.py).
@@ -11,10 +13,16 @@ import json
 import os
 from collections.abc import Mapping
 
-from embedding_service.config import Limits, ProxySettings
+from embedding_service.config import AuthSettings, Limits, ProxySettings
 
 PROXY_OPTIONS_ENV = "EMBEDDING_SERVE_GRPC_OPTIONS"
 PROXY_SETTINGS_ENV = "EMBEDDING_PROXY_SETTINGS"
+AUTH_SETTINGS_ENV = "EMBEDDING_AUTH_SETTINGS"
+# Ray's own switch for its token authentication (Ray's processes inherit it from the node that started them).
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# Ray's switch for a cluster of several machines (on by default on Linux): "0" makes a local Ray's node 127.0.0.1, and
+# every port Ray opens listens on loopback only.
+LOOPBACK_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 PRELOADED_MODULE = "embedding_service.proxy.grpc_options"
 # The setting an operator changes, named when the options are not in force.
 SETTING = "args.limits.proxy_max_pending_calls"
@@ -56,3 +64,18 @@ def proxy_settings(environ: Mapping[str, str] = os.environ) -> ProxySettings | N
     """args.proxy as this node's environment gives it; None when it gives none."""
     raw = environ.get(PROXY_SETTINGS_ENV)
     return ProxySettings.model_validate_json(raw) if raw else None
+
+
+def encode_auth_settings(settings: AuthSettings) -> str:
+    return settings.model_dump_json()
+
+
+def auth_settings(environ: Mapping[str, str] = os.environ) -> AuthSettings | None:
+    """args.auth as this node's environment gives it; None when it gives none."""
+    raw = environ.get(AUTH_SETTINGS_ENV)
+    return AuthSettings.model_validate_json(raw) if raw else None
+
+
+def ray_token_auth(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process's Ray runs with token authentication."""
+    return environ.get(AUTH_MODE_ENV, "").lower() == "token"

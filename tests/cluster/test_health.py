@@ -51,31 +51,49 @@ def test_recycler_is_one_replica_on_the_head_node(service):
 
 
 def test_watchers_take_none_of_the_routers_call_slots(service):
-    """Every client keeps a Watch open per target: twice the router's call slots in watchers, and calls are served."""
+    """Every client keeps a health Watch open per target, and operators keep WatchNodes open: twice the router's call
+    slots in health watchers and 400 node watchers (both served by the proxy), and calls keep their latency."""
     import asyncio
+    import statistics
+    import time
 
     from embedding_client.v1 import embedding_pb2 as pb
     from embedding_client.v1 import embedding_pb2_grpc
     from tests.helpers.session import ROUTER_ONGOING, ROUTER_QUEUED
 
-    watchers = 2 * (ROUTER_ONGOING + ROUTER_QUEUED)
+    watchers, node_watchers = 2 * (ROUTER_ONGOING + ROUTER_QUEUED), 400
 
-    async def run() -> tuple[list, list]:
+    async def latencies(stub, n: int) -> list[float]:
+        async def one(i: int) -> float:
+            started = time.perf_counter()
+            reply = await stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text=f"while watched {i}")]), timeout=60)
+            assert len(reply.embeddings) == 1
+            return time.perf_counter() - started
+        return [await one(i) for i in range(n)]
+
+    async def run() -> tuple[list, list, list, list]:
         async with grpc.aio.insecure_channel(service.target) as channel:
+            stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+            await latencies(stub, 5)  # warm
+            before = await latencies(stub, 20)
             health = health_pb2_grpc.HealthStub(channel)
             streams = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(watchers)]
+            nodes = [stub.WatchNodes(pb.WatchNodesRequest()) for _ in range(node_watchers)]
             try:
                 first = await asyncio.wait_for(asyncio.gather(*(s.read() for s in streams)), 60)
-                stub = embedding_pb2_grpc.EmbedServiceStub(channel)
+                views = await asyncio.wait_for(asyncio.gather(*(s.read() for s in nodes)), 60)
                 replies = await asyncio.gather(*(
                     stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text=f"while watched {i}")]), timeout=60)
                     for i in range(ROUTER_ONGOING)))
-                assert all(not s.done() for s in streams), "every watcher is still open"
+                during = await latencies(stub, 20)
+                assert all(not s.done() for s in streams + nodes), "every watcher is still open"
             finally:
-                for s in streams:
+                for s in streams + nodes:
                     s.cancel()
-            return first, replies
+            assert all(len(r.embeddings) == 1 for r in replies)
+            return first, views, before, during
 
-    first, replies = asyncio.run(run())
+    first, views, before, during = asyncio.run(run())
     assert [m.status for m in first] == [SERVING] * watchers
-    assert all(len(r.embeddings) == 1 for r in replies)
+    assert all(v.nodes for v in views)
+    assert statistics.median(during) < 2 * statistics.median(before) + 0.05, (before, during)

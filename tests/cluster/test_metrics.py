@@ -14,6 +14,8 @@ import ray
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import FORWARD_MAX_TOKENS
 from embedding_service.model.forward import plan_passes
+from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY
+from embedding_service.wire.messages import MERGED_KEY
 from tests.helpers.gateways import post, running_gateway
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.observe import gateway_samples, scrape, settled, total, wait_until
@@ -60,7 +62,12 @@ def test_requests_inputs_tokens_batches_and_errors_are_counted_exactly(service):
     stub = service.stub
     deltas = Deltas()
     calls = [make_texts(n, seed=70 + n, max_words=20) for n in (1, 3, 7, 16, 32)]  # each one shard, one batch
-    responses = [stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(texts)), timeout=60) for texts in calls]
+    # Metadata the service's own processes pass each other, sent by callers: it changes nothing (each call counts
+    # once, none is cut short by an "elapsed" time, and none fails on a value no proxy would write).
+    forged = [[(MERGED_KEY, str(10**18)), (ELAPSED_KEY, str(10**9)), (TIMEOUT_KEY, "1")],
+              [(MERGED_KEY, "1" * 4301)]]
+    responses = [stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(texts)), timeout=60,
+                            metadata=forged[i] if i < len(forged) else None) for i, texts in enumerate(calls)]
     tokens = [[e.tokens for e in r.embeddings] for r in responses]
     stream_texts = make_texts(40, seed=5, max_words=8)
     chunks = list(stub.EmbedStream(pb.EmbedStreamRequest(model=TINY, inputs=text_inputs(stream_texts)), timeout=60))

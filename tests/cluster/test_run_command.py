@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +28,7 @@ from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.cli import TEARDOWN_S
 from embedding_service.ops import ray_internals, servefile
+from embedding_service.wire import node_env
 from embedding_service.wire.reasons import Reason
 from tests.helpers.gateways import readiness, running_gateway
 from tests.helpers.models import RERANKER, SPLADE, TINY
@@ -36,7 +38,8 @@ from tests.helpers.session import REFUSING
 from tests.helpers.tcp_relay import relay
 
 KEYS_ENV = "EMBEDDING_TEST_API_KEYS"
-ENV_KEY, FILE_KEY, ROTATED_KEY = "env-key-0123", "file-key-4567", "rotated-key-89ab"
+ADMIN_KEYS_ENV = "EMBEDDING_TEST_ADMIN_KEYS"
+ENV_KEY, FILE_KEY, ROTATED_KEY, ADMIN_KEY = "env-key-0123", "file-key-4567", "rotated-key-89ab", "admin-key-cdef"
 USER_KEY = "gateway-user-key"
 # Long enough for the stream below to finish within it on a slow 2-core CPU (AVX2 only), where 30 s cut it; the
 # run command exits as soon as its calls in flight are done, so a fast machine does not wait it out.
@@ -44,9 +47,11 @@ GRACE_S = 120
 STREAM_INPUTS = 60_000
 # The service's bound per call here: short, for a Watch to be seen outliving it in seconds.
 REQUEST_TIMEOUT_S = 5
+EMBED = "/embedding_service.v1.EmbedService/Embed"
 # What the test session put in its own environment for its own Ray: the run command derives its own.
 SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
-                "EMBEDDING_SERVE_GRPC_OPTIONS", ray_internals.PRELOAD_ENV)
+                node_env.PROXY_OPTIONS_ENV, node_env.PROXY_SETTINGS_ENV, node_env.AUTH_SETTINGS_ENV,
+                ray_internals.PRELOAD_ENV)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -90,13 +95,13 @@ def run_command(tmp_path_factory, tiny_model_dir):
                        "num_replicas": 1, "num_cpus": 1, "threads": 1}]
     key_file = folder / "api-keys"
     key_file.write_text(FILE_KEY + "\n")
-    args["auth"] = {"api_keys_env": KEYS_ENV, "api_keys_file": str(key_file)}
+    args["auth"] = {"api_keys_env": KEYS_ENV, "api_keys_file": str(key_file), "admin_keys_env": ADMIN_KEYS_ENV}
     args["shutdown"] = {"grace_s": GRACE_S}
     args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
     config_path = folder / "serve-config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in SESSION_ONLY}
-    env |= {KEYS_ENV: ENV_KEY, "GATEWAY_API_KEYS": json.dumps([USER_KEY])}
+    env |= {KEYS_ENV: ENV_KEY, ADMIN_KEYS_ENV: ADMIN_KEY, "GATEWAY_API_KEYS": json.dumps([USER_KEY])}
     log = folder / "run.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -155,6 +160,80 @@ def test_the_grpc_api_needs_a_key_from_the_secret_and_health_needs_none(run_comm
     code, details = refusal(lambda: stub.Embed(request, timeout=30, metadata=bearer(FILE_KEY)))
     assert details.reason == Reason.API_KEY_INVALID.name
     assert stub.Embed(request, timeout=30, metadata=bearer(ENV_KEY)).embeddings
+
+
+def test_a_caller_without_a_key_costs_the_proxy_nothing_however_big_its_request(run_command):
+    """The proxy checks the key before it reads the request: a 200 MiB Embed without a key is UNAUTHENTICATED, and
+    the proxy's memory does not grow by the request (it grew by more than the request when the router checked)."""
+    proxy = next(p for p in psutil.Process(run_command.process.pid).children(recursive=True)
+                 if p.name().startswith("ray::ProxyActor"))
+    body = pb.EmbedRequest(inputs=[pb.EmbedInput(text="x" * (1 << 20))] * 200).SerializeToString()
+    assert len(body) > 200 << 20
+    channel = grpc.insecure_channel(run_command.target, options=[("grpc.max_send_message_length", -1)])
+    grpc.channel_ready_future(channel).result(timeout=30)
+    baseline = proxy.memory_info().rss
+    peak, done = [baseline], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proxy.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        code, details = refusal(lambda: channel.unary_unary(EMBED)(body, timeout=60))
+        time.sleep(0.5)  # what the proxy would still be reading or parsing
+    finally:
+        done.set()
+        sampler.join()
+        channel.close()
+    assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING.name)
+    assert peak[0] - baseline < 10 << 20, f"the proxy grew by {(peak[0] - baseline) >> 20} MiB"
+
+
+def test_watchnodes_holds_no_router_slot_is_bounded_per_caller_and_shows_operator_detail_to_admins(run_command):
+    stub = run_command.stub()
+    calls = [stub.WatchNodes(pb.WatchNodesRequest(), timeout=60, metadata=bearer(ENV_KEY)) for _ in range(4)]
+    try:
+        views = [next(c) for c in calls]
+        assert all(v.nodes for v in views)
+        public = views[0].nodes[0]
+        assert public.node_id and public.state and not public.node_ip
+        # The fifth of one caller's: refused at once, the others stay open.
+        code, details = refusal(lambda: next(stub.WatchNodes(pb.WatchNodesRequest(), timeout=30,
+                                                             metadata=bearer(ENV_KEY))))
+        assert (code, details.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED.name)
+        assert all(c.is_active() for c in calls)
+        admin = next(stub.WatchNodes(pb.WatchNodesRequest(), timeout=30, metadata=bearer(ADMIN_KEY)))
+        assert admin.nodes[0].node_ip == views[0].nodes[0].node_ip or admin.nodes[0].node_ip
+        assert {n.node_id for n in admin.nodes} == {n.node_id for n in views[0].nodes}
+    finally:
+        for c in calls:
+            c.cancel()
+
+
+def test_the_run_command_listens_on_loopback_but_for_its_grpc_port(run_command):
+    """Ray's node, its GCS, raylet, workers, agents and metrics, the dashboard and the gateway: loopback only. The gRPC
+    proxy listens on every interface (Serve has no host option for it), its callers' keys checked."""
+    grpc_port = int(run_command.target.rsplit(":", 1)[1])
+    root = psutil.Process(run_command.process.pid)
+    listening = {(c.laddr.ip, c.laddr.port, p.name()) for p in [root, *root.children(recursive=True)]
+                 for c in _connections(p) if c.status == psutil.CONN_LISTEN}
+    assert any(name == "raylet" for _, _, name in listening) and any(port == grpc_port for _, port, _ in listening)
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    beyond = {entry for entry in listening if entry[0] not in loopback and entry[1] != grpc_port}
+    assert not beyond, f"listening beyond loopback: {sorted(beyond)}"
+    printed = re.search(r"Prometheus metrics \(service, Ray Serve\): http://([0-9.]+):", run_command.output())
+    assert printed and printed.group(1) == "127.0.0.1", run_command.output()[-2000:]
+    assert "Ray's token authentication: on" in run_command.output()
+
+
+def _connections(process: psutil.Process) -> list:
+    try:
+        return process.net_connections(kind="inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 def test_the_peer_the_service_sees_is_the_callers_own_address(run_command):

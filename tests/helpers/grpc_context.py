@@ -6,12 +6,15 @@ from __future__ import annotations
 class Context:
     """Records what a handler writes on a gRPC servicer context."""
 
-    def __init__(self, metadata=(), remaining: float | None = None) -> None:
-        self._metadata, self._remaining = tuple(metadata), remaining
+    def __init__(self, metadata=(), remaining: float | None = None, peer: str = "ipv4:127.0.0.1:50000") -> None:
+        self._metadata, self._remaining, self._peer = tuple(metadata), remaining, peer
         self._code, self._details, self._trailers = None, "", ()
 
     def invocation_metadata(self):
         return self._metadata
+
+    def peer(self):
+        return self._peer
 
     def time_remaining(self):
         return self._remaining

@@ -41,6 +41,7 @@ WORKER_CPUS = 2
 SMALL_CPUS = 0.1
 ROUTER_ONGOING = 64
 ROUTER_QUEUED = 64
+NODE_WATCHERS = 512
 # Calls a proxy holds waiting to leave merged: small enough for a test to fill, more than the tests' 96 concurrent
 # callers.
 PROXY_MAX_QUEUED_CALLS = 256
@@ -88,7 +89,9 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     # Queue bounds a burst test can exceed in seconds (64 in flight, as the benchmark's W3, still fit).
     args["router"].update(shard_retries=5, retry_backoff_s=0.2, resources=HEAD,
                           max_ongoing_requests=ROUTER_ONGOING, max_queued_requests=ROUTER_QUEUED)
-    args["proxy"] = {"max_queued_calls": PROXY_MAX_QUEUED_CALLS}
+    # Every caller here is one (loopback, no keys): room for test_health's watchers of WatchNodes.
+    args["proxy"] = {"max_queued_calls": PROXY_MAX_QUEUED_CALLS, "max_node_watchers": NODE_WATCHERS,
+                     "max_node_watchers_per_caller": NODE_WATCHERS}
     args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
     args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
     args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)
@@ -128,6 +131,7 @@ def start_cluster():
     never saw it): a second try, once every process of the first is stopped."""
     from ray.cluster_utils import Cluster
 
+    assert os.environ.get("RAY_AUTH_MODE") == "token", "tests/conftest.py turns Ray's token authentication on"
     for attempt in (1, 2):
         cluster = Cluster()
         try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
+
 import pytest
 
 from embedding_service.config import AuthSettings
-from embedding_service.router import auth
-from embedding_service.router.auth import Authenticator, is_local_peer, parse_keys, peer_host
+from embedding_service.wire import auth
+from embedding_service.wire.auth import Authenticator, is_local_peer, parse_keys, peer_host
 from embedding_service.wire.reasons import Reason, ServiceError
 
 LOCAL = "ipv4:127.0.0.1:50111"
@@ -80,6 +83,26 @@ def test_a_key_file_is_read_and_re_read_when_it_changes(tmp_path, monkeypatch):
     assert refused(lambda: gate.check([("authorization", "Bearer first-key")], REMOTE)).reason == Reason.API_KEY_INVALID
     path.unlink()  # a secret gone: nobody gets in, rather than everybody
     assert refused(lambda: gate.check([("authorization", "Bearer third-key")], REMOTE)).reason == Reason.API_KEY_INVALID
+
+
+def test_a_key_rewritten_with_its_size_and_mtime_kept_is_revoked_after_the_check_interval(tmp_path, monkeypatch):
+    """A same-length key written over the old one with the old mtime put back (os.utime, `cp -p`, a restored
+    backup): the file's content decides, within the one check interval, not its stat."""
+    now = [0.0]
+    monkeypatch.setattr(auth, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    path = tmp_path / "keys"
+    path.write_text("key-aaaa\n")
+    gate = Authenticator(AuthSettings(api_keys_file=str(path)), environ={})
+    gate.check([("authorization", "Bearer key-aaaa")], REMOTE)
+    before = os.stat(path)
+    path.write_text("key-bbbb\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    gate.check([("authorization", "Bearer key-aaaa")], REMOTE)  # within the interval: not read again yet
+    now[0] += auth.FILE_CHECK_S
+    assert refused(lambda: gate.check([("authorization", "Bearer key-aaaa")], REMOTE)).reason == Reason.API_KEY_INVALID
+    gate.check([("authorization", "Bearer key-bbbb")], REMOTE)
 
 
 def test_a_named_secret_that_holds_no_key_stops_the_start(tmp_path):

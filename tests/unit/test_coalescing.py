@@ -216,3 +216,81 @@ def test_a_failed_call_fails_its_callers_and_the_coalescer_goes_on():
         assert (await coalescer.submit(["cc"], UNBOUNDED)).vectors[:, 0].tolist() == [2]
 
     asyncio.run(main())
+
+
+class _Ignored:
+    """Metrics nobody reads here: every counter and histogram takes its values and keeps none."""
+
+    def __getattr__(self, name: str) -> _Ignored:
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
+
+
+class _RerankReplicas:
+    """A model deployment's handle as the router's fanout calls it: `rerank.remote(shard)`, awaited; each
+    call answers a score per document once released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.rerank = self
+        self.queries: set[str] = set()
+
+    def remote(self, request):
+        self.queries.add(request.options.query)
+
+        async def answer() -> ShardResult:
+            await self.release.wait()
+            n = len(request.inputs)
+            return ShardResult(np.zeros(n, dtype=np.float32), np.ones(n, dtype=np.int64))
+
+        return _Response(answer())
+
+
+class _Response:
+    def __init__(self, coroutine) -> None:
+        self._task = asyncio.ensure_future(coroutine)
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+N = 10_000
+
+
+def test_the_router_keeps_no_rerank_query_once_its_calls_are_done():
+    """A rerank call's options (its query) key the router's coalescing: 10,000 distinct queries leave nothing
+    keyed once answered (a plain dict of coalescers grew with every new query, forever)."""
+    from embedding_service.config import RouterSettings, TracingSettings
+    from embedding_service.observability.tracing import service_tracer
+    from embedding_service.router.call_observer import ObservedCall
+    from embedding_service.router.catalog import ModelCatalog
+    from embedding_service.router.fanout import Fanout
+    from embedding_service.router.validation import Job
+    from embedding_service.wire.messages import RerankOptions
+
+    async def main():
+        replicas = _RerankReplicas()
+        fanout = Fanout(ModelCatalog({"reranker": replicas}), RouterSettings(coalesce_max_in_flight=4), _Ignored(),
+                        service_tracer(TracingSettings(), "router"))
+
+        async def rerank(query: str) -> None:
+            job = Job("reranker", ["a document", "another"], RerankOptions(query=query), False, 1)
+            async for _ in fanout.results(job, UNBOUNDED, ObservedCall("Rerank", _Ignored())):
+                pass
+
+        calls = [asyncio.ensure_future(rerank(f"query {i}")) for i in range(N)]
+        while len(replicas.queries) < N and not any(c.done() for c in calls):
+            await asyncio.sleep(0.01)
+        assert len(fanout.coalescers) == N, "every distinct query is keyed while its call is out"
+        replicas.release.set()
+        await asyncio.gather(*calls)
+        await _settle()
+        assert len(replicas.queries) == N
+        assert len(fanout.coalescers) == 0 and fanout.coalescers.waiting == 0
+
+    asyncio.run(main())

@@ -146,6 +146,7 @@ def test_the_file_is_read_and_validated_once_for_the_run_the_manifests_and_the_b
     limits = config.args.limits
     assert config.gateway_args(["t:1"], 9) == [
         "--host", "127.0.0.1", "--port", "9", "--targets", "t:1", "--max-inputs", str(limits.max_inputs_per_request),
+        "--max-token-ids", str(limits.max_token_ids_per_input), "--max-documents", str(limits.max_documents_per_rerank),
         "--max-body-bytes", str(limits.max_request_bytes), "--drain-delay-s", "1", "--shutdown-timeout-s", "30"]
 
 
@@ -178,3 +179,27 @@ def test_the_forward_token_budget_defaults_per_device_and_is_overridable():
     assert explicit.forward_token_budget("cpu") == explicit.forward_token_budget("cuda") == 300
     with pytest.raises(ValidationError):
         ModelSettings(name="m", path="p", forward_max_tokens=0)
+
+
+def test_the_head_resource_is_dropped_on_a_one_node_ray_and_its_absence_stops_a_larger_one(monkeypatch):
+    """`serve run serve-config.yaml` starts a Ray that declares no embedding_head: on one node the router and the
+    recycler go there (tests/cluster/test_serve_run.py serves so); on several, the build fails at once, saying what to
+    run, instead of leaving them pending forever."""
+    import ray
+
+    from embedding_service import app
+    from embedding_service.config import HEAD_RESOURCE, ON_HEAD
+
+    def nodes(*resources: dict) -> None:
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0, **r}} for r in resources]
+                            + [{"Alive": False, "Resources": {HEAD_RESOURCE: 1.0}}])
+
+    nodes({})
+    assert app.place_on_head({**ON_HEAD, "other": 1.0}) == {"other": 1.0}
+    nodes({}, {HEAD_RESOURCE: 1.0})
+    assert app.place_on_head(ON_HEAD) == ON_HEAD
+    nodes({}, {})
+    with pytest.raises(app.NoHeadNode, match=r"ray start --head --resources='\{\"embedding_head\": 1\}'"):
+        app.place_on_head(ON_HEAD)
+    assert app.place_on_head({"CPU": 1.0}) == {"CPU": 1.0}  # not pinned to the head: as given

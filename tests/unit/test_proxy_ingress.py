@@ -11,11 +11,15 @@ import time
 
 import grpc
 import numpy as np
+from ray.serve._private.proxy_request_response import gRPCStreamingType
 
 from embedding_client.errors import STATUS_DETAILS_KEY, read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.proxy import ingress
+from embedding_service.wire import node_env
+from embedding_service.config import AuthSettings
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
+from embedding_service.wire.messages import MERGED_KEY
 from embedding_service.wire.reasons import Reason, ServiceError
 from tests.helpers.grpc_context import Context
 
@@ -39,8 +43,25 @@ def serve_factory(behaviour, stream: bool):
 
 
 def guarded(behaviour, method: str, stream: bool):
-    return ingress._guarded(serve_factory(behaviour, stream), service_method=f"/embedding_service.v1.EmbedService/{method}",
-                            streaming_type="as Serve passes it")
+    """The proxy's handler as gRPC runs it (the methods are registered request-streaming: it reads its one request
+    from the call), taking the request itself here."""
+    kind = gRPCStreamingType.STREAM_STREAM if stream else gRPCStreamingType.STREAM_UNARY
+    handler = ingress._guarded(serve_factory(behaviour, stream),
+                               service_method=f"/embedding_service.v1.EmbedService/{method}", streaming_type=kind)
+    if stream:
+        async def server_stream(request, context):
+            async for message in handler(_requests(request), context):
+                yield message
+        return server_stream
+
+    async def unary(request, context):
+        return await handler(_requests(request), context)
+    return unary
+
+
+async def _requests(*requests):
+    for request in requests:
+        yield request
 
 
 async def _stream(handler, request, context) -> list:
@@ -73,7 +94,7 @@ def test_serve_raising_becomes_a_retryable_status_not_unknown():
 
 
 def test_the_callers_deadline_travels_and_cannot_be_forged():
-    forged = [("a", "1"), (TIMEOUT_KEY, "999999"), (ELAPSED_KEY, "999999")]
+    forged = [("a", "1"), (TIMEOUT_KEY, "999999"), (ELAPSED_KEY, "999999"), (MERGED_KEY, "1" * 4301)]
     attempt = ingress._Attempt(Context(metadata=forged, remaining=2.5))
     assert attempt.invocation_metadata() == (("a", "1"), (TIMEOUT_KEY, "2500"))
     assert ingress._Attempt(Context(metadata=[(TIMEOUT_KEY, "5")])).invocation_metadata() == ()  # no deadline: none
@@ -190,12 +211,19 @@ def test_a_call_with_no_time_left_for_a_resend_is_answered_at_once():
     assert asyncio.run(main()).code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_serves_client_streaming_handlers_are_left_as_serve_made_them():
-    def factory(service_method, streaming_type):
-        return "not a coroutine"  # what Serve makes for the kinds these services have none of
+def test_the_unary_request_slots_are_left_as_serve_made_them():
+    """The methods are registered request-streaming (the key is checked before a request is read): gRPC runs only
+    their request-streaming slots, each with Serve's handler of the unary-request kind it stands for."""
+    asked = []
 
-    assert ingress._guarded(factory, service_method="/s/M", streaming_type="x") == "not a coroutine"
+    def factory(service_method, streaming_type):
+        asked.append(streaming_type)
+        return "not run"
+
+    assert ingress._guarded(factory, service_method="/s/M", streaming_type=gRPCStreamingType.UNARY_UNARY) == "not run"
     assert inspect.isasyncgenfunction(guarded(lambda r, c: None, "EmbedStream", stream=True))
+    ingress._guarded(factory, service_method="/s/M", streaming_type=gRPCStreamingType.STREAM_STREAM)
+    assert asked == [gRPCStreamingType.UNARY_UNARY, gRPCStreamingType.UNARY_STREAM]
 
 
 def test_the_services_bound_counts_from_the_calls_arrival_and_the_callers_deadline_still_wins():
@@ -227,3 +255,49 @@ def test_a_call_that_waited_in_the_proxy_tells_the_router_how_long():
     asyncio.run(main())
     assert 2000 <= int(seen[0][ELAPSED_KEY]) < 3000 and ELAPSED_KEY not in seen[1]
     assert 42 < Deadline.within(45, list(seen[0].items())).remaining() <= 43  # the bound less the 2 s it waited
+
+
+def test_a_caller_without_a_valid_key_is_answered_before_its_request_is_read(monkeypatch):
+    """The proxy checks the key first: a refused caller's request is never read (nor routed); a caller with a key
+    is served. Without keys configured, a caller off loopback is refused the same way."""
+    monkeypatch.setenv(node_env.AUTH_SETTINGS_ENV, node_env.encode_auth_settings(AuthSettings(api_keys_env="K")))
+    monkeypatch.setenv("K", "the-key")
+    monkeypatch.setattr(ingress, "_proxy", None)
+    read, routed = [], []
+
+    async def requests():
+        read.append(True)
+        yield pb.ListModelsRequest()
+
+    async def router(request, context):
+        routed.append(request)
+        return b"ok"
+
+    async def call(metadata, peer="ipv4:10.1.2.3:5000"):
+        context = Context(metadata=metadata, peer=peer)
+        kind = gRPCStreamingType.STREAM_UNARY
+        handler = ingress._guarded(serve_factory(router, False), service_method="/x/ListModels", streaming_type=kind)
+        return await handler(requests(), context), context
+
+    async def main():
+        for metadata, reason in (((), Reason.API_KEY_MISSING), ((("authorization", "Bearer nope"),), Reason.API_KEY_INVALID)):
+            reply, context = await call(metadata)
+            assert reply == b"" and context.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert read_details(context.trailing_metadata()).reason == reason.name
+        assert read == [] and routed == []
+        reply, context = await call((("authorization", "Bearer the-key"),))
+        assert reply == b"ok" and read == [True] and len(routed) == 1
+
+    asyncio.run(main())
+    monkeypatch.delenv(node_env.AUTH_SETTINGS_ENV)
+    monkeypatch.setattr(ingress, "_proxy", None)
+    read.clear()
+
+    async def remote():
+        reply, context = await call(())
+        assert read_details(context.trailing_metadata()).reason == Reason.LOOPBACK_ONLY.name and read == []
+        reply, context = await call((), peer="ipv6:[::1]:5000")
+        assert reply == b"ok"
+
+    asyncio.run(remote())
+    monkeypatch.setattr(ingress, "_proxy", None)

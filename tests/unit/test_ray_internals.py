@@ -199,3 +199,27 @@ def test_a_fence_that_finds_ray_changed_stops_loudly_with_rays_version(fence):
                           text=True, timeout=180, cwd=ROOT)
     assert done.returncode != 0
     assert "RayInternalsChanged" in done.stderr and "Ray 2." in done.stderr, done.stderr[-2000:]
+
+
+def test_replicas_inter_deployment_servers_bind_loopback_on_a_loopback_ray(monkeypatch):
+    """The run command's Ray listens on loopback only; Serve binds each replica's inter-deployment server on every
+    interface ("[::]:0"), so on such a node the preloaded module binds it on 127.0.0.1 (its shape checked)."""
+    from ray.serve._private import replica
+
+    from embedding_service.proxy import serve_internals
+
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", replica.add_port_to_grpc_server)
+    serve_internals.bind_replica_servers_to_loopback()
+
+    class Server:
+        def __init__(self) -> None:
+            self.bound: list[str] = []
+
+        def add_insecure_port(self, address: str) -> int:
+            self.bound.append(address)
+            return 1234
+
+    server = Server()
+    assert replica.add_port_to_grpc_server(server, serve_internals.REPLICA_ADDRESS) == 1234
+    replica.add_port_to_grpc_server(server, "10.0.0.1:5")
+    assert server.bound == ["127.0.0.1:0", "10.0.0.1:5"]

@@ -261,7 +261,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceLimits(_message.Message):
-    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes", "max_documents_per_rerank", "max_documents_per_rerank_stream", "max_sparse_terms")
+    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes", "max_documents_per_rerank", "max_documents_per_rerank_stream", "max_sparse_terms", "max_query_tokens")
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_PER_STREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class ServiceLimits(_message.Message):
     MAX_DOCUMENTS_PER_RERANK_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENTS_PER_RERANK_STREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_SPARSE_TERMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_inputs_per_request: int
     max_inputs_per_stream: int
     max_chars_per_input: int
@@ -278,7 +279,8 @@ class ServiceLimits(_message.Message):
     max_documents_per_rerank: int
     max_documents_per_rerank_stream: int
     max_sparse_terms: int
-    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_documents_per_rerank: _Optional[int] = ..., max_documents_per_rerank_stream: _Optional[int] = ..., max_sparse_terms: _Optional[int] = ...) -> None: ...
+    max_query_tokens: int
+    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_documents_per_rerank: _Optional[int] = ..., max_documents_per_rerank_stream: _Optional[int] = ..., max_sparse_terms: _Optional[int] = ..., max_query_tokens: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits")

@@ -129,6 +129,9 @@ class EmbedServiceServicer:
     def WatchNodes(self, request, context):
         """For operators: every node with its state, the reason and the replicas on
         it; the current view at once, then the whole view again at each change.
+        Served by each proxy, at most max_node_watchers_per_caller streams per
+        caller (RESOURCE_EXHAUSTED OVERLOADED past it). node_ip, reason and
+        action_error are filled only for an admin key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

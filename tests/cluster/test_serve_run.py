@@ -1,0 +1,66 @@
+"""`serve run` of the config file, as every Ray Serve user starts one: on a fresh one-node Ray (none of the run
+command's node settings, no head resource declared), the service serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import yaml
+
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_client.v1 import embedding_pb2_grpc
+from embedding_service.ops import servefile
+from tests.helpers.models import TINY
+from tests.helpers.observe import wait_until
+from tests.helpers.ports import free_port
+
+# What the test session (or the run command) gives its own Ray nodes: a Serve user's machine has none of it.
+NODE_SETTINGS = ("RAY_ADDRESS", *servefile.ServeFile.load().node_environment())
+
+
+def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, tiny_model_dir, reference_models):
+    config = servefile.read()
+    grpc_port = free_port()
+    config["http_options"]["port"] = free_port()
+    config["grpc_options"]["port"] = grpc_port
+    args = config["applications"][0]["args"]
+    args["default_model"] = TINY
+    args["models"] = [{"name": TINY, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch",
+                       "num_replicas": 1, "num_cpus": 1, "threads": 1}]
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in NODE_SETTINGS} | {"RAY_ADDRESS": "local"}
+    log = tmp_path / "serve-run.log"
+    serve = str(Path(sys.executable).with_name("serve"))
+    with open(log, "wb") as out:
+        process = subprocess.Popen([serve, "run", str(path)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=tmp_path, start_new_session=True)
+    stub = embedding_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+    request = pb.EmbedRequest(inputs=[pb.EmbedInput(text="served by serve run")])
+    replies = []
+
+    def served() -> bool:
+        assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+        try:
+            replies.append(stub.Embed(request, timeout=10))
+            return True
+        except grpc.RpcError:
+            return False
+
+    try:
+        wait_until(served, 240, "an Embed answered under serve run")
+        expected = reference_models[TINY].encode(["served by serve run"], normalize_embeddings=True)
+        assert np.abs(np.array(replies[0].embeddings[0].values) - expected[0]).max() < 1e-5
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its own Ray down
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
