@@ -59,21 +59,27 @@ def _run_parser(run: argparse.ArgumentParser) -> None:
     run.set_defaults(handler=run_command)
 
 
+def report_ray_auth() -> None:
+    """Says whether the Ray this command started runs with token authentication (a WARNING when it does not)."""
+    from embedding_service.wire import node_env
+
+    if node_env.ray_token_auth():
+        print("Ray's token authentication: on (its token: RAY_AUTH_TOKEN, or ~/.ray/auth_token)", flush=True)
+    else:
+        print(f"WARNING: Ray runs without token authentication ({node_env.AUTH_MODE_ENV}="
+              f"{os.environ.get(node_env.AUTH_MODE_ENV, 'unset')}): anyone who reaches its ports can run code here; "
+              "the router reports it in embedding_ray_token_auth", flush=True)
+
+
 def run_command(opts: argparse.Namespace) -> int:
     from embedding_service.ops import launcher
-    from embedding_service.wire import node_env
     from embedding_service.wire.auth import Authenticator
 
     config = ServeFile.load(opts.config)
     target = launcher.start(config, address=opts.address, node_ip_address=opts.node_ip_address)
     print(f"embedding service ready: gRPC on {target} (embedding_service.v1.EmbedService)", flush=True)
     print(f"Prometheus metrics (service, Ray Serve): {', '.join(launcher.metrics_endpoints())}", flush=True)
-    if node_env.ray_token_auth():
-        print("Ray's token authentication: on (its token: RAY_AUTH_TOKEN, or ~/.ray/auth_token)", flush=True)
-    else:
-        print(f"WARNING: Ray runs without token authentication ({node_env.AUTH_MODE_ENV}="
-              f"{os.environ.get(node_env.AUTH_MODE_ENV, 'unset')}): anyone who reaches its ports can run code here",
-              flush=True)
+    report_ray_auth()
     auth = config.args.auth
     if not Authenticator(auth).enabled:
         print(f"{auth.api_keys_env or 'no API key variable'} is not set and no key file is configured "

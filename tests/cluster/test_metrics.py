@@ -151,6 +151,19 @@ def test_health_and_node_gauges_match_the_service_state(service):
     serving = {s.labels["service"]: s.value for s in samples if s.name == "ray_embedding_health_serving"}
     assert serving == {"(overall)": 1, "embedding_service.v1.EmbedService": 1, MINILM: 1, TINY: 1, REFUSING: 0,
                        RERANKER: 1, SPLADE: 1}
+    # The session's Ray runs with token authentication, and the router says so; its proxy checks keys itself.
+    assert [s.value for s in samples if s.name == "ray_embedding_ray_token_auth"] == [1.0]
+    assert {s.value for s in samples if s.name == "ray_embedding_proxy_keys_checked"} == {1.0}
+
+
+def test_grpc_reflection_is_off(service):
+    """Reflection would list the services to anyone who reaches the port (serve-config.yaml turns it off)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(service.channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def dashboard_metrics(dashboard: dict) -> set[str]:

@@ -203,3 +203,16 @@ def test_the_head_resource_is_dropped_on_a_one_node_ray_and_its_absence_stops_a_
     with pytest.raises(app.NoHeadNode, match=r"ray start --head --resources='\{\"embedding_head\": 1\}'"):
         app.place_on_head(ON_HEAD)
     assert app.place_on_head({"CPU": 1.0}) == {"CPU": 1.0}  # not pinned to the head: as given
+
+
+def test_the_run_command_says_whether_ray_runs_with_token_auth(monkeypatch, capsys):
+    """An inherited RAY_AUTH_MODE=disabled is a WARNING at start (and the router's embedding_ray_token_auth 0, seen in
+    tests/cluster/test_metrics.py as 1 for the session's token-auth Ray), never silent."""
+    from embedding_service import cli
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cli.report_ray_auth()
+    assert capsys.readouterr().out.startswith("WARNING: Ray runs without token authentication (RAY_AUTH_MODE=disabled)")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    cli.report_ray_auth()
+    assert "Ray's token authentication: on" in capsys.readouterr().out
