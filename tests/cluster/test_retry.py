@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import ray
@@ -12,6 +13,7 @@ from embedding_service.wire.messages import model_deployment_name
 from tests.helpers.models import MINILM
 from tests.helpers.observe import scrape, wait_until
 from tests.helpers.replicas import replica_actors, wait_healthy
+from tests.helpers.session import REQUEST_TIMEOUT_S
 from tests.helpers.texts import make_texts, text_inputs, vectors_of
 
 
@@ -20,13 +22,28 @@ def forwarded_by_replica() -> dict[str, float]:
             if s.name == "ray_embedding_sequences_forwarded_total" and s.labels.get("model") == MINILM}
 
 
+# The call lasts about this long at the model's measured speed (both replicas): long enough that its shards are seen
+# at both replicas (Ray reports metrics every half second) before it ends, however fast the machine (1,000 inputs
+# once ended first); and within the service's request bound with a replica lost, however slow.
+TARGET_S = 5.0
+
+
+def sized_for(service, seconds: float) -> int:
+    """Inputs of make_texts(max_words=40) the model embeds in about `seconds` on both replicas, measured now."""
+    probe = make_texts(256, seed=22, max_words=40)
+    started = time.perf_counter()
+    service.stub.Embed(pb.EmbedRequest(inputs=text_inputs(probe)), timeout=60)
+    rate = len(probe) / (time.perf_counter() - started)
+    most = rate / 2 * REQUEST_TIMEOUT_S / 3  # a third of the bound on one replica
+    return int(max(500, min(rate * seconds, most)))
+
+
 def test_killed_replica_mid_request_is_retried(service, reference_models):
     deployment = model_deployment_name(MINILM)
     replicas = replica_actors(deployment)
     assert len(replicas) == 2, replicas
 
-    # Within the service's request bound (45 s) on a slow 2-core CPU even with a replica lost: 2,000 were not.
-    texts = make_texts(1000, seed=23, max_words=40)
+    texts = make_texts(sized_for(service, TARGET_S), seed=23, max_words=40)
     outcome: dict = {}
 
     def call():

@@ -3,14 +3,17 @@ command's node settings, no head resource declared), the service serves."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import yaml
 
 from embedding_client.v1 import embedding_pb2 as pb
@@ -20,6 +23,8 @@ from tests.helpers.models import TINY
 from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
 
+# How long serve run may take to stop on Ctrl-C (Serve's shutdown, then its Ray's) before it is killed.
+STOP_S = 30
 # What the test session (or the run command) gives its own Ray nodes: a Serve user's machine has none of it.
 NODE_SETTINGS = ("RAY_ADDRESS", *servefile.ServeFile.load().node_environment())
 
@@ -33,6 +38,7 @@ def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, t
     args["default_model"] = TINY
     args["models"] = [{"name": TINY, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch",
                        "num_replicas": 1, "num_cpus": 1, "threads": 1}]
+    args["shutdown"] = {"grace_s": 5}  # Ctrl-C waits no longer for calls in flight: there are none
     path = tmp_path / "serve-config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in NODE_SETTINGS} | {"RAY_ADDRESS": "local"}
@@ -53,14 +59,22 @@ def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, t
         except grpc.RpcError:
             return False
 
+    started = time.monotonic()
     try:
         wait_until(served, 240, "an Embed answered under serve run")
+        print(f"serve run served after {time.monotonic() - started:.1f} s")
         expected = reference_models[TINY].encode(["served by serve run"], normalize_embeddings=True)
         assert np.abs(np.array(replies[0].embeddings[0].values) - expected[0]).max() < 1e-5
     finally:
+        stopping = time.monotonic()
+        ray_processes = psutil.Process(process.pid).children(recursive=True)
         process.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its own Ray down
         try:
-            process.wait(timeout=90)
+            process.wait(timeout=STOP_S)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+        for leftover in ray_processes:  # none may compete with the tests after this one
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftover.kill()
+        print(f"serve run stopped {time.monotonic() - stopping:.1f} s after Ctrl-C")
