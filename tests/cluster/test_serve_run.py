@@ -29,6 +29,13 @@ STOP_S = 30
 NODE_SETTINGS = ("RAY_ADDRESS", *servefile.ServeFile.load().node_environment())
 
 
+def _as_from_a_shell() -> None:
+    """Ctrl-C reaches serve run as from a terminal: this process's threads may block or ignore SIGINT (Ray blocks it
+    in what it starts), and a child inherits both; serve run then never saw it and was killed after the wait."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, tiny_model_dir, reference_models):
     config = servefile.read()
     grpc_port = free_port()
@@ -45,8 +52,9 @@ def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, t
     log = tmp_path / "serve-run.log"
     serve = str(Path(sys.executable).with_name("serve"))
     with open(log, "wb") as out:
-        process = subprocess.Popen([serve, "run", str(path)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=tmp_path, start_new_session=True)
+        process = subprocess.Popen([serve, "run", str(path)], env=env | {"PYTHONUNBUFFERED": "1"}, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                   preexec_fn=_as_from_a_shell)
     stub = embedding_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
     request = pb.EmbedRequest(inputs=[pb.EmbedInput(text="served by serve run")])
     replies = []
