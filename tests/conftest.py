@@ -9,7 +9,6 @@ no test module imports another (tests/unit/test_layout.py)."""
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import pytest
@@ -29,11 +28,11 @@ from tests.helpers.models import (
 # The shipped app's environment (HF_HUB_OFFLINE, Ray Serve's speed settings) before any test module imports ray.serve:
 # Serve reads its settings at import, and the deployment handles built in this process carry them.
 ServeFile.load().export_app_env()
-# Ray's token authentication for the session's Ray, as the run command and the Kubernetes manifests start Ray: the
-# proxy, the probes and the gateway are tested with it on. Set before anything imports ray (it reads the mode once
-# per process); the token is the session's own.
-os.environ["RAY_AUTH_MODE"] = "token"
-os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# The session's own Ray runs without Ray's token authentication (it costs every call between Serve's processes a
+# third more CPU, docs/security.md), and so shows that the service says so (tests/cluster/test_metrics.py); the run
+# command's and serve run's Rays run with it, and their tests call the proxy, the probes and the gateway through it.
+# Set before anything imports ray (it reads the mode once per process).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 TIERS = ("unit", "cluster")
 HERE = Path(__file__).resolve().parent

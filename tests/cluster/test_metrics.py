@@ -151,8 +151,9 @@ def test_health_and_node_gauges_match_the_service_state(service):
     serving = {s.labels["service"]: s.value for s in samples if s.name == "ray_embedding_health_serving"}
     assert serving == {"(overall)": 1, "embedding_service.v1.EmbedService": 1, MINILM: 1, TINY: 1, REFUSING: 0,
                        RERANKER: 1, SPLADE: 1}
-    # The session's Ray runs with token authentication, and the router says so; its proxy checks keys itself.
-    assert [s.value for s in samples if s.name == "ray_embedding_ray_token_auth"] == [1.0]
+    # The session's Ray runs without token authentication (tests/conftest.py), and the router says so; its proxy
+    # checks keys itself. (The run command's Ray runs with it: test_run_command.py reads 1 there.)
+    assert [s.value for s in samples if s.name == "ray_embedding_ray_token_auth"] == [0.0]
     assert {s.value for s in samples if s.name == "ray_embedding_proxy_keys_checked"} == {1.0}
 
 

@@ -51,7 +51,7 @@ EMBED = "/embedding_service.v1.EmbedService/Embed"
 # What the test session put in its own environment for its own Ray: the run command derives its own.
 SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
                 node_env.PROXY_OPTIONS_ENV, node_env.PROXY_SETTINGS_ENV, node_env.AUTH_SETTINGS_ENV,
-                ray_internals.PRELOAD_ENV)
+                node_env.AUTH_MODE_ENV, ray_internals.PRELOAD_ENV)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -283,6 +283,10 @@ def test_the_run_command_prints_its_metrics_endpoints_and_its_proxy_runs_with_th
     in_force = [line for line in httpx.get(url, timeout=10).text.splitlines()
                 if line.startswith("ray_embedding_proxy_grpc_options_in_force")]
     assert in_force and all(line.endswith(" 1.0") for line in in_force), in_force
+    # Its Ray runs with token authentication (the proxy, the probes and the gateway above were called through it).
+    token_auth = [line for line in httpx.get(url, timeout=10).text.splitlines()
+                  if line.startswith("ray_embedding_ray_token_auth")]
+    assert token_auth and all(line.endswith(" 1.0") for line in token_auth), token_auth
 
 
 def test_a_watch_sends_the_status_at_once_and_stays_open_past_the_services_bound(run_command):

@@ -24,7 +24,8 @@ from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
 
 # What the test session (or the run command) gives its own Ray nodes: a Serve user's machine has none of it.
-NODE_SETTINGS = ("RAY_ADDRESS", *servefile.ServeFile.load().node_environment())
+# Ray's token authentication is left to Ray's own default for a local Ray (on), as on a fresh machine.
+NODE_SETTINGS = ("RAY_ADDRESS", "RAY_AUTH_MODE", *servefile.ServeFile.load().node_environment())
 
 
 def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, tiny_model_dir, reference_models):

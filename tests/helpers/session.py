@@ -131,7 +131,6 @@ def start_cluster():
     never saw it): a second try, once every process of the first is stopped."""
     from ray.cluster_utils import Cluster
 
-    assert os.environ.get("RAY_AUTH_MODE") == "token", "tests/conftest.py turns Ray's token authentication on"
     for attempt in (1, 2):
         cluster = Cluster()
         try:
