@@ -203,7 +203,11 @@ def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requ
     before = scrape()
     gauges = GaugeSampler()
     capacity_restored.append(gauges.stop)
-    (service.fault_dir / victim).write_text("CUDA error: an illegal memory access was encountered (injected)")
+    # Written whole, then named as the check looks for it: a check between the file's creation and its text read an
+    # empty file once and reported "injected fault".
+    pending = service.fault_dir / f".{victim}.pending"
+    pending.write_text("CUDA error: an illegal memory access was encountered (injected)")
+    pending.replace(service.fault_dir / victim)
 
     def state(node_id):
         return next((n.state for n in latest_nodes(nodes) if n.node_id == node_id), None)
