@@ -52,8 +52,7 @@ from embedding_service.proxy.health_relay import HealthRelay
 from embedding_service.proxy.merging import EmbedMerging, MergeFailed, MergingFull, Outcome, Send
 from embedding_service.proxy.nodes_relay import NodesRelay, caller_identity
 from embedding_service.wire import node_env, status
-from embedding_service.wire.auth import Authenticator, peer_host
-from embedding_service.wire.bearer import bearer_key
+from embedding_service.wire.auth import Authenticator, given_key, peer_host
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.messages import INTERNAL_METADATA
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -549,8 +548,7 @@ async def _watch_nodes(requests, context):
             is None:
         return
     metadata = context.invocation_metadata()
-    caller = caller_identity(bearer_key(next((v for k, v in metadata if k == "authorization"), None))
-                             if proxy.auth.enabled else None, peer_host(context.peer()))
+    caller = caller_identity(given_key(metadata) if proxy.auth.enabled else None, peer_host(context.peer()))
     try:
         proxy.nodes.admit(caller)
     except ServiceError as error:

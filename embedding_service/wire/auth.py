@@ -123,7 +123,7 @@ class Authenticator:
                     peer=_peer_address(peer),
                 )
             return
-        given = _given_key(metadata)
+        given = given_key(metadata)
         if given is None:
             raise ServiceError(Reason.API_KEY_MISSING, "this service needs an API key: `authorization: Bearer <key>`",
                                peer=_peer_address(peer))
@@ -136,11 +136,12 @@ class Authenticator:
         with no keys configured (the machine's own operator)."""
         if not self.enabled:
             return is_local_peer(peer)
-        given = _given_key(metadata)
+        given = given_key(metadata)
         return given is not None and known_key(given, self._admins.keys())
 
 
-def _given_key(metadata: Iterable[tuple[str, str | bytes]]) -> bytes | None:
+def given_key(metadata: Iterable[tuple[str, str | bytes]]) -> bytes | None:
+    """The key of a call's `authorization: Bearer <key>` metadata, or None."""
     return bearer_key(next((v for k, v in metadata if k == "authorization"), None))
 
 

@@ -27,14 +27,14 @@ from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.cli import TEARDOWN_S
-from embedding_service.ops import ray_internals, servefile
+from embedding_service.ops import ray_internals
 from embedding_service.wire import node_env
 from embedding_service.wire.reasons import Reason
 from tests.helpers.gateways import readiness, running_gateway
 from tests.helpers.models import RERANKER, SPLADE, TINY
 from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
-from tests.helpers.session import REFUSING
+from tests.helpers.session import REFUSING, one_model_config
 from tests.helpers.tcp_relay import relay
 
 KEYS_ENV = "EMBEDDING_TEST_API_KEYS"
@@ -85,14 +85,9 @@ def refusal(call) -> tuple[grpc.StatusCode, object]:
 @pytest.fixture(scope="module")
 def run_command(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("run-command")
-    config = servefile.read()
-    grpc_port, gateway_port = free_port(), free_port()
-    config["http_options"]["port"] = free_port()
-    config["grpc_options"]["port"] = grpc_port
+    config, grpc_port = one_model_config(tiny_model_dir)
+    gateway_port = free_port()
     args = config["applications"][0]["args"]
-    args["default_model"] = TINY
-    args["models"] = [{"name": TINY, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch",
-                       "num_replicas": 1, "num_cpus": 1, "threads": 1}]
     key_file = folder / "api-keys"
     key_file.write_text(FILE_KEY + "\n")
     args["auth"] = {"api_keys_env": KEYS_ENV, "api_keys_file": str(key_file), "admin_keys_env": ADMIN_KEYS_ENV}

@@ -21,7 +21,7 @@ from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.ops import servefile
 from tests.helpers.models import TINY
 from tests.helpers.observe import wait_until
-from tests.helpers.ports import free_port
+from tests.helpers.session import one_model_config
 
 # What the test session (or the run command) gives its own Ray nodes: a Serve user's machine has none of it.
 # Ray's token authentication is left to Ray's own default for a local Ray (on), as on a fresh machine.
@@ -29,14 +29,7 @@ NODE_SETTINGS = ("RAY_ADDRESS", "RAY_AUTH_MODE", *servefile.ServeFile.load().nod
 
 
 def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, tiny_model_dir, reference_models):
-    config = servefile.read()
-    grpc_port = free_port()
-    config["http_options"]["port"] = free_port()
-    config["grpc_options"]["port"] = grpc_port
-    args = config["applications"][0]["args"]
-    args["default_model"] = TINY
-    args["models"] = [{"name": TINY, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch",
-                       "num_replicas": 1, "num_cpus": 1, "threads": 1}]
+    config, grpc_port = one_model_config(tiny_model_dir)
     path = tmp_path / "serve-config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in NODE_SETTINGS} | {"RAY_ADDRESS": "local"}

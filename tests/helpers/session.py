@@ -188,3 +188,17 @@ def running_service(tiny_model_dir: Path, scoring_model_dirs: dict[str, Path], f
             launcher.stop()
     finally:
         cluster.shutdown()
+
+
+def one_model_config(tiny_model_dir: Path) -> tuple[dict, int]:
+    """The shipped config file, parsed, serving only the tiny model on CPU on free ports (for a service that starts a
+    Ray of its own beside the session's); and its gRPC port."""
+    config = servefile.read()
+    grpc_port = free_port()
+    config["http_options"]["port"] = free_port()
+    config["grpc_options"]["port"] = grpc_port
+    args = config["applications"][0]["args"]
+    args["default_model"] = TINY
+    args["models"] = [{"name": TINY, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch",
+                       "num_replicas": 1, "num_cpus": 1, "threads": 1}]
+    return config, grpc_port
