@@ -13,6 +13,7 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_EMBEDDING: _ClassVar[ModelKind]
     MODEL_KIND_RERANK: _ClassVar[ModelKind]
     MODEL_KIND_SPARSE: _ClassVar[ModelKind]
+    MODEL_KIND_CLASSIFY: _ClassVar[ModelKind]
 
 class TruncationPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_EMBEDDING: ModelKind
 MODEL_KIND_RERANK: ModelKind
 MODEL_KIND_SPARSE: ModelKind
+MODEL_KIND_CLASSIFY: ModelKind
 TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_END: TruncationPolicy
 TRUNCATION_POLICY_START: TruncationPolicy
@@ -172,7 +174,7 @@ class EmbedStreamResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization", "long_inputs", "kind")
+    __slots__ = ("name", "dimension", "max_sequence_length", "prompts", "device", "backend", "vocab_size", "is_default", "source", "precision", "accuracy", "refused", "quantization", "long_inputs", "kind", "labels", "activation")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,8 @@ class Model(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     LONG_INPUTS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     max_sequence_length: int
@@ -210,7 +214,9 @@ class Model(_message.Message):
     quantization: QuantizationRanges
     long_inputs: LongInputWindows
     kind: ModelKind
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ..., long_inputs: _Optional[_Union[LongInputWindows, _Mapping]] = ..., kind: _Optional[_Union[ModelKind, str]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    activation: str
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., accuracy: _Optional[_Union[ModelAccuracy, _Mapping]] = ..., refused: _Optional[str] = ..., quantization: _Optional[_Union[QuantizationRanges, _Mapping]] = ..., long_inputs: _Optional[_Union[LongInputWindows, _Mapping]] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class LongInputWindows(_message.Message):
     __slots__ = ("window_tokens", "overlap_tokens", "max_windows")
@@ -261,7 +267,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceLimits(_message.Message):
-    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes", "max_documents_per_rerank", "max_documents_per_rerank_stream", "max_sparse_terms", "max_query_tokens")
+    __slots__ = ("max_inputs_per_request", "max_inputs_per_stream", "max_chars_per_input", "max_token_ids_per_input", "max_request_bytes", "max_documents_per_rerank", "max_documents_per_rerank_stream", "max_sparse_terms", "max_query_tokens", "max_labels_per_result", "max_token_ids_per_detokenize")
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_PER_STREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +277,8 @@ class ServiceLimits(_message.Message):
     MAX_DOCUMENTS_PER_RERANK_STREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_SPARSE_TERMS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LABELS_PER_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_IDS_PER_DETOKENIZE_FIELD_NUMBER: _ClassVar[int]
     max_inputs_per_request: int
     max_inputs_per_stream: int
     max_chars_per_input: int
@@ -280,7 +288,9 @@ class ServiceLimits(_message.Message):
     max_documents_per_rerank_stream: int
     max_sparse_terms: int
     max_query_tokens: int
-    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_documents_per_rerank: _Optional[int] = ..., max_documents_per_rerank_stream: _Optional[int] = ..., max_sparse_terms: _Optional[int] = ..., max_query_tokens: _Optional[int] = ...) -> None: ...
+    max_labels_per_result: int
+    max_token_ids_per_detokenize: int
+    def __init__(self, max_inputs_per_request: _Optional[int] = ..., max_inputs_per_stream: _Optional[int] = ..., max_chars_per_input: _Optional[int] = ..., max_token_ids_per_input: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_documents_per_rerank: _Optional[int] = ..., max_documents_per_rerank_stream: _Optional[int] = ..., max_sparse_terms: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., max_labels_per_result: _Optional[int] = ..., max_token_ids_per_detokenize: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits")
@@ -463,3 +473,143 @@ class EmbedSparseResponse(_message.Message):
     usage: Usage
     timing: Timing
     def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[SparseEmbedding, _Mapping]]] = ..., dimensions: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class ClassifyInput(_message.Message):
+    __slots__ = ("text", "text_pair")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    text_pair: str
+    def __init__(self, text: _Optional[str] = ..., text_pair: _Optional[str] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("model", "inputs", "top_k", "raw_scores", "truncation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedCompositeFieldContainer[ClassifyInput]
+    top_k: int
+    raw_scores: bool
+    truncation: TruncationPolicy
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[ClassifyInput, _Mapping]]] = ..., top_k: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "label_id", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    label_id: int
+    score: float
+    def __init__(self, label: _Optional[str] = ..., label_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("index", "labels", "tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    tokens: int
+    def __init__(self, index: _Optional[int] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("model", "classifications", "usage", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    classifications: _containers.RepeatedCompositeFieldContainer[Classification]
+    usage: Usage
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class ClassifyStreamRequest(_message.Message):
+    __slots__ = ("model", "inputs", "top_k", "raw_scores", "truncation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedCompositeFieldContainer[ClassifyInput]
+    top_k: int
+    raw_scores: bool
+    truncation: TruncationPolicy
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[ClassifyInput, _Mapping]]] = ..., top_k: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("model", "classifications", "usage", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    classifications: _containers.RepeatedCompositeFieldContainer[Classification]
+    usage: Usage
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("model", "inputs", "add_special_tokens", "return_tokens", "return_offsets")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    add_special_tokens: bool
+    return_tokens: bool
+    return_offsets: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., add_special_tokens: _Optional[bool] = ..., return_tokens: _Optional[bool] = ..., return_offsets: _Optional[bool] = ...) -> None: ...
+
+class TokenizedInput(_message.Message):
+    __slots__ = ("index", "ids", "tokens", "starts", "ends", "special")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    ENDS_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    starts: _containers.RepeatedScalarFieldContainer[int]
+    ends: _containers.RepeatedScalarFieldContainer[int]
+    special: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, index: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., starts: _Optional[_Iterable[int]] = ..., ends: _Optional[_Iterable[int]] = ..., special: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("model", "inputs", "max_sequence_length", "usage")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TokenizedInput]
+    max_sequence_length: int
+    usage: Usage
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TokenizedInput, _Mapping]]] = ..., max_sequence_length: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class DetokenizeRequest(_message.Message):
+    __slots__ = ("model", "inputs", "skip_special_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    skip_special_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class DetokenizeResponse(_message.Message):
+    __slots__ = ("model", "texts")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -83,6 +83,26 @@ class EmbedServiceStub:
                 request_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseRequest.SerializeToString,
                 response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/Classify',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.ClassifyStream = channel.unary_stream(
+                '/embedding_service.v1.EmbedService/ClassifyStream',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/Tokenize',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/Detokenize',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedServiceServicer:
@@ -162,6 +182,37 @@ class EmbedServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Labels and their scores per input (a text, or a pair of texts) with a
+        classification model (a sequence classifier).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyStream(self, request, context):
+        """Classifies very many inputs and streams the results in chunks as shards
+        finish, in completion order: every input index appears exactly once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Texts as any served model's tokenizer cuts them: token ids, and on
+        request their strings and character offsets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Token ids of any served model back to text, as its tokenizer decodes them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +255,26 @@ def add_EmbedServiceServicer_to_server(servicer, server):
                     servicer.EmbedSparse,
                     request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseRequest.FromString,
                     response_serializer=embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.ClassifyStreamResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.TokenizeRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +502,114 @@ class EmbedService:
             '/embedding_service.v1.EmbedService/EmbedSparse',
             embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseRequest.SerializeToString,
             embedding__client_dot_v1_dot_embedding__pb2.EmbedSparseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/Classify',
+            embedding__client_dot_v1_dot_embedding__pb2.ClassifyRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/ClassifyStream',
+            embedding__client_dot_v1_dot_embedding__pb2.ClassifyStreamRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.ClassifyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/Tokenize',
+            embedding__client_dot_v1_dot_embedding__pb2.TokenizeRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/Detokenize',
+            embedding__client_dot_v1_dot_embedding__pb2.DetokenizeRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
