@@ -1,7 +1,7 @@
 """The application builder: `serve-config.yaml` points its import_path here (embedding_service.app:build_app).
 
 It validates `args` (config.AppArgs) and binds the three kinds of deployment: the router (the ingress),
-one deployment per model, and the fleet's recycler that both follow.
+one deployment per model (served by its kind's class, kinds.py), and the fleet's recycler that both follow.
 
 The router and the recycler are placed on the head node by a resource only the head declares
 (config.HEAD_RESOURCE: the run command's Ray, the Kubernetes head group, the cluster recipe). A Ray started
@@ -12,6 +12,7 @@ once, saying what to run.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import ray
@@ -28,11 +29,10 @@ from embedding_service.config import (
     ShutdownSettings,
 )
 from embedding_service.fleet.recycler import NodeRecycler
-from embedding_service.model.deployment import EmbeddingModel
-from embedding_service.model.scoring import RerankModel, SparseModel
 from embedding_service.observability.logs import service_logger
 from embedding_service.router.deployment import EmbedRouter
 from embedding_service.router.replica_routing import HealthyNodeRequestRouter
+from embedding_service.kinds import KINDS
 from embedding_service.wire.messages import FLEET_DEPLOYMENT, ROUTER_DEPLOYMENT, model_deployment_name
 
 logger = service_logger(__name__)
@@ -59,6 +59,12 @@ def place_on_head(resources: dict[str, float]) -> dict[str, float]:
         f"the recycler on the head node, so they could never start: start the head with `ray start --head "
         f"--resources='{{\"{HEAD_RESOURCE}\": 1}}'` (docs/operations.md: a Ray cluster by hand), or run the "
         "service with `python -m embedding_service run`")
+
+
+def replica_class(kind: str) -> type:
+    """The class that serves a kind of model (kinds.py names it)."""
+    module, _, name = KINDS[kind].replica.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _graceful(shutdown: ShutdownSettings) -> dict[str, float]:
@@ -92,7 +98,7 @@ def _model_app(settings: ModelSettings, fleet: Application, args: AppArgs) -> Ap
     routing = RequestRouterConfig(request_router_class=HealthyNodeRequestRouter,
                                   request_router_kwargs={"fleet_deployment": FLEET_DEPLOYMENT},
                                   max_backoff_s=args.router.handle_max_backoff_s)
-    replica = {"embedding": EmbeddingModel, "rerank": RerankModel, "sparse": SparseModel}[settings.kind]
+    replica = replica_class(settings.kind)
     return (
         serve.deployment(replica)
         .options(

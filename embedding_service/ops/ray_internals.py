@@ -11,7 +11,7 @@ Each is checked as this module is imported, in Ray's installed sources (read, no
 packages: Serve reads its settings as it is first imported, which must come after the application's
 environment is exported, or the handles the driver builds miss Serve's gRPC transport). A Ray
 release that dropped one fails here, with the Ray version and what moved. Whether the preload took effect
-is only known in the proxy, which reports it (proxy/ingress.py). Tested against the installed Ray
+is only known in the proxy, which reports it (proxy/state.py). Tested against the installed Ray
 (tests/unit/test_ray_internals.py); pyproject pins Ray's minor release.
 """
 

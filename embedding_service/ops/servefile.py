@@ -113,6 +113,7 @@ class ServeFile:
                 "--max-inputs", str(limits.max_inputs_per_request),
                 "--max-token-ids", str(limits.max_token_ids_per_input),
                 "--max-documents", str(limits.max_documents_per_rerank),
+                "--max-detokenize-token-ids", str(limits.max_token_ids_per_detokenize),
                 "--max-body-bytes", str(limits.max_request_bytes),
                 "--drain-delay-s", _number(drain_delay_s),
                 "--shutdown-timeout-s", _number(self.args.shutdown.grace_s)]

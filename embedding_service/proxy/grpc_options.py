@@ -8,7 +8,7 @@ reaches Serve's queue bound and gets RESOURCE_EXHAUSTED with a retry hint instea
 
 Ray's raylet imports the modules its nodes' environment names (ops/ray_internals.PRELOAD_ENV) into each
 worker before it runs anything; the run command and the Kubernetes manifests name this one there and put
-the options in PROXY_OPTIONS_ENV. Where they are missing the proxy says so when it starts (ingress.py).
+the options in PROXY_OPTIONS_ENV. Where they are missing the proxy says so when it starts (state.py).
 
 On a Ray whose node is loopback only, Serve's replicas' inter-deployment servers are bound to loopback here too.
 """

@@ -20,8 +20,8 @@ nowhere else:
 Each shape is checked as this module is imported (in the proxy, and in every worker the options are
 preloaded into): a Ray release that moved one stops with the Ray version and what moved, rather than serving
 with gRPC's defaults (bursts CANCELLED) or without the wrapper. Whether the options are in force is checked
-again by the proxy when it registers the services (ingress.py), and reported. Tested against the installed
-Ray (tests/unit/test_ray_internals.py); pyproject pins Ray's minor release.
+again by the proxy when it registers the services (registration.py, state.py), and reported. Tested against the
+installed Ray (tests/unit/test_ray_internals.py); pyproject pins Ray's minor release.
 """
 
 from __future__ import annotations

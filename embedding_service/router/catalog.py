@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
-from embedding_service.router.failures import replica_gone
+from embedding_service.wire.serve_failures import replica_gone
 from embedding_service.router.token_lengths import TokenLengths
+from embedding_service.router.tokenizing import ModelTokenizer
 from embedding_service.wire.deadline import UNBOUNDED, Deadline
 from embedding_service.wire.messages import Input, ModelInfo
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -32,6 +33,7 @@ class ModelCatalog:
         self._known: dict[Hashable, Any] = {}
         self._asking: dict[Hashable, asyncio.Future] = {}
         self._counters: dict[str, TokenLengths | None] = {}
+        self._tokenizers: dict[str, ModelTokenizer] = {}
 
     @property
     def names(self) -> list[str]:
@@ -55,6 +57,16 @@ class ModelCatalog:
         if len(text) <= INLINE_CHARS:
             return counter.count(text)
         return await asyncio.to_thread(counter.count, text)
+
+    async def tokenizer(self, model: str, deadline: Deadline = UNBOUNDED) -> ModelTokenizer:
+        """The model's own tokenizer, to Tokenize and Detokenize with (every kind's replica sends it)."""
+        if model not in self._tokenizers:
+            info = await self.info(model, deadline)
+            if not info.tokenizer_json:
+                raise ServiceError(Reason.WRONG_MODEL_KIND, f"model {model!r} did not send its tokenizer",
+                                   model=model)
+            self._tokenizers[model] = ModelTokenizer(info)
+        return self._tokenizers[model]
 
     async def _counter(self, model: str, deadline: Deadline) -> TokenLengths | None:
         if model not in self._counters:

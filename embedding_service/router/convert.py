@@ -8,9 +8,8 @@ import numpy as np
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
+from embedding_service.kinds import KINDS
 from embedding_service.wire.messages import ModelInfo, Verification
-
-KINDS = {"embedding": pb.MODEL_KIND_EMBEDDING, "rerank": pb.MODEL_KIND_RERANK, "sparse": pb.MODEL_KIND_SPARSE}
 
 
 def model_message(info: ModelInfo, default_model: str) -> pb.Model:
@@ -24,7 +23,9 @@ def model_message(info: ModelInfo, default_model: str) -> pb.Model:
         vocab_size=info.vocab_size,
         is_default=info.name == default_model,
         source=info.source,
-        kind=KINDS[info.kind],
+        kind=KINDS[info.kind].proto,
+        labels=info.labels,
+        activation=info.activation,
         long_inputs=None if info.windows is None else pb.LongInputWindows(
             window_tokens=info.windows.window_tokens, overlap_tokens=info.windows.overlap_tokens,
             max_windows=info.windows.max_windows),
@@ -55,7 +56,9 @@ def limits_message(limits: Limits) -> pb.ServiceLimits:
                             max_documents_per_rerank=limits.max_documents_per_rerank,
                             max_documents_per_rerank_stream=limits.max_documents_per_rerank_stream,
                             max_sparse_terms=limits.max_sparse_terms,
-                            max_query_tokens=limits.max_query_tokens)
+                            max_query_tokens=limits.max_query_tokens,
+                            max_labels_per_result=limits.max_labels_per_result,
+                            max_token_ids_per_detokenize=limits.max_token_ids_per_detokenize)
 
 
 def quantization_message(ranges: np.ndarray, dimensions: int, normalized: bool, sentences: int) -> pb.QuantizationRanges:
@@ -101,3 +104,13 @@ def stamp(message, tokens: int, queue_ns: int, inference_ns: int) -> None:
     message.usage.total_tokens = tokens
     message.timing.queue_time_ns = queue_ns
     message.timing.inference_time_ns = inference_ns
+
+
+def fill_classifications(classifications, positions: Iterable[int], scores: np.ndarray, counts: np.ndarray,
+                         labels: tuple[str, ...], top: int) -> None:
+    """Adds one Classification per row: its `top` labels, highest score first (ties in label order)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    for row, pos in enumerate(positions):
+        c = classifications.add(index=int(pos), tokens=int(counts[row]))
+        for k in order[row].tolist():
+            c.labels.add(label=labels[k], label_id=k, score=float(scores[row, k]))

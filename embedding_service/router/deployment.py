@@ -3,7 +3,9 @@
 It admits a call (its API key, the service not shutting down, its deadline), checks the request, has its
 inputs run on the model's replicas (fanout.py: sorted by length, cut into mini-batches, bounded
 concurrency, the caller's remaining time, retried when a replica died) and puts the results back in input
-order. Health and the node list come from the recycler's view (fleet_view.py); each call is measured and
+order. Every method that runs on a model's replicas is one entry of router/methods.py's table, run by one
+runner for unary calls and one for streams; Tokenize and Detokenize run the model's tokenizer here
+(tokenizing.py). Health and the node list come from the recycler's view (fleet_view.py); each call is measured and
 spanned from its arrival (call_observer.py).
 """
 
@@ -32,18 +34,9 @@ from embedding_service.router.call_observer import CallObserver, ObservedCall
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.fanout import Fanout
 from embedding_service.router.fleet_view import SERVING, ServiceView
-from embedding_service.router.validation import (
-    Job,
-    build_job,
-    build_rerank_job,
-    build_sparse_job,
-    check_envelope,
-    check_kind,
-    check_query_tokens,
-    output_shape,
-    resolve_model_name,
-    top_n,
-)
+from embedding_service.router.methods import METHODS, MethodSpec
+from embedding_service.router.tokenizing import detokenize_inputs, tokenize_inputs
+from embedding_service.router.validation import Job, check_envelope, check_kind, output_shape, resolve_model_name
 from embedding_service.wire import status
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.node_env import AUTH_MODE_ENV, ray_token_auth
@@ -173,62 +166,81 @@ class EmbedRouter:
                 if self.view.shutting_down:
                     self._calls_changed.set()
 
-    async def _prepare(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline, method: str,
-                       kind: str = "embedding", field: str = "inputs", build=build_job) -> Job:
+    async def _job(self, spec: MethodSpec, request, admitted: Admitted) -> Job:
         """The call's job: its model (named, or the default of the method's kind), of the method's kind, within the
-        limits and serving."""
-        name = resolve_model_name(request.model, self.catalog.names, self.args.default_of(kind), kind)
-        call.model = name
-        check_kind(name, self.args.model(name).kind, kind, method)
-        check_envelope(request, self.args.limits, max_inputs, field)
+        limits and serving, and past the method's own checks."""
+        name = resolve_model_name(request.model, self.catalog.names, self.args.default_of(spec.kind), spec.kind)
+        admitted.call.model = name
+        check_kind(name, self.args.model(name).kind, spec.kind, spec.name)
+        check_envelope(request, self.args.limits, spec.max_inputs(self.args.limits), spec.field)
         refusal = self.view.refusal(name)
         if refusal is not None:
             raise ServiceError(Reason.MODEL_REFUSED, f"model {name!r} is not serving: {refusal}")
-        return build(request, await self.catalog.info(name, deadline), self.args.limits)
-
-    async def _rerank_job(self, request, max_inputs: int, call: ObservedCall, deadline: Deadline, method: str) -> Job:
-        """A Rerank's or RerankStream's job, its query within max_query_tokens: counted once per call, here, before
-        any replica scores a pair (a rerank replica always sends its tokenizer; without one nothing is counted)."""
-        job = await self._prepare(request, max_inputs, call, deadline, method, "rerank", "documents", build_rerank_job)
-        tokens = await self.catalog.text_tokens(job.model, job.options.query, deadline)
-        if tokens is not None:
-            check_query_tokens(tokens, job.model, self.args.limits)
+        job = spec.build(request, await self.catalog.info(name, admitted.deadline), self.args.limits)
+        if spec.check is not None:
+            await spec.check(self.catalog, job, self.args.limits, admitted.deadline)
         return job
+
+    # ---- the two runners of every method on a model's replicas (router/methods.py) ----
+
+    async def _unary(self, spec: MethodSpec, request, grpc_context):
+        """The job's shards run, their results placed in one reply, stamped with usage and timing."""
+        started = time.perf_counter_ns()
+        with self._admit(spec.name, grpc_context, self.args.limits.request_timeout_s) as admitted:
+            job = await self._job(spec, request, admitted)
+            reply = spec.reply(job, request)
+            totals = _Totals.of(len(job.inputs))
+            async for shard, result in self.fanout.results(job, admitted.deadline, admitted.call):
+                reply.add(shard, result)
+                totals.add(shard, result)
+            return totals.stamped(reply.message(totals.counts), started, admitted.call)
+
+    async def _stream(self, spec: MethodSpec, request, grpc_context) -> AsyncIterator:
+        """A chunk per finished shard, in completion order, each with its usage and timing."""
+        with self._admit(spec.name, grpc_context, self.args.limits.stream_timeout_s) as admitted:
+            call = admitted.call
+            job = await self._job(spec, request, admitted)
+            async for shard, result in self.fanout.results(job, admitted.deadline, call):
+                chunk = spec.chunk(job, request, shard, result)
+                tokens = int(result.token_counts.sum())
+                convert.stamp(chunk, tokens, result.queue_ns, result.inference_ns)
+                yield chunk
+                call.embedded(len(shard.positions), tokens)
 
     # ---- EmbedService (names must not collide with grpc.health.v1) --------
 
     @status.grpc_method
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
-        started = time.perf_counter_ns()
-        with self._admit("Embed", grpc_context, self.args.limits.request_timeout_s) as admitted:
-            call = admitted.call
-            job = await self._prepare(request, self.args.limits.max_inputs_per_request, call, admitted.deadline,
-                                      "Embed")
-            n = len(job.inputs)
-            vectors: np.ndarray | None = None
-            totals = _Totals.of(n)
-            async for shard, result in self.fanout.results(job, admitted.deadline, call):
-                if vectors is None:
-                    vectors = np.empty((n, result.vectors.shape[1]), dtype=result.vectors.dtype)
-                vectors[shard.positions] = result.vectors
-                totals.add(shard, result)
-            response = pb.EmbedResponse(model=job.model, dimensions=job.dimension)
-            convert.fill(response.embeddings, range(n), vectors, totals.counts, job.raw_bytes)
-            return totals.stamped(response, started, call)
+        return await self._unary(METHODS["Embed"], request, grpc_context)
 
     @status.grpc_method
     async def EmbedStream(self, request: pb.EmbedStreamRequest, grpc_context=None) -> AsyncIterator[pb.EmbedStreamResponse]:
-        with self._admit("EmbedStream", grpc_context, self.args.limits.stream_timeout_s) as admitted:
-            call = admitted.call
-            job = await self._prepare(request, self.args.limits.max_inputs_per_stream, call, admitted.deadline,
-                                      "EmbedStream")
-            async for shard, result in self.fanout.results(job, admitted.deadline, call):
-                chunk = pb.EmbedStreamResponse(model=job.model, dimensions=job.dimension)
-                convert.fill(chunk.embeddings, shard.positions, result.vectors, result.token_counts, job.raw_bytes)
-                tokens = int(result.token_counts.sum())
-                convert.stamp(chunk, tokens, result.queue_ns, result.inference_ns)
-                yield chunk
-                call.embedded(len(shard.positions), tokens)
+        async for chunk in self._stream(METHODS["EmbedStream"], request, grpc_context):
+            yield chunk
+
+    @status.grpc_method
+    async def Rerank(self, request: pb.RerankRequest, grpc_context=None) -> pb.RerankResponse:
+        return await self._unary(METHODS["Rerank"], request, grpc_context)
+
+    @status.grpc_method
+    async def RerankStream(self, request: pb.RerankStreamRequest,
+                           grpc_context=None) -> AsyncIterator[pb.RerankStreamResponse]:
+        async for chunk in self._stream(METHODS["RerankStream"], request, grpc_context):
+            yield chunk
+
+    @status.grpc_method
+    async def EmbedSparse(self, request: pb.EmbedSparseRequest, grpc_context=None) -> pb.EmbedSparseResponse:
+        return await self._unary(METHODS["EmbedSparse"], request, grpc_context)
+
+    @status.grpc_method
+    async def Classify(self, request: pb.ClassifyRequest, grpc_context=None) -> pb.ClassifyResponse:
+        return await self._unary(METHODS["Classify"], request, grpc_context)
+
+    @status.grpc_method
+    async def ClassifyStream(self, request: pb.ClassifyStreamRequest,
+                             grpc_context=None) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        async for chunk in self._stream(METHODS["ClassifyStream"], request, grpc_context):
+            yield chunk
 
     @status.grpc_method
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
@@ -254,61 +266,35 @@ class EmbedRouter:
             return pb.GetModelResponse(model=message)
 
     @status.grpc_method
-    async def Rerank(self, request: pb.RerankRequest, grpc_context=None) -> pb.RerankResponse:
-        started = time.perf_counter_ns()
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        """Any served model's tokenizer, run here (router/tokenizing.py)."""
         limits = self.args.limits
-        with self._admit("Rerank", grpc_context, limits.request_timeout_s) as admitted:
-            call = admitted.call
-            job = await self._rerank_job(request, limits.max_documents_per_rerank, call, admitted.deadline, "Rerank")
-            n = len(job.inputs)
-            keep = top_n(request, n)
-            scores = np.empty(n, dtype=np.float32)
-            totals = _Totals.of(n)
-            async for shard, result in self.fanout.results(job, admitted.deadline, call):
-                scores[shard.positions] = result.vectors
-                totals.add(shard, result)
-            # Highest first, ties in document order (as CrossEncoder.rank's stable sort).
-            order = np.argsort(-scores, kind="stable")[:keep]
-            response = pb.RerankResponse(model=job.model)
-            convert.fill_scores(response.results, order, scores[order], totals.counts[order],
-                                request.documents if request.return_documents else None)
-            return totals.stamped(response, started, call)
+        with self._admit("Tokenize", grpc_context, limits.request_timeout_s) as admitted:
+            name = resolve_model_name(request.model, self.catalog.names, self.args.default_model_name)
+            admitted.call.model = name
+            check_envelope(request, limits, limits.max_inputs_per_request)
+            texts = tokenize_inputs(request, limits)
+            tokenizer = await self.catalog.tokenizer(name, admitted.deadline)
+            special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            tokenized = await asyncio.to_thread(tokenizer.tokenize, texts, special, request.return_tokens,
+                                                request.return_offsets)
+            info = await self.catalog.info(name, admitted.deadline)
+            response = pb.TokenizeResponse(model=name, inputs=tokenized, max_sequence_length=info.max_sequence_length)
+            tokens = sum(len(t.ids) for t in tokenized)
+            response.usage.prompt_tokens = response.usage.total_tokens = tokens
+            return response
 
     @status.grpc_method
-    async def RerankStream(self, request: pb.RerankStreamRequest,
-                           grpc_context=None) -> AsyncIterator[pb.RerankStreamResponse]:
+    async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context=None) -> pb.DetokenizeResponse:
         limits = self.args.limits
-        with self._admit("RerankStream", grpc_context, limits.stream_timeout_s) as admitted:
-            call = admitted.call
-            job = await self._rerank_job(request, limits.max_documents_per_rerank_stream, call, admitted.deadline,
-                                         "RerankStream")
-            documents = request.documents if request.return_documents else None
-            async for shard, result in self.fanout.results(job, admitted.deadline, call):
-                chunk = pb.RerankStreamResponse(model=job.model)
-                convert.fill_scores(chunk.results, shard.positions, result.vectors, result.token_counts, documents)
-                tokens = int(result.token_counts.sum())
-                convert.stamp(chunk, tokens, result.queue_ns, result.inference_ns)
-                yield chunk
-                call.embedded(len(shard.positions), tokens)
-
-    @status.grpc_method
-    async def EmbedSparse(self, request: pb.EmbedSparseRequest, grpc_context=None) -> pb.EmbedSparseResponse:
-        started = time.perf_counter_ns()
-        limits = self.args.limits
-        with self._admit("EmbedSparse", grpc_context, limits.request_timeout_s) as admitted:
-            call = admitted.call
-            job = await self._prepare(request, limits.max_inputs_per_request, call, admitted.deadline, "EmbedSparse",
-                                      "sparse", "inputs", build_sparse_job)
-            n = len(job.inputs)
-            vectors: list = [None] * n
-            totals = _Totals.of(n)
-            async for shard, result in self.fanout.results(job, admitted.deadline, call):
-                for row, position in enumerate(shard.positions):
-                    vectors[position] = result.sparse[row]
-                totals.add(shard, result)
-            response = pb.EmbedSparseResponse(model=job.model, dimensions=job.dimension)
-            convert.fill_sparse(response.embeddings, range(n), vectors, totals.counts)
-            return totals.stamped(response, started, call)
+        with self._admit("Detokenize", grpc_context, limits.request_timeout_s) as admitted:
+            name = resolve_model_name(request.model, self.catalog.names, self.args.default_model_name)
+            admitted.call.model = name
+            check_envelope(request, limits, limits.max_inputs_per_request)
+            tokenizer = await self.catalog.tokenizer(name, admitted.deadline)
+            sequences = detokenize_inputs(request, limits, tokenizer.vocab_size, name)
+            texts = await asyncio.to_thread(tokenizer.detokenize, sequences, request.skip_special_tokens)
+            return pb.DetokenizeResponse(model=name, texts=texts)
 
     # ---- what the proxies serve themselves: WatchNodes and grpc.health.v1 ----
 

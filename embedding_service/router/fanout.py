@@ -23,10 +23,10 @@ from embedding_service.observability.metrics import RouterMetrics
 from embedding_service.observability.tracing import Tracer
 from embedding_service.router.call_observer import ObservedCall
 from embedding_service.router.catalog import ModelCatalog
-from embedding_service.router.failures import cause_label, replica_gone
+from embedding_service.wire.serve_failures import cause_label, replica_gone
 from embedding_service.router.validation import Job, too_long
 from embedding_service.wire.deadline import Deadline
-from embedding_service.wire.messages import REPLICA_METHODS, EmbedOptions, Input, ShardRequest, ShardResult
+from embedding_service.wire.messages import Input, Options, ShardRequest, ShardResult
 from embedding_service.wire.reasons import Reason, ServiceError
 
 logger = service_logger(__name__)
@@ -41,9 +41,10 @@ class Shard:
 
 def plan_shards(inputs: Sequence[Input], shard_size: int, lengths: np.ndarray | None = None) -> list[Shard]:
     """Sort inputs by length and cut them into mini-batches of similar lengths. `lengths`: each input's tokens;
-    without them, characters (a text) or token ids."""
+    without them, characters (a text, or both texts of a pair) or token ids."""
     if lengths is None:
-        lengths = np.fromiter((len(x) for x in inputs), dtype=np.int64, count=len(inputs))
+        lengths = np.fromiter((sum(map(len, x)) if isinstance(x, tuple) else len(x) for x in inputs), dtype=np.int64,
+                              count=len(inputs))
     order = np.argsort(-lengths, kind="stable")
     return [Shard(order[i : i + shard_size]) for i in range(0, len(order), shard_size)]
 
@@ -56,7 +57,7 @@ class Fanout:
         self.metrics = metrics
         self.tracer = tracer
         # Keyed by the call's options, which hold a rerank's query: a key is dropped once its calls are done.
-        self.coalescers: KeyedCoalescers[tuple[str, EmbedOptions], ShardResult] = KeyedCoalescers(self._coalescer)
+        self.coalescers: KeyedCoalescers[tuple[str, Options], ShardResult] = KeyedCoalescers(self._coalescer)
 
     async def results(self, job: Job, deadline: Deadline, call: ObservedCall) -> AsyncIterator[tuple[Shard, ShardResult]]:
         """Runs every shard, yielding each as it finishes; fails fast on the first error or at the deadline."""
@@ -93,7 +94,7 @@ class Fanout:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _coalescer(self, key: tuple[str, EmbedOptions]) -> Coalescer[ShardResult]:
+    def _coalescer(self, key: tuple[str, Options]) -> Coalescer[ShardResult]:
         model, options = key
         m = self.metrics
         return Coalescer(
@@ -103,7 +104,7 @@ class Fanout:
             on_drop=lambda n, reason: m.router_inputs_dropped.inc(n, tags={"model": model, "reason": reason}),
             on_send=lambda callers: m.coalesced_callers.observe(callers, tags={"model": model}))
 
-    async def call(self, model: str, inputs: list[Input], options: EmbedOptions, deadline: Deadline) -> ShardResult:
+    async def call(self, model: str, inputs: list[Input], options: Options, deadline: Deadline) -> ShardResult:
         """One shard on one replica of the model, sent again (with backoff) while replicas die under it."""
         s = self.settings
         handle: DeploymentHandle = self.catalog.models[model]
@@ -111,7 +112,7 @@ class Fanout:
                                                                   "embedding.inputs": len(inputs)}) as span:
             for attempt in range(s.shard_retries + 1):
                 request = ShardRequest(inputs, options, deadline=deadline, trace_context=self.tracer.inject())
-                response = getattr(handle, REPLICA_METHODS[type(options)]).remote(request)
+                response = handle.compute.remote(request)  # every kind's replica serves shards by compute
                 try:
                     result = await response
                     if span is not None:

@@ -22,11 +22,11 @@ class TokenLengths:
         self._tokenizer.no_padding()
         self.max_length = max_length
 
-    def of(self, inputs: Sequence[str | np.ndarray]) -> np.ndarray:
+    def of(self, inputs: Sequence[str | np.ndarray | tuple[str, str]]) -> np.ndarray:
         """Content tokens of each input (special tokens and prompt left out), at most `max_length`."""
-        lengths = np.fromiter((0 if isinstance(x, str) else len(x) for x in inputs), dtype=np.int64,
+        lengths = np.fromiter((0 if isinstance(x, (str, tuple)) else len(x) for x in inputs), dtype=np.int64,
                               count=len(inputs))
-        texts = [k for k, x in enumerate(inputs) if isinstance(x, str)]
+        texts = [k for k, x in enumerate(inputs) if isinstance(x, (str, tuple))]  # a tuple: a pair of texts
         if texts:
             encodings = self._tokenizer.encode_batch([inputs[k] for k in texts], add_special_tokens=False)
             lengths[texts] = [len(e.ids) for e in encodings]

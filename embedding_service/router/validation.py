@@ -8,12 +8,14 @@ import numpy as np
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
+from embedding_service.kinds import Kind
 from embedding_service.wire.messages import (
     COMPACT_ENCODINGS,
+    ClassifyOptions,
     EmbedOptions,
     Input,
-    Kind,
     ModelInfo,
+    Options,
     RerankOptions,
     SparseOptions,
 )
@@ -30,7 +32,7 @@ _ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED, pb.VECTOR_ENCODING_FLOAT, pb.VECTO
               *COMPACT_ENCODINGS}
 
 
-# Rerank and sparse models truncate as sentence-transformers does (END) or refuse (REJECT).
+# Rerank, sparse and classification models truncate as their library does (END) or refuse (REJECT).
 _SCORING_POLICIES = {pb.TRUNCATION_POLICY_UNSPECIFIED: "end", pb.TRUNCATION_POLICY_END: "end",
                      pb.TRUNCATION_POLICY_REJECT: "reject"}
 
@@ -39,9 +41,11 @@ _SCORING_POLICIES = {pb.TRUNCATION_POLICY_UNSPECIFIED: "end", pb.TRUNCATION_POLI
 class Job:
     model: str
     inputs: list[Input]
-    options: EmbedOptions | RerankOptions | SparseOptions
+    options: Options
     raw_bytes: bool  # VECTOR_ENCODING_FLOAT32_LE
     dimension: int  # of the vectors returned
+    top: int | None = None  # labels kept per input (a classification's top_k)
+    labels: tuple[str, ...] = ()  # a classification model's, by label id
 
 
 def resolve_model_name(requested: str, known: list[str], default: str, kind: Kind | None = None) -> str:
@@ -96,7 +100,7 @@ def build_job(request, model: ModelInfo, limits: Limits) -> Job:
 def _input(item: pb.EmbedInput, index: int, model: ModelInfo, limits: Limits) -> Input:
     kind = item.WhichOneof("kind")
     if kind == "text":
-        return _text(item.text, index, "input", limits)
+        return text_within_limits(item.text, index, "input", limits)
     if kind == "token_ids":
         ids = np.asarray(item.token_ids.ids, dtype=np.int32)
         if ids.size == 0:
@@ -135,7 +139,7 @@ def build_rerank_job(request, model: ModelInfo, limits: Limits) -> Job:
     if len(request.query) > limits.max_chars_per_input:
         raise ServiceError(Reason.INPUT_TOO_LARGE, f"query has {len(request.query)} characters; the limit is "
                            f"{limits.max_chars_per_input}", field="query", limit=limits.max_chars_per_input)
-    documents = [_text(d, i, "document", limits, "documents") for i, d in enumerate(request.documents)]
+    documents = [text_within_limits(d, i, "document", limits, "documents") for i, d in enumerate(request.documents)]
     options = RerankOptions(request.query, _scoring_policy(request.truncation, model), bool(request.activation))
     return Job(model.name, documents, options, raw_bytes=False, dimension=1)
 
@@ -160,7 +164,7 @@ def top_n(request, documents: int) -> int:
 
 
 def build_sparse_job(request, model: ModelInfo, limits: Limits) -> Job:
-    texts = [_text(t, i, "input", limits, "inputs") for i, t in enumerate(request.inputs)]
+    texts = [text_within_limits(t, i, "input", limits, "inputs") for i, t in enumerate(request.inputs)]
     k = limits.max_sparse_terms
     if request.HasField("top_k"):
         if not 1 <= request.top_k <= limits.max_sparse_terms:
@@ -172,7 +176,34 @@ def build_sparse_job(request, model: ModelInfo, limits: Limits) -> Job:
     return Job(model.name, texts, options, raw_bytes=False, dimension=model.dimension)
 
 
-def _text(text: str, index: int, noun: str, limits: Limits, field: str | None = None) -> str:
+def build_classify_job(request, model: ModelInfo, limits: Limits) -> Job:
+    """A Classify or ClassifyStream: each input a text or a pair; every label scored, the top_k kept."""
+    inputs = [_classify_input(item, i, limits) for i, item in enumerate(request.inputs)]
+    most = min(len(model.labels) or model.dimension, limits.max_labels_per_result)
+    top = most
+    if request.HasField("top_k"):
+        if not 1 <= request.top_k <= most:
+            raise ServiceError(Reason.INVALID_TOP, f"top_k must be between 1 and {most} (model {model.name!r} has "
+                               f"{model.dimension} labels; max_labels_per_result is {limits.max_labels_per_result}), "
+                               f"got {request.top_k}", field="top_k", value=request.top_k, max=most)
+        top = request.top_k
+    options = ClassifyOptions(truncation=_scoring_policy(request.truncation, model), raw_scores=bool(request.raw_scores))
+    return Job(model.name, inputs, options, raw_bytes=False, dimension=model.dimension, top=top,
+               labels=model.labels)
+
+
+def _classify_input(item, index: int, limits: Limits) -> Input:
+    text = text_within_limits(item.text, index, "input", limits, "inputs")
+    if not item.text_pair:
+        return text
+    if len(item.text_pair) > limits.max_chars_per_input:
+        raise ServiceError(Reason.INPUT_TOO_LARGE, f"input {index}'s text_pair has {len(item.text_pair)} characters; "
+                           f"the limit is {limits.max_chars_per_input}", index=index, field="text_pair",
+                           limit=limits.max_chars_per_input)
+    return (text, item.text_pair)
+
+
+def text_within_limits(text: str, index: int, noun: str, limits: Limits, field: str | None = None) -> str:
     """A non-empty text within the character limit; `field` (its request field) goes in the error's metadata."""
     named = {} if field is None else {"field": field}
     if not text:

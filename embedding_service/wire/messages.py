@@ -14,12 +14,12 @@ import numpy as np
 
 from embedding_client.encodings import OUTPUTS
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, UNBOUNDED, Deadline
+from embedding_service.kinds import Kind
 
-Input = str | np.ndarray  # a text, or int32 token ids without special tokens
+# A text, int32 token ids without special tokens, or a pair of texts (a classification's text and text_pair).
+Input = str | np.ndarray | tuple[str, str]
 # What to do with an input longer than the model takes (the proto's TruncationPolicy).
 Policy = Literal["end", "start", "reject", "windows"]
-# What a model computes (config.ModelSettings.kind, the proto's ModelKind).
-Kind = Literal["embedding", "rerank", "sparse"]
 
 ROUTER_DEPLOYMENT = "EmbedRouter"
 FLEET_DEPLOYMENT = "NodeRecycler"
@@ -103,7 +103,13 @@ class ModelInfo:
     # The model's tokenizer (tokenizers' JSON), for the router to cut shards by tokens; "" when unknown.
     tokenizer_json: str = ""
     windows: Windows | None = None  # how truncation "windows" cuts long inputs; None: unknown
-    kind: Kind = "embedding"  # rerank: dimension 1 (a score per pair); sparse: dimension is the vocabulary's size
+    # rerank: dimension 1 (a score per pair); sparse: the vocabulary's size; classify: the number of labels
+    kind: Kind = "embedding"
+    labels: tuple[str, ...] = ()  # a classification model's, by label id
+    activation: str = ""  # a classification model's scores: "softmax" or "sigmoid" of its logits
+    # Whether the model's tokenizer cleans up spaces around punctuation when it decodes (transformers'
+    # clean_up_tokenization_spaces), so Detokenize decodes as the model's own tokenizer does.
+    decode_cleanup: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,8 +142,16 @@ class SparseOptions:
     return_tokens: bool = False
 
 
-# The replica method each kind of options is served by.
-REPLICA_METHODS = {EmbedOptions: "embed", RerankOptions: "rerank", SparseOptions: "embed_sparse"}
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """A classification call's options: the replica returns every label's score per input (the router keeps the
+    top_k of them)."""
+
+    truncation: Policy = "end"  # end (the longer text of a pair is cut first) or reject
+    raw_scores: bool = False  # the model's logits instead of their activation
+
+
+Options = EmbedOptions | RerankOptions | SparseOptions | ClassifyOptions
 
 
 @dataclass(frozen=True)
@@ -153,7 +167,7 @@ class SparseVector:
 @dataclass(frozen=True)
 class ShardRequest:
     inputs: list[Input]
-    options: EmbedOptions | RerankOptions | SparseOptions
+    options: Options
     # When the caller stops waiting; the replica drops a shard whose time ran out before it ran.
     deadline: Deadline = UNBOUNDED
     # The router's shard span as W3C trace headers (observability.tracing); None when tracing is off.
@@ -162,8 +176,8 @@ class ShardRequest:
 
 @dataclass
 class ShardResult:
-    # (n, d) float32, or the compact type's int8/uint8; (n,) float32 scores of a rerank shard; None when inputs
-    # were rejected or for a sparse shard
+    # (n, d) float32, or the compact type's int8/uint8; (n,) float32 scores of a rerank shard; (n, labels) float32
+    # scores of a classification shard; None when inputs were rejected or for a sparse shard
     vectors: np.ndarray | None
     token_counts: np.ndarray  # (n,) tokens per input, special tokens included
     too_long: list[int] = field(default_factory=list)  # shard positions over the limit

@@ -13,12 +13,12 @@ import functools
 import inspect
 
 from google.protobuf import message_factory
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from embedding_client.errors import STATUS_DETAILS_KEY
 from embedding_client.v1 import embedding_pb2
 from embedding_service.observability.logs import service_logger
 from embedding_service.wire.reasons import Reason, ServiceError
+from embedding_service.wire.serve_failures import serve_exception_error
 
 logger = service_logger(__name__)
 
@@ -33,10 +33,9 @@ def classify(exc: BaseException) -> ServiceError:
     """What any exception that reached the edge of the service means to its caller."""
     if isinstance(exc, ServiceError):
         return exc
-    if isinstance(exc, BackPressureError):
-        return ServiceError(Reason.OVERLOADED, "the service is saturated; retry after the RetryInfo delay")
-    if isinstance(exc, DeploymentUnavailableError):
-        return ServiceError(Reason.MODEL_UNAVAILABLE, "no model replica is available; retry shortly")
+    serve_error = serve_exception_error(exc)  # Serve's own (a full queue, no replica)
+    if serve_error is not None:
+        return serve_error
     if isinstance(exc, TimeoutError):
         return ServiceError(Reason.TIMEOUT, "the call did not finish within its deadline")
     return ServiceError(Reason.INTERNAL, "internal error; see the service logs")

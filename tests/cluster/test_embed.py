@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from embedding_client.v1 import embedding_pb2 as pb
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY, TINY_DIM, TINY_MAX_SEQ
 from tests.helpers.session import REFUSING
 from tests.helpers.texts import WORDS, make_texts, text_inputs, vectors_of
@@ -94,7 +95,7 @@ def test_stream_returns_every_index_exactly_once(service, reference_models):
 def test_two_models_served_side_by_side(service, reference_models):
     listing = service.stub.ListModels(pb.ListModelsRequest())
     models = {m.name: m for m in listing.models}
-    assert set(models) == {MINILM, TINY, REFUSING, RERANKER, SPLADE}  # the last refuses to serve (test_precision.py)
+    assert set(models) == {MINILM, TINY, REFUSING, RERANKER, SPLADE, CLASSIFIER}  # the last refuses to serve (test_precision.py)
     assert listing.default_model == MINILM
     assert models[MINILM].dimension == 384 and models[MINILM].is_default
     assert models[MINILM].max_sequence_length == 256

@@ -7,6 +7,7 @@ import pytest
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.reasons import DOMAIN, Reason
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.session import MAX_REQUEST_BYTES, REFUSING
 
@@ -147,9 +148,11 @@ def test_service_keeps_serving_after_bad_input(service):
 
 EMBED = "/embedding_service.v1.EmbedService/"
 HEALTH = "/grpc.health.v1.Health/"
-UNARY_METHODS = [EMBED + m for m in ("Embed", "ListModels", "GetModel", "Rerank", "EmbedSparse")] + \
+UNARY_METHODS = [EMBED + m for m in ("Embed", "ListModels", "GetModel", "Rerank", "EmbedSparse", "Classify", "Tokenize",
+                                     "Detokenize")] + \
     [HEALTH + m for m in ("Check", "List")]
-STREAM_METHODS = [EMBED + "EmbedStream", EMBED + "RerankStream", EMBED + "WatchNodes", HEALTH + "Watch"]
+STREAM_METHODS = [EMBED + m for m in ("EmbedStream", "RerankStream", "ClassifyStream", "WatchNodes")] + \
+    [HEALTH + "Watch"]
 # Never for a request, whatever its bytes: these say "the service broke", not "your request is wrong".
 BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
 VALID = pb.EmbedRequest(inputs=[text("a valid request"), ids(7592, 2088)], dimensions=8).SerializeToString()
@@ -162,7 +165,8 @@ MALFORMED = {
 # Field 1 with invalid UTF-8: malformed where field 1 is a string (model, name, service); the empty
 # request messages keep it as an unknown field, as protobuf must.
 BAD_UTF8 = b"\x0a\x02\xc3\x28"
-STRING_FIELD_ONE = [EMBED + "Embed", EMBED + "GetModel", EMBED + "Rerank", EMBED + "EmbedSparse", HEALTH + "Check"]
+STRING_FIELD_ONE = [EMBED + m for m in ("Embed", "GetModel", "Rerank", "EmbedSparse", "Classify", "Tokenize",
+                                        "Detokenize")] + [HEALTH + "Check"]
 
 
 @pytest.mark.parametrize("body", list(MALFORMED), ids=list(MALFORMED))
@@ -187,7 +191,7 @@ def test_invalid_utf8_in_a_string_field_is_malformed_and_in_an_unknown_field_is_
             service.channel.unary_unary(method)(BAD_UTF8, timeout=30)
         assert caught.value.code() == INVALID and error_info(caught.value).reason == "MALFORMED_REQUEST"
     listed = pb.ListModelsResponse.FromString(service.channel.unary_unary(EMBED + "ListModels")(BAD_UTF8, timeout=30))
-    assert {m.name for m in listed.models} == {MINILM, TINY, REFUSING, RERANKER, SPLADE}
+    assert {m.name for m in listed.models} == {MINILM, TINY, REFUSING, RERANKER, SPLADE, CLASSIFIER}
 
 
 # ---- fuzz: what a careless or hostile client sends, through the real proxy ----

@@ -1,6 +1,7 @@
 """The cluster tier's service: one real Ray cluster on this machine (a head and two workers) running the service from
 serve-config.yaml with the tests' overrides (free ports, the packaged all-MiniLM-L6-v2 and a tiny random-weight BERT
-of another dimension, a tiny reranker and SPLADE model, small bounds a test can reach), and how to start and stop it.
+of another dimension, a tiny reranker, SPLADE model and classifier, small bounds a test can reach), and how to start
+and stop it.
 tests/cluster/conftest.py makes it a session fixture."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from benchmarks.proc_cpu import cmdline
 from embedding_service.config import HEAD_RESOURCE
 from embedding_service.ops import ray_internals, servefile
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import RERANKER, SPLADE, TINY
 from tests.helpers.ports import free_port
 
@@ -81,7 +83,7 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
          "accuracy_gate": {"min_mean_cosine": 1.0}, "calibration": str(reference), "num_replicas": 1,
          "num_cpus": SMALL_CPUS}
     )
-    for name, kind in ((RERANKER, "rerank"), (SPLADE, "sparse")):
+    for name, kind in ((RERANKER, "rerank"), (SPLADE, "sparse"), (CLASSIFIER, "classify")):
         if scoring_dirs:
             args["models"].append({"name": name, "kind": kind, "path": str(scoring_dirs[name]), "device": "cpu",
                                    "num_replicas": 1, "num_cpus": SMALL_CPUS, "threads": 1})

@@ -229,12 +229,12 @@ class _Ignored:
 
 
 class _RerankReplicas:
-    """A model deployment's handle as the router's fanout calls it: `rerank.remote(shard)`, awaited; each
+    """A model deployment's handle as the router's fanout calls it: `compute.remote(shard)`, awaited; each
     call answers a score per document once released."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
-        self.rerank = self
+        self.compute = self
         self.queries: set[str] = set()
 
     def remote(self, request):

@@ -73,12 +73,13 @@ def test_empty_args_give_the_packaged_default():
         {"tracing": {"otlp_endpoint": "otel-collector:4317"}},
         {"tracing": {"otlp_endpoint": "http://c:4317", "sample_ratio": 1.5}},
         {"tracing": {"otlp_endpoint": "http://c:4317", "headers": "authorization=Bearer x"}},
-        # Rerank and sparse models: torch, fp32 or bf16, and never the Embed default.
+        # Rerank, sparse and classification models: torch, fp32 or bf16 (classify: fp32), never the Embed default.
         {"models": [{"name": "r", "kind": "rerank", "backend": "openvino"}]},
         {"models": [{"name": "r", "kind": "rerank", "precision": "int8"}]},
         {"models": [{"name": "s", "kind": "sparse", "precision": "int8"}]},
         {"models": [{"name": "a"}, {"name": "r", "kind": "rerank"}], "default_model": "r"},
-        {"models": [{"name": "x", "kind": "classify"}]},
+        {"models": [{"name": "x", "kind": "vision"}]},
+        {"models": [{"name": "c", "kind": "classify", "precision": "bf16"}]},
     ],
 )
 def test_bad_args_are_rejected_before_anything_starts(bad):
@@ -147,6 +148,7 @@ def test_the_file_is_read_and_validated_once_for_the_run_the_manifests_and_the_b
     assert config.gateway_args(["t:1"], 9) == [
         "--host", "127.0.0.1", "--port", "9", "--targets", "t:1", "--max-inputs", str(limits.max_inputs_per_request),
         "--max-token-ids", str(limits.max_token_ids_per_input), "--max-documents", str(limits.max_documents_per_rerank),
+        "--max-detokenize-token-ids", str(limits.max_token_ids_per_detokenize),
         "--max-body-bytes", str(limits.max_request_bytes), "--drain-delay-s", "1", "--shutdown-timeout-s", "30"]
 
 

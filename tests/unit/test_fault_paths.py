@@ -50,7 +50,7 @@ def _embed_once(tmp_path, tiny_model_dir, fault: bool) -> tuple[BaseException, R
         )
         try:
             with pytest.raises(Exception) as caught:
-                await replica.embed(ShardRequest(["a sentence"], EmbedOptions()))
+                await replica.compute(ShardRequest(["a sentence"], EmbedOptions()))
             return caught.value
         finally:
             await replica.close()
@@ -98,11 +98,11 @@ def test_a_device_fault_in_a_rerank_or_sparse_replica_is_reported_as_one(tmp_pat
         if kind == "rerank":
             replica.model.forward = broken  # the model itself: its pairs come joined from token ids (model/pairs.py)
             request = ShardRequest(["a document"], RerankOptions("a query"))
-            call = replica.rerank
+            call = replica.compute
         else:
             replica.model.encode = broken
             request = ShardRequest(["a sentence"], SparseOptions(top_k=8))
-            call = replica.embed_sparse
+            call = replica.compute
         try:
             with pytest.raises(Exception) as caught:
                 await call(request)
@@ -164,7 +164,7 @@ def test_a_retried_shard_and_a_fault_are_counted_under_bounded_labels():
     import ray
 
     from embedding_service.fleet.recycler import fault_kind
-    from embedding_service.router.failures import cause_label, replica_gone
+    from embedding_service.wire.serve_failures import cause_label, replica_gone
 
     wrapped = ray.exceptions.RayTaskError("embed", "traceback", ReplicaFaulted("device fault")).as_instanceof_cause()
     assert replica_gone(wrapped) and cause_label(wrapped) == "ReplicaFaulted"  # not Ray's wrapper's name

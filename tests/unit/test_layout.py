@@ -2,7 +2,8 @@
 
 Packages by where their code runs (docs/architecture.md): the router replica (router/), the model replica
 (model/), the fleet's recycler (fleet/), Serve's proxy (proxy/), the gateway (gateway/); below them what
-crosses processes (wire/), shared asyncio utilities (batching/), observability/ and config.py; above them
+crosses processes (wire/), shared asyncio utilities (batching/), observability/, config.py and kinds.py (the
+registry of model kinds); above them
 the compositions: app.py (Serve's builder), ops/ (the driver: launcher, config file, manifests), cli.py.
 """
 
@@ -20,12 +21,13 @@ from tests.helpers.paths import ROOT
 
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
-SHARED = {"config", "wire", "batching", "observability"}
+SHARED = {"kinds", "config", "wire", "batching", "observability"}
 PROCESSES = {"router", "model", "fleet", "proxy", "gateway"}
 # What each part may import of ours (besides itself and the client library).
 ALLOWED = {
-    "config": set(),
-    "wire": {"config", "observability"},
+    "kinds": set(),
+    "config": {"kinds"},
+    "wire": {"kinds", "config", "observability"},
     "batching": {"wire"},
     "observability": {"config"},
     **{process: SHARED for process in PROCESSES},

@@ -1,7 +1,7 @@
-"""The wrapper around Serve's proxy handlers, driven directly for what the real proxy cannot be made to do on
-purpose (Serve's own handler raising, a router lost on cue). What it can do is tested through the real proxy
-(test_errors.py, test_overload.py, test_run_command.py, test_upgrade.py) and against Ray's own gRPC server
-(test_ray_internals.py)."""
+"""The wrapper around Serve's proxy handlers (proxy/handlers.py, resends.py, call_context.py), driven directly
+for what the real proxy cannot be made to do on purpose (Serve's own handler raising, a router lost on cue). What it
+can do is tested through the real proxy (test_errors.py, test_overload.py, test_run_command.py, test_upgrade.py) and
+against Ray's own gRPC server (test_ray_internals.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 from ray.serve._private.proxy_request_response import gRPCStreamingType
 
 from embedding_client.errors import STATUS_DETAILS_KEY, read_details
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.proxy import ingress
-from embedding_service.wire import node_env
 from embedding_service.config import AuthSettings
+from embedding_service.proxy import call_context, handlers, resends, state
+from embedding_service.wire import node_env
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, Deadline
 from embedding_service.wire.messages import MERGED_KEY
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -46,8 +47,8 @@ def guarded(behaviour, method: str, stream: bool):
     """The proxy's handler as gRPC runs it (the methods are registered request-streaming: it reads its one request
     from the call), taking the request itself here."""
     kind = gRPCStreamingType.STREAM_STREAM if stream else gRPCStreamingType.STREAM_UNARY
-    handler = ingress._guarded(serve_factory(behaviour, stream),
-                               service_method=f"/embedding_service.v1.EmbedService/{method}", streaming_type=kind)
+    handler = handlers.guarded(serve_factory(behaviour, stream),
+                                service_method=f"/embedding_service.v1.EmbedService/{method}", streaming_type=kind)
     if stream:
         async def server_stream(request, context):
             async for message in handler(_requests(request), context):
@@ -95,9 +96,9 @@ def test_serve_raising_becomes_a_retryable_status_not_unknown():
 
 def test_the_callers_deadline_travels_and_cannot_be_forged():
     forged = [("a", "1"), (TIMEOUT_KEY, "999999"), (ELAPSED_KEY, "999999"), (MERGED_KEY, "1" * 4301)]
-    attempt = ingress._Attempt(Context(metadata=forged, remaining=2.5))
+    attempt = call_context.Attempt(Context(metadata=forged, remaining=2.5))
     assert attempt.invocation_metadata() == (("a", "1"), (TIMEOUT_KEY, "2500"))
-    assert ingress._Attempt(Context(metadata=[(TIMEOUT_KEY, "5")])).invocation_metadata() == ()  # no deadline: none
+    assert call_context.Attempt(Context(metadata=[(TIMEOUT_KEY, "5")])).invocation_metadata() == ()  # no deadline: none
 
 
 def test_serves_own_refusals_get_reasons_and_the_routers_are_kept():
@@ -163,6 +164,96 @@ def test_a_stream_whose_router_is_lost_goes_on_elsewhere_with_only_the_inputs_no
     assert context.code() in (None, grpc.StatusCode.OK) and read_details(context.trailing_metadata()).reason is None
 
 
+def _classified(indexes) -> bytes:
+    chunk = pb.ClassifyStreamResponse(model="c")
+    for i in indexes:
+        chunk.classifications.add(index=i, labels=[pb.LabelScore(label="yes", label_id=0, score=i / 10)], tokens=1)
+    return chunk.SerializeToString()
+
+
+def test_a_classify_stream_whose_router_is_lost_goes_on_with_only_the_inputs_not_yet_classified():
+    """Returned out of order before the router died (2, 0, 5): the rest go again, pairs kept, and their results
+    come back under their own indexes in the caller's request."""
+    inputs = [pb.ClassifyInput(text=f"premise {i}", text_pair=f"hypothesis {i}" if i % 2 else "") for i in range(7)]
+    asked: list[list[pb.ClassifyInput]] = []
+
+    async def routers(request, context):
+        asked.append(list(request.inputs))
+        if len(asked) == 1:
+            _router_lost(context)
+            return [_classified([2, 0]), _classified([5])]
+        assert request.top_k == 2 and request.raw_scores  # the rest goes with the caller's options
+        return [_classified(reversed(range(len(request.inputs))))]
+
+    async def main():
+        context = Context(remaining=30)
+        request = pb.ClassifyStreamRequest(model="c", inputs=inputs, top_k=2, raw_scores=True)
+        return context, await _stream(guarded(routers, "ClassifyStream", stream=True), request, context)
+
+    context, messages = asyncio.run(main())
+    assert asked == [inputs, [inputs[i] for i in (1, 3, 4, 6)]]
+    returned = [c for m in messages for c in pb.ClassifyStreamResponse.FromString(m).classifications]
+    assert [c.index for c in returned] == [2, 0, 5, 6, 4, 3, 1]  # each input once, under its own index
+    assert [round(c.labels[0].score, 3) for c in returned][3:] == [0.3, 0.2, 0.1, 0.0]  # the resent call's own
+    assert context.code() in (None, grpc.StatusCode.OK) and read_details(context.trailing_metadata()).reason is None
+
+
+def test_a_classify_stream_returned_whole_before_its_router_was_lost_is_not_sent_again():
+    asked = []
+
+    async def router(request, context):
+        asked.append(len(request.inputs))
+        _router_lost(context)
+        return [_classified([1, 0])]
+
+    async def main():
+        context = Context(remaining=30)
+        request = pb.ClassifyStreamRequest(inputs=[pb.ClassifyInput(text="a"), pb.ClassifyInput(text="b")])
+        return context, await _stream(guarded(router, "ClassifyStream", stream=True), request, context)
+
+    context, messages = asyncio.run(main())
+    assert asked == [2] and len(messages) == 1
+    assert context.code() is None  # the caller has every result: the lost router is not its failure
+
+
+def test_every_stream_but_watch_nodes_can_go_on_elsewhere():
+    """A server-streaming method added to the proto needs its entry in resends.RESUMABLE: its inputs, and results
+    that carry their input's index."""
+    service = pb.DESCRIPTOR.services_by_name["EmbedService"]
+    streams = [m for m in service.methods if m.server_streaming and m.name != "WatchNodes"]
+    assert {m.name for m in streams} >= {"EmbedStream", "RerankStream", "ClassifyStream"}
+    by_request = {t.DESCRIPTOR.full_name: (t, entry) for t, entry in resends.RESUMABLE.items()}
+    for method in streams:
+        assert method.input_type.full_name in by_request, method.name
+        _, (inputs, chunk, results) = by_request[method.input_type.full_name]
+        assert chunk.DESCRIPTOR.full_name == method.output_type.full_name, method.name
+        assert method.input_type.fields_by_name[inputs].is_repeated, method.name
+        assert "index" in chunk.DESCRIPTOR.fields_by_name[results].message_type.fields_by_name, method.name
+
+
+@pytest.mark.parametrize("method, request_", [
+    ("Classify", pb.ClassifyRequest(inputs=[pb.ClassifyInput(text="a")])),
+    ("Tokenize", pb.TokenizeRequest(inputs=["a"])),
+    ("Detokenize", pb.DetokenizeRequest(inputs=[pb.TokenIds(ids=[101, 102])])),
+])
+def test_classify_tokenize_and_detokenize_are_sent_again_whole_when_their_router_is_lost(method, request_):
+    seen = []
+
+    async def lost_once(request, context):
+        seen.append(request)
+        if len(seen) == 1:
+            _router_lost(context)
+            return b""
+        return b"the reply"
+
+    async def main():
+        context = Context(remaining=30)
+        return context, await guarded(lost_once, method, stream=False)(request_, context)
+
+    context, reply = asyncio.run(main())
+    assert reply == b"the reply" and seen == [request_, request_] and context.code() is None
+
+
 def test_a_unary_call_whose_router_is_lost_is_sent_again_and_given_up_on_after_the_resends():
     tries = {"Embed": 0, "ListModels": 0}
 
@@ -190,9 +281,9 @@ def test_a_unary_call_whose_router_is_lost_is_sent_again_and_given_up_on_after_t
 
     reply, ok, lost = asyncio.run(main())
     assert reply == b"the reply" and ok.code() == grpc.StatusCode.OK
-    assert tries == {"Embed": 2, "ListModels": 1 + ingress.RESENDS}
+    assert tries == {"Embed": 2, "ListModels": 1 + resends.RESENDS}
     # The resent call carries what the service has spent on it, so its bound counts from the first arrival.
-    assert ELAPSED_KEY not in seen[0] and int(seen[1][ELAPSED_KEY]) >= ingress.RESEND_PAUSE_S[0] * 1000
+    assert ELAPSED_KEY not in seen[0] and int(seen[1][ELAPSED_KEY]) >= resends.RESEND_PAUSE_S[0] * 1000
     assert lost.code() == grpc.StatusCode.UNAVAILABLE  # retryable, with the service's reason and a delay
     details = read_details(lost.trailing_metadata())
     assert details.reason == Reason.SERVICE_UNAVAILABLE.name and details.retry_after_s
@@ -220,9 +311,9 @@ def test_the_unary_request_slots_are_left_as_serve_made_them():
         asked.append(streaming_type)
         return "not run"
 
-    assert ingress._guarded(factory, service_method="/s/M", streaming_type=gRPCStreamingType.UNARY_UNARY) == "not run"
+    assert handlers.guarded(factory, service_method="/s/M", streaming_type=gRPCStreamingType.UNARY_UNARY) == "not run"
     assert inspect.isasyncgenfunction(guarded(lambda r, c: None, "EmbedStream", stream=True))
-    ingress._guarded(factory, service_method="/s/M", streaming_type=gRPCStreamingType.STREAM_STREAM)
+    handlers.guarded(factory, service_method="/s/M", streaming_type=gRPCStreamingType.STREAM_STREAM)
     assert asked == [gRPCStreamingType.UNARY_UNARY, gRPCStreamingType.UNARY_STREAM]
 
 
@@ -249,8 +340,8 @@ def test_a_call_that_waited_in_the_proxy_tells_the_router_how_long():
 
     async def main() -> None:
         waited = time.monotonic() - 2.0
-        await ingress._send_unary(inner, pb.EmbedRequest(), Context(remaining=100), "Embed", arrived=waited)
-        await ingress._send_unary(inner, pb.EmbedRequest(), Context(remaining=30), "Embed")  # just arrived
+        await resends.send_unary(inner, pb.EmbedRequest(), Context(remaining=100), "Embed", arrived=waited)
+        await resends.send_unary(inner, pb.EmbedRequest(), Context(remaining=30), "Embed")  # just arrived
 
     asyncio.run(main())
     assert 2000 <= int(seen[0][ELAPSED_KEY]) < 3000 and ELAPSED_KEY not in seen[1]
@@ -262,7 +353,7 @@ def test_a_caller_without_a_valid_key_is_answered_before_its_request_is_read(mon
     is served. Without keys configured, a caller off loopback is refused the same way."""
     monkeypatch.setenv(node_env.AUTH_SETTINGS_ENV, node_env.encode_auth_settings(AuthSettings(api_keys_env="K")))
     monkeypatch.setenv("K", "the-key")
-    monkeypatch.setattr(ingress, "_proxy", None)
+    monkeypatch.setattr(state, "_proxy", None)
     read, routed = [], []
 
     async def requests():
@@ -276,7 +367,7 @@ def test_a_caller_without_a_valid_key_is_answered_before_its_request_is_read(mon
     async def call(metadata, peer="ipv4:10.1.2.3:5000"):
         context = Context(metadata=metadata, peer=peer)
         kind = gRPCStreamingType.STREAM_UNARY
-        handler = ingress._guarded(serve_factory(router, False), service_method="/x/ListModels", streaming_type=kind)
+        handler = handlers.guarded(serve_factory(router, False), service_method="/x/ListModels", streaming_type=kind)
         return await handler(requests(), context), context
 
     async def main():
@@ -290,7 +381,7 @@ def test_a_caller_without_a_valid_key_is_answered_before_its_request_is_read(mon
 
     asyncio.run(main())
     monkeypatch.delenv(node_env.AUTH_SETTINGS_ENV)
-    monkeypatch.setattr(ingress, "_proxy", None)
+    monkeypatch.setattr(state, "_proxy", None)
     read.clear()
 
     async def remote():
@@ -300,4 +391,4 @@ def test_a_caller_without_a_valid_key_is_answered_before_its_request_is_read(mon
         assert reply == b"ok"
 
     asyncio.run(remote())
-    monkeypatch.setattr(ingress, "_proxy", None)
+    monkeypatch.setattr(state, "_proxy", None)

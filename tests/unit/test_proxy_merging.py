@@ -11,7 +11,8 @@ import grpc
 from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import ProxySettings
-from embedding_service.proxy import ingress
+from embedding_service.proxy.call_context import Detached
+from embedding_service.proxy.handlers import merged_unary
 from embedding_service.proxy.merging import EmbedMerging, Outcome
 from embedding_service.wire.messages import MERGED_KEY
 from embedding_service.wire.reasons import Reason
@@ -58,10 +59,10 @@ def test_a_merged_call_never_touches_the_context_of_a_caller_who_has_gone():
                 reply.embeddings.add(index=i, tokens=1)
             return Outcome(reply.SerializeToString())
 
-        merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1), send, ingress._Detached)
+        merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1), send, Detached)
 
         def call(text: str, context):
-            return asyncio.ensure_future(ingress._merged_unary(
+            return asyncio.ensure_future(merged_unary(
                 merging, pb.EmbedRequest(model="m", inputs=text_inputs([text])), context, "Embed"))
 
         busy = call("busy", _Caller(metadata=[("x-key", "k")], remaining=30))
@@ -93,9 +94,9 @@ def test_calls_past_the_proxys_queue_bound_are_refused_with_a_retry_delay():
             await gate.wait()
             return Outcome(pb.EmbedResponse(model="m").SerializeToString())
 
-        merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1, max_queued_calls=2), send, ingress._Detached)
+        merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1, max_queued_calls=2), send, Detached)
         contexts = [_Caller(remaining=30) for _ in range(4)]
-        calls = [asyncio.ensure_future(ingress._merged_unary(
+        calls = [asyncio.ensure_future(merged_unary(
             merging, pb.EmbedRequest(model="m", inputs=text_inputs([f"call {k}"])), c, "Embed"))
             for k, c in enumerate(contexts)]
         await asyncio.sleep(0.05)  # one out, two waiting: the fourth is refused at once
@@ -124,13 +125,13 @@ def test_a_lone_call_goes_as_it_came_and_a_waiting_caller_gets_its_own_deadline(
             return Outcome(pb.EmbedResponse(model="m").SerializeToString())
 
         merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1, coalesce_max_inputs=32), send,
-                               ingress._Detached)
+                               Detached)
         first = pb.EmbedRequest(model="m", inputs=text_inputs(["first"]))
-        lone = asyncio.ensure_future(ingress._merged_unary(merging, first, _Caller(remaining=30), "Embed"))
+        lone = asyncio.ensure_future(merged_unary(merging, first, _Caller(remaining=30), "Embed"))
         await asyncio.sleep(0.05)
         late = _Caller(remaining=0.2)  # queued behind the one in flight; its deadline passes first
-        waited = await ingress._merged_unary(merging, pb.EmbedRequest(model="m", inputs=text_inputs(["late"])),
-                                             late, "Embed")
+        waited = await merged_unary(merging, pb.EmbedRequest(model="m", inputs=text_inputs(["late"])),
+                                    late, "Embed")
         gate.set()
         await lone
         return first, waited, late
@@ -156,11 +157,11 @@ def test_calls_that_wait_leave_as_one_with_their_count_and_the_last_deadline():
             return Outcome(reply.SerializeToString())
 
         merging = EmbedMerging(ProxySettings(coalesce_max_in_flight=1, coalesce_max_inputs=32), send,
-                               ingress._Detached)
+                               Detached)
 
         def call(texts, remaining):
-            return ingress._merged_unary(merging, pb.EmbedRequest(model="m", inputs=text_inputs(texts)),
-                                         _Caller(remaining=remaining), "Embed")
+            return merged_unary(merging, pb.EmbedRequest(model="m", inputs=text_inputs(texts)),
+                                _Caller(remaining=remaining), "Embed")
 
         first = asyncio.ensure_future(call(["a"], 30))
         await asyncio.sleep(0.05)

@@ -68,7 +68,7 @@ _SERVER = """
     from ray.serve.config import gRPCOptions
     from embedding_client.errors import read_details
     from embedding_client.v1 import embedding_pb2 as pb, embedding_pb2_grpc
-    from embedding_service.proxy import health_relay, ingress
+    from embedding_service.proxy import health_relay, state
 
     logging.basicConfig(level=logging.WARNING)
 
@@ -109,7 +109,7 @@ _SERVER = """
             assert answer.status == health_pb2.HealthCheckResponse.SERVING  # the proxy's own, not routed
         await server.stop(0)
         await task
-        print("OPTIONS IN FORCE:", ingress._proxy.options_in_force, flush=True)
+        print("OPTIONS IN FORCE:", state._proxy.options_in_force, flush=True)
         os._exit(0)  # the relay's first look for a router (there is no Ray here) would hold the exit
 
     asyncio.run(main())

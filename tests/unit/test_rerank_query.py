@@ -22,6 +22,7 @@ from embedding_service.router import catalog as catalog_module
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.convert import limits_message
 from embedding_service.router.deployment import EmbedRouter
+from embedding_service.router.methods import METHODS
 from embedding_service.router.token_lengths import TokenLengths
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.messages import ModelInfo, RerankOptions, ShardRequest
@@ -66,7 +67,8 @@ def _router(cross_encoder, max_query_tokens: int) -> EmbedRouter:
 
 def _rerank_job(router: EmbedRouter, query: str):
     request = pb.RerankRequest(model=RERANKER, query=query, documents=["a document"] * 32)
-    return asyncio.run(router._rerank_job(request, 1000, SimpleNamespace(model=None), Deadline.after(30), "Rerank"))
+    admitted = SimpleNamespace(call=SimpleNamespace(model=None), deadline=Deadline.after(30))
+    return asyncio.run(router._job(METHODS["Rerank"], request, admitted))
 
 
 def _query_tokens(cross_encoder, query: str) -> int:
@@ -165,7 +167,7 @@ def test_a_shard_of_32_pairs_tokenizes_its_query_once_and_scores_as_cross_encode
                                                                                     cross_encoder):
     documents = make_texts(32, seed=7, max_words=40)  # some longer than the model's 48 tokens with the query
     replica, result = _rerank(tmp_path, scoring_model_dirs,
-                              lambda r: r.rerank(ShardRequest(documents, RerankOptions(QUERY))), counting=True)
+                              lambda r: r.compute(ShardRequest(documents, RerankOptions(QUERY))), counting=True)
     texts = replica._pairs._content.texts
     assert texts.count(QUERY) == 1 and sorted(t for t in texts if t != QUERY) == sorted(documents)
     assert replica._pairs.from_ids  # BERT's pairs join from token ids exactly (checked at start-up)
@@ -180,7 +182,7 @@ def test_32_pairs_of_a_100000_character_query_cost_one_tokenization_of_it(tmp_pa
 
     async def timed(replica):
         started = time.perf_counter()
-        result = await replica.rerank(ShardRequest(documents, RerankOptions(HUGE_QUERY)))
+        result = await replica.compute(ShardRequest(documents, RerankOptions(HUGE_QUERY)))
         return time.perf_counter() - started, result
 
     _, (elapsed, result) = _rerank(tmp_path, scoring_model_dirs, timed)
@@ -194,7 +196,7 @@ def test_32_pairs_of_a_100000_character_query_cost_one_tokenization_of_it(tmp_pa
 ])
 def test_long_queries_are_cut_as_cross_encoder_cuts_them(tmp_path, scoring_model_dirs, cross_encoder, query):
     documents = make_texts(8, seed=11, max_words=60) + ["x", "a " * 200]
-    _, result = _rerank(tmp_path, scoring_model_dirs, lambda r: r.rerank(ShardRequest(documents, RerankOptions(query))))
+    _, result = _rerank(tmp_path, scoring_model_dirs, lambda r: r.compute(ShardRequest(documents, RerankOptions(query))))
     assert np.abs(result.vectors - raw_scores(cross_encoder, query, documents)).max() < 1e-5
     assert result.token_counts.tolist() == _pair_tokens(cross_encoder, query, documents)
 
@@ -203,8 +205,8 @@ def test_activation_and_reject_are_unchanged(tmp_path, scoring_model_dirs, cross
     documents = ["cats sleep most of the day", "the stock market fell", "word " * 100]
 
     async def calls(replica):
-        scored = await replica.rerank(ShardRequest(documents[:2], RerankOptions(QUERY, activation=True)))
-        rejected = await replica.rerank(ShardRequest(documents, RerankOptions(QUERY, truncation="reject")))
+        scored = await replica.compute(ShardRequest(documents[:2], RerankOptions(QUERY, activation=True)))
+        rejected = await replica.compute(ShardRequest(documents, RerankOptions(QUERY, truncation="reject")))
         return scored, rejected
 
     _, (scored, rejected) = _rerank(tmp_path, scoring_model_dirs, calls)
@@ -220,7 +222,7 @@ def test_a_model_whose_pairs_do_not_join_from_ids_is_scored_by_cross_encoder_its
     monkeypatch.setattr(pairs_module, "_same", lambda reference, ours: False)
     documents = make_texts(5, seed=3, max_words=30)
     replica, result = _rerank(tmp_path, scoring_model_dirs,
-                              lambda r: r.rerank(ShardRequest(documents, RerankOptions(QUERY))))
+                              lambda r: r.compute(ShardRequest(documents, RerankOptions(QUERY))))
     assert not replica._pairs.from_ids
     assert np.abs(result.vectors - raw_scores(cross_encoder, QUERY, documents)).max() < 1e-5
     assert result.token_counts.tolist() == _pair_tokens(cross_encoder, QUERY, documents)

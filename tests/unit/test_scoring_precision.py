@@ -48,13 +48,13 @@ def test_a_bf16_reranker_serves_near_fp32_within_its_gate_and_refuses_past_it(tm
 
     async def refused(replica):
         with pytest.raises(ReplicaRefused):
-            await replica.rerank(ShardRequest(DOCUMENTS, RerankOptions("cats")))
+            await replica.compute(ShardRequest(DOCUMENTS, RerankOptions("cats")))
 
     replica, _ = _serve(strict, refused)
     measured = replica.info.verification.accuracy.recall_at_10
     assert measured < 1.0 and replica.refused.startswith("bf16 on torch: accuracy gate missed on 10 sentences")
     settings = _settings(tmp_path, scoring_model_dirs, "rerank", min_recall_at_10=measured)
-    replica, result = _serve(settings, lambda r: r.rerank(ShardRequest(DOCUMENTS, RerankOptions("cats"))))
+    replica, result = _serve(settings, lambda r: r.compute(ShardRequest(DOCUMENTS, RerankOptions("cats"))))
     v = replica.info.verification
     assert v.refused is None and v.precision == "bf16" and v.accuracy.sentences == QUERIES
     assert v.accuracy.recall_at_10 == measured  # the same weights, the same figure
@@ -77,12 +77,12 @@ def test_a_bf16_sparse_model_below_its_gate_refuses_to_serve(tmp_path, scoring_m
 
     async def call(replica):
         with pytest.raises(ReplicaRefused):
-            await replica.embed_sparse(ShardRequest(["rain"], SparseOptions(top_k=8)))
+            await replica.compute(ShardRequest(["rain"], SparseOptions(top_k=8)))
 
     replica, _ = _serve(settings, call)
     v = replica.info.verification
     assert v.accuracy.sentences == SPARSE_SENTENCES and 0.9 < v.accuracy.mean_cosine < 1.0
     assert v.refused.startswith("bf16 on torch: accuracy gate missed") and replica.refused == v.refused
     served = _settings(tmp_path, scoring_model_dirs, "sparse", min_mean_cosine=0.9, min_recall_at_10=0.0)
-    replica, result = _serve(served, lambda r: r.embed_sparse(ShardRequest(["rain"], SparseOptions(top_k=8))))
+    replica, result = _serve(served, lambda r: r.compute(ShardRequest(["rain"], SparseOptions(top_k=8))))
     assert replica.refused is None and len(result.sparse[0].indices) == 8
