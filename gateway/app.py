@@ -14,9 +14,14 @@ from fastapi import FastAPI
 from embedding_service.observability.tracing import Tracer, env_tracer
 from gateway import embeddings, guards, routes, scoring_routes
 from gateway.body_budget import BodyBudget
+from gateway.classify_routes import classify as classify_routes
 from gateway.coalescing import EmbedCoalescing
+from gateway.cohere_embed import router as cohere_embed_routes
+from gateway.label_counts import LabelCounts
 from gateway.metrics import GatewayMetrics, ObserveRequests
+from gateway.model_prompts import ModelPrompts
 from gateway.settings import GatewaySettings
+from gateway.tokenize_routes import tokenizer as tokenize_routes
 from gateway.upstream import loop_deadline, upstream_client
 
 
@@ -63,9 +68,14 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     app.state.metrics = metrics
     app.state.draining = draining or threading.Event()
     app.state.bodies = BodyBudget(settings.max_body_bytes_in_flight)  # one budget for the hot path and the routes
+    app.state.label_counts = LabelCounts()  # vLLM's /v1/classify returns every label's score
+    app.state.model_prompts = ModelPrompts(settings.model_prompts_ttl_s)  # Cohere's input_type -> prompt_name
     guards.install(app, settings)
     app.include_router(routes.openai)
     app.include_router(scoring_routes.scoring)
+    app.include_router(cohere_embed_routes)
+    app.include_router(classify_routes)
+    app.include_router(tokenize_routes)
     app.include_router(routes.operations)
     # Added last, so outermost of the app's middleware: it sees every response, refusals included.
     app.add_middleware(ObserveRequests, metrics=metrics, tracer=tracer)

@@ -1,6 +1,6 @@
-"""What every request meets before a route: the API key and the body bounds on /v1/ and /v2/ (one body's size, and
-the bytes of every body held at once), and OpenAI's error objects for whatever fails (validation, unknown paths, the
-unexpected)."""
+"""What every request meets before a route: the API key and the body bounds on /v1/, /v2/ and ROOT_ROUTES (one
+body's size, and the bytes of every body held at once), and OpenAI's error objects for whatever fails (validation,
+unknown paths, the unexpected)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ from gateway.openai_schema import EmbeddingRequest
 from gateway.settings import GatewaySettings
 
 logger = logging.getLogger("gateway")
+# TEI's and vLLM's routes at the root (classify_routes.py, tokenize_routes.py), guarded as /v1/ and /v2/ are.
+ROOT_ROUTES = frozenset({"/predict", "/tokenize", "/detokenize", "/decode"})
 
 
 class Guard:
     """Pure ASGI middleware (BaseHTTPMiddleware costs a task, streams and events per request): the API key
-    and the declared body size of every /v1/ and /v2/ request, refused before the app reads it; then its body's
-    bytes, taken from `bodies` (shared by every Guard of the app) as they arrive and given back once it is answered."""
+    and the declared body size of every /v1/, /v2/ and ROOT_ROUTES request, refused before the app reads it; then
+    its body's bytes, taken from `bodies` (shared by every Guard of the app) as they arrive and given back once it is
+    answered."""
 
     def __init__(self, app, settings: GatewaySettings, bodies: BodyBudget) -> None:
         self.app = app
@@ -34,7 +37,7 @@ class Guard:
         self.retry_after_s = settings.retry_after_s
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(("/v1/", "/v2/")):
+        if scope["type"] == "http" and (scope["path"].startswith(("/v1/", "/v2/")) or scope["path"] in ROOT_ROUTES):
             refusal = self._refusal(Headers(scope=scope))
             if refusal is not None:
                 await refusal.response()(scope, receive, send)

@@ -30,6 +30,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--max-inputs", type=int, dest="max_inputs")
     parser.add_argument("--max-token-ids", type=int, dest="max_token_ids")
     parser.add_argument("--max-documents", type=int, dest="max_documents")
+    parser.add_argument("--max-cohere-texts", type=int, dest="max_cohere_texts")
+    parser.add_argument("--max-detokenize-token-ids", type=int, dest="max_detokenize_token_ids")
     parser.add_argument("--max-json-values", type=int, dest="max_json_values")
     parser.add_argument("--max-body-bytes-in-flight", type=int, dest="max_body_bytes_in_flight")
     parser.add_argument("--coalesce-max-inputs", type=int, dest="coalesce_max_inputs")

@@ -7,6 +7,8 @@ import ipaddress
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.cohere_prompts import InputType
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -123,6 +125,30 @@ class GatewaySettings(BaseSettings):
         1000, ge=1,
         description="Documents one rerank request may carry (400 past it, before they are looked at); the service's "
         "limits.max_documents_per_rerank, whose default it has.",
+    )
+    max_cohere_texts: int = Field(
+        96, ge=1,
+        description="Texts one Cohere embed request (/v1/embed, /v2/embed) may carry (400 past it, before they are "
+        "looked at); Cohere's own limit, in batches of which its SDK sends larger jobs. max_inputs bounds it too.",
+    )
+    cohere_input_type_prompts: dict[str, dict[InputType, str]] = Field(
+        default_factory=dict,
+        description="Per model, the prompt each Cohere input_type embeds with, for the input types named: "
+        '{"bge-base": {"search_document": ""}} ("": the texts as they are). Otherwise search_query takes the '
+        "model's prompt named query, search_document document or else passage (one with text first), classification "
+        "and clustering their own names; a model with no prompts (or only empty ones) embeds every text as it is, "
+        "and one with prompts but none for the input_type refuses it (400). Only from "
+        "GATEWAY_COHERE_INPUT_TYPE_PROMPTS, as JSON.",
+    )
+    model_prompts_ttl_s: float = Field(
+        60.0, gt=0,
+        description="Seconds the gateway keeps the service's models' prompts (one ListModels) before listing "
+        "them again; a model it does not know is listed again at once, at most once a second.",
+    )
+    max_detokenize_token_ids: int = Field(
+        65_536, ge=1,
+        description="Token ids one /detokenize or /decode request may carry, all its sequences together (400 past it, "
+        "before they are looked at); the service's limits.max_token_ids_per_detokenize, whose default it has.",
     )
     max_json_values: int = Field(
         2**19, ge=1024,
