@@ -17,9 +17,15 @@ import numpy as np
 from embedding_service.config import PACKAGE_PREFIX, ModelSettings
 from embedding_service.model.accuracy import corpus
 from embedding_service.model.calibration import Calibration, calibration_for
-from embedding_service.model.runtimes import Runtime, load_runtime, resolve_backend
+from embedding_service.model.runtimes import (
+    Runtime,
+    TorchRuntime,
+    falls_back_to_torch,
+    load_runtime,
+    resolve_backend,
+)
 from embedding_service.model.tokenization import InputEncoder
-from embedding_service.model.verification import verify
+from embedding_service.model.verification import check, report
 from embedding_service.observability.logs import service_logger
 from embedding_service.wire.messages import Verification
 
@@ -81,18 +87,36 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     samples = calibration_samples(encoder) if settings.precision == "int8" else []
     backend, runtime = load_runtime(model, settings.backend, device, settings.threads, settings.precision, samples,
                                     settings.cpu_pinning)
+    dimension = int(model.get_embedding_dimension())
+    backend, runtime, verification = checked_runtime(model, encoder, calibration, settings, device, dimension,
+                                                     backend, runtime)
     logger.info("model %s loaded from %s on %s (%s, %s)", settings.name, source, device, backend, settings.precision)
-    embed = text_embedder(runtime, encoder, settings, device, int(model.get_embedding_dimension()))
-    verification = verify(embed, calibration, settings)
     missed = not_applied(settings, device, backend)
-    if "cpu_pinning" in missed:  # a fallen-back backend was logged with its cause by load_runtime
+    if "cpu_pinning" in missed:  # a fallen-back backend was logged with its cause by load_runtime or checked_runtime
         logger.warning("cpu_pinning applies to OpenVINO only: backend %s on %s runs without it", backend, device)
     return LoadedModel(model, device, backend, runtime, encoder, verification, calibration, missed)
 
 
+def checked_runtime(model, encoder: InputEncoder, calibration: Calibration, settings: ModelSettings, device: str,
+                    dimension: int, backend: str, runtime: Runtime) -> tuple[str, Runtime, Verification]:
+    """The runtime that serves, after the start-up check (canary, gate): a compiled backend that compiled but fails
+    it is replaced by torch where backend auto allows (a graph that traced but computes other vectors, as a
+    decoder's or a long-context model's may), logged once at WARNING; else the refusal stands."""
+    verification = check(text_embedder(runtime, encoder, settings, device, dimension), calibration, settings)
+    refused = verification.refused is not None and backend != "torch"
+    if refused and falls_back_to_torch(settings.backend, settings.precision):
+        logger.warning("backend auto: %s failed its start-up check (%s); running it with torch", backend,
+                       verification.refused)
+        backend, runtime = "torch", TorchRuntime(model, settings.precision)
+        verification = check(text_embedder(runtime, encoder, settings, device, dimension), calibration, settings)
+    report(verification, settings)
+    return backend, runtime, verification
+
+
 def not_applied(settings: ModelSettings, device: str, backend: str) -> tuple[str, ...]:
     """The settings a model loaded on `device` with `backend` runs without: cpu_pinning where its backend is not
-    OpenVINO (backend auto on a GPU, or fallen back to torch), and backend auto that fell back to torch."""
+    OpenVINO (backend auto on a GPU, or fallen back to torch), and backend auto that fell back to torch (its
+    compiled backend failed to compile or failed the start-up check)."""
     missed = []
     if settings.cpu_pinning and backend != "openvino":
         missed.append("cpu_pinning")
@@ -103,7 +127,8 @@ def not_applied(settings: ModelSettings, device: str, backend: str) -> tuple[str
 
 def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettings, device: str,
                   dimension: int) -> Callable[[Sequence[str]], np.ndarray]:
-    """texts -> the vectors the replica serves for them (no prompt, truncated at the end): what verify() checks."""
+    """texts -> the vectors the replica serves for them (no prompt, truncated at the end): what the start-up
+    check (verification.check) measures."""
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         sequences = encoder.prepare(list(texts), "end").sequences

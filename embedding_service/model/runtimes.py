@@ -77,6 +77,7 @@ class _CompiledTransformer:
         self.input_names = [n for n in _INPUT_NAMES if n in accepted]
         self.tail = list(model)[1:]
         self.auto_model = auto_model
+        self.model = model
 
     def _graph_module(self):
         import torch
@@ -96,9 +97,16 @@ class _CompiledTransformer:
     def _example(self):
         import torch
 
-        # Two rows of different lengths, so traced shapes stay dynamic.
-        ids = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]])
-        values = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
+        from embedding_service.model.tokenization import InputEncoder
+
+        # Two rows of different lengths as the replica feeds them: ids the model's vocabulary holds (a small or
+        # non-BERT one has no id 2023), padded on its tokenizer's side (a decoder's left), so traced shapes stay
+        # dynamic and the padded mask is what is traced.
+        encoder = InputEncoder(self.model)
+        features = encoder.features(encoder.prepare(["an example sentence to trace", "short"], "end").sequences)
+        ids = features["input_ids"]
+        values = {"input_ids": ids, "attention_mask": features["attention_mask"],
+                  "token_type_ids": features.get("token_type_ids", torch.zeros_like(ids))}
         return tuple(values[n] for n in self.input_names)
 
     def _from_onnx(self, load: Callable[[str], T]) -> T:
@@ -187,6 +195,8 @@ def import_openvino():
 
 # int8 keeps each layer's feed-forward output projection in floating point: quantizing it
 # (large activation outliers after GELU) cost all-MiniLM-L6-v2 recall@10 0.940 -> 0.954 kept.
+# The name is a BERT's: other shapes (a Qwen3 decoder, ModernBERT) have no such node and quantize every layer,
+# behind the same gate.
 INT8_FLOAT_OPS = r".*layer\.\d+/output/dense/MatMul"
 
 
@@ -230,7 +240,8 @@ class OpenVinoRuntime(_CompiledTransformer):
         logging.getLogger("nncf").setLevel(logging.WARNING)
         data = [self.graph_inputs(features) for features in samples]
         return nncf.quantize(graph, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER,
-                             subset_size=len(data), ignored_scope=nncf.IgnoredScope(patterns=[INT8_FLOAT_OPS]))
+                             subset_size=len(data),
+                             ignored_scope=nncf.IgnoredScope(patterns=[INT8_FLOAT_OPS], validate=False))
 
     def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         # One request object, reused: batches run one at a time (one forward thread).
@@ -246,6 +257,13 @@ def resolve_backend(backend: str, device: str) -> str:
     if backend != "auto":
         return backend
     return "openvino" if device == "cpu" else "torch"
+
+
+def falls_back_to_torch(requested: str, precision: str) -> bool:
+    """Whether a compiled backend that cannot serve (it fails to compile, or fails the start-up check in
+    forward.load_model) is replaced by torch: for backend auto, except int8, which torch does not run. An explicit
+    backend fails instead."""
+    return requested == "auto" and precision != "int8"
 
 
 def load_runtime(model, backend: str, device: str, threads: int | None, precision: Precision = "fp32",
@@ -267,7 +285,7 @@ def load_runtime(model, backend: str, device: str, threads: int | None, precisio
         error: Exception = ValueError(f"backend {resolved} needs the {package} package: {exc}")
     except Exception as exc:
         error = exc
-    if backend != "auto" or precision == "int8":
+    if not falls_back_to_torch(backend, precision):
         raise error
     logger.warning("backend auto: %s could not compile this model (%s); running it with torch", resolved, error)
     return "torch", TorchRuntime(model, precision)

@@ -118,7 +118,7 @@ class InputEncoder:
                 content[i] = np.concatenate([prompt_ids, np.asarray(x, dtype=np.int64)])
 
         if policy == "windows":
-            return self._windowed(content, len(prompt_ids))
+            return self._windowed(content, prompt_ids)
         sequences: list[np.ndarray] = []
         too_long: list[int] = []
         for i, ids in enumerate(content):
@@ -127,14 +127,14 @@ class InputEncoder:
                 if policy == "reject":
                     too_long.append(i)
                 elif policy == "start":
-                    keep = min(len(prompt_ids), self.budget)
+                    keep = min(_prompt_tokens(ids, prompt_ids), self.budget)
                     ids = np.concatenate([ids[:keep], ids[len(ids) - (self.budget - keep) :]])
                 else:
                     ids = ids[: self.budget]
             sequences.append(np.concatenate([self._prefix, ids, self._suffix]))
         return Prepared(sequences, too_long)
 
-    def _windowed(self, content: list[np.ndarray | None], prompt_tokens: int) -> Prepared:
+    def _windowed(self, content: list[np.ndarray | None], prompt_ids: np.ndarray) -> Prepared:
         w = self.windows
         sequences: list[np.ndarray] = []
         too_long: list[int] = []
@@ -144,7 +144,7 @@ class InputEncoder:
             if len(ids) <= w.window_tokens:
                 sequences.append(np.concatenate([self._prefix, ids, self._suffix]))
                 continue
-            keep = min(prompt_tokens, w.window_tokens - 1)  # the prompt opens every window
+            keep = min(_prompt_tokens(ids, prompt_ids), w.window_tokens - 1)  # the prompt opens every window
             head, body = ids[:keep], ids[keep:]
             span = w.window_tokens - keep
             starts = w.starts(len(body), span)
@@ -190,6 +190,15 @@ def _windows(settings: LongInputSettings, budget: int, special_tokens: int) -> W
     if overlap >= window:
         raise ValueError(f"long_inputs.overlap_tokens {overlap} must be below the window's {window} tokens")
     return Windows(window, overlap, settings.max_windows, special_tokens)
+
+
+def _prompt_tokens(ids: np.ndarray, prompt_ids: np.ndarray) -> int:
+    """How many of the leading tokens of `ids` (prompt and text tokenized together) are the prompt's own: fewer than
+    the prompt alone has where its last token merges with the text's first (a byte-level BPE, as decoders' are,
+    reads "Query: " + "hello" as ..."Query", ":", " hello"), so that token is not repeated in every window."""
+    n = min(len(ids), len(prompt_ids))
+    differ = np.flatnonzero(ids[:n] != prompt_ids[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 def _find(haystack: list[int], needle: list[int]) -> int:

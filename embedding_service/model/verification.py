@@ -9,6 +9,8 @@ Precisions other than fp32 also measure the gate sentences (model/accuracy.py) a
 must reach the configured gate. A replica that fails either refuses to serve:
 it stays up to say why (GetModel, WatchNodes), but the recycler does not count
 it as serving, so its model's health is NOT_SERVING unless another replica serves.
+Backend auto first tries torch in place of a compiled backend that fails
+(forward.checked_runtime).
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ logger = service_logger(__name__)
 
 def verify(embed: Callable[[Sequence[str]], np.ndarray], calibration: Calibration,
            settings: ModelSettings) -> Verification:
-    """`embed(texts)`: the replica's own vectors for texts, as it would serve them."""
+    """`embed(texts)`: the replica's own vectors for texts, as it would serve them. Checked, then logged."""
+    verification = check(embed, calibration, settings)
+    report(verification, settings)
+    return verification
+
+
+def check(embed: Callable[[Sequence[str]], np.ndarray], calibration: Calibration,
+          settings: ModelSettings) -> Verification:
+    """The canary, then the gate below fp32, not logged: backend auto may try torch after a refusal
+    (forward.load_model), and only the check of the backend that stays is reported."""
     gate = settings.accuracy_gate
     threshold = settings.canary_threshold
     worst, refused = canary_failure(embed(corpus().canary), calibration.canary, threshold)
@@ -38,10 +49,16 @@ def verify(embed: Callable[[Sequence[str]], np.ndarray], calibration: Calibratio
         refused = gate_failure(accuracy, gate.min_mean_cosine, gate.min_recall_at_10)
     if refused is not None:
         refused = f"{settings.precision} on this backend: {refused}"
-        logger.error("model %s: refusing to serve: %s", settings.name, refused)
-    else:
-        logger.info("model %s: %s passed its canary (min cosine %.6f)%s", settings.name, settings.precision, worst,
-                    "" if accuracy is None else
-                    f" and gate (mean cosine {accuracy.mean_cosine:.5f}, recall@10 {accuracy.recall_at_10:.4f})")
     return Verification(settings.precision, calibration.source, worst, threshold, accuracy,
                         gate.min_mean_cosine, gate.min_recall_at_10, refused)
+
+
+def report(verification: Verification, settings: ModelSettings) -> None:
+    """The check of the backend that serves, logged: ERROR with the reason it refuses, else INFO with its figures."""
+    if verification.refused is not None:
+        logger.error("model %s: refusing to serve: %s", settings.name, verification.refused)
+        return
+    accuracy = verification.accuracy
+    logger.info("model %s: %s passed its canary (min cosine %.6f)%s", settings.name, settings.precision,
+                verification.canary_min_cosine, "" if accuracy is None else
+                f" and gate (mean cosine {accuracy.mean_cosine:.5f}, recall@10 {accuracy.recall_at_10:.4f})")

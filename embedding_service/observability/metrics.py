@@ -134,7 +134,7 @@ class RouterMetrics(_Group):
 
 
 class ProxyMetrics(_Group):
-    """Serve's gRPC proxy (proxy/ingress.py): calls it answered or sent again itself, and its settings."""
+    """Serve's gRPC proxy (proxy/state.py, resends.py): calls it answered or sent again itself, and its settings."""
 
     refusals = counter("proxy_refusals", "Calls answered in Serve's gRPC proxy without a router's answer "
                        "(malformed bytes, Serve's queues full, no router), by method, gRPC code and reason.",
@@ -178,7 +178,8 @@ class ModelMetrics(_Group):
     sequences_forwarded = counter("sequences_forwarded", "Inputs run through the model's forward pass.", REPLICA)
     settings_not_applied = counter("settings_not_applied", "Counted once as a replica starts without a setting it "
                                    "was given: setting=cpu_pinning (its backend is not OpenVINO), setting=backend "
-                                   "(backend auto could not compile the model and runs it with torch).",
+                                   "(backend auto runs the model with torch: its compiled backend could not compile "
+                                   "it or failed the start-up canary or gate).",
                                    (*REPLICA, "setting"))
     sequences_dropped = counter("sequences_dropped", "Queued inputs dropped before tokenization or forward: their "
                                 "caller had left (reason=cancelled) or their deadline had passed (reason=deadline).",

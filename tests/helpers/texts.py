@@ -31,3 +31,23 @@ def text_inputs(texts) -> list[pb.EmbedInput]:
 def vectors_of(response) -> np.ndarray:
     """The float vectors of an EmbedResponse (VECTOR_ENCODING_FLOAT), one row per input."""
     return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+
+
+def text_of_tokens(tokenizer, tokens: int, start: int = 0) -> str:
+    """Real sentences (the packaged gate's, from the `start`th) cut to exactly `tokens` tokens of `tokenizer` (no
+    special tokens), for a byte-level BPE that splits words with their leading space (Qwen's, ModernBERT's), whose
+    counts add up word by word; filled to the count with " a" (one token)."""
+    from embedding_service.model.accuracy import corpus
+
+    words = [" " + w for w in " ".join(corpus().gate[start:]).split()[: tokens]]
+    counts = [len(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
+    assert len(tokenizer(" a", add_special_tokens=False)["input_ids"]) == 1
+    kept, total = [], 0
+    for word, count in zip(words, counts):
+        if total + count > tokens:
+            break
+        kept.append(word)
+        total += count
+    text = "".join(kept) + " a" * (tokens - total)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == tokens
+    return text
