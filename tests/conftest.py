@@ -21,6 +21,7 @@ from tests.helpers.models import (
     RERANKER,
     SPLADE,
     TINY,
+    build_tiny_decoder,
     build_tiny_model,
     build_tiny_reranker,
     build_tiny_splade,
@@ -77,6 +78,12 @@ def image_build(request) -> BackgroundBuild:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2-shaped decoder embedder: last-token pooling, left padding, an instruction prompt."""
+    return build_tiny_decoder(tmp_path_factory.mktemp("decoder"))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ and errors, and the metrics and health a kind gets with no code of its own."""
 
 from __future__ import annotations
 
+import secrets
+
 import grpc
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from embedding_service.wire.reasons import Reason
 from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS
 from tests.helpers.grpc_errors import error_info
 from tests.helpers.models import MINILM, RERANKER
-from tests.helpers.observe import settled, total
+from tests.helpers.observe import settled, total, wait_until
 from tests.helpers.texts import make_texts
 
 INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
@@ -164,11 +166,27 @@ def test_tokenize_and_detokenize_bounds(service):
     assert metadata["limit"] == "65536"
 
 
-def test_metrics_and_health_cover_the_classifier_with_no_code_of_their_own(service):
-    service.stub.Classify(pb.ClassifyRequest(model=CLASSIFIER, inputs=_inputs(["metrics"])), timeout=60)
+def test_metrics_spans_health_and_the_recycler_cover_the_classifier_with_no_code_of_their_own(service):
+    trace_id = secrets.token_hex(16)
+    service.stub.Classify(pb.ClassifyRequest(model=CLASSIFIER, inputs=_inputs(["metrics", "and spans"])), timeout=60,
+                          metadata=[("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")])
+
+    def named(name: str) -> list:
+        return [s for s in service.traces.spans(trace_id) if s.name == name]
+
+    wait_until(lambda: len(named("forward")) == 1 and len(named("EmbedService/Classify")) == 1, 30,
+               "the Classify call's spans exported")
+    (model,) = named("model.classify")
+    assert model.component == "model" and model.attribute("embedding.kind") == "classify"
+    assert model.attribute("embedding.inputs") == 2 and named("shard")[0].span_id == model.parent_id
+    assert {s.parent_id for s in named("tokenize") + named("queue") + named("forward")} == {model.span_id}
     samples = settled("ray_embedding_requests_total", 2.0, method="Classify")
     assert total("ray_embedding_requests_total", samples, method="Classify", model=CLASSIFIER, code="OK") >= 1
     assert total("ray_embedding_sequences_forwarded_total", samples, model=CLASSIFIER, kind="classify") >= 1
     health = health_pb2_grpc.HealthStub(service.channel)
     assert health.Check(health_pb2.HealthCheckRequest(service=CLASSIFIER), timeout=30).status == \
         health_pb2.HealthCheckResponse.SERVING
+    watch = service.stub.WatchNodes(pb.WatchNodesRequest(), timeout=30)
+    view = next(watch)
+    watch.cancel()
+    assert any(r.model == CLASSIFIER and not r.refused for node in view.nodes for r in node.replicas)

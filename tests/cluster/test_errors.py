@@ -260,6 +260,64 @@ def test_fuzzed_embed_requests_get_an_answer_or_a_precise_error(service, request
                                    (48 if response.model == TINY else 384))
 
 
+# The bounds Classify, Tokenize and Detokenize brought: labels (top_k), pairs, token ids to decode.
+classify_requests = st.builds(
+    lambda model, inputs, top_k, raw, truncation: pb.ClassifyRequest(
+        model=model, inputs=inputs, raw_scores=raw, truncation=truncation,
+        **({} if top_k is None else {"top_k": top_k})),
+    model=st.sampled_from([CLASSIFIER, "", MINILM, "nope"]),
+    inputs=st.lists(st.builds(lambda t, p: pb.ClassifyInput(text=t, text_pair=p), st.text(max_size=30),
+                              st.text(max_size=30) | st.just("y" * 100_001)), max_size=4),
+    top_k=st.none() | st.sampled_from([0, 1, 5, 6, 100, 101]) | INT32,
+    raw=st.booleans(),
+    truncation=st.sampled_from([0, 1, 2, 3, 4]) | INT32,
+)
+tokenize_requests = st.builds(
+    lambda model, inputs, special, tokens, offsets: pb.TokenizeRequest(
+        model=model, inputs=inputs, return_tokens=tokens, return_offsets=offsets,
+        **({} if special is None else {"add_special_tokens": special})),
+    model=st.sampled_from([MINILM, CLASSIFIER, RERANKER, "", "nope"]),
+    inputs=st.lists(st.text(max_size=40) | st.just("z" * 100_001), max_size=4),
+    special=st.none() | st.booleans(), tokens=st.booleans(), offsets=st.booleans(),
+)
+detokenize_requests = st.builds(
+    lambda model, inputs, skip: pb.DetokenizeRequest(model=model, inputs=[pb.TokenIds(ids=i) for i in inputs],
+                                                     skip_special_tokens=skip),
+    model=st.sampled_from([MINILM, TINY, "", "nope"]),
+    inputs=st.lists(st.lists(INT32 | st.integers(0, 30521), max_size=8), max_size=4)
+    | st.integers(65_537, 70_000).map(lambda n: [[101] * n]),
+    skip=st.booleans(),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=classify_requests)
+def test_fuzzed_classify_requests_get_an_answer_or_a_precise_error(service, request):
+    try:
+        response = service.stub.Classify(request, timeout=60)
+    except grpc.RpcError as err:
+        expect_answered(err)
+        return
+    assert [c.index for c in response.classifications] == list(range(len(request.inputs)))
+    assert all(len(c.labels) == (request.top_k if request.HasField("top_k") else 5)
+               for c in response.classifications)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokenize=tokenize_requests, detokenize=detokenize_requests)
+def test_fuzzed_tokenize_and_detokenize_requests_get_an_answer_or_a_precise_error(service, tokenize, detokenize):
+    try:
+        response = service.stub.Tokenize(tokenize, timeout=60)
+        assert [i.index for i in response.inputs] == list(range(len(tokenize.inputs)))
+    except grpc.RpcError as err:
+        expect_answered(err)
+    try:
+        decoded = service.stub.Detokenize(detokenize, timeout=60)
+        assert len(decoded.texts) == len(detokenize.inputs)
+    except grpc.RpcError as err:
+        expect_answered(err)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=stream_requests)
 def test_fuzzed_stream_requests_get_an_answer_or_a_precise_error(service, request):

@@ -1,5 +1,7 @@
 """`serve run` of the config file, as every Ray Serve user starts one: on a fresh one-node Ray (none of the run
-command's node settings, no head resource declared), the service serves."""
+command's node settings, no head resource declared), the service serves. The model it serves is the tiny decoder
+embedder (Qwen2-shaped: last-token pooling, left padding, an instruction prompt) on `backend: auto`, so the same
+run shows a decoder compiled for OpenVINO serving through every process of the service."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import yaml
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.ops import servefile
-from tests.helpers.models import TINY
+from tests.helpers.models import DECODER
 from tests.helpers.observe import wait_until
 from tests.helpers.session import one_model_config
 
@@ -28,8 +30,10 @@ from tests.helpers.session import one_model_config
 NODE_SETTINGS = ("RAY_ADDRESS", "RAY_AUTH_MODE", *servefile.ServeFile.load().node_environment())
 
 
-def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, tiny_model_dir, reference_models):
-    config, grpc_port = one_model_config(tiny_model_dir)
+def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, decoder_dir):
+    from sentence_transformers import SentenceTransformer
+
+    config, grpc_port = one_model_config(decoder_dir, name=DECODER, backend="auto")
     path = tmp_path / "serve-config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in NODE_SETTINGS} | {"RAY_ADDRESS": "local"}
@@ -39,7 +43,8 @@ def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, t
         process = subprocess.Popen([serve, "run", str(path)], env=env | {"PYTHONUNBUFFERED": "1"}, stdout=out,
                                    stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     stub = embedding_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-    request = pb.EmbedRequest(inputs=[pb.EmbedInput(text="served by serve run")])
+    texts = ["served by serve run", "a decoder pools its last token, padded on the left of shorter inputs"]
+    request = pb.EmbedRequest(inputs=[pb.EmbedInput(text=t) for t in texts], prompt_name="query")
     replies = []
 
     def served() -> bool:
@@ -54,8 +59,12 @@ def test_serve_run_of_the_config_file_serves_on_a_one_node_ray(tmp_path: Path, t
     try:
         wait_until(served, 240, "an Embed answered under serve run")
         print(f"serve run served after {time.monotonic() - started:.1f} s")
-        expected = reference_models[TINY].encode(["served by serve run"], normalize_embeddings=True)
-        assert np.abs(np.array(replies[0].embeddings[0].values) - expected[0]).max() < 1e-5
+        expected = SentenceTransformer(str(decoder_dir), device="cpu").encode(texts, prompt_name="query",
+                                                                              normalize_embeddings=True)
+        got = np.array([list(e.values) for e in replies[0].embeddings])
+        assert np.abs(got - expected).max() < 1e-5
+        model = stub.GetModel(pb.GetModelRequest(name=DECODER), timeout=30).model
+        assert model.backend == "openvino" and not model.refused  # auto compiled it, within the canary
     finally:
         # Killed outright, its Ray with it (what it does on Ctrl-C is Serve's; none may compete with later tests).
         ray_processes = psutil.Process(process.pid).children(recursive=True)

@@ -192,15 +192,16 @@ def running_service(tiny_model_dir: Path, scoring_model_dirs: dict[str, Path], f
         cluster.shutdown()
 
 
-def one_model_config(tiny_model_dir: Path) -> tuple[dict, int]:
+def one_model_config(tiny_model_dir: Path, **model: object) -> tuple[dict, int]:
     """The shipped config file, parsed, serving only the tiny model on CPU on free ports (for a service that starts a
-    Ray of its own beside the session's); and its gRPC port."""
+    Ray of its own beside the session's); and its gRPC port. `model`: settings of the one model to change (another
+    name and path serve another model)."""
     config = servefile.read()
     grpc_port = free_port()
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = grpc_port
     args = config["applications"][0]["args"]
-    args["default_model"] = TINY
     args["models"] = [{"name": TINY, "path": str(tiny_model_dir), "device": "cpu", "backend": "torch",
-                       "num_replicas": 1, "num_cpus": 1, "threads": 1}]
+                       "num_replicas": 1, "num_cpus": 1, "threads": 1} | model]
+    args["default_model"] = args["models"][0]["name"]
     return config, grpc_port

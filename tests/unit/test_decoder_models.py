@@ -24,18 +24,13 @@ from embedding_service.model.forward import (
 )
 from embedding_service.model.runtimes import OnnxRuntime, OpenVinoRuntime, TorchRuntime, load_runtime
 from embedding_service.model.tokenization import InputEncoder
-from tests.helpers.models import DECODER, DECODER_MAX_SEQ, DECODER_QUERY_PROMPT, build_tiny_decoder
+from tests.helpers.models import DECODER, DECODER_MAX_SEQ, DECODER_QUERY_PROMPT
 from tests.helpers.observe import serve_logs
 from tests.helpers.windows import by_hand, prompt_tokens
 
 TOLERANCE = 1e-5
 WORDS = ["semantic", "search", "ranks", "documents", "dense", "vectors", "transformer", "query", "product", "weather",
          "music", "ü", "東京", "🙂"]
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory):
-    return build_tiny_decoder(tmp_path_factory.mktemp("decoder"))
 
 
 @pytest.fixture(scope="module")
