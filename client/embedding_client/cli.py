@@ -22,7 +22,6 @@ same arguments. A finished output is never overwritten without --overwrite.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding_client import cli_records, cli_scoring
+from embedding_client.cli_resumable import resumed_record
 from embedding_client import progress as progress_bars
 from embedding_client.encodings import TRUNCATION
 from embedding_client.errors import EmbeddingError
@@ -51,13 +51,7 @@ def embed_file(args: argparse.Namespace) -> int:
     options = {"model": args.model, "dimensions": args.dimensions, "normalize": not args.no_normalize,
                "prompt_name": args.prompt_name, "truncation": args.truncation}
     job = fingerprint(source, options)
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
-    if record is not None and record.get("fingerprint") != job:
-        if not args.overwrite:
-            raise SystemExit(f"{record_path} belongs to another input or other options; --overwrite starts afresh")
-        record = None
-    if record is None and output.exists() and not args.overwrite:
-        raise SystemExit(f"{output} exists; --overwrite replaces it")
+    record = resumed_record(record_path, job, output, args.overwrite)
 
     with EmbedClient(args.target, api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
                      timeout_s=args.timeout_s) as client:

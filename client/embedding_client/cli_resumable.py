@@ -39,6 +39,19 @@ def wants_parquet(output: Path) -> bool:
     return True
 
 
+def resumed_record(record_path: Path, job: str, output: Path, overwrite: bool) -> dict | None:
+    """The progress record of a stopped run of this very job (its fingerprint), to resume from; None to start
+    afresh. A record of another job, or an output already there, stops the command unless `overwrite`."""
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and record.get("fingerprint") != job:
+        if not overwrite:
+            raise SystemExit(f"{record_path} belongs to another input or other options; --overwrite starts afresh")
+        record = None
+    if record is None and output.exists() and not overwrite:
+        raise SystemExit(f"{output} exists; --overwrite replaces it")
+    return record
+
+
 def write_rows_in_chunks(args: argparse.Namespace, source: Path, output: Path, total: int, options: dict,
                          rows_of: RowsOf, to_parquet: Callable[[list[dict], Path], None], desc: str) -> int:
     """Runs the job over inputs [0, total) in chunks of args.chunk (resuming where a record says), then writes
@@ -48,13 +61,7 @@ def write_rows_in_chunks(args: argparse.Namespace, source: Path, output: Path, t
     work = output.with_name(output.name + ".partial.jsonl") if parquet else output
     record_path = output.with_name(output.name + ".progress.json")
     job = fingerprint(source, options)
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
-    if record is not None and record.get("fingerprint") != job:
-        if not args.overwrite:
-            raise SystemExit(f"{record_path} belongs to another input or other options; --overwrite starts afresh")
-        record = None
-    if record is None and output.exists() and not args.overwrite:
-        raise SystemExit(f"{output} exists; --overwrite replaces it")
+    record = resumed_record(record_path, job, output, args.overwrite)
     if record is None:
         record = {"fingerprint": job, "rows": total, "done": 0, "bytes": 0, "tokens": 0}
         work.write_bytes(b"")

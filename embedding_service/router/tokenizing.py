@@ -57,26 +57,13 @@ class ModelTokenizer:
 
 
 def tokenize_inputs(request: pb.TokenizeRequest, limits: Limits) -> list[str]:
-    """The texts of a Tokenize, within the limits."""
-    n = len(request.inputs)
-    if n == 0:
-        raise ServiceError(Reason.NO_INPUTS, "inputs must contain at least one input", field="inputs")
-    if n > limits.max_inputs_per_request:
-        raise ServiceError(Reason.TOO_MANY_INPUTS, f"{n} inputs in one call; the limit is "
-                           f"{limits.max_inputs_per_request}", count=n, limit=limits.max_inputs_per_request,
-                           field="inputs")
+    """The texts of a Tokenize (their count checked with the envelope), each within the limits."""
     return [text_within_limits(t, i, "input", limits, "inputs") for i, t in enumerate(request.inputs)]
 
 
 def detokenize_inputs(request: pb.DetokenizeRequest, limits: Limits, vocab_size: int, model: str) -> list[list[int]]:
-    """The id sequences of a Detokenize, within the limits and the model's vocabulary."""
-    n = len(request.inputs)
-    if n == 0:
-        raise ServiceError(Reason.NO_INPUTS, "inputs must contain at least one sequence of token ids", field="inputs")
-    if n > limits.max_inputs_per_request:
-        raise ServiceError(Reason.TOO_MANY_INPUTS, f"{n} inputs in one call; the limit is "
-                           f"{limits.max_inputs_per_request}", count=n, limit=limits.max_inputs_per_request,
-                           field="inputs")
+    """The id sequences of a Detokenize (their count checked with the envelope), within the ids one call may carry
+    and the model's vocabulary."""
     total = sum(len(s.ids) for s in request.inputs)
     if total > limits.max_token_ids_per_detokenize:
         raise ServiceError(Reason.INPUT_TOO_LARGE, f"{total} token ids in one call; the limit is "

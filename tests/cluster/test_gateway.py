@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from embedding_client.v1 import embedding_pb2 as pb
 from tests.helpers.gateways import gateway_process, post, readiness, running_gateway
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.ports import free_port
 from tests.helpers.session import REFUSING
@@ -83,7 +84,7 @@ def test_token_id_inputs(client, reference_models):
 
 def test_list_and_retrieve_models(client):
     listed = client.models.list()
-    assert {m.id for m in listed.data} == {MINILM, TINY, REFUSING, RERANKER, SPLADE}  # every kind, as OpenAI lists
+    assert {m.id for m in listed.data} == {MINILM, TINY, REFUSING, RERANKER, SPLADE, CLASSIFIER}  # every kind, as OpenAI lists
     assert all(m.object == "model" for m in listed.data)
     assert client.models.retrieve(TINY).id == TINY
 

@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.config import HEAD_RESOURCE
 from embedding_service.ops import launcher
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.session import REFUSING
 
@@ -30,7 +31,7 @@ def test_unknown_service_is_not_found(service):
 def test_list_names_every_service(service):
     listing = health_pb2_grpc.HealthStub(service.channel).List(health_pb2.HealthListRequest(), timeout=30)
     assert set(listing.statuses) == {"", "embedding_service.v1.EmbedService", MINILM, TINY, REFUSING, RERANKER, SPLADE,
-                                     "liveness"}
+                                     CLASSIFIER, "liveness"}
     # Its replica refuses to serve (test_precision.py); every other service serves.
     assert {k for k, s in listing.statuses.items() if s.status != SERVING} == {REFUSING}
 

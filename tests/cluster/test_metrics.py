@@ -17,6 +17,7 @@ from embedding_service.model.forward import plan_passes
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY
 from embedding_service.wire.messages import MERGED_KEY
 from tests.helpers.gateways import post, running_gateway
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.observe import gateway_samples, scrape, settled, total, wait_until
 from tests.helpers.paths import ROOT
@@ -150,7 +151,7 @@ def test_health_and_node_gauges_match_the_service_state(service):
     assert total("ray_embedding_nodes", samples, state="quarantined") == 0
     serving = {s.labels["service"]: s.value for s in samples if s.name == "ray_embedding_health_serving"}
     assert serving == {"(overall)": 1, "embedding_service.v1.EmbedService": 1, MINILM: 1, TINY: 1, REFUSING: 0,
-                       RERANKER: 1, SPLADE: 1}
+                       RERANKER: 1, SPLADE: 1, CLASSIFIER: 1}
     # The session's Ray runs without token authentication (tests/conftest.py), and the router says so; its proxy
     # checks keys itself. (The run command's Ray runs with it: test_run_command.py reads 1 there.)
     assert [s.value for s in samples if s.name == "ray_embedding_ray_token_auth"] == [0.0]

@@ -31,6 +31,7 @@ from embedding_service.ops import ray_internals
 from embedding_service.wire import node_env
 from embedding_service.wire.reasons import Reason
 from tests.helpers.gateways import readiness, running_gateway
+from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.models import RERANKER, SPLADE, TINY
 from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
@@ -365,5 +366,5 @@ def test_the_run_command_used_a_ray_of_its_own_and_left_the_sessions_alone(run_c
     # ray.init() with no address joins the last cluster started here: the run command must not.
     assert "Started a local Ray instance" in run_command.output()
     listed = service.stub.ListModels(pb.ListModelsRequest(), timeout=60)
-    assert {m.name for m in listed.models} == {"all-MiniLM-L6-v2", TINY, REFUSING, RERANKER, SPLADE}
+    assert {m.name for m in listed.models} == {"all-MiniLM-L6-v2", TINY, REFUSING, RERANKER, SPLADE, CLASSIFIER}
     assert service.stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text="still here")]), timeout=60).embeddings

@@ -193,7 +193,7 @@ def test_32_pairs_of_a_100000_character_query_cost_one_tokenization_of_it(tmp_pa
     "cats " * 30,  # longer than half the model's maximum: longest_first cuts it too
     "cats and kittens " * 40,  # longer than the model's maximum alone
     HUGE_QUERY,  # what the router refuses, scored as CrossEncoder would all the same (the query cut once)
-])
+], ids=["over-half", "over-the-maximum", "huge"])
 def test_long_queries_are_cut_as_cross_encoder_cuts_them(tmp_path, scoring_model_dirs, cross_encoder, query):
     documents = make_texts(8, seed=11, max_words=60) + ["x", "a " * 200]
     _, result = _rerank(tmp_path, scoring_model_dirs, lambda r: r.compute(ShardRequest(documents, RerankOptions(query))))
