@@ -42,8 +42,8 @@ class MethodSpec:
     field: str  # the request's repeated field of inputs
     max_inputs: Callable[[Limits], int]
     build: Callable[[Any, ModelInfo, Limits], Job]
-    # Unary: the reply assembled from every shard (replies._Reply); stream: None.
-    reply: type[replies._Reply] | None = None
+    # Unary: the reply assembled from every shard (a replies.Reply); stream: None.
+    reply: type[replies.Reply] | None = None
     # Stream: one chunk per finished shard; unary: None.
     chunk: Callable[..., Any] | None = None
     # Checks of the job that need the model's replicas' answers (its tokenizer), before any shard runs.

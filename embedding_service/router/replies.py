@@ -3,6 +3,7 @@ placed by input position, then written once), or a stream's chunk per finished s
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
@@ -14,21 +15,23 @@ from embedding_service.router.validation import Job, top_n
 from embedding_service.wire.messages import ShardResult
 
 
-class _Reply:
+class Reply(abc.ABC):
     """A unary reply being assembled: `add` each shard's result, then `message` with every input's tokens."""
 
     def __init__(self, job: Job, request: Any) -> None:
         self.job, self.request = job, request
         self.n = len(job.inputs)
 
+    @abc.abstractmethod
     def add(self, shard: Shard, result: ShardResult) -> None:
-        raise NotImplementedError
+        """Places one shard's results by their positions."""
 
+    @abc.abstractmethod
     def message(self, counts: np.ndarray):
-        raise NotImplementedError
+        """The whole reply, every input's tokens in `counts`."""
 
 
-class _Rows(_Reply):
+class _Rows(Reply):
     """Results that are rows of an array (vectors, scores), placed by position."""
 
     rows: np.ndarray | None = None
@@ -61,7 +64,7 @@ class RerankReply(_Rows):
         return response
 
 
-class SparseReply(_Reply):
+class SparseReply(Reply):
     def __init__(self, job: Job, request: Any) -> None:
         super().__init__(job, request)
         self.vectors: list = [None] * self.n
