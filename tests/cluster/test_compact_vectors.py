@@ -76,11 +76,23 @@ def shipped_calibration():
     return files[0]
 
 
+TYPED_TEXTS = make_texts(200, seed=71)
+
+
+@pytest.fixture(scope="module")
+def typed_floats(reference_models) -> tuple[np.ndarray, np.ndarray]:
+    """sentence-transformers' own vectors of TYPED_TEXTS, normalized, and of the first 50 unnormalized, cut to 64:
+    computed once for every type."""
+    model = reference_models[MINILM]
+    return (model.encode(TYPED_TEXTS, normalize_embeddings=True),
+            model.encode(TYPED_TEXTS[:50], normalize_embeddings=False)[:, :64])
+
+
 @pytest.mark.parametrize("precision", list(ENCODINGS))
 def test_each_type_is_quantize_embeddings_of_the_models_vectors_with_the_published_ranges(
-        service, reference_models, precision):
-    texts = make_texts(200, seed=71)
-    floats = reference_models[MINILM].encode(texts, normalize_embeddings=True)
+        service, typed_floats, precision):
+    texts = TYPED_TEXTS
+    floats, raw = typed_floats
     reply = service.stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(texts), encoding=ENCODINGS[precision]),
                                timeout=120)
     assert reply.dimensions == floats.shape[1]
@@ -90,7 +102,6 @@ def test_each_type_is_quantize_embeddings_of_the_models_vectors_with_the_publish
     # A Matryoshka shape has its own ranges; unnormalized vectors too.
     reply = service.stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(texts[:50]), dimensions=64,
                                                normalize=False, encoding=ENCODINGS[precision]), timeout=120)
-    raw = reference_models[MINILM].encode(texts[:50], normalize_embeddings=False)[:, :64]
     assert reply.dimensions == 64
     assert_quantized(packed_of(reply, precision), raw, precision, ranges_of(service, 64, False))
 

@@ -44,7 +44,7 @@ def test_backend_matches_torch_within_tolerance(backend, model_name, reference_m
     assert resolved == backend
     assert isinstance(runtime, OnnxRuntime if backend == "onnx" else OpenVinoRuntime)
     encoder = InputEncoder(model)
-    texts = _texts(70, seed=len(model_name))
+    texts = _texts(40, seed=len(model_name))
     prompts = [None] + (["query: "] if model_name == TINY else [])
     for prompt in prompts:
         expected = model.encode([(prompt or "") + t for t in texts], batch_size=16)
