@@ -22,7 +22,7 @@ from tests.helpers.paths import ROOT
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
 SHARED = {"kinds", "config", "wire", "batching", "observability"}
-PROCESSES = {"router", "model", "fleet", "proxy", "gateway"}
+PROCESSES = {"router", "model", "fleet", "proxy", "gateway", "jobs"}
 # What each part may import of ours (besides itself and the client library).
 ALLOWED = {
     "kinds": set(),
