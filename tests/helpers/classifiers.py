@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 CLASSIFIER = "tiny-classifier"
 CLASSIFIER_LABELS = ("sports", "politics", "science", "arts", "weather")
 CLASSIFIER_MAX_SEQ = 40
@@ -33,3 +35,25 @@ def build_tiny_classifier(folder: Path, multi_label: bool = True, name: str = "t
     tokenizer.model_max_length = CLASSIFIER_MAX_SEQ
     tokenizer.save_pretrained(out)
     return out
+
+
+def text_classification(folder: Path):
+    """transformers' own text-classification pipeline on a classifier's folder, every label scored: the ground
+    truth of the classify kind."""
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=str(folder), top_k=None, device="cpu")
+
+
+def pipeline_label_scores(pipe, inputs, raw: bool = False) -> list[dict[str, float]]:
+    """{label: score} per input (a text or a (text, text_pair) pair) as the pipeline computes them, cut to the
+    model's maximum as the service cuts (END); `raw`: the logits, not their activation."""
+    given = [x if isinstance(x, str) else {"text": x[0], "text_pair": x[1]} for x in inputs]
+    out = pipe(given, truncation=True, batch_size=64, **({"function_to_apply": "none"} if raw else {}))
+    return [{d["label"]: d["score"] for d in labels} for labels in out]
+
+
+def pipeline_scores(pipe, inputs, raw: bool = False) -> np.ndarray:
+    """The same as an (inputs, labels) array, by label id (CLASSIFIER_LABELS' order)."""
+    return np.array([[scores[label] for label in CLASSIFIER_LABELS]
+                     for scores in pipeline_label_scores(pipe, inputs, raw)], dtype=np.float32)
