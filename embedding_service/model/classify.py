@@ -16,7 +16,8 @@ import numpy as np
 from embedding_service.config import ModelSettings
 from embedding_service.model.forward import model_source, resolve_device
 from embedding_service.model.replica import Loaded, Rows, ServedKind
-from embedding_service.model.scoring import private_counter, torch_threads, truncated
+from embedding_service.model.scoring import torch_threads, truncated
+from embedding_service.model.tokenization import private_copy
 from embedding_service.wire.messages import ClassifyOptions, ModelInfo, ShardRequest, ShardResult
 
 
@@ -52,7 +53,7 @@ class ClassifyModel(ServedKind):
         # The tokenizer's own maximum, within the positions the model has (a tokenizer saved without one says 1e30).
         self.max_length = settings.max_seq_length or min(int(self.tokenizer.model_max_length),
                                                          int(getattr(config, "max_position_embeddings", 512)))
-        self._tokens = private_counter(self.tokenizer)
+        self._tokens = private_copy(self.tokenizer.backend_tokenizer)
         labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
         return Loaded(ModelInfo(
             name=settings.name, dimension=len(labels), max_sequence_length=self.max_length, prompts={}, device=device,

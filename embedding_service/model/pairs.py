@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
+from embedding_service.model.tokenization import private_copy
 from embedding_service.observability.logs import service_logger
 
 logger = service_logger(__name__)
@@ -33,15 +34,6 @@ class Pairs:
 
     rows: list[Any]  # each pair's joined Encoding, or its [query, document] texts (PairEncoder.from_ids False)
     full: np.ndarray  # (n,) tokens of each pair untruncated, special tokens included
-
-
-def _private(tokenizer: Tokenizer) -> Tokenizer:
-    """A copy without padding or truncation: sentence-transformers sets the shared tokenizer's on every call (in
-    the forward thread), so it is never used here."""
-    copy = Tokenizer.from_str(tokenizer.to_str())
-    copy.no_padding()
-    copy.no_truncation()
-    return copy
 
 
 def _probe_pairs(max_length: int, special: Sequence[str]) -> list[tuple[str, str]]:
@@ -63,8 +55,8 @@ class PairEncoder:
         backend = hf.backend_tokenizer
         truncation = backend.truncation or {}
         padding = backend.padding or {}
-        self._content = _private(backend)
-        self._joiner = _private(backend)
+        self._content = private_copy(backend)
+        self._joiner = private_copy(backend)
         if truncation:
             self._joiner.enable_truncation(**truncation)
         self._special = self._content.num_special_tokens_to_add(is_pair=True)

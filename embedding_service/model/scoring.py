@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
-from typing import Any
 
 import numpy as np
 
@@ -35,6 +34,7 @@ from embedding_service.model.scoring_accuracy import (
     sparse_sentences,
     verify_scoring,
 )
+from embedding_service.model.tokenization import private_copy
 from embedding_service.observability.logs import service_logger
 from embedding_service.wire.messages import (
     ModelInfo,
@@ -53,18 +53,6 @@ def torch_threads(settings: ModelSettings) -> None:
         import torch
 
         torch.set_num_threads(settings.threads)  # process-wide: holds in the forward thread too
-
-
-def private_counter(tokenizer) -> Any:
-    """A tokenizer of the model's own to count tokens with on the event loop: a transformers fast tokenizer keeps
-    its padding and truncation as state, which the forward thread sets on every pass, so counting with it there
-    raced the passes (a count came back padded)."""
-    from tokenizers import Tokenizer
-
-    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    counter.no_padding()
-    counter.no_truncation()
-    return counter
 
 
 def truncated(full: np.ndarray, max_tokens: int, truncation: str) -> tuple[np.ndarray, list[int]]:
@@ -181,7 +169,7 @@ class SparseModel(ServedKind):
             self.model.to(torch.bfloat16)
             verification = verify_scoring(settings, reference, outputs, sparse_accuracy)
         tokenizer = self.model.tokenizer
-        self._tokens = private_counter(tokenizer)
+        self._tokens = private_copy(tokenizer.backend_tokenizer)
         return Loaded(ModelInfo(
             name=settings.name, dimension=int(self.model.get_embedding_dimension()),
             max_sequence_length=int(self.model.max_seq_length), prompts={}, device=device, backend="torch",

@@ -29,6 +29,15 @@ from embedding_service.wire.messages import Policy, Windows
 _PROBE = "hello"
 
 
+def private_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of a tokenizer without padding or truncation: a transformers fast tokenizer keeps both as state of its
+    shared backend, set on every call (in the forward thread), so counting or cutting with it elsewhere races."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
+
+
 @dataclass(frozen=True)
 class Prepared:
     """Token sequences (special tokens included) ready for the model."""
@@ -66,9 +75,7 @@ class InputEncoder:
         hf_tokenizer = model.tokenizer
         # A private copy: sentence-transformers mutates the shared backend's
         # truncation and padding on every call.
-        self._tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
+        self._tokenizer = private_copy(hf_tokenizer.backend_tokenizer)
         self._model = model
         self.max_length = int(model.max_seq_length)
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))

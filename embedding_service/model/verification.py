@@ -28,18 +28,11 @@ from embedding_service.wire.messages import Verification
 logger = service_logger(__name__)
 
 
-def verify(embed: Callable[[Sequence[str]], np.ndarray], calibration: Calibration,
-           settings: ModelSettings) -> Verification:
-    """`embed(texts)`: the replica's own vectors for texts, as it would serve them. Checked, then logged."""
-    verification = check(embed, calibration, settings)
-    report(verification, settings)
-    return verification
-
-
 def check(embed: Callable[[Sequence[str]], np.ndarray], calibration: Calibration,
           settings: ModelSettings) -> Verification:
-    """The canary, then the gate below fp32, not logged: backend auto may try torch after a refusal
-    (forward.load_model), and only the check of the backend that stays is reported."""
+    """`embed(texts)`: the replica's own vectors for texts, as it would serve them. The canary, then the gate below
+    fp32, not logged: backend auto may try torch after a refusal (forward.checked_runtime), and only the check of
+    the backend that stays is reported (`report`)."""
     gate = settings.accuracy_gate
     threshold = settings.canary_threshold
     worst, refused = canary_failure(embed(corpus().canary), calibration.canary, threshold)

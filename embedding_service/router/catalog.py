@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
-from embedding_service.wire.serve_failures import replica_gone
 from embedding_service.router.token_lengths import TokenLengths
 from embedding_service.router.tokenizing import ModelTokenizer
 from embedding_service.wire.deadline import UNBOUNDED, Deadline
 from embedding_service.wire.messages import Input, ModelInfo
 from embedding_service.wire.reasons import Reason, ServiceError
+from embedding_service.wire.serve_failures import replica_gone
 
 # Characters of a text counted on the event loop (well under a millisecond); a longer one goes to a thread.
 INLINE_CHARS = 2048
@@ -61,11 +61,12 @@ class ModelCatalog:
     async def tokenizer(self, model: str, deadline: Deadline = UNBOUNDED) -> ModelTokenizer:
         """The model's own tokenizer, to Tokenize and Detokenize with (every kind's replica sends it)."""
         if model not in self._tokenizers:
-            info = await self.info(model, deadline)
-            if not info.tokenizer_json:
+            counter = await self._counter(model, deadline)
+            if counter is None:
                 raise ServiceError(Reason.WRONG_MODEL_KIND, f"model {model!r} did not send its tokenizer",
                                    model=model)
-            self._tokenizers[model] = ModelTokenizer(info)
+            info = await self.info(model, deadline)
+            self._tokenizers[model] = ModelTokenizer(counter.tokenizer, info.decode_cleanup)
         return self._tokenizers[model]
 
     async def _counter(self, model: str, deadline: Deadline) -> TokenLengths | None:

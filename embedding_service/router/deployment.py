@@ -29,7 +29,6 @@ from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import RouterMetrics, keep_gauges_set
 from embedding_service.observability.tracing import service_tracer
 from embedding_service.router import convert
-from embedding_service.wire.auth import Authenticator
 from embedding_service.router.call_observer import CallObserver, ObservedCall
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.fanout import Fanout
@@ -38,6 +37,7 @@ from embedding_service.router.methods import METHODS, MethodSpec
 from embedding_service.router.tokenizing import detokenize_inputs, tokenize_inputs
 from embedding_service.router.validation import Job, check_envelope, check_kind, output_shape, resolve_model_name
 from embedding_service.wire import status
+from embedding_service.wire.auth import Authenticator
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.node_env import AUTH_MODE_ENV, ray_token_auth
 from embedding_service.wire.reasons import Reason, ServiceError

@@ -23,11 +23,11 @@ from embedding_service.observability.metrics import RouterMetrics
 from embedding_service.observability.tracing import Tracer
 from embedding_service.router.call_observer import ObservedCall
 from embedding_service.router.catalog import ModelCatalog
-from embedding_service.wire.serve_failures import cause_label, replica_gone
 from embedding_service.router.validation import Job, too_long
 from embedding_service.wire.deadline import Deadline
 from embedding_service.wire.messages import Input, Options, ShardRequest, ShardResult
 from embedding_service.wire.reasons import Reason, ServiceError
+from embedding_service.wire.serve_failures import cause_label, replica_gone
 
 logger = service_logger(__name__)
 

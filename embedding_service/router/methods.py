@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedding_service.config import Limits
+from embedding_service.kinds import KINDS, Kind
 from embedding_service.router import replies
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.validation import (
@@ -23,7 +24,6 @@ from embedding_service.router.validation import (
     check_query_tokens,
 )
 from embedding_service.wire.deadline import Deadline
-from embedding_service.kinds import KINDS, Kind
 from embedding_service.wire.messages import ModelInfo
 
 

@@ -17,9 +17,9 @@ from tokenizers import Tokenizer
 
 class TokenLengths:
     def __init__(self, tokenizer_json: str, max_length: int) -> None:
-        self._tokenizer = Tokenizer.from_str(tokenizer_json)
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)  # the router's one copy (Tokenize runs it too)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         self.max_length = max_length
 
     def of(self, inputs: Sequence[str | np.ndarray | tuple[str, str]]) -> np.ndarray:
@@ -28,10 +28,10 @@ class TokenLengths:
                               count=len(inputs))
         texts = [k for k, x in enumerate(inputs) if isinstance(x, (str, tuple))]  # a tuple: a pair of texts
         if texts:
-            encodings = self._tokenizer.encode_batch([inputs[k] for k in texts], add_special_tokens=False)
+            encodings = self.tokenizer.encode_batch([inputs[k] for k in texts], add_special_tokens=False)
             lengths[texts] = [len(e.ids) for e in encodings]
         return np.minimum(lengths, self.max_length)
 
     def count(self, text: str) -> int:
         """Content tokens of one text (special tokens left out), however many: a rerank query's, for its bound."""
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import Limits
 from embedding_service.router.validation import text_within_limits
-from embedding_service.wire.messages import ModelInfo
 from embedding_service.wire.reasons import Reason, ServiceError
 
 # transformers' PreTrainedTokenizerBase.clean_up_tokenization, in its order.
@@ -25,12 +24,12 @@ _CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), 
 
 
 class ModelTokenizer:
-    def __init__(self, info: ModelInfo) -> None:
-        self._tokenizer = Tokenizer.from_str(info.tokenizer_json)
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.cleanup = info.decode_cleanup
+    def __init__(self, tokenizer: Tokenizer, decode_cleanup: bool) -> None:
+        """`tokenizer`: the model's, without padding or truncation (the catalog's TokenLengths copy, shared);
+        `decode_cleanup`: ModelInfo.decode_cleanup."""
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.cleanup = decode_cleanup
 
     def tokenize(self, texts: Sequence[str], special: bool, tokens: bool, offsets: bool) -> list[pb.TokenizedInput]:
         out = []

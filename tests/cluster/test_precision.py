@@ -21,7 +21,7 @@ from embedding_service.model.accuracy import cosines
 from embedding_service.model.forward import calibration_samples, load_model, model_source, text_embedder
 from embedding_service.model.runtimes import OpenVinoRuntime, import_openvino
 from embedding_service.model.tokenization import InputEncoder
-from embedding_service.model.verification import verify
+from embedding_service.model.verification import check
 from tests.helpers.models import MINILM, TINY
 from tests.helpers.session import REFUSING
 
@@ -87,7 +87,7 @@ class _CorruptedInt8(OpenVinoRuntime):
 def test_an_int8_backend_with_a_corrupted_scale_is_refused_with_the_reason(minilm):
     settings = ModelSettings(name=MINILM, precision="int8", backend="openvino", threads=2)
     runtime = _CorruptedInt8(minilm, "cpu", 2, "int8", calibration_samples(InputEncoder(minilm)))
-    v = verify(_embed_with(runtime, minilm, settings), calibration.calibration_for(minilm, "auto", gate=True), settings)
+    v = check(_embed_with(runtime, minilm, settings), calibration.calibration_for(minilm, "auto", gate=True), settings)
     assert v.refused is not None and v.refused.startswith("int8 on this backend: canary failed")
     assert v.canary_min_cosine < 0.98 and v.accuracy is None
 

@@ -14,11 +14,18 @@ from embedding_service.config import Limits, ModelSettings
 from embedding_service.model.classify import ClassifyModel
 from embedding_service.model.watchdog import Placement
 from embedding_service.router import convert
+from embedding_service.router.token_lengths import TokenLengths
 from embedding_service.router.tokenizing import ModelTokenizer, detokenize_inputs
 from embedding_service.router.validation import build_classify_job
 from embedding_service.wire.messages import ClassifyOptions, ShardRequest
 from embedding_service.wire.reasons import Reason, ServiceError
-from tests.helpers.classifiers import CLASSIFIER_LABELS, CLASSIFIER_MAX_SEQ, build_tiny_classifier
+from tests.helpers.classifiers import (
+    CLASSIFIER_LABELS,
+    CLASSIFIER_MAX_SEQ,
+    build_tiny_classifier,
+    pipeline_scores,
+    text_classification,
+)
 from tests.helpers.recycler import RecyclerHandle
 
 TEXTS = ["the match ended in a draw", "rain all week", "a new exhibition of paintings opens", "x"]
@@ -28,23 +35,6 @@ PAIRS = [("a man plays guitar", "someone makes music"), ("the sky is blue", "it 
 @pytest.fixture(scope="module")
 def single_label_dir(tmp_path_factory):
     return build_tiny_classifier(tmp_path_factory.mktemp("single"), multi_label=False, name="single")
-
-
-def _pipeline(folder):
-    from transformers import pipeline
-
-    return pipeline("text-classification", model=str(folder), top_k=None, device="cpu")
-
-
-def _expected(pipe, inputs, function: str | None = None) -> np.ndarray:
-    """Every label's score by label id, as the pipeline computes them (one input at a time)."""
-    out = np.zeros((len(inputs), len(CLASSIFIER_LABELS)), dtype=np.float32)
-    for row, x in enumerate(inputs):
-        given = {"text": x[0], "text_pair": x[1]} if isinstance(x, tuple) else x
-        extra = {} if function is None else {"function_to_apply": function}
-        for result in pipe(given, **extra) if isinstance(x, tuple) else pipe(given, **extra)[0]:
-            out[row, CLASSIFIER_LABELS.index(result["label"])] = result["score"]
-    return out
 
 
 def _serve(folder, run):
@@ -74,9 +64,9 @@ def test_scores_equal_the_pipeline_and_a_mixed_shard_of_texts_and_pairs_runs(cla
     assert replica.info.kind == "classify" and replica.info.labels == CLASSIFIER_LABELS
     assert replica.info.activation == ("sigmoid" if multi_label else "softmax")
     assert replica.info.dimension == len(CLASSIFIER_LABELS) and replica.info.max_sequence_length == CLASSIFIER_MAX_SEQ
-    pipe = _pipeline(folder)
-    assert np.abs(scored.vectors - _expected(pipe, inputs)).max() < 1e-5
-    assert np.abs(raw.vectors - _expected(pipe, TEXTS, "none")).max() < 1e-5
+    pipe = text_classification(folder)
+    assert np.abs(scored.vectors - pipeline_scores(pipe, inputs)).max() < 1e-5
+    assert np.abs(raw.vectors - pipeline_scores(pipe, TEXTS, raw=True)).max() < 1e-5
     tokenizer = pipe.tokenizer
     counts = [len(tokenizer(*x)["input_ids"]) if isinstance(x, tuple) else len(tokenizer(x)["input_ids"])
               for x in inputs]
@@ -142,7 +132,8 @@ def test_tokenize_and_detokenize_equal_the_models_own_tokenizer(classifier_dir):
     info = ModelInfo(name="c", dimension=5, max_sequence_length=8, prompts={}, device="cpu", backend="torch",
                      vocab_size=hf.vocab_size, source="t", tokenizer_json=hf.backend_tokenizer.to_str(),
                      decode_cleanup=bool(hf.clean_up_tokenization_spaces))
-    tokenizer = ModelTokenizer(info)
+    tokenizer = ModelTokenizer(TokenLengths(info.tokenizer_json, info.max_sequence_length).tokenizer,
+                               info.decode_cleanup)
     texts = ["Hello, world! Isn't it fine?", "naïve café, 日本 ok.", "word " * 100]
     for special in (True, False):
         got = tokenizer.tokenize(texts, special, tokens=True, offsets=True)

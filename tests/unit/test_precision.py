@@ -18,7 +18,7 @@ from embedding_service.model.accuracy import corpus, gate_failure, measure
 from embedding_service.model.forward import model_source, text_embedder
 from embedding_service.model.runtimes import TorchRuntime
 from embedding_service.model.tokenization import InputEncoder
-from embedding_service.model.verification import verify
+from embedding_service.model.verification import check
 from embedding_service.wire.messages import Accuracy
 from tests.helpers.models import MINILM
 
@@ -54,13 +54,13 @@ def test_the_gate_figures_and_reasons():
 def test_the_canary_fails_a_replica_whose_vectors_were_perturbed(minilm):
     settings = ModelSettings(name=MINILM, backend="torch")
     reference = calibration.calibration_for(minilm, "auto", gate=False)
-    sound = verify(_embed_with(TorchRuntime(minilm), minilm, settings), reference, settings)
+    sound = check(_embed_with(TorchRuntime(minilm), minilm, settings), reference, settings)
     assert sound.refused is None and sound.canary_min_cosine > 0.99999
     perturbed = copy.deepcopy(minilm)
     with torch.no_grad():
         weight = perturbed[0].auto_model.encoder.layer[3].output.dense.weight
         weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.003)
-    v = verify(_embed_with(TorchRuntime(perturbed), minilm, settings), reference, settings)
+    v = check(_embed_with(TorchRuntime(perturbed), minilm, settings), reference, settings)
     assert v.refused.startswith("fp32 on this backend: canary failed: a canary sentence's vector has cosine 0.")
     assert 0.9 < v.canary_min_cosine < 0.99999
 
