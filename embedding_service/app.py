@@ -20,8 +20,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from embedding_service.batch.manager import JobManager
 from embedding_service.config import (
     HEAD_RESOURCE,
+    ON_HEAD,
     AppArgs,
     ModelSettings,
     RecyclerSettings,
@@ -29,11 +31,11 @@ from embedding_service.config import (
     ShutdownSettings,
 )
 from embedding_service.fleet.recycler import NodeRecycler
+from embedding_service.kinds import KINDS
 from embedding_service.observability.logs import service_logger
 from embedding_service.router.deployment import EmbedRouter
 from embedding_service.router.replica_routing import HealthyNodeRequestRouter
-from embedding_service.kinds import KINDS
-from embedding_service.wire.messages import FLEET_DEPLOYMENT, ROUTER_DEPLOYMENT, model_deployment_name
+from embedding_service.wire.messages import FLEET_DEPLOYMENT, JOBS_DEPLOYMENT, ROUTER_DEPLOYMENT, model_deployment_name
 
 logger = service_logger(__name__)
 
@@ -133,10 +135,23 @@ def _router_options(router: RouterSettings, shutdown: ShutdownSettings) -> dict[
     }
 
 
+def _jobs_app(args: AppArgs) -> Application | None:
+    """The batch jobs' manager (batch/manager.py), on the head: it must outlive the worker nodes its jobs use."""
+    if args.jobs is None:
+        return None
+    return (
+        serve.deployment(JobManager)
+        .options(name=JOBS_DEPLOYMENT, num_replicas=1,
+                 ray_actor_options={"num_cpus": 0, "resources": place_on_head(dict(ON_HEAD))})
+        .bind(args.jobs, list(args.models))
+    )
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Validates `args` (see AppArgs) and wires the router to the recycler and one deployment per model."""
+    """Validates `args` (see AppArgs) and wires the router to the recycler, one deployment per model and, with
+    args.jobs, the batch jobs' manager."""
     parsed = AppArgs.parse(args)
     fleet = _fleet_app(parsed.recycler)
     models = {m.name: _model_app(m, fleet, parsed) for m in parsed.models}
     return serve.deployment(EmbedRouter).options(**_router_options(parsed.router, parsed.shutdown)).bind(
-        parsed, models, fleet)
+        parsed, models, fleet, _jobs_app(parsed))

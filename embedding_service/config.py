@@ -561,6 +561,88 @@ class RecyclerSettings(Strict):
         return self
 
 
+class JobLimits(Strict):
+    """What one key may keep in the batch jobs' store (the gateway's Batch API and the gRPC jobs alike)."""
+
+    max_jobs_per_key: int = Field(
+        1000, ge=1, description="Jobs one key may have in the store, whatever their status (deleted with their "
+        "retention); past it a new one is refused (RESOURCE_EXHAUSTED / 429).")
+    max_running_jobs_per_key: int = Field(
+        4, ge=1, description="Jobs of one key not yet in a final status; past it a new one is refused.")
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="Bytes of one uploaded file (OpenAI's own bound for a batch input file "
+        "is 200 MB); a larger upload is refused (413) while it streams.")
+    max_files_per_key: int = Field(1000, ge=1, description="Files one key may have in the store.")
+    max_lines_per_file: int = Field(
+        50_000, ge=1, description="Lines of one batch input file (OpenAI's bound is 50,000); a longer file fails its "
+        "batch at validation.")
+    max_inputs_per_line: int = Field(
+        2048, ge=1, description="Inputs of one batch line's `input` (OpenAI's bound for /v1/embeddings); a longer "
+        "line is an error line.")
+
+
+class JobsSettings(Strict):
+    """Batch jobs on Ray Data (docs/batch-jobs.md): a corpus embedded by a pool of model actors of its own, beside
+    the online replicas; jobs and files kept in a real database and under a storage root."""
+
+    storage_root: str = Field(
+        ..., min_length=1,
+        description="Where files and job outputs lie: a local folder (one machine, or a network file system every "
+        "node mounts) or an S3-compatible URI s3://bucket/prefix (credentials from the nodes' AWS_* variables, "
+        "never here).")
+    s3_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$",
+        description="An S3-compatible server's endpoint (MinIO, SeaweedFS, Ceph); None: AWS's.")
+    store_url_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the Ray nodes' environment variable holding the store's SQLAlchemy URL "
+        "(postgresql+psycopg://..., a secret: never in this file); None: SQLite at <storage_root>/jobs.db (a local "
+        "storage root only).")
+    dataset_roots: list[str] = Field(
+        default_factory=list,
+        description="URIs (local folders or s3://bucket/prefix) under which a gRPC CreateJob may read its dataset "
+        "and write its output, with the service's credentials; each is open to every key. Empty: jobs read only "
+        "files uploaded through the gateway, and write under the storage root.")
+    limits: JobLimits = Field(JobLimits(), description="What one key may keep.")
+    max_running_jobs: int = Field(
+        2, ge=1, description="Jobs the whole service runs at once; later ones wait in status validating.")
+    min_actors: int = Field(1, ge=1, description="Fewest model actors of a job's pool (ActorPoolStrategy min_size).")
+    max_actors: int = Field(2, ge=1, description="Most model actors of a job's pool (ActorPoolStrategy max_size).")
+    num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs Ray reserves for each model actor.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each model actor.")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each model actor needs, e.g. {\"batch\": 1} to run the pools only on a "
+        "node group that declares it (nodes of their own, beside the online replicas').")
+    cluster_cpu_share: float = Field(
+        0.5, gt=0, le=1,
+        description="Share of the cluster's CPUs one job's Ray Data execution may hold (its resource limits), so "
+        "the online replicas keep serving while it runs.")
+    rows_per_batch: int = Field(
+        256, ge=1, description="Rows a model actor takes at once (map_batches' batch_size); each is run in forward "
+        "passes within the model's own token budget, as the replicas run theirs.")
+    block_bytes: int = Field(
+        8 * 1024 * 1024, ge=64 * 1024,
+        description="Bytes of output a block holds before it is written (Ray Data's target_max_block_size): each "
+        "written block is a Parquet file and a checkpoint, so smaller blocks show progress and checkpoint sooner "
+        "(a resumed job redoes less) at the cost of more, smaller files. 8 MiB: about 5,000 vectors of 384 floats.")
+    poll_s: float = Field(
+        1.0, gt=0, description="Seconds between the job manager's rounds: new jobs started, cancels carried out, "
+        "lost runners restarted (resuming from their checkpoints), retention applied.")
+    retention_s: float = Field(
+        30 * 86400.0, gt=0,
+        description="Seconds a finished job and its output files are kept (uploads: as long); then deleted.")
+
+    @model_validator(mode="after")
+    def _check(self) -> JobsSettings:
+        if self.min_actors > self.max_actors:
+            raise ValueError("jobs.min_actors exceeds jobs.max_actors")
+        if self.store_url_env is None and "://" in self.storage_root:
+            raise ValueError("jobs.store_url_env is needed with an object-store storage_root (SQLite needs a "
+                             "local folder)")
+        return self
+
+
 class AppArgs(Strict):
     """The application's `args` in serve-config.yaml."""
 
@@ -582,6 +664,9 @@ class AppArgs(Strict):
     auth: AuthSettings = Field(AuthSettings(), description="API keys for the gRPC API.")
     shutdown: ShutdownSettings = Field(ShutdownSettings(), description="Stopping without losing calls in flight.")
     tracing: TracingSettings = Field(TracingSettings(), description="OpenTelemetry traces; off without an endpoint.")
+    jobs: JobsSettings | None = Field(
+        None, description="Batch jobs on Ray Data (CreateJob and the gateway's Batch API); None: off, the job "
+        "methods answer FAILED_PRECONDITION.")
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from embedding_service.observability.tracing import Tracer, env_tracer
-from gateway import embeddings, guards, routes, scoring_routes
+from gateway import batch_routes, embeddings, guards, routes, scoring_routes
 from gateway.body_budget import BodyBudget
 from gateway.classify_routes import classify as classify_routes
 from gateway.coalescing import EmbedCoalescing
@@ -70,12 +70,14 @@ def create_app(settings: GatewaySettings, draining: threading.Event | None = Non
     app.state.bodies = BodyBudget(settings.max_body_bytes_in_flight)  # one budget for the hot path and the routes
     app.state.label_counts = LabelCounts()  # vLLM's /v1/classify returns every label's score
     app.state.model_prompts = ModelPrompts(settings.model_prompts_ttl_s)  # Cohere's input_type -> prompt_name
+    app.state.batches = batch_routes.BatchDesk(settings)  # OpenAI's Files and Batches (off without a storage root)
     guards.install(app, settings)
     app.include_router(routes.openai)
     app.include_router(scoring_routes.scoring)
     app.include_router(cohere_embed_routes)
     app.include_router(classify_routes)
     app.include_router(tokenize_routes)
+    app.include_router(batch_routes.batches)
     app.include_router(routes.operations)
     # Added last, so outermost of the app's middleware: it sees every response, refusals included.
     app.add_middleware(ObserveRequests, metrics=metrics, tracer=tracer)

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from embedding_client.errors import EmbeddingError
+from embedding_service.wire.openai_bodies import error_body
 from embedding_service.wire.reasons import Reason
 
 logger = logging.getLogger("gateway")
@@ -49,8 +50,7 @@ class OpenAIError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status, headers=self.headers)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:

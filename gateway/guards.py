@@ -21,6 +21,8 @@ from gateway.settings import GatewaySettings
 logger = logging.getLogger("gateway")
 # TEI's and vLLM's routes at the root (classify_routes.py, tokenize_routes.py), guarded as /v1/ and /v2/ are.
 ROOT_ROUTES = frozenset({"/predict", "/tokenize", "/detokenize", "/decode"})
+# OpenAI's file upload: its body is not held (the body budget's), but streamed to the storage root (uploads.py).
+UPLOAD_PATH = "/v1/files"
 
 
 class Guard:
@@ -38,9 +40,13 @@ class Guard:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and (scope["path"].startswith(("/v1/", "/v2/")) or scope["path"] in ROOT_ROUTES):
-            refusal = self._refusal(Headers(scope=scope))
+            upload = scope["path"] == UPLOAD_PATH and scope["method"] == "POST"
+            refusal = self._refusal(Headers(scope=scope), upload)
             if refusal is not None:
                 await refusal.response()(scope, receive, send)
+                return
+            if upload:  # streamed to the storage root as it arrives, bounded by its own limit (uploads.py)
+                await self.app(scope, receive, send)
                 return
             held = self.bodies.holder()
             try:
@@ -69,11 +75,13 @@ class Guard:
         self.bodies.refusals += 1
         return errors.bodies_in_flight(self.bodies.limit, self.retry_after_s)
 
-    def _refusal(self, headers: Headers) -> errors.OpenAIError | None:
+    def _refusal(self, headers: Headers, upload: bool = False) -> errors.OpenAIError | None:
         if self.keys:
             given = bearer_key(headers.get("authorization"))
             if given is None or not known_key(given, self.keys):
                 return errors.unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
+        if upload:
+            return None
         length = headers.get("content-length")
         if length is not None and length.isdigit():
             if int(length) > self.max_body_bytes:

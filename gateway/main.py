@@ -41,6 +41,10 @@ def arguments() -> argparse.ArgumentParser:
                         help="log a line per request (off by default)")
     parser.add_argument("--drain-delay-s", type=float, dest="drain_delay_s")
     parser.add_argument("--shutdown-timeout-s", type=float, dest="shutdown_timeout_s")
+    parser.add_argument("--jobs-storage-root", dest="jobs_storage_root",
+                        help="the batch jobs' storage root (the service's args.jobs.storage_root): turns on /v1/files "
+                        "and /v1/batches")
+    parser.add_argument("--jobs-s3-endpoint", dest="jobs_s3_endpoint")
     parser.add_argument("--parent-pid", type=int, dest="parent_pid",
                         help="stop (as on SIGTERM) once this process, the one that started the gateway, is gone")
     return parser

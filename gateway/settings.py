@@ -7,6 +7,7 @@ import ipaddress
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from embedding_service.config import JobLimits
 from gateway.cohere_prompts import InputType
 
 
@@ -167,6 +168,37 @@ class GatewaySettings(BaseSettings):
         256 * 1024 * 1024, ge=1024,
         description="Largest gRPC message the gateway sends to or receives from the service, in bytes.",
     )
+
+    jobs_storage_root: str | None = Field(
+        None,
+        description="The batch jobs' storage root (the service's args.jobs.storage_root: a folder or "
+        "s3://bucket/prefix): OpenAI's Files and Batches routes store uploads there and read outputs from there; "
+        "None: those routes answer 404.",
+    )
+    jobs_s3_endpoint: str | None = Field(None, description="An S3-compatible server's endpoint (args.jobs.s3_endpoint).")
+    jobs_store_url: SecretStr | None = Field(
+        None,
+        description="The jobs' store, an SQLAlchemy URL (the service's, from the same secret): only from the "
+        "environment (GATEWAY_JOBS_STORE_URL); None: SQLite at <jobs_storage_root>/jobs.db.",
+    )
+    max_file_bytes: int = Field(
+        JobLimits().max_file_bytes, ge=1,
+        description="Bytes of one uploaded batch file (413 past it, as it streams); the service's "
+        "args.jobs.limits.max_file_bytes, whose default it has.")
+    max_files_per_key: int = Field(JobLimits().max_files_per_key, ge=1,
+                                   description="Files one key may keep (args.jobs.limits.max_files_per_key).")
+    max_jobs_per_key: int = Field(JobLimits().max_jobs_per_key, ge=1,
+                                  description="Batches one key may keep (args.jobs.limits.max_jobs_per_key).")
+    max_running_jobs_per_key: int = Field(
+        JobLimits().max_running_jobs_per_key, ge=1,
+        description="Batches of one key not yet final (429 past it; args.jobs.limits.max_running_jobs_per_key).")
+    files_retention_s: float = Field(
+        30 * 86400.0, gt=0, description="Seconds an uploaded file is kept; then deleted (args.jobs.retention_s).")
+
+    @property
+    def job_limits(self) -> JobLimits:
+        return JobLimits(max_file_bytes=self.max_file_bytes, max_files_per_key=self.max_files_per_key,
+                         max_jobs_per_key=self.max_jobs_per_key, max_running_jobs_per_key=self.max_running_jobs_per_key)
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> GatewaySettings:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-
 import numpy as np
 
 from embedding_client.encodings import OUTPUTS
 from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.wire.openai_bodies import embeddings_body
 from gateway import errors
 from gateway.bounded_lists import INT32_MAX
 from gateway.coalescing import Reply
@@ -35,13 +34,6 @@ def encoding(body: EmbeddingRequest) -> int:
 
 def render(reply: Reply, output_dtype: str, base64_out: bool) -> dict:
     dtype = OUTPUTS[output_dtype][1]
-    data = []
-    for index, e in enumerate(reply.embeddings):
-        raw = e.float32_le if output_dtype == "float" else e.packed
-        if base64_out:
-            vector: object = base64.b64encode(raw).decode("ascii")
-        else:
-            vector = np.frombuffer(raw, dtype=dtype).tolist()
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
-    return {"object": "list", "data": data, "model": reply.model, "usage": usage}
+    vectors = (np.frombuffer(e.float32_le if output_dtype == "float" else e.packed, dtype=dtype)
+               for e in reply.embeddings)
+    return embeddings_body(vectors, base64_out, reply.model, reply.prompt_tokens)

@@ -20,27 +20,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import JSON, BigInteger, Boolean, Integer, String, and_, create_engine, delete, func, or_, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Integer,
+    String,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from embedding_service.config import JobLimits, JobsSettings
 
 # A job's statuses, as OpenAI's Batch API names them; the last four are final.
 STATUSES = ("validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired", "cancelled")
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-
-
-class StoreLimits(BaseModel):
-    """What one key may keep in the store."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_jobs_per_key: int = Field(1000, ge=1, description="Jobs one key may have in the store, whatever their status "
-                                  "(deleted with their retention).")
-    max_running_jobs_per_key: int = Field(4, ge=1, description="Jobs of one key not yet in a final status.")
-    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Bytes of one uploaded file (OpenAI's own "
-                                "bound for a batch input file is 200 MB).")
-    max_files_per_key: int = Field(1000, ge=1, description="Files one key may have in the store.")
 
 
 class LimitReached(Exception):
@@ -51,9 +53,37 @@ class LimitReached(Exception):
         self.bound, self.limit = bound, limit
 
 
-def owner_of(api_key: str) -> str:
-    """The owner a key's jobs and files are kept under: a digest of the key, so the store never holds a key."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
+def owner_of(api_key: str | bytes, tenant: str | bytes = b"") -> str:
+    """The owner a key's jobs and files are kept under: a digest of the key, so the store never holds a key. A
+    caller may name a tenant of its own (the gateway names the key its caller gave it): the owner is then the
+    key's and the tenant's together, so no key reaches another key's jobs, whatever tenant it names."""
+    key = api_key.encode() if isinstance(api_key, str) else api_key
+    if tenant:
+        key += b"\x00" + (tenant.encode() if isinstance(tenant, str) else tenant)
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+def open_store(jobs: JobsSettings) -> JobStore:
+    """The store jobs.* names: the URL in the environment variable jobs.store_url_env (a secret), else SQLite under
+    the storage root."""
+    import os
+
+    url = os.environ.get(jobs.store_url_env) if jobs.store_url_env else None
+    if jobs.store_url_env and not url:
+        raise RuntimeError(f"jobs.store_url_env names {jobs.store_url_env}, which is not set on this node")
+    return JobStore(store_url(jobs.storage_root, url), jobs.limits)
+
+
+def store_url(storage_root: str, url: str | None) -> str:
+    """The store's SQLAlchemy URL: `url` when given (from a secret), else SQLite at <storage_root>/jobs.db."""
+    if url:
+        return url
+    if "://" in storage_root:
+        raise ValueError("an object-store storage root needs the store's URL (SQLite needs a local folder)")
+    import os
+
+    os.makedirs(storage_root, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(storage_root)}/jobs.db"
 
 
 def now_ms() -> int:
@@ -85,6 +115,7 @@ class _JobRow(_Base):
     endpoint: Mapped[str] = mapped_column(String(64))
     input_file_id: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(256))
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     updated_at: Mapped[int] = mapped_column(BigInteger)
@@ -97,6 +128,9 @@ class _JobRow(_Base):
     error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     errors: Mapped[list] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    rows_per_s: Mapped[float] = mapped_column(Float, default=0.0)
+    # When the job entered each status it went through: {status: ms since the epoch}.
+    times: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,7 @@ class JobRecord:
     endpoint: str
     input_file_id: str
     model: str
+    spec: dict  # what the runner runs (jobs/spec.py JobSpec, as JSON)
     status: str
     created_at: int  # ms since the epoch
     updated_at: int
@@ -130,6 +165,8 @@ class JobRecord:
     error_file_id: str | None = None
     errors: list = field(default_factory=list)
     cancel_requested: bool = False
+    rows_per_s: float = 0.0
+    times: dict = field(default_factory=dict)
 
 
 def _record(cls, row) -> Any:
@@ -138,14 +175,25 @@ def _record(cls, row) -> Any:
 
 # What the job's runner may change of a job (never its owner, input or creation).
 _PROGRESS = frozenset({"status", "total", "completed", "failed", "output_file_id", "error_file_id", "errors",
-                       "expires_at"})
+                       "expires_at", "model", "rows_per_s"})
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
 
 
 class JobStore:
-    def __init__(self, url: str, limits: StoreLimits | None = None) -> None:
+    def __init__(self, url: str, limits: JobLimits | None = None) -> None:
         """`url`: an SQLAlchemy URL (`sqlite:///<storage root>/jobs.db`, `postgresql+psycopg://...`)."""
-        self.limits = limits or StoreLimits()
+        self.limits = limits or JobLimits()
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            # Several processes share the file (gateway, router, job manager, runners): readers never block the
+            # writer, and a writer waits for another rather than failing.
+            event.listen(self.engine, "connect", _sqlite_pragmas)
         _Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
@@ -199,13 +247,14 @@ class JobStore:
     # ---- jobs --------------------------------------------------------------
 
     def add_job(self, owner: str, endpoint: str, input_file_id: str, model: str, metadata: dict | None = None,
-                expires_at: int | None = None) -> JobRecord:
+                expires_at: int | None = None, spec: dict | None = None) -> JobRecord:
         limits = self.limits
         stamp = now_ms()
         row = _JobRow(id=f"batch_{uuid.uuid4().hex}", owner=owner, endpoint=endpoint, input_file_id=input_file_id,
-                      model=model, status="validating", created_at=stamp, updated_at=stamp, expires_at=expires_at,
+                      model=model, spec=dict(spec or {}), status="validating", created_at=stamp, updated_at=stamp,
+                      expires_at=expires_at,
                       job_metadata=dict(metadata or {}), total=0, completed=0, failed=0, errors=[],
-                      cancel_requested=False)
+                      cancel_requested=False, rows_per_s=0.0, times={"validating": stamp})
         with self._session() as session:
             mine = select(func.count()).select_from(_JobRow).where(_JobRow.owner == owner)
             if session.scalar(mine) >= limits.max_jobs_per_key:
@@ -226,6 +275,30 @@ class JobStore:
         """The owner's jobs, newest first, after the job `after`, at most `limit`; and whether more follow."""
         return self._page(_JobRow, JobRecord, owner, [_JobRow.owner == owner], after, limit)
 
+    def unfinished(self) -> list[JobRecord]:
+        """Every owner's jobs not in a final status, oldest first: the job manager's work."""
+        with self._session() as session:
+            rows = session.scalars(select(_JobRow).where(_JobRow.status.not_in(FINAL))
+                                   .order_by(_JobRow.created_at, _JobRow.id)).all()
+            return [_record(JobRecord, r) for r in rows]
+
+    def job_by_id(self, job_id: str) -> JobRecord | None:
+        """A job whoever owns it: for the service's own processes (the runner), never for a caller."""
+        with self._session() as session:
+            row = session.get(_JobRow, job_id)
+            return _record(JobRecord, row) if row is not None else None
+
+    def add_output_file(self, owner: str, filename: str, size: int, location: str,
+                        expires_at: int | None = None) -> FileRecord:
+        """A file the service wrote for the owner (a batch's output or errors): outside the owner's bounds, which
+        are for what a caller uploads."""
+        row = _FileRow(id=f"file-{uuid.uuid4().hex}", owner=owner, purpose="batch_output", filename=filename,
+                       bytes=size, created_at=now_ms(), expires_at=expires_at, location=location)
+        with self._session() as session:
+            session.add(row)
+            session.flush()
+            return _record(FileRecord, row)
+
     def request_cancel(self, owner: str, job_id: str) -> JobRecord | None:
         """Marks the owner's job to be cancelled (cancelling, unless it is final already); None when the owner has
         no such job."""
@@ -235,8 +308,9 @@ class JobStore:
                 return None
             if row.status not in FINAL:
                 row.cancel_requested = True
-                row.status = "cancelling"
                 row.updated_at = now_ms()
+                row.times = {**row.times, "cancelling": row.updated_at}
+                row.status = "cancelling"
             return _record(JobRecord, row)
 
     def update_job(self, job_id: str, **progress: Any) -> JobRecord:
@@ -256,9 +330,11 @@ class JobStore:
                 return _record(JobRecord, row)
             if row.cancel_requested and status is not None and status not in ("cancelled", "failed", "completed"):
                 progress = {k: v for k, v in progress.items() if k != "status"}
+            row.updated_at = now_ms()
+            if progress.get("status", row.status) != row.status:
+                row.times = {**row.times, progress["status"]: row.updated_at}
             for key, value in progress.items():
                 setattr(row, key, value)
-            row.updated_at = now_ms()
             return _record(JobRecord, row)
 
     # ---- retention -----------------------------------------------------------

@@ -13,8 +13,7 @@ import asyncio
 import numpy as np
 
 from embedding_service.config import ModelSettings, TracingSettings
-from embedding_service.model.calibration import calibration_for
-from embedding_service.model.forward import LoadedModel, load_model
+from embedding_service.model.forward import LoadedModel, load_model, reference_vectors
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
 from embedding_service.model.replica import Loaded, Rows, ServedKind, lengths_of
 from embedding_service.model.watchdog import Placement
@@ -71,13 +70,8 @@ class EmbeddingModel(ServedKind):
         return self._ranges[key], len(corpus)
 
     def _corpus_vectors(self) -> np.ndarray:
-        """The calibration's corpus vectors: loaded with it when its precision's gate needed them, else now, on
-        the first int8/uint8 call or GetModel, not at start (a model with no calibration file computes them
-        with fp32 torch: seconds to minutes on CPU)."""
-        calibration = self.loaded.calibration
-        if calibration is not None and len(calibration.gate):
-            return calibration.gate
-        return calibration_for(self.loaded.model, self.settings.calibration, gate=True).gate
+        """On the first int8/uint8 call or GetModel, not at start (forward.reference_vectors)."""
+        return reference_vectors(self.loaded, self.settings)
 
     # ---- the kind's stages ----------------------------------------------------
 

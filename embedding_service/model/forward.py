@@ -138,6 +138,25 @@ def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettin
     return embed
 
 
+def embed_texts(loaded: LoadedModel, settings: ModelSettings, texts: Sequence[str], truncation: str = "end",
+                prompt: str | None = None) -> tuple[np.ndarray, list[int]]:
+    """texts -> their pooled vectors (before any cut or normalization) and each one's tokens, as a replica computes
+    them: tokenized with the prompt and the truncation policy, run in passes within the model's token budget."""
+    prepared = loaded.encoder.prepare(list(texts), truncation, prompt)
+    out = forward_sorted(loaded.runtime, loaded.encoder, prepared.sequences, prompt, settings.forward_batch_size,
+                         settings.forward_token_budget(loaded.device), loaded.device, loaded.dimension)[0]
+    return prepared.pool(out), list(prepared.token_counts)
+
+
+def reference_vectors(loaded: LoadedModel, settings: ModelSettings) -> np.ndarray:
+    """The calibration corpus's fp32 vectors, which give the int8/uint8 ranges: loaded with the model when its
+    precision's gate needed them, else computed now with fp32 torch (seconds to minutes on CPU)."""
+    calibration = loaded.calibration
+    if calibration is not None and len(calibration.gate):
+        return calibration.gate
+    return calibration_for(loaded.model, settings.calibration, gate=True).gate
+
+
 def calibration_samples(encoder: InputEncoder, per_batch: int = 8) -> list[dict]:
     """Features of the packaged calibration sentences (never gate sentences), to calibrate int8."""
     texts = corpus().calibration

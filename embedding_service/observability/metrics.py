@@ -186,6 +186,23 @@ class ModelMetrics(_Group):
                                 (*REPLICA, "reason"))
 
 
+class JobMetrics(_Group):
+    """The batch jobs' manager's (batch/manager.py), read from the store each round: the jobs by status and each
+    running job's progress (tagged by job id: running jobs are bounded by jobs.max_running_jobs)."""
+
+    jobs = gauge("jobs", "Batch jobs in the store, by status (validating, in_progress, finalizing, cancelling, and "
+                 "the final ones until their retention ends).", ("status",))
+    job_rows_done = gauge("job_rows_done", "Rows a running job has written (its Ray Data checkpoints' rows).",
+                          ("job",))
+    job_rows_total = gauge("job_rows_total", "Rows (an OpenAI batch: lines) of a running job's input.", ("job",))
+    job_rows_per_second = gauge("job_rows_per_second", "Rows per second a running job has written since its runner "
+                                "started.", ("job",))
+    runners_started = counter("job_runners_started", "Job runners the manager started: reason=new (a job's first) "
+                              "or reason=resumed (its runner was lost: it goes on from its checkpoints).",
+                              ("reason",))
+    jobs_ended = counter("jobs_ended", "Jobs that reached a final status, by status.", ("status",))
+
+
 class FleetMetrics(_Group):
     """The node recycler's: the nodes it tracks and what it did about faults."""
 
@@ -203,5 +220,5 @@ class FleetMetrics(_Group):
     drains_finished = counter("node_drains_finished", "Drained nodes that left the cluster (recycled).")
 
 
-GROUPS = (RouterMetrics, ProxyMetrics, ModelMetrics, FleetMetrics)
+GROUPS = (RouterMetrics, ProxyMetrics, ModelMetrics, FleetMetrics, JobMetrics)
 SPECS = [spec for group in GROUPS for spec in specs_of(group).values()]

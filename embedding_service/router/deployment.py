@@ -33,6 +33,7 @@ from embedding_service.router.call_observer import CallObserver, ObservedCall
 from embedding_service.router.catalog import ModelCatalog
 from embedding_service.router.fanout import Fanout
 from embedding_service.router.fleet_view import SERVING, ServiceView
+from embedding_service.router.jobs import JobDesk, caller_owner
 from embedding_service.router.methods import METHODS, MethodSpec
 from embedding_service.router.tokenizing import detokenize_inputs, tokenize_inputs
 from embedding_service.router.validation import Job, check_envelope, check_kind, output_shape, resolve_model_name
@@ -51,6 +52,7 @@ class Admitted:
 
     call: ObservedCall
     deadline: Deadline
+    metadata: list | None = None  # the call's gRPC metadata (None: a handle call from inside the cluster)
 
 
 @dataclass
@@ -80,8 +82,11 @@ class _Totals:
 
 
 class EmbedRouter:
-    async def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle], fleet: DeploymentHandle) -> None:
+    async def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle], fleet: DeploymentHandle,
+                       jobs_manager: DeploymentHandle | None = None) -> None:
+        """`jobs_manager` is bound only so Serve deploys it with the application: nothing calls it (jobs.py)."""
         self.args = args
+        self.jobs = JobDesk(args)
         self.fleet = fleet
         self.catalog = ModelCatalog(models)
         self.auth = Authenticator(args.auth)
@@ -155,7 +160,7 @@ class EmbedRouter:
             deadline = Deadline.within(timeout_s, metadata)
             self._in_flight += 1
             try:
-                yield Admitted(call, deadline)
+                yield Admitted(call, deadline, list(metadata) if metadata is not None else None)
             except TimeoutError:
                 unavailable = self.view.unavailable(call.model)
                 if unavailable is not None:
@@ -295,6 +300,38 @@ class EmbedRouter:
             sequences = detokenize_inputs(request, limits, tokenizer.vocab_size, name)
             texts = await asyncio.to_thread(tokenizer.detokenize, sequences, request.skip_special_tokens)
             return pb.DetokenizeResponse(model=name, texts=texts)
+
+    # ---- batch jobs (router/jobs.py: the store, never a Ray call) ----------
+
+    @status.grpc_method
+    async def CreateJob(self, request: pb.CreateJobRequest, grpc_context=None) -> pb.CreateJobResponse:
+        with self._admit("CreateJob", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            owner = caller_owner(admitted.metadata)
+            job = await self.jobs.create(request, owner, self.catalog.names,
+                                         lambda name: self.catalog.info(name, admitted.deadline))
+            admitted.call.model = job.model
+            return pb.CreateJobResponse(job=job)
+
+    @status.grpc_method
+    async def GetJob(self, request: pb.GetJobRequest, grpc_context=None) -> pb.GetJobResponse:
+        with self._admit("GetJob", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            return pb.GetJobResponse(job=await self.jobs.get(request.id, caller_owner(admitted.metadata)))
+
+    @status.grpc_method
+    async def ListJobs(self, request: pb.ListJobsRequest, grpc_context=None) -> pb.ListJobsResponse:
+        with self._admit("ListJobs", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            return await self.jobs.list(request, caller_owner(admitted.metadata))
+
+    @status.grpc_method
+    async def CancelJob(self, request: pb.CancelJobRequest, grpc_context=None) -> pb.CancelJobResponse:
+        with self._admit("CancelJob", grpc_context, self.args.limits.request_timeout_s) as admitted:
+            return pb.CancelJobResponse(job=await self.jobs.cancel(request.id, caller_owner(admitted.metadata)))
+
+    @status.grpc_method
+    async def WatchJob(self, request: pb.WatchJobRequest, grpc_context=None) -> AsyncIterator[pb.WatchJobResponse]:
+        with self._admit("WatchJob", grpc_context, self.args.limits.stream_timeout_s) as admitted:
+            async for job in self.jobs.watch(request.id, caller_owner(admitted.metadata)):
+                yield pb.WatchJobResponse(job=job)
 
     # ---- what the proxies serve themselves: WatchNodes and grpc.health.v1 ----
 

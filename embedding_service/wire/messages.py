@@ -13,8 +13,8 @@ from typing import Literal
 import numpy as np
 
 from embedding_client.encodings import OUTPUTS
-from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, UNBOUNDED, Deadline
 from embedding_service.kinds import Kind
+from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY, UNBOUNDED, Deadline
 
 # A text, int32 token ids without special tokens, or a pair of texts (a classification's text and text_pair).
 Input = str | np.ndarray | tuple[str, str]
@@ -23,6 +23,7 @@ Policy = Literal["end", "start", "reject", "windows"]
 
 ROUTER_DEPLOYMENT = "EmbedRouter"
 FLEET_DEPLOYMENT = "NodeRecycler"
+JOBS_DEPLOYMENT = "JobManager"
 # The one grpc.health.v1 service that is the proxy's own (SERVING whenever it answers), for liveness probes.
 LIVENESS = "liveness"
 # Whoever follows the fleet's view (routers, their request routers) asks again at least this often.

@@ -4,9 +4,12 @@ a test first asks for `service` and stopped, every process of it, when the sessi
 from __future__ import annotations
 
 import pytest
+import ray
 
 from benchmarks.otlp_sink import OtlpSink
-from tests.helpers.session import Service, running_service
+from embedding_client.v1 import embedding_pb2 as pb
+from tests.helpers.replicas import wait_healthy
+from tests.helpers.session import WORKER_CPUS, Service, running_service
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +37,27 @@ def service_healthy_at_start(request):
 
         wait_healthy(timeout_s=180)
     yield
+
+
+@pytest.fixture
+def capacity_restored(service):
+    """The session's cluster as the test found it, whatever the outcome: its clients stopped, no fault flag, two
+    live workers, the application healthy. A failure here is then one failure, not every test after it run short
+    of a node. Yields a list for the test to put its clients' stop functions in."""
+    head = ray.get_runtime_context().get_node_id()
+    stops: list = []
+    yield stops
+    for stop in stops:
+        stop()
+    for flag in service.fault_dir.iterdir():
+        flag.unlink()
+    watch = service.stub.WatchNodes(pb.WatchNodesRequest())
+    faulted = {n.node_id for n in next(watch).nodes if n.state != pb.NODE_STATE_HEALTHY}
+    watch.cancel()
+    for handle in list(service.cluster.worker_nodes):
+        if handle.node_id in faulted:
+            service.cluster.remove_node(handle)
+    alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
+    for _ in range(len(alive), 2):
+        service.cluster.add_node(num_cpus=WORKER_CPUS)
+    wait_healthy(timeout_s=180)

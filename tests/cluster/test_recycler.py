@@ -12,7 +12,6 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,7 +19,6 @@ from embedding_client.v1 import embedding_pb2 as pb
 from tests.helpers.grpc_errors import error_info
 from tests.helpers.models import MINILM, RERANKER, TINY
 from tests.helpers.observe import scrape, total, wait_until
-from tests.helpers.replicas import wait_healthy
 from tests.helpers.scoring import raw_scores
 from tests.helpers.session import WORKER_CPUS
 from tests.helpers.texts import vectors_of
@@ -141,30 +139,6 @@ class GaugeSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-
-
-@pytest.fixture
-def capacity_restored(service):
-    """The session's cluster as the test found it, whatever the outcome: its clients stopped, no fault flag, two
-    live workers, the application healthy. A failure here is then one failure, not every test after it run short
-    of a node. Yields a list for the test to put its clients' stop functions in."""
-    head = ray.get_runtime_context().get_node_id()
-    stops: list = []
-    yield stops
-    for stop in stops:
-        stop()
-    for flag in service.fault_dir.iterdir():
-        flag.unlink()
-    watch = service.stub.WatchNodes(pb.WatchNodesRequest())
-    faulted = {n.node_id for n in next(watch).nodes if n.state != pb.NODE_STATE_HEALTHY}
-    watch.cancel()
-    for handle in list(service.cluster.worker_nodes):
-        if handle.node_id in faulted:
-            service.cluster.remove_node(handle)
-    alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
-    for _ in range(len(alive), 2):
-        service.cluster.add_node(num_cpus=WORKER_CPUS)
-    wait_healthy(timeout_s=180)
 
 
 def latest_nodes(stream: Stream):

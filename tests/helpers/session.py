@@ -47,6 +47,10 @@ NODE_WATCHERS = 512
 # Calls a proxy holds waiting to leave merged: small enough for a test to fill, more than the tests' 96 concurrent
 # callers.
 PROXY_MAX_QUEUED_CALLS = 256
+# The batch jobs' node group: a node that declares it takes the jobs' model actors (BATCH_SLOTS at once).
+BATCH_RESOURCE = "embedding_batch"
+BATCH_SLOTS = 4
+MAX_RUNNING_JOBS_PER_KEY = 2
 # Ray reports metrics every 10 s by default; the tests scrape sooner.
 METRICS_REPORT_MS = 500
 
@@ -106,6 +110,13 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
     if otlp_endpoint:  # traces to the test's collector, sent within 0.2 s (the SDK's standard setting)
         args["tracing"] = {"otlp_endpoint": otlp_endpoint}
         config["applications"][0]["runtime_env"]["env_vars"]["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+    # Batch jobs: files and outputs under the session's temporary folder; one actor per job's pool, on a node of the
+    # jobs' own (BATCH_RESOURCE, no CPUs: no replica lands there, so losing it costs the online service nothing).
+    args["jobs"] = {"storage_root": str(fault_dir.parent / "jobs"),
+                    "dataset_roots": [str(fault_dir.parent / "datasets")], "num_cpus_per_actor": 0,
+                    "actor_resources": {BATCH_RESOURCE: 1}, "min_actors": 1, "max_actors": 1, "rows_per_batch": 64,
+                    "block_bytes": 256 * 1024, "poll_s": 0.5,
+                    "limits": {"max_running_jobs_per_key": MAX_RUNNING_JOBS_PER_KEY}}
     # One proxy: proxies on several nodes of one machine would share the port.
     config["proxy_location"] = "HeadOnly"
     return ServeFile.parse(config)

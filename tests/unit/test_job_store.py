@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedding_service.jobs.store import FINAL, JobStore, LimitReached, StoreLimits, now_ms, owner_of
+from embedding_service.config import JobLimits
+from embedding_service.jobs.store import FINAL, JobStore, LimitReached, now_ms, owner_of
 from tests.helpers import postgres
 
 ALICE, BOB = owner_of("sk-alice"), owner_of("sk-bob")
@@ -32,7 +33,7 @@ def make_store(store_url):
     stores = []
 
     def make(**limits) -> JobStore:
-        store = JobStore(store_url, StoreLimits(**limits))
+        store = JobStore(store_url, JobLimits(**limits))
         stores.append(store)
         return store
 

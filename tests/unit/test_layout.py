@@ -1,9 +1,9 @@
 """The layout follows the processes: what each package imports, and what each thin process loads.
 
 Packages by where their code runs (docs/architecture.md): the router replica (router/), the model replica
-(model/), the fleet's recycler (fleet/), Serve's proxy (proxy/), the gateway (gateway/); below them what
-crosses processes (wire/), shared asyncio utilities (batching/), observability/, config.py and kinds.py (the
-registry of model kinds); above them
+(model/), the fleet's recycler (fleet/), Serve's proxy (proxy/), the gateway (gateway/), the batch jobs' manager,
+runners and model actors (batch/); below them what crosses processes (wire/), shared asyncio utilities (batching/),
+observability/, the jobs' store and storage (jobs/), config.py and kinds.py (the registry of model kinds); above them
 the compositions: app.py (Serve's builder), ops/ (the driver: launcher, config file, manifests), cli.py.
 """
 
@@ -21,8 +21,8 @@ from tests.helpers.paths import ROOT
 
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
-SHARED = {"kinds", "config", "wire", "batching", "observability"}
-PROCESSES = {"router", "model", "fleet", "proxy", "gateway", "jobs"}
+SHARED = {"kinds", "config", "wire", "batching", "observability", "jobs"}
+PROCESSES = {"router", "model", "fleet", "proxy", "gateway", "batch"}
 # What each part may import of ours (besides itself and the client library).
 ALLOWED = {
     "kinds": set(),
@@ -30,8 +30,11 @@ ALLOWED = {
     "wire": {"kinds", "config", "observability"},
     "batching": {"wire"},
     "observability": {"config"},
+    "jobs": {"config", "wire"},
     **{process: SHARED for process in PROCESSES},
-    "app": SHARED | {"router", "model", "fleet"},
+    # The batch jobs' model actors load models as the replicas do (model/forward.py): one loading path.
+    "batch": SHARED | {"model"},
+    "app": SHARED | {"router", "model", "fleet", "batch"},
     "ops": SHARED | {"app", "router", "model", "fleet"},
     "cli": SHARED | {"ops", "router", "model"},
     "__main__": {"cli"},

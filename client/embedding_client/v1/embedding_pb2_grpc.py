@@ -103,6 +103,31 @@ class EmbedServiceStub:
                 request_serializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/CreateJob',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.CreateJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/GetJob',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/ListJobs',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/embedding_service.v1.EmbedService/CancelJob',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/embedding_service.v1.EmbedService/WatchJob',
+                request_serializer=embedding__client_dot_v1_dot_embedding__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=embedding__client_dot_v1_dot_embedding__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedServiceServicer:
@@ -213,6 +238,45 @@ class EmbedServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJob(self, request, context):
+        """Starts a batch job on Ray Data: a whole dataset (JSONL or Parquet, under
+        one of the service's dataset roots) embedded by a pool of model actors of
+        its own and written as Parquet. The job belongs to the calling key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """One of the calling key's jobs (NOT_FOUND JOB_NOT_FOUND for another key's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The calling key's jobs, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels one of the calling key's jobs: its pool stops within seconds and
+        its output so far is kept, marked partial.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job now, then again at each change of its status or progress, until it
+        ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +339,31 @@ def add_EmbedServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeRequest.FromString,
                     response_serializer=embedding__client_dot_v1_dot_embedding__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.CreateJobRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.CreateJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.GetJobRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.ListJobsRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.CancelJobRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=embedding__client_dot_v1_dot_embedding__pb2.WatchJobRequest.FromString,
+                    response_serializer=embedding__client_dot_v1_dot_embedding__pb2.WatchJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +699,141 @@ class EmbedService:
             '/embedding_service.v1.EmbedService/Detokenize',
             embedding__client_dot_v1_dot_embedding__pb2.DetokenizeRequest.SerializeToString,
             embedding__client_dot_v1_dot_embedding__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/CreateJob',
+            embedding__client_dot_v1_dot_embedding__pb2.CreateJobRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.CreateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/GetJob',
+            embedding__client_dot_v1_dot_embedding__pb2.GetJobRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/ListJobs',
+            embedding__client_dot_v1_dot_embedding__pb2.ListJobsRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/CancelJob',
+            embedding__client_dot_v1_dot_embedding__pb2.CancelJobRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedding_service.v1.EmbedService/WatchJob',
+            embedding__client_dot_v1_dot_embedding__pb2.WatchJobRequest.SerializeToString,
+            embedding__client_dot_v1_dot_embedding__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,11 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_EMPTY_QUERY: _ClassVar[ErrorReason]
     ERROR_REASON_INVALID_TOP: _ClassVar[ErrorReason]
     ERROR_REASON_NO_MODEL_OF_KIND: _ClassVar[ErrorReason]
+    ERROR_REASON_JOB_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_JOBS_DISABLED: _ClassVar[ErrorReason]
+    ERROR_REASON_JOB_LIMIT_REACHED: _ClassVar[ErrorReason]
+    ERROR_REASON_DATASET_NOT_ALLOWED: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_JOB: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason
 ERROR_REASON_NO_INPUTS: ErrorReason
@@ -67,5 +72,10 @@ ERROR_REASON_WRONG_MODEL_KIND: ErrorReason
 ERROR_REASON_EMPTY_QUERY: ErrorReason
 ERROR_REASON_INVALID_TOP: ErrorReason
 ERROR_REASON_NO_MODEL_OF_KIND: ErrorReason
+ERROR_REASON_JOB_NOT_FOUND: ErrorReason
+ERROR_REASON_JOBS_DISABLED: ErrorReason
+ERROR_REASON_JOB_LIMIT_REACHED: ErrorReason
+ERROR_REASON_DATASET_NOT_ALLOWED: ErrorReason
+ERROR_REASON_INVALID_JOB: ErrorReason
 STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
 status_code: _descriptor.FieldDescriptor

@@ -1,0 +1,119 @@
+"""The batch jobs' manager: one Serve replica on the head that carries out what the store asks.
+
+Jobs enter the store from the gateway's Batch API and the router's CreateJob (status validating); nothing calls
+the manager. Each round (jobs.poll_s) it:
+
+- starts a runner (runner.py, a detached named actor) for each waiting job, up to jobs.max_running_jobs;
+- starts again the runner of a job in progress whose runner is gone (its node lost, the head restarted, the actor
+  killed): Ray Data's checkpoints resume it from the rows written, none twice;
+- carries out cancels: the runner is killed (its pool with it, within seconds) and the job ends cancelled with
+  the output written so far, marked partial;
+- deletes what retention ended (files, jobs and their folders);
+- sets the job metrics from the store.
+
+Restarting the manager loses nothing: what it knows is the store's and Ray's (the runners by name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import ray
+
+from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_cancelled, runner_name
+from embedding_service.config import ON_HEAD, JobsSettings, ModelSettings
+from embedding_service.jobs.spec import job_folder
+from embedding_service.jobs.storage import StorageRoot
+from embedding_service.jobs.store import FINAL, STATUSES, JobRecord, open_store
+from embedding_service.observability.logs import service_logger
+from embedding_service.observability.metrics import JobMetrics
+
+logger = service_logger(__name__)
+
+
+def runner_of(job_id: str):
+    """The job's runner actor, or None when it is gone."""
+    try:
+        return ray.get_actor(runner_name(job_id), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+class JobManager:
+    async def __init__(self, jobs: JobsSettings, models: list[ModelSettings]) -> None:
+        self.jobs = jobs
+        self.models = {m.name: m for m in models}
+        self.store = await asyncio.to_thread(open_store, jobs)
+        self.root = await asyncio.to_thread(StorageRoot.of, jobs)
+        self.metrics = JobMetrics()
+        self._seen_running: set[str] = set()
+        self._loop = asyncio.create_task(self._rounds())
+
+    async def _rounds(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.round)
+            except Exception:  # a round that failed (the store unreachable) is tried again next time
+                logger.exception("jobs: a round of the job manager failed")
+            await asyncio.sleep(self.jobs.poll_s)
+
+    def round(self) -> None:
+        unfinished = self.store.unfinished()
+        running = [j for j in unfinished if j.status != "validating" or runner_of(j.id) is not None]
+        slots = self.jobs.max_running_jobs - len(running)
+        for job in unfinished:
+            runner = runner_of(job.id)
+            if job.cancel_requested:
+                self._cancel(job, runner)
+            elif runner is None and job.status == "validating":
+                if slots > 0:
+                    slots -= 1
+                    self._start(job, "new")
+            elif runner is None:
+                self._start(job, "resumed")
+        self._expire()
+        self._report(unfinished)
+
+    def _start(self, job: JobRecord, reason: str) -> None:
+        logger.info("jobs: starting the runner of job %s (%s)", job.id, reason)
+        actor = ray.remote(JobRunner).options(
+            name=runner_name(job.id), namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=0,
+            resources=dict(ON_HEAD), get_if_exists=True).remote(self.jobs, self.models, job.id)
+        actor.run.remote()
+        self.metrics.runners_started.inc(tags={"reason": reason})
+
+    def _cancel(self, job: JobRecord, runner) -> None:
+        if runner is not None:
+            ray.kill(runner, no_restart=True)  # its pool's actors die with their owner
+            logger.info("jobs: job %s cancelled: its runner was stopped", job.id)
+        ended = finish_cancelled(self.store, self.root, job, self.jobs.retention_s, self.jobs.s3_endpoint)
+        self.metrics.jobs_ended.inc(tags={"status": ended.status})
+
+    def _expire(self) -> None:
+        files, jobs = self.store.expire()
+        for record in files:
+            self.root.delete(record.location)
+        for record in jobs:
+            self.root.delete(job_folder(self.root.uri, record.id))
+
+    def _report(self, unfinished: list[JobRecord]) -> None:
+        counts = Counter(j.status for j in unfinished)
+        for status in STATUSES:
+            if status not in FINAL:
+                self.metrics.jobs.set(counts.get(status, 0), tags={"status": status})
+        running = {j.id for j in unfinished}
+        for job in unfinished:
+            tags = {"job": job.id}
+            self.metrics.job_rows_done.set(job.completed, tags=tags)
+            self.metrics.job_rows_total.set(job.total, tags=tags)
+            self.metrics.job_rows_per_second.set(job.rows_per_s, tags=tags)
+        for gone in self._seen_running - running:
+            ended = self.store.job_by_id(gone)
+            if ended is not None and ended.status in FINAL and not ended.cancel_requested:
+                self.metrics.jobs_ended.inc(tags={"status": ended.status})
+        self._seen_running = running
+
+    async def check_health(self) -> None:
+        if self._loop.done():
+            raise RuntimeError("the job manager's rounds stopped")

@@ -1,0 +1,97 @@
+"""A job's Ray Data pipeline: read, embed in a pool of model actors, write Parquet, with Ray Data's own
+row-level checkpoints (a restarted job skips the rows written already, and never writes one twice).
+
+    read (JSONL / Parquet, through the storage root's pyarrow filesystem)
+      -> map_batches(Encoder, ActorPoolStrategy(min_actors, max_actors), num_cpus/num_gpus per actor)
+      -> write_parquet (two-phase: pending checkpoint, data file, committed checkpoint)
+
+The job's execution is bounded to a share of the cluster's CPUs (jobs.cluster_cpu_share) and its actors hold their
+own reservations, so the online replicas keep theirs. Progress is read from the committed checkpoints (their
+Parquet footers' row counts), which are exactly the rows written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from embedding_service.config import JobsSettings, ModelSettings
+from embedding_service.jobs.spec import JobSpec
+from embedding_service.jobs.storage import StorageRoot, filesystem_for
+
+PENDING = ".pending.parquet"
+# Read and write tasks are light next to the model actors: a quarter CPU each keeps them from crowding the pool.
+IO_TASK_CPUS = 0.25
+FILTER_ACTORS = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where one run of a job reads and writes."""
+
+    input_uri: str
+    input_format: str  # parquet | jsonl (an OpenAI file runs as the Parquet its validation wrote)
+    id_column: str
+    output_uri: str
+    checkpoint_uri: str
+
+
+def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings, root: StorageRoot,
+             plan: Plan) -> None:
+    """Runs the job's pipeline to its end, resuming from the checkpoints a previous run left."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
+    from ray.data.checkpoint import CheckpointConfig
+
+    from embedding_service.batch.encoder import Encoder  # the model's code: loaded in the runner only
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.target_max_block_size = jobs.block_bytes
+    # Parquet's V2 reader lists files in a 1-CPU task and reads footers in 32 actors: on a small cluster those
+    # took the CPUs the job's own reads needed (a resumed job waited minutes). V1 reads a file in a task.
+    context.use_datasource_v2 = False
+    checkpoints = CheckpointConfig(
+        id_column=plan.id_column, checkpoint_path=root.path_of(plan.checkpoint_uri),
+        override_filesystem=root.filesystem, delete_checkpoint_on_success=False)
+    # A resumed job filters the rows written already in a pool of 1-CPU actors (up to 10 by default): one is
+    # enough for ids, and more would take the CPUs its reads need (seen: a resumed job hung, its reads unplaced).
+    if not hasattr(checkpoints, "checkpoint_actor_pool_max_size"):
+        raise RuntimeError("ray.data.checkpoint.CheckpointConfig has no checkpoint_actor_pool_max_size: this Ray "
+                           "is not the release the jobs were built on (requirements/service.txt)")
+    checkpoints.checkpoint_actor_pool_max_size = FILTER_ACTORS
+    context.checkpoint_config = checkpoints
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    floor = jobs.num_cpus_per_actor * jobs.min_actors + FILTER_ACTORS + 2 * IO_TASK_CPUS
+    context.execution_options.resource_limits = ExecutionResources.for_limits(
+        cpu=max(floor, jobs.cluster_cpu_share * cluster_cpus))
+    # A dataset may lie outside the storage root (a dataset root of its own): each URI is opened by its scheme.
+    in_fs, source = filesystem_for(plan.input_uri, jobs.s3_endpoint)
+    out_fs, target = filesystem_for(plan.output_uri, jobs.s3_endpoint)
+    if plan.input_format == "parquet":
+        dataset = ray.data.read_parquet(source, filesystem=in_fs, num_cpus=IO_TASK_CPUS)
+    else:
+        dataset = ray.data.read_json(source, filesystem=in_fs, lines=True, num_cpus=IO_TASK_CPUS,
+                                     file_extensions=None)
+    dataset = dataset.map_batches(
+        Encoder, fn_constructor_args=(model, spec), batch_format="pyarrow", batch_size=jobs.rows_per_batch,
+        compute=ActorPoolStrategy(min_size=jobs.min_actors, max_size=jobs.max_actors),
+        num_cpus=jobs.num_cpus_per_actor, num_gpus=jobs.num_gpus_per_actor,
+        resources=dict(jobs.actor_resources) or None)
+    dataset.set_name(name)  # how the pool shows in Ray's dashboard
+    dataset.write_parquet(target, filesystem=out_fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+
+
+def rows_written(root: StorageRoot, checkpoint_uri: str) -> int:
+    """Rows whose output is written: the committed checkpoints' row counts."""
+    total = 0
+    for path in root.listing(checkpoint_uri, ".parquet"):
+        if path.endswith(PENDING):
+            continue
+        try:
+            total += pq.read_metadata(path, filesystem=root.filesystem).num_rows
+        except (OSError, ValueError):  # deleted or being renamed meanwhile: counted next time
+            continue
+    return total

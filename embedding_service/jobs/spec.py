@@ -1,0 +1,42 @@
+"""What a batch job runs, as the store keeps it (the job row's `spec`): its source, model, options and where its
+input and output lie. Written by whoever creates the job (the gateway's Batch API, the router's CreateJob) and read
+by its runner."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The dataset jobs' vector encodings (the service's own: the client library's OUTPUTS).
+ENCODINGS = ("float", "int8", "uint8", "binary", "ubinary")
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["openai", "dataset"] = Field(
+        description="openai: an uploaded file of OpenAI batch lines (each its own options); dataset: a JSONL or "
+        "Parquet dataset with a text and an id column.")
+    model: str
+    input_uri: str = Field(description="The uploaded file's location, or the dataset's URI (a file or a folder).")
+    input_format: Literal["openai", "jsonl", "parquet"] = "openai"
+    text_column: str = "text"
+    id_column: str = "id"
+    dimensions: int | None = Field(None, ge=1)
+    encoding: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
+    normalize: bool = True
+    prompt_name: str | None = None
+    output_uri: str = Field("", description="The folder the Parquet output is written to; empty: the job's own "
+                            "folder's `output` (output_of).")
+
+
+def job_folder(storage_uri: str, job_id: str) -> str:
+    """Where a job's own working files lie under the storage root (normalized input, checkpoints, output)."""
+    return f"{storage_uri.rstrip('/')}/jobs/{job_id}"
+
+
+def output_of(spec: dict | JobSpec, storage_uri: str, job_id: str) -> str:
+    """Where a job's Parquet output lies: the folder its request named, else its own folder's `output`."""
+    named = spec.output_uri if isinstance(spec, JobSpec) else spec.get("output_uri", "")
+    return named or f"{job_folder(storage_uri, job_id)}/output"

@@ -1,0 +1,281 @@
+"""Batch jobs on Ray Data, on the session's real cluster: OpenAI's Batch API through the gateway with the official
+`openai` SDK, and gRPC jobs over Parquet; every vector equal to sentence-transformers' own, every row written once
+through a lost runner and a lost worker node, cancel stopping the pool, and one key's jobs invisible to another."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import openai
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.batch.runner import NAMESPACE, runner_name
+from tests.helpers.gateways import running_gateway
+from tests.helpers.grpc_errors import error_info
+from tests.helpers.models import MINILM, RERANKER, TINY, TINY_DIM
+from tests.helpers.observe import total, wait_until
+from tests.helpers.session import BATCH_RESOURCE, BATCH_SLOTS
+from tests.helpers.texts import make_texts
+
+KEY = "batch-key"
+TOL = 1e-5
+FINAL = (pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED, pb.JOB_STATUS_EXPIRED)
+
+
+def _line(custom_id: str, text, model: str = MINILM, **body) -> bytes:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": model, "input": text, **body}}).encode() + b"\n"
+
+
+@pytest.fixture(scope="module")
+def jobs(service):
+    return service.config.args.jobs
+
+
+def _add_batch_node(service):
+    return service.cluster.add_node(num_cpus=0, resources={BATCH_RESOURCE: BATCH_SLOTS})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def batch_nodes(service):
+    """The jobs' own node group (the session's args.jobs.actor_resources), for this module's jobs only: its nodes
+    hold no replica, so losing one costs the online service nothing. Removed, every one, at the end."""
+    before = {n.node_id for n in service.cluster.worker_nodes}
+    _add_batch_node(service)
+    service.cluster.wait_for_nodes()
+    yield
+    for handle in list(service.cluster.worker_nodes):
+        if handle.node_id not in before:
+            service.cluster.remove_node(handle)
+
+
+@pytest.fixture(scope="module")
+def client(service, jobs):
+    with running_gateway(targets=[service.target], api_keys=[KEY, "other-key"],
+                         jobs_storage_root=jobs.storage_root) as base:
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _finished(client: openai.OpenAI, batch_id: str, timeout_s: float = 180):
+    seen = {}
+
+    def done() -> bool:
+        seen["batch"] = client.batches.retrieve(batch_id)
+        return seen["batch"].status in ("completed", "failed", "cancelled", "expired")
+
+    wait_until(done, timeout_s, f"batch {batch_id} finished")
+    return seen["batch"]
+
+
+def _jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).content.splitlines()] if file_id else []
+
+
+def _pool_actors() -> list[dict]:
+    """The jobs' model actors alive now (Ray's actor table: the session's Ray has no dashboard for its state API)."""
+    from ray._private.state import state
+
+    return [a for a in state.actor_table(None).values() if "Encoder" in a["ActorClassName"] and a["State"] == "ALIVE"]
+
+
+def test_an_openai_batch_through_the_sdk_equals_sentence_transformers_line_by_line(client, reference_models):
+    model = reference_models[MINILM]
+    texts = make_texts(40, seed=11)
+    data = b"".join(_line(f"doc-{i}", t) for i, t in enumerate(texts))
+    data += _line("many", texts[:3]) + _line("cut", texts[0], dimensions=128) + _line("b64", texts[1],
+                                                                                      encoding_format="base64")
+    data += b"{not json\n" + _line("too-wide", texts[2], dimensions=4096) + _line("empty", [])
+    source = client.files.create(file=("corpus.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h",
+                                  metadata={"run": "e2e"})
+    done = _finished(client, batch.id)
+    assert done.status == "completed", done.errors
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (46, 43, 3)
+    assert done.in_progress_at and done.finalizing_at and done.completed_at and done.model == MINILM
+    out = {line["custom_id"]: line for line in _jsonl(client, done.output_file_id)}
+    errors = _jsonl(client, done.error_file_id)
+    assert len(out) == 43 and len(errors) == 3
+    expected = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    for i in range(40):
+        body = out[f"doc-{i}"]["response"]["body"]
+        assert out[f"doc-{i}"]["response"]["status_code"] == 200 and body["model"] == MINILM
+        np.testing.assert_allclose(body["data"][0]["embedding"], expected[i], atol=TOL)
+        assert body["usage"]["prompt_tokens"] == len(model.tokenizer(texts[i], truncation=True)["input_ids"])
+    many = out["many"]["response"]["body"]["data"]
+    np.testing.assert_allclose([d["embedding"] for d in many], expected[:3], atol=TOL)
+    assert [d["index"] for d in many] == [0, 1, 2]
+    cut = expected[0][:128] / np.linalg.norm(expected[0][:128])
+    np.testing.assert_allclose(out["cut"]["response"]["body"]["data"][0]["embedding"], cut, atol=TOL)
+    raw = base64.b64decode(out["b64"]["response"]["body"]["data"][0]["embedding"])
+    np.testing.assert_allclose(np.frombuffer(raw, "<f4"), expected[1], atol=TOL)
+    by_id = {e["custom_id"]: e["response"] for e in errors}
+    assert by_id[None]["status_code"] == 400 and "not JSON" in by_id[None]["body"]["error"]["message"]
+    assert by_id["too-wide"]["status_code"] == 400 and by_id["too-wide"]["body"]["error"]["param"] == "dimensions"
+    assert by_id["empty"]["status_code"] == 400 and by_id["empty"]["body"]["error"]["param"] == "input"
+    # Another key sees none of it.
+    other = openai.OpenAI(base_url=str(client.base_url), api_key="other-key", max_retries=0)
+    for call in (lambda: other.batches.retrieve(batch.id), lambda: other.files.content(done.output_file_id),
+                 lambda: other.batches.cancel(batch.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
+def test_a_bad_file_fails_its_batch_and_an_unknown_model_fails_its_lines(client):
+    twice = _line("same", "a") + _line("same", "b")
+    batch = client.batches.create(input_file_id=client.files.create(
+        file=("twice.jsonl", io.BytesIO(twice)), purpose="batch").id, endpoint="/v1/embeddings",
+        completion_window="24h")
+    failed = _finished(client, batch.id)
+    assert failed.status == "failed" and failed.errors.data[0].code == "duplicate_custom_id"
+    assert failed.errors.data[0].line == 2
+    unknown = b"".join(json.dumps({"custom_id": f"u{i}", "method": "POST", "url": "/v1/embeddings",
+                                   "body": {"model": "no-such-model", "input": "x"}}).encode() + b"\n"
+                       for i in range(3))
+    batch = client.batches.create(input_file_id=client.files.create(
+        file=("unknown.jsonl", io.BytesIO(unknown)), purpose="batch").id, endpoint="/v1/embeddings",
+        completion_window="24h")
+    done = _finished(client, batch.id)
+    assert done.status == "completed" and done.output_file_id is None
+    lines = _jsonl(client, done.error_file_id)
+    assert [line["response"]["status_code"] for line in lines] == [404] * 3
+    assert lines[0]["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
+    texts = make_texts(20000, seed=5, max_words=30)
+    source = client.files.create(file=("big.jsonl", io.BytesIO(b"".join(_line(f"c{i}", t, TINY) for i, t in
+                                                                        enumerate(texts)))), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 120, "lines done")
+    asked = time.monotonic()
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    done = _finished(client, batch.id, 30)
+    assert done.status == "cancelled" and done.cancelled_at
+    wait_until(lambda: not _pool_actors(), 15, "the pool stopped")
+    assert time.monotonic() - asked < 20
+    lines = _jsonl(client, done.output_file_id)
+    ids = [line["custom_id"] for line in lines]
+    assert 0 < len(ids) < len(texts) and len(set(ids)) == len(ids)
+    assert done.request_counts.completed == len(ids)
+
+
+@pytest.fixture
+def dataset(jobs) -> tuple[str, list[str]]:
+    root = Path(jobs.dataset_roots[0])
+    root.mkdir(parents=True, exist_ok=True)
+    texts = make_texts(2400, seed=3, max_words=30)
+    path = root / f"corpus-{time.monotonic_ns()}.parquet"
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "body": texts}), path,
+                   row_group_size=200)
+    return str(path), texts
+
+
+def _create(service, dataset_path: str, tenant: str = "", model: str = TINY, **fields) -> pb.Job:
+    metadata = (("embedding-tenant", tenant),) if tenant else None
+    request = pb.CreateJobRequest(model=model, input_uri=dataset_path, input_format=pb.DATASET_FORMAT_PARQUET,
+                                  text_column="body", id_column="doc_id", **fields)
+    return service.stub.CreateJob(request, metadata=metadata, timeout=30).job
+
+
+def test_a_grpc_job_survives_its_runner_and_a_worker_node_lost_writing_each_row_once(
+        service, dataset, reference_models):
+    path, texts = dataset
+    # MiniLM: slow enough on these 2 cores (about 150 rows/s) that both faults land mid-job.
+    job = _create(service, path, model=MINILM, output_uri=str(Path(path).with_suffix("")) + "-out")
+    assert job.status == pb.JOB_STATUS_VALIDATING
+    watched: list[pb.Job] = []
+    follow = threading.Thread(target=lambda: watched.extend(
+        r.job for r in service.stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)), daemon=True)
+    follow.start()
+
+    def progress() -> pb.Job:
+        return service.stub.GetJob(pb.GetJobRequest(id=job.id), timeout=30).job
+
+    resumed_before = total("ray_embedding_job_runners_started_total", reason="resumed")
+    wait_until(lambda: progress().rows_done > 0, 120, "rows written")
+    # The runner (the job's Ray Data driver) killed: its pool dies with it; the manager starts it again.
+    ray.kill(ray.get_actor(runner_name(job.id), namespace=NAMESPACE), no_restart=True)
+    before = progress().rows_done
+    wait_until(lambda: progress().rows_done > before, 120, "the job resumed")  # from its checkpoints, not from 0
+    # The worker node that holds the pool's actor lost (another of the group standing by).
+    actors = _pool_actors()
+    assert len(actors) == 1
+    _add_batch_node(service)
+    victim = actors[0]["Address"]["NodeID"]
+    handle = next(n for n in service.cluster.worker_nodes if n.node_id == victim)
+    service.cluster.remove_node(handle)
+    assert progress().rows_done < len(texts), "the node was lost mid-job"
+    wait_until(lambda: progress().status in FINAL, 300, "the job finished")
+    done = progress()
+    assert done.status == pb.JOB_STATUS_COMPLETED, done.errors
+    assert (done.rows_total, done.rows_done) == (len(texts), len(texts))
+    out = pq.read_table(done.output_uri)
+    ids = out.column("doc_id").to_pylist()
+    assert len(ids) == len(texts) and set(ids) == {f"d{i}" for i in range(len(texts))}  # each row once
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    order = np.array([int(i[1:]) for i in ids])
+    sample = np.random.default_rng(0).choice(len(ids), 64, replace=False)
+    expected = reference_models[MINILM].encode([texts[k] for k in order[sample]], normalize_embeddings=True)
+    np.testing.assert_allclose(np.stack(out.column("embedding").to_numpy(zero_copy_only=False)[sample]), expected,
+                               atol=TOL)
+    follow.join(30)
+    assert watched and watched[-1].status == pb.JOB_STATUS_COMPLETED
+    assert watched[-1].status_times_ms["in_progress"] <= watched[-1].status_times_ms["completed"]
+    wait_until(lambda: total("ray_embedding_job_runners_started_total", reason="resumed") > resumed_before, 30,
+               "the resumed runner counted")
+
+
+def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, dataset, jobs):
+    path, _ = dataset
+    stub = service.stub
+
+    def refused(call) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        return caught.value.code(), error_info(caught.value).reason
+
+    mine = _create(service, path, tenant="alice", encoding=pb.VECTOR_ENCODING_INT8, dimensions=32)
+    assert _create(service, path, tenant="alice").id != mine.id
+    # The running bound (2 per key): the third is refused.
+    assert refused(lambda: _create(service, path, tenant="alice")) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                       "JOB_LIMIT_REACHED")
+    bob = (("embedding-tenant", "bob"),)
+    assert refused(lambda: stub.GetJob(pb.GetJobRequest(id=mine.id), metadata=bob)) == (
+        grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
+    assert refused(lambda: stub.CancelJob(pb.CancelJobRequest(id=mine.id), metadata=bob)) == (
+        grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
+    assert mine.id not in [j.id for j in stub.ListJobs(pb.ListJobsRequest(), metadata=bob).jobs]
+    listed = stub.ListJobs(pb.ListJobsRequest(limit=1), metadata=(("embedding-tenant", "alice"),))
+    assert len(listed.jobs) == 1 and listed.has_more
+    for job in stub.ListJobs(pb.ListJobsRequest(), metadata=(("embedding-tenant", "alice"),)).jobs:
+        cancelled = stub.CancelJob(pb.CancelJobRequest(id=job.id), metadata=(("embedding-tenant", "alice"),)).job
+        assert cancelled.status in (pb.JOB_STATUS_CANCELLING, pb.JOB_STATUS_CANCELLED)
+    assert refused(lambda: _create(service, "/etc/passwd")) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                                "DATASET_NOT_ALLOWED")
+    escape = str(Path(jobs.dataset_roots[0]) / ".." / "jobs" / "jobs.db")
+    assert refused(lambda: _create(service, escape)) == (grpc.StatusCode.PERMISSION_DENIED, "DATASET_NOT_ALLOWED")
+    assert refused(lambda: _create(service, path, output_uri="/tmp/elsewhere")) == (
+        grpc.StatusCode.PERMISSION_DENIED, "DATASET_NOT_ALLOWED")
+    assert refused(lambda: stub.CreateJob(pb.CreateJobRequest(model=MINILM, input_uri=path))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_JOB")
+    assert refused(lambda: _create(service, path, dimensions=TINY_DIM + 1)) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                        "INVALID_JOB")
+    assert refused(lambda: stub.CreateJob(pb.CreateJobRequest(
+        model="nope", input_uri=path, input_format=pb.DATASET_FORMAT_PARQUET))) == (grpc.StatusCode.NOT_FOUND,
+                                                                                   "MODEL_NOT_FOUND")
+    assert refused(lambda: stub.CreateJob(pb.CreateJobRequest(
+        model=RERANKER, input_uri=path, input_format=pb.DATASET_FORMAT_PARQUET))) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "WRONG_MODEL_KIND")
+    assert refused(lambda: stub.GetJob(pb.GetJobRequest(id="batch_missing"))) == (grpc.StatusCode.NOT_FOUND,
+                                                                                  "JOB_NOT_FOUND")

@@ -1,0 +1,160 @@
+"""OpenAI's Files and Batches routes of the gateway, driven by the official `openai` SDK against a real gateway
+(uvicorn) and a real store (SQLite under a temporary storage root): uploads streamed and bounded, listings paged,
+content downloaded byte for byte, batches created, cancelled and listed, and every object of one key invisible to
+another. The jobs' running is the cluster tests' (tests/cluster/test_batch_jobs.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import openai
+import pytest
+
+from embedding_service.jobs.store import JobStore, owner_of, store_url
+from tests.helpers.gateways import running_gateway
+
+KEYS = ["key-a", "key-b"]
+
+
+def _lines(n: int, model: str = "m") -> bytes:
+    return b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings",
+                                "body": {"model": model, "input": f"text {i}"}}).encode() + b"\n" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    with running_gateway(targets=["127.0.0.1:1"], api_keys=KEYS, jobs_storage_root=str(root),
+                         max_file_bytes=64 * 1024, max_files_per_key=6, max_running_jobs_per_key=3) as base:
+        yield base, root
+
+
+def _client(base: str, key: str = "key-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+def test_a_file_goes_up_streamed_and_comes_back_byte_for_byte(gateway):
+    base, root = gateway
+    client = _client(base)
+    data = _lines(300)
+    created = client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
+    assert (created.object, created.purpose, created.filename, created.bytes) == ("file", "batch", "input.jsonl",
+                                                                                    len(data))
+    assert client.files.retrieve(created.id).bytes == len(data)
+    assert client.files.content(created.id).content == data
+    stored = list((root / "files" / owner_of("key-a")).iterdir())
+    assert any(p.read_bytes() == data for p in stored)
+    # Another key: not found, as a missing one.
+    other = _client(base, "key-b")
+    for call in (lambda: other.files.retrieve(created.id), lambda: other.files.content(created.id),
+                 lambda: other.files.delete(created.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert created.id not in [f.id for f in other.files.list()]
+    assert client.files.delete(created.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created.id)
+    assert not any(p.exists() and p.read_bytes() == data for p in stored)
+
+
+def test_an_oversized_upload_is_413_and_leaves_nothing(gateway):
+    base, root = gateway
+    client = _client(base, "key-b")
+    before = {p for p in (root / "files").rglob("*") if p.is_file()}
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.files.create(file=("big.jsonl", io.BytesIO(b"x" * (200 * 1024))), purpose="batch")
+    assert caught.value.status_code == 413
+    # Without a content-length (chunked): cut at the first byte past the bound, as it streams.
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--B\r\n"
+            b"Content-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n" + b"y" * (100 * 1024)
+            + b"\r\n--B--\r\n")
+    answer = httpx.post(f"{base}/v1/files", content=iter([body[i:i + 4096] for i in range(0, len(body), 4096)]),
+                        headers={"authorization": "Bearer key-b", "content-type": "multipart/form-data; boundary=B"})
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"]["code"] == "file_too_large"
+    assert {p for p in (root / "files").rglob("*") if p.is_file()} == before
+
+
+def test_uploads_are_refused_without_a_key_or_with_a_wrong_purpose(gateway):
+    base, _ = gateway
+    answer = httpx.post(f"{base}/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "batch"})
+    assert answer.status_code == 401
+    with pytest.raises(openai.BadRequestError):
+        _client(base).files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    answer = httpx.post(f"{base}/v1/files", content=b"plain", headers={"authorization": "Bearer key-a",
+                                                                      "content-type": "text/plain"})
+    assert answer.status_code == 400
+
+
+def test_files_list_in_pages_newest_first(gateway):
+    base, _ = gateway
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="key-b", max_retries=0)
+    made = [client.files.create(file=(f"f{i}.jsonl", io.BytesIO(_lines(1))), purpose="batch").id for i in range(4)]
+    page = client.files.list(limit=3)
+    assert [f.id for f in page.data] == made[::-1][:3] and page.has_more
+    assert [f.id for f in client.files.list(limit=3)][:4] == made[::-1]
+    # The bound on files per key (6): refused past it.
+    client.files.create(file=("f4.jsonl", io.BytesIO(_lines(1))), purpose="batch")
+    client.files.create(file=("f5.jsonl", io.BytesIO(_lines(1))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("f6.jsonl", io.BytesIO(_lines(1))), purpose="batch")
+    assert "max_files_per_key" in str(caught.value)
+    for file_id in [f.id for f in client.files.list()]:
+        client.files.delete(file_id)
+
+
+def test_a_batch_is_created_listed_and_cancelled_by_its_key_only(gateway):
+    base, root = gateway
+    client = _client(base)
+    source = client.files.create(file=("input.jsonl", io.BytesIO(_lines(5))), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h",
+                                  metadata={"corpus": "docs"})
+    assert (batch.status, batch.input_file_id, batch.endpoint, batch.metadata) == (
+        "validating", source.id, "/v1/embeddings", {"corpus": "docs"})
+    assert batch.expires_at - batch.created_at == 24 * 3600
+    assert client.batches.retrieve(batch.id).id == batch.id
+    other = _client(base, "key-b")
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.cancel(batch.id)
+    with pytest.raises(openai.NotFoundError):  # another key's file cannot be a batch's input
+        other.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert batch.id not in [b.id for b in other.batches.list()]
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling" and cancelled.cancelling_at is not None
+    # What the store holds: the spec the service's runner reads.
+    store = JobStore(store_url(str(root), None))
+    kept = store.job(owner_of("key-a"), batch.id)
+    assert kept.spec["source"] == "openai" and kept.spec["input_uri"].endswith(kept.spec["input_uri"].split("/")[-1])
+    store.close()
+
+
+def test_batches_refuse_what_openai_refuses_and_page(gateway):
+    base, _ = gateway
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="key-b", max_retries=0)
+    source = client.files.create(file=("input.jsonl", io.BytesIO(_lines(2))), purpose="batch")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="48h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-missing", endpoint="/v1/embeddings", completion_window="24h")
+    made = [client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings",
+                                  completion_window="24h").id for _ in range(3)]
+    # The bound on running jobs per key (3): refused with 429.
+    with pytest.raises(openai.RateLimitError):
+        client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+    page = client.batches.list(limit=2)
+    assert [b.id for b in page.data] == made[::-1][:2] and page.has_more
+    assert [b.id for b in client.batches.list(limit=2)] == made[::-1]
+    for batch_id in made:
+        client.batches.cancel(batch_id)
+
+
+def test_the_batch_api_is_off_without_a_storage_root():
+    with running_gateway(targets=["127.0.0.1:1"], api_keys=KEYS) as base:
+        with pytest.raises(openai.NotFoundError):
+            _client(base).batches.list()
