@@ -26,13 +26,15 @@ from embedding_client.errors import (
     Unavailable,
 )
 from embedding_client.fallback import LocalFallback
+from embedding_client.jobs import Job, JobFailed
 from embedding_client.scoring import Ranked, RerankResult, SparseResult, SparseVector
 from embedding_client.sync import EmbedClient
 from embedding_client.tokenizing import DetokenizeResult, Tokenized, TokenizeResult
 
 __all__ = [
     "AsyncEmbedClient", "Classification", "ClassifyResult", "ClientStats", "DeadlineExceeded", "DetokenizeResult",
-    "EmbedClient", "EmbedResult", "EmbeddingError", "FailedPrecondition", "InvalidArgument", "LabelScore",
+    "EmbedClient", "EmbedResult", "EmbeddingError", "FailedPrecondition", "InvalidArgument", "Job", "JobFailed",
+    "LabelScore",
     "LocalFallback", "NotFound", "PermissionDenied", "Ranked", "RerankResult", "ResourceExhausted", "RetryPolicy",
     "SparseResult", "SparseVector", "TokenizeResult", "Tokenized", "Unauthenticated", "Unavailable", "Usage",
 ]

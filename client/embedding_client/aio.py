@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -194,6 +194,31 @@ class AsyncEmbedClient(ScoringCalls, ClassifyCalls, TokenizeCalls):
             return await getattr(target.stub, method)(request, timeout=timeout, metadata=self._metadata)
 
         return await self._attempts(method, deadline, attempt)
+
+    async def watch_job(self, job_id: str, *, timeout_s: float | None = None) -> AsyncIterator[pb.Job]:
+        """The job now, then at each change until it ends (WatchJob, with retries; a retry starts the watch
+        again, which sends the job as it stands)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def attempt(target, timeout):
+            async for reply in target.stub.WatchJob(pb.WatchJobRequest(id=job_id), timeout=timeout,
+                                                    metadata=self._metadata):
+                await queue.put(reply.job)
+
+        async def run() -> None:
+            try:
+                await self._attempts("WatchJob", self.deadline(timeout_s), attempt)
+            finally:
+                await queue.put(done)
+
+        task = asyncio.create_task(run())
+        try:
+            while (item := await queue.get()) is not done:
+                yield item
+            await task  # its failure, if any
+        finally:
+            task.cancel()
 
     async def list_models(self, *, timeout_s: float | None = None) -> pb.ListModelsResponse:
         listing = await self.call("ListModels", pb.ListModelsRequest(), timeout_s=timeout_s)

@@ -6,6 +6,7 @@
     python -m embedding_client rerank "a query" docs.jsonl ranked.jsonl --top-n 10
     python -m embedding_client classify corpus.parquet labels.parquet --id-field id --top-k 3   (or .jsonl)
     python -m embedding_client tokenize corpus.jsonl ids.jsonl --id-field id
+    python -m embedding_client job submit s3://bucket/corpus/ --format parquet --wait   (a batch job: cli_jobs.py)
 
 Input: a text file (one input per line), JSONL (an object per line, its `--field`, or a JSON string) or Parquet
 (its column `--field`; pyarrow). Output: a float32 .npy of one row per input line (or Parquet when pyarrow is
@@ -28,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embedding_client import cli_records, cli_scoring
-from embedding_client.cli_resumable import resumed_record
+from embedding_client import cli_jobs, cli_records, cli_scoring
 from embedding_client import progress as progress_bars
+from embedding_client.cli_resumable import resumed_record
 from embedding_client.encodings import TRUNCATION
 from embedding_client.errors import EmbeddingError
 from embedding_client.files import fingerprint, read_inputs, write_json
@@ -126,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--chunk", type=int, default=10_000, help="inputs per resumable step")
     cli_scoring.add_commands(commands, common_options)
     cli_records.add_commands(commands, common_options)
+    cli_jobs.add_commands(commands)
     args = parser.parse_args(argv)
     args.target = args.target or ["127.0.0.1:9000"]
     if getattr(args, "chunk", 1) < 1:
         parser.error("--chunk must be at least 1")
     try:
-        return {"embed": embed_file, **cli_scoring.COMMANDS, **cli_records.COMMANDS}[args.command](args)
+        return {"embed": embed_file, **cli_scoring.COMMANDS, **cli_records.COMMANDS, **cli_jobs.COMMANDS}[
+            args.command](args)
     except EmbeddingError as exc:
         print(f"embedding_client: {exc}", file=sys.stderr)
         return 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from embedding_client.aio import AsyncEmbedClient, EmbedResult, Input, Progress
 from embedding_client.classifying import ClassifyInput, ClassifyResult
+from embedding_client.jobs import Job, create_request, pages
 from embedding_client.scoring import RerankResult, SparseResult
 from embedding_client.tokenizing import DetokenizeResult, TokenizeResult
 from embedding_client.v1 import embedding_pb2 as pb
@@ -79,6 +80,36 @@ class EmbedClient:
 
     def call(self, method: str, request, *, timeout_s: float | None = None):
         return self._run(self.aio.call(method, request, timeout_s=timeout_s))
+
+    # ---- batch jobs (jobs.py) ------------------------------------------------
+
+    def submit_job(self, input_uri: str, *, input_format: str = "parquet", model: str = "", text_column: str = "text",
+                   id_column: str = "id", dimensions: int | None = None, encoding: str = "float",
+                   output_uri: str = "", prompt_name: str = "", metadata: dict[str, str] | None = None) -> Job:
+        """Starts a batch job over a dataset the service can read (one of its dataset roots); job.wait() follows
+        it."""
+        request = create_request(input_uri, input_format=input_format, model=model, text_column=text_column,
+                                 id_column=id_column, dimensions=dimensions, encoding=encoding,
+                                 output_uri=output_uri, prompt_name=prompt_name, metadata=metadata)
+        return Job(self, self.call("CreateJob", request).job)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self.call("GetJob", pb.GetJobRequest(id=job_id)).job)
+
+    def jobs(self, page_size: int = 20) -> Iterator[Job]:
+        """The calling key's jobs, newest first, fetched a page at a time."""
+        return (Job(self, m) for m in pages(lambda request: self.call("ListJobs", request), page_size))
+
+    def watch_job(self, job_id: str, timeout_s: float | None = None) -> Iterator[pb.Job]:
+        stream = self.aio.watch_job(job_id, timeout_s=timeout_s)
+        try:
+            while True:
+                try:
+                    yield self._run(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(stream.aclose())
 
     def list_models(self) -> pb.ListModelsResponse:
         return self._run(self.aio.list_models())

@@ -73,7 +73,7 @@ def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings,
     if plan.input_format == "parquet":
         dataset = ray.data.read_parquet(source, filesystem=in_fs, num_cpus=IO_TASK_CPUS)
     else:
-        dataset = ray.data.read_json(source, filesystem=in_fs, lines=True, num_cpus=IO_TASK_CPUS,
+        dataset = ray.data.read_json(source, filesystem=in_fs, num_cpus=IO_TASK_CPUS,  # JSON lines (pyarrow)
                                      file_extensions=None)
     dataset = dataset.map_batches(
         Encoder, fn_constructor_args=(model, spec), batch_format="pyarrow", batch_size=jobs.rows_per_batch,

@@ -1,5 +1,6 @@
-"""The cluster tier's session: one real Ray cluster (a head and two workers) and the service on it, started once when
-a test first asks for `service` and stopped, every process of it, when the session ends (tests/helpers/session.py)."""
+"""The cluster tier's session: one real Ray cluster (a head, two workers and two nodes for batch jobs) and the service
+on it, started once when a test first asks for `service` and stopped, every process of it, when the session ends
+(tests/helpers/session.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def otlp_sink():
 
 @pytest.fixture(scope="session")
 def service(tiny_model_dir, scoring_model_dirs, tmp_path_factory, otlp_sink) -> Service:
-    """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler) and two workers, tracing to the
-    session's OTLP collector."""
+    """A real multi-node Ray cluster on this machine: a head (proxy, router, recycler), two workers and the batch
+    jobs' nodes, tracing to the session's OTLP collector."""
     with running_service(tiny_model_dir, scoring_model_dirs, tmp_path_factory.mktemp("faults"), otlp_sink) as service:
         yield service
 
@@ -57,7 +58,7 @@ def capacity_restored(service):
     for handle in list(service.cluster.worker_nodes):
         if handle.node_id in faulted:
             service.cluster.remove_node(handle)
-    alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
+    alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head and n["Resources"].get("CPU")]
     for _ in range(len(alive), 2):
         service.cluster.add_node(num_cpus=WORKER_CPUS)
     wait_healthy(timeout_s=180)

@@ -25,7 +25,7 @@ from tests.helpers.gateways import running_gateway
 from tests.helpers.grpc_errors import error_info
 from tests.helpers.models import MINILM, RERANKER, TINY, TINY_DIM
 from tests.helpers.observe import total, wait_until
-from tests.helpers.session import BATCH_RESOURCE, BATCH_SLOTS
+from tests.helpers.session import BATCH_RESOURCE
 from tests.helpers.texts import make_texts
 
 KEY = "batch-key"
@@ -41,23 +41,6 @@ def _line(custom_id: str, text, model: str = MINILM, **body) -> bytes:
 @pytest.fixture(scope="module")
 def jobs(service):
     return service.config.args.jobs
-
-
-def _add_batch_node(service):
-    return service.cluster.add_node(num_cpus=0, resources={BATCH_RESOURCE: BATCH_SLOTS})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def batch_nodes(service):
-    """The jobs' own node group (the session's args.jobs.actor_resources), for this module's jobs only: its nodes
-    hold no replica, so losing one costs the online service nothing. Removed, every one, at the end."""
-    before = {n.node_id for n in service.cluster.worker_nodes}
-    _add_batch_node(service)
-    service.cluster.wait_for_nodes()
-    yield
-    for handle in list(service.cluster.worker_nodes):
-        if handle.node_id not in before:
-            service.cluster.remove_node(handle)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +65,13 @@ def _jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in client.files.content(file_id).content.splitlines()] if file_id else []
 
 
-def _pool_actors() -> list[dict]:
-    """The jobs' model actors alive now (Ray's actor table: the session's Ray has no dashboard for its state API)."""
+def _pool_nodes() -> list[str]:
+    """The jobs' nodes that hold a model actor now: those whose BATCH_RESOURCE is taken, in part or whole."""
     from ray._private.state import state
 
-    return [a for a in state.actor_table(None).values() if "Encoder" in a["ActorClassName"] and a["State"] == "ALIVE"]
+    available = state.available_resources_per_node()
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and BATCH_RESOURCE in n["Resources"]
+            and available.get(n["NodeID"], {}).get(BATCH_RESOURCE, 0) < n["Resources"][BATCH_RESOURCE]]
 
 
 def test_an_openai_batch_through_the_sdk_equals_sentence_transformers_line_by_line(client, reference_models):
@@ -162,7 +147,7 @@ def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
     assert client.batches.cancel(batch.id).status == "cancelling"
     done = _finished(client, batch.id, 30)
     assert done.status == "cancelled" and done.cancelled_at
-    wait_until(lambda: not _pool_actors(), 15, "the pool stopped")
+    wait_until(lambda: not _pool_nodes(), 15, "the pool stopped")
     assert time.monotonic() - asked < 20
     lines = _jsonl(client, done.output_file_id)
     ids = [line["custom_id"] for line in lines]
@@ -203,19 +188,21 @@ def test_a_grpc_job_survives_its_runner_and_a_worker_node_lost_writing_each_row_
         return service.stub.GetJob(pb.GetJobRequest(id=job.id), timeout=30).job
 
     resumed_before = total("ray_embedding_job_runners_started_total", reason="resumed")
-    wait_until(lambda: progress().rows_done > 0, 120, "rows written")
-    # The runner (the job's Ray Data driver) killed: its pool dies with it; the manager starts it again.
+    wait_until(lambda: progress().rows_done > 0 and _pool_nodes(), 120, "rows written")
+    # The worker node that holds the pool's actor lost (another of the jobs' nodes standing by): Ray Data starts
+    # the actor again there and retries the lost blocks.
+    holding = _pool_nodes()
+    assert len(holding) == 1
+    service.cluster.remove_node(next(n for n in service.cluster.worker_nodes if n.node_id == holding[0]))
+    written = progress().rows_done
+    assert written < len(texts), "the node was lost mid-job"
+    wait_until(lambda: progress().rows_done > written, 120, "the pool going on elsewhere")
+    # The runner (the job's Ray Data driver) killed: its pool dies with it; the manager starts it again, and Ray
+    # Data's checkpoints resume it from the rows written.
     ray.kill(ray.get_actor(runner_name(job.id), namespace=NAMESPACE), no_restart=True)
-    before = progress().rows_done
-    wait_until(lambda: progress().rows_done > before, 120, "the job resumed")  # from its checkpoints, not from 0
-    # The worker node that holds the pool's actor lost (another of the group standing by).
-    actors = _pool_actors()
-    assert len(actors) == 1
-    _add_batch_node(service)
-    victim = actors[0]["Address"]["NodeID"]
-    handle = next(n for n in service.cluster.worker_nodes if n.node_id == victim)
-    service.cluster.remove_node(handle)
-    assert progress().rows_done < len(texts), "the node was lost mid-job"
+    written = progress().rows_done
+    assert written < len(texts), "the runner was lost mid-job"
+    wait_until(lambda: progress().rows_done > written, 120, "the job resumed")
     wait_until(lambda: progress().status in FINAL, 300, "the job finished")
     done = progress()
     assert done.status == pb.JOB_STATUS_COMPLETED, done.errors
@@ -279,3 +266,33 @@ def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, da
         grpc.StatusCode.FAILED_PRECONDITION, "WRONG_MODEL_KIND")
     assert refused(lambda: stub.GetJob(pb.GetJobRequest(id="batch_missing"))) == (grpc.StatusCode.NOT_FOUND,
                                                                                   "JOB_NOT_FOUND")
+
+
+def test_the_client_submits_and_waits_and_the_cli_reads_the_job(service, jobs, reference_models):
+    import subprocess
+    import sys
+
+    from embedding_client import EmbedClient, Job
+
+    root = Path(jobs.dataset_roots[0])
+    root.mkdir(parents=True, exist_ok=True)
+    texts = make_texts(300, seed=9, max_words=20)
+    path = root / f"client-{time.monotonic_ns()}.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    seen: list[tuple[int, int]] = []
+    with EmbedClient(service.target) as client:
+        job = client.submit_job(str(path), input_format="jsonl", model=TINY, encoding="int8", dimensions=32)
+        assert isinstance(job, Job) and job.status == "validating"
+        job.wait(timeout_s=180, progress=lambda done, total: seen.append((done, total)))
+        assert job.status == "completed" and seen[-1] == (300, 300)
+        assert job.id in [j.id for j, _ in zip(client.jobs(page_size=1), range(3))]
+        online = client.embed(texts, model=TINY, dimensions=32, output="int8")
+    out = pq.read_table(job.output_uri)
+    assert out.schema.field("embedding").type == pa.list_(pa.int8(), 32)
+    got = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))[np.argsort(out.column("id").to_numpy())]
+    np.testing.assert_array_equal(got, online.vectors)  # the service's own int8 encoding, same ranges
+    status = subprocess.run([sys.executable, "-m", "embedding_client", "job", "status", job.id, "--target",
+                             service.target], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert (shown["id"], shown["status"], shown["rows_done"]) == (job.id, "JOB_STATUS_COMPLETED", "300")

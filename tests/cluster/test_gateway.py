@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedding_client.v1 import embedding_pb2 as pb
-from tests.helpers.gateways import gateway_process, post, readiness, running_gateway
 from tests.helpers.classifiers import CLASSIFIER
+from tests.helpers.gateways import gateway_process, post, readiness, running_gateway
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.ports import free_port
 from tests.helpers.session import REFUSING

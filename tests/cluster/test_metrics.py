@@ -16,8 +16,8 @@ from embedding_service.config import FORWARD_MAX_TOKENS
 from embedding_service.model.forward import plan_passes
 from embedding_service.wire.deadline import ELAPSED_KEY, TIMEOUT_KEY
 from embedding_service.wire.messages import MERGED_KEY
-from tests.helpers.gateways import post, running_gateway
 from tests.helpers.classifiers import CLASSIFIER
+from tests.helpers.gateways import post, running_gateway
 from tests.helpers.models import MINILM, RERANKER, SPLADE, TINY
 from tests.helpers.observe import gateway_samples, scrape, settled, total, wait_until
 from tests.helpers.paths import ROOT

@@ -30,8 +30,8 @@ from embedding_service.cli import TEARDOWN_S
 from embedding_service.ops import ray_internals
 from embedding_service.wire import node_env
 from embedding_service.wire.reasons import Reason
-from tests.helpers.gateways import readiness, running_gateway
 from tests.helpers.classifiers import CLASSIFIER
+from tests.helpers.gateways import readiness, running_gateway
 from tests.helpers.models import RERANKER, SPLADE, TINY
 from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
