@@ -5,6 +5,7 @@ through a lost runner and a lost worker node, cancel stopping the pool, and one 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.batch.runner import NAMESPACE, runner_name
@@ -25,11 +27,12 @@ from tests.helpers.gateways import running_gateway
 from tests.helpers.grpc_errors import error_info
 from tests.helpers.models import MINILM, RERANKER, TINY, TINY_DIM
 from tests.helpers.observe import total, wait_until
-from tests.helpers.session import BATCH_RESOURCE
+from tests.helpers.session import BATCH_RESOURCE, BATCH_SLOTS
 from tests.helpers.texts import make_texts
 
 KEY = "batch-key"
 TOL = 1e-5
+SETTLE_S = 5
 FINAL = (pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED, pb.JOB_STATUS_EXPIRED)
 
 
@@ -41,6 +44,44 @@ def _line(custom_id: str, text, model: str = MINILM, **body) -> bytes:
 @pytest.fixture(scope="module")
 def jobs(service):
     return service.config.args.jobs
+
+
+def add_batch_node(service, tries: int = 3):
+    """A node of the jobs' group (the session's args.jobs.actor_resources) that has taken work and lived on.
+
+    A raylet added to the running session here was seen dying by itself about 3 s after its start (killed, with
+    nothing in its logs; two times in about ten, never outside pytest nor at the session's start): a node that does
+    not outlive SETTLE_S is replaced."""
+
+    @ray.remote(num_cpus=0, resources={BATCH_RESOURCE: 0.001})
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    for _ in range(tries):
+        handle = service.cluster.add_node(num_cpus=0, resources={BATCH_RESOURCE: BATCH_SLOTS})
+        pinned = where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(handle.node_id, soft=False))
+        try:
+            ray.get(pinned.remote(), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+        time.sleep(SETTLE_S)
+        if any(n["NodeID"] == handle.node_id and n["Alive"] for n in ray.nodes()):
+            return handle
+        with contextlib.suppress(Exception):
+            service.cluster.remove_node(handle, allow_graceful=False)
+    raise AssertionError(f"no node of the jobs' group lived {SETTLE_S} s in {tries} tries")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def batch_nodes(service):
+    """The jobs' own node group for this module's jobs (no CPUs: no replica lands there, so losing one costs the
+    online service nothing); removed, every node of it, at the end."""
+    before = {n.node_id for n in service.cluster.worker_nodes}
+    add_batch_node(service)
+    yield
+    for handle in list(service.cluster.worker_nodes):
+        if handle.node_id not in before:
+            service.cluster.remove_node(handle)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +107,12 @@ def _jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
 
 
 def _pool_nodes() -> list[str]:
-    """The jobs' nodes that hold a model actor now: those whose BATCH_RESOURCE is taken, in part or whole."""
+    """The jobs' nodes that hold a model actor now (each takes one of a node's BATCH_RESOURCE)."""
     from ray._private.state import state
 
     available = state.available_resources_per_node()
     return [n["NodeID"] for n in ray.nodes() if n["Alive"] and BATCH_RESOURCE in n["Resources"]
-            and available.get(n["NodeID"], {}).get(BATCH_RESOURCE, 0) < n["Resources"][BATCH_RESOURCE]]
+            and available.get(n["NodeID"], {}).get(BATCH_RESOURCE, 0) <= n["Resources"][BATCH_RESOURCE] - 1]
 
 
 def test_an_openai_batch_through_the_sdk_equals_sentence_transformers_line_by_line(client, reference_models):
@@ -159,7 +200,7 @@ def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
 def dataset(jobs) -> tuple[str, list[str]]:
     root = Path(jobs.dataset_roots[0])
     root.mkdir(parents=True, exist_ok=True)
-    texts = make_texts(2400, seed=3, max_words=30)
+    texts = make_texts(30000, seed=3, max_words=30)
     path = root / f"corpus-{time.monotonic_ns()}.parquet"
     pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "body": texts}), path,
                    row_group_size=200)
@@ -173,54 +214,66 @@ def _create(service, dataset_path: str, tenant: str = "", model: str = TINY, **f
     return service.stub.CreateJob(request, metadata=metadata, timeout=30).job
 
 
-def test_a_grpc_job_survives_its_runner_and_a_worker_node_lost_writing_each_row_once(
-        service, dataset, reference_models):
+def test_a_job_survives_a_node_and_its_runner_lost_writing_each_row_once(service, dataset, reference_models):
+    """Submitted and followed with the client library (submit_job, wait over WatchJob), read with the command line."""
+    import subprocess
+    import sys
+
+    from embedding_client import EmbedClient
+
     path, texts = dataset
-    # MiniLM: slow enough on these 2 cores (about 150 rows/s) that both faults land mid-job.
-    job = _create(service, path, model=MINILM, output_uri=str(Path(path).with_suffix("")) + "-out")
-    assert job.status == pb.JOB_STATUS_VALIDATING
-    watched: list[pb.Job] = []
-    follow = threading.Thread(target=lambda: watched.extend(
-        r.job for r in service.stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)), daemon=True)
-    follow.start()
-
-    def progress() -> pb.Job:
-        return service.stub.GetJob(pb.GetJobRequest(id=job.id), timeout=30).job
-
     resumed_before = total("ray_embedding_job_runners_started_total", reason="resumed")
-    wait_until(lambda: progress().rows_done > 0 and _pool_nodes(), 120, "rows written")
-    # The worker node that holds the pool's actor lost (another of the jobs' nodes standing by): Ray Data starts
-    # the actor again there and retries the lost blocks.
-    holding = _pool_nodes()
-    assert len(holding) == 1
-    service.cluster.remove_node(next(n for n in service.cluster.worker_nodes if n.node_id == holding[0]))
-    written = progress().rows_done
-    assert written < len(texts), "the node was lost mid-job"
-    wait_until(lambda: progress().rows_done > written, 120, "the pool going on elsewhere")
-    # The runner (the job's Ray Data driver) killed: its pool dies with it; the manager starts it again, and Ray
-    # Data's checkpoints resume it from the rows written.
-    ray.kill(ray.get_actor(runner_name(job.id), namespace=NAMESPACE), no_restart=True)
-    written = progress().rows_done
-    assert written < len(texts), "the runner was lost mid-job"
-    wait_until(lambda: progress().rows_done > written, 120, "the job resumed")
-    wait_until(lambda: progress().status in FINAL, 300, "the job finished")
-    done = progress()
-    assert done.status == pb.JOB_STATUS_COMPLETED, done.errors
+    standby = add_batch_node(service)  # where the pool goes on once its node is lost
+    seen: list[tuple[int, int]] = []
+    with EmbedClient(service.target) as client:
+        job = client.submit_job(path, input_format="parquet", model=TINY, text_column="body", id_column="doc_id",
+                                output_uri=str(Path(path).with_suffix("")) + "-out")
+        assert job.status == "validating"
+        follow = threading.Thread(target=lambda: job.wait(timeout_s=300, progress=lambda d, n: seen.append((d, n))),
+                                  daemon=True)
+        follow.start()
+
+        def progress() -> pb.Job:
+            return client.job(job.id).message
+
+        # Each fault is made at the first rows written after the last, seconds before the end (the tiny model
+        # writes some 3,000 rows/s here, in blocks of about 1,300).
+        wait_until(lambda: progress().rows_done > 0 and _pool_nodes(), 120, "rows written")
+        # The node that holds the pool's actor lost (another of the jobs' nodes standing by): Ray Data starts the
+        # actor again there and retries the lost blocks.
+        holding = _pool_nodes()
+        assert len(holding) == 1 and holding[0] != standby.node_id
+        service.cluster.remove_node(next(n for n in service.cluster.worker_nodes if n.node_id == holding[0]))
+        written = progress().rows_done
+        assert written < len(texts), "the node was lost mid-job"
+        wait_until(lambda: progress().rows_done > written, 120, "the pool going on elsewhere")
+        # The runner (the job's Ray Data driver) killed: its pool dies with it; the manager starts it again, and
+        # Ray Data's checkpoints resume it from the rows written.
+        ray.kill(ray.get_actor(runner_name(job.id), namespace=NAMESPACE), no_restart=True)
+        written = progress().rows_done
+        assert written < len(texts), "the runner was lost mid-job"
+        follow.join(300)
+    assert job.status == "completed", job.message.errors
+    done = job.message
     assert (done.rows_total, done.rows_done) == (len(texts), len(texts))
+    assert seen[-1] == (len(texts), len(texts)) and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert done.status_times_ms["in_progress"] <= done.status_times_ms["completed"]
     out = pq.read_table(done.output_uri)
     ids = out.column("doc_id").to_pylist()
     assert len(ids) == len(texts) and set(ids) == {f"d{i}" for i in range(len(texts))}  # each row once
-    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), TINY_DIM)
     order = np.array([int(i[1:]) for i in ids])
     sample = np.random.default_rng(0).choice(len(ids), 64, replace=False)
-    expected = reference_models[MINILM].encode([texts[k] for k in order[sample]], normalize_embeddings=True)
+    expected = reference_models[TINY].encode([texts[k] for k in order[sample]], normalize_embeddings=True)
     np.testing.assert_allclose(np.stack(out.column("embedding").to_numpy(zero_copy_only=False)[sample]), expected,
                                atol=TOL)
-    follow.join(30)
-    assert watched and watched[-1].status == pb.JOB_STATUS_COMPLETED
-    assert watched[-1].status_times_ms["in_progress"] <= watched[-1].status_times_ms["completed"]
     wait_until(lambda: total("ray_embedding_job_runners_started_total", reason="resumed") > resumed_before, 30,
                "the resumed runner counted")
+    status = subprocess.run([sys.executable, "-m", "embedding_client", "job", "status", job.id, "--target",
+                             service.target], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert (shown["id"], shown["status"], int(shown["rows_done"])) == (job.id, "JOB_STATUS_COMPLETED", len(texts))
 
 
 def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, dataset, jobs):
@@ -268,31 +321,51 @@ def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, da
                                                                                   "JOB_NOT_FOUND")
 
 
-def test_the_client_submits_and_waits_and_the_cli_reads_the_job(service, jobs, reference_models):
-    import subprocess
-    import sys
+def test_a_job_runs_on_an_s3_storage_root_dataset_checkpoints_and_output(service, jobs, tmp_path):
+    """The storage root and the dataset on a real S3-compatible server (SeaweedFS, started here): a runner reads,
+    checkpoints and writes there through pyarrow's S3 filesystem, the store's URL from the variable the settings
+    name, the keys from the AWS_* variables, as on a cluster."""
+    import pyarrow.fs as pafs
 
-    from embedding_client import EmbedClient, Job
+    from embedding_client import EmbedClient
+    from embedding_service.batch.runner import JobRunner
+    from embedding_service.jobs.spec import JobSpec
+    from embedding_service.jobs.store import JobStore, owner_of
+    from tests.helpers.seaweed import aws_env, s3_server
+    from tests.helpers.session import HEAD
 
-    root = Path(jobs.dataset_roots[0])
-    root.mkdir(parents=True, exist_ok=True)
-    texts = make_texts(300, seed=9, max_words=20)
-    path = root / f"client-{time.monotonic_ns()}.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
-    seen: list[tuple[int, int]] = []
-    with EmbedClient(service.target) as client:
-        job = client.submit_job(str(path), input_format="jsonl", model=TINY, encoding="int8", dimensions=32)
-        assert isinstance(job, Job) and job.status == "validating"
-        job.wait(timeout_s=180, progress=lambda done, total: seen.append((done, total)))
-        assert job.status == "completed" and seen[-1] == (300, 300)
-        assert job.id in [j.id for j, _ in zip(client.jobs(page_size=1), range(3))]
-        online = client.embed(texts, model=TINY, dimensions=32, output="int8")
-    out = pq.read_table(job.output_uri)
-    assert out.schema.field("embedding").type == pa.list_(pa.int8(), 32)
-    got = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))[np.argsort(out.column("id").to_numpy())]
-    np.testing.assert_array_equal(got, online.vectors)  # the service's own int8 encoding, same ranges
-    status = subprocess.run([sys.executable, "-m", "embedding_client", "job", "status", job.id, "--target",
-                             service.target], capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr
-    shown = json.loads(status.stdout)
-    assert (shown["id"], shown["status"], shown["rows_done"]) == (job.id, "JOB_STATUS_COMPLETED", "300")
+    with s3_server() as s3:
+        fs = s3.filesystem()
+        texts = make_texts(600, seed=2, max_words=20)
+        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), f"{s3.bucket}/datasets/in.parquet",
+                       filesystem=fs)
+        settings = jobs.model_copy(update={"storage_root": f"s3://{s3.bucket}/jobs", "s3_endpoint": s3.endpoint,
+                                           "store_url_env": "JOBS_STORE_URL_FOR_TEST",
+                                           "dataset_roots": [f"s3://{s3.bucket}/datasets"]})
+        url = f"sqlite:///{tmp_path}/jobs.db"
+        store = JobStore(url)
+        spec = JobSpec(source="dataset", model=TINY, input_uri=f"s3://{s3.bucket}/datasets/in.parquet",
+                       input_format="parquet", output_uri=f"s3://{s3.bucket}/datasets/out", encoding="int8",
+                       dimensions=32)
+        record = store.add_job(owner_of("s3-key"), "dataset", "", TINY, spec=spec.model_dump())
+        models = {m.name: m for m in service.config.args.models}
+        runner = ray.remote(JobRunner).options(
+            num_cpus=0, resources=HEAD,
+            runtime_env={"env_vars": {**aws_env(s3), "JOBS_STORE_URL_FOR_TEST": url}}).remote(settings, models,
+                                                                                              record.id)
+        assert ray.get(runner.run.remote(), timeout=240) == "completed", store.job_by_id(record.id).errors
+        ray.kill(runner)
+        done = store.job_by_id(record.id)
+        assert (done.total, done.completed) == (len(texts), len(texts))
+        out = pq.read_table(f"{s3.bucket}/datasets/out", filesystem=fs)
+        ids = out.column("id").to_numpy()
+        assert sorted(ids.tolist()) == list(range(len(texts)))
+        assert out.schema.field("embedding").type == pa.list_(pa.int8(), 32)
+        # The service's own int8 at 32 dimensions (the same calibrated ranges), as the online path returns it.
+        with EmbedClient(service.target) as online:
+            expected = online.embed([texts[i] for i in ids], model=TINY, dimensions=32, output="int8").vectors
+        np.testing.assert_array_equal(np.stack(out.column("embedding").to_numpy(zero_copy_only=False)), expected)
+        checkpoints = fs.get_file_info(pafs.FileSelector(f"{s3.bucket}/jobs/jobs/{record.id}/checkpoints",
+                                                         recursive=True))
+        assert sum(i.size for i in checkpoints if i.type == pafs.FileType.File) > 0  # Ray Data's, on S3 too
+        store.close()
