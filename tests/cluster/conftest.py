@@ -1,5 +1,6 @@
-"""The cluster tier's session: one real Ray cluster (a head and two workers) and the service on it, started once when
-a test first asks for `service` and stopped, every process of it, when the session ends (tests/helpers/session.py)."""
+"""The cluster tier's session: one real Ray cluster (a head, two workers and two nodes for batch jobs) and the service
+on it, started once when a test first asks for `service` and stopped, every process of it, when the session ends
+(tests/helpers/session.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The cluster tier's service: one real Ray cluster on this machine (a head and two workers) running the service from
-serve-config.yaml with the tests' overrides (free ports, the packaged all-MiniLM-L6-v2 and a tiny random-weight BERT
-of another dimension, a tiny reranker, SPLADE model and classifier, small bounds a test can reach), and how to start
-and stop it.
+"""The cluster tier's service: one real Ray cluster on this machine (a head, two workers and two nodes for batch
+jobs) running the service from serve-config.yaml with the tests' overrides (free ports, the packaged
+all-MiniLM-L6-v2 and a tiny random-weight BERT of another dimension, a tiny reranker, SPLADE model and classifier,
+small bounds a test can reach), and how to start and stop it.
 tests/cluster/conftest.py makes it a session fixture."""
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ NODE_WATCHERS = 512
 # Calls a proxy holds waiting to leave merged: small enough for a test to fill, more than the tests' 96 concurrent
 # callers.
 PROXY_MAX_QUEUED_CALLS = 256
-# The batch jobs' node group: nodes without CPUs (no replica lands there, so losing one costs the online service
-# nothing) that declare it, each taking BATCH_SLOTS of the jobs' model actors at once. Added by the batch jobs'
-# tests only (tests/cluster/test_batch_jobs.py), so no other test pays for their processes.
+# The batch jobs' node group: BATCH_NODES nodes without CPUs (no replica lands there, so losing one costs the online
+# service nothing) that declare it, each taking BATCH_SLOTS of the jobs' model actors at once. Started with the
+# session: a node added to the running session was seen killed by itself seconds or minutes later (docs/testing.md).
 BATCH_RESOURCE = "embedding_batch"
 BATCH_SLOTS = 4
+BATCH_NODES = 2
 MAX_RUNNING_JOBS_PER_KEY = 2
 # Ray reports metrics every 10 s by default; the tests scrape sooner.
 METRICS_REPORT_MS = 500
@@ -141,7 +142,8 @@ class Service:
 
 
 def start_cluster():
-    """A head (no CPUs: the proxy, router and recycler go there by resource) and two workers. Ray's own start of a
+    """A head (no CPUs: the proxy, router and recycler go there by resource), two workers and the batch jobs' nodes
+    (BATCH_NODES). Ray's own start of a
     node timed out once on a loaded 2-core machine (its raylet registered with the GCS; the driver's wait for it
     never saw it): a second try, once every process of the first is stopped."""
     from ray.cluster_utils import Cluster
@@ -153,6 +155,8 @@ def start_cluster():
                              **ray_internals.metrics_report_interval(METRICS_REPORT_MS))
             for _ in range(2):
                 cluster.add_node(num_cpus=WORKER_CPUS)
+            for _ in range(BATCH_NODES):
+                cluster.add_node(num_cpus=0, resources={BATCH_RESOURCE: BATCH_SLOTS})
             cluster.wait_for_nodes()
             return cluster
         except Exception as exc:
