@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from embedding_service.jobs.openai_batch import ENDPOINTS
-from embedding_service.jobs.spec import JobSpec
+from embedding_service.jobs.spec import JobSpec, metadata_refusal
 from embedding_service.jobs.storage import StorageRoot
 from embedding_service.jobs.store import FileRecord, JobRecord, JobStore, LimitReached, now_ms, owner_of, store_url
 from embedding_service.wire.bearer import bearer_key
@@ -30,7 +30,6 @@ from gateway.uploads import UploadRefused, receive_upload
 
 batches = APIRouter()
 UPLOAD_PATH = "/v1/files"
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
 class BatchDesk:
@@ -73,6 +72,12 @@ def _owner(request: Request) -> str:
 
 def _seconds(ms: int | None) -> int | None:
     return None if ms is None else ms // 1000
+
+
+def _page(data: list[dict], more: bool) -> JSONResponse:
+    """OpenAI's cursor page: the SDK asks again `after` the last id while `has_more`."""
+    return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                         "last_id": data[-1]["id"] if data else None, "has_more": more})
 
 
 def _not_found(kind: str, object_id: str) -> errors.OpenAIError:
@@ -135,9 +140,7 @@ async def create_file(request: Request) -> JSONResponse:
 async def list_files(request: Request, after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
                      purpose: str | None = None) -> JSONResponse:
     records, more = await _desk(request).run(JobStore.files, _owner(request), after, limit, purpose)
-    data = [file_object(r) for r in records]
-    return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+    return _page([file_object(r) for r in records], more)
 
 
 async def _file(request: Request, file_id: str) -> FileRecord:
@@ -226,11 +229,9 @@ async def create_batch(request: Request) -> JSONResponse:
         raise errors.invalid_request(f"endpoint must be one of {', '.join(ENDPOINTS)}", "endpoint",
                                      "invalid_endpoint")
     metadata = body.metadata or {}
-    if len(metadata) > MAX_METADATA_PAIRS or any(len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE
-                                                 for k, v in metadata.items()):
-        raise errors.invalid_request(f"metadata holds at most {MAX_METADATA_PAIRS} pairs, keys of at most "
-                                     f"{MAX_METADATA_KEY} characters and values of at most {MAX_METADATA_VALUE}",
-                                     "metadata")
+    refusal = metadata_refusal(metadata)
+    if refusal is not None:
+        raise errors.invalid_request(refusal, "metadata")
     owner = _owner(request)
     desk = _desk(request)
     source = await desk.run(JobStore.file, owner, body.input_file_id)
@@ -267,6 +268,4 @@ async def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
 async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(20, ge=1, le=100)) -> JSONResponse:
     records, more = await _desk(request).run(JobStore.jobs, _owner(request), after, limit)
-    data = [batch_object(r) for r in records]
-    return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+    return _page([batch_object(r) for r in records], more)

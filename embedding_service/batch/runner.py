@@ -133,8 +133,9 @@ class JobRunner:
     def _validated(self, store: JobStore, root: StorageRoot, job: JobRecord, spec: JobSpec,
                    paths: Paths) -> Validated | None:
         """The file's check, done once: a resumed job reads what the first run found."""
-        if root.exists(paths.validated):
-            return Validated(**orjson.loads(b"".join(root.read_chunks(paths.validated))))
+        found = read_validated(root, paths)
+        if found is not None:
+            return found
         served = frozenset(name for name, m in self.models.items() if m.kind == "embedding")
         try:
             checked = validate(root, spec.input_uri, paths.runnable, paths.refused, job.endpoint or EMBEDDINGS,
@@ -187,6 +188,13 @@ def count_rows(spec: JobSpec, s3_endpoint: str | None) -> int:
     return total
 
 
+def read_validated(root: StorageRoot, paths: Paths) -> Validated | None:
+    """What a job's file check found, when it ran already (a resumed job does not check again)."""
+    if not root.exists(paths.validated):
+        return None
+    return Validated(**orjson.loads(b"".join(root.read_chunks(paths.validated))))
+
+
 def finish_openai(store: JobStore, root: StorageRoot, job: JobRecord, paths: Paths, status: str,
                   retention_s: float) -> JobRecord:
     """Writes an OpenAI batch's output and error files from what the pool wrote (all of it, or what a cancelled
@@ -212,8 +220,8 @@ def finish_openai(store: JobStore, root: StorageRoot, job: JobRecord, paths: Pat
                     else:
                         err.write(line)
                         bad += 1
-    refused = Validated(**orjson.loads(b"".join(root.read_chunks(paths.validated)))).refused \
-        if root.exists(paths.validated) else 0
+    validated = read_validated(root, paths)
+    refused = validated.refused if validated is not None else 0
     expires = now_ms() + int(retention_s * 1000)
     output_id = store.add_output_file(job.owner, f"{job.id}_output.jsonl", root.size(out_uri), out_uri,
                                       expires).id if ok else None

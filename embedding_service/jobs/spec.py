@@ -31,6 +31,19 @@ class JobSpec(BaseModel):
                             "folder's `output` (output_of).")
 
 
+# A job's metadata, as OpenAI bounds a batch's.
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def metadata_refusal(metadata: dict[str, str]) -> str | None:
+    """Why a job's metadata is refused (past OpenAI's bounds), or None."""
+    if len(metadata) > MAX_METADATA_PAIRS or any(len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE
+                                                 for k, v in metadata.items()):
+        return (f"metadata holds at most {MAX_METADATA_PAIRS} pairs, keys of at most {MAX_METADATA_KEY} characters "
+                f"and values of at most {MAX_METADATA_VALUE}")
+    return None
+
+
 def job_folder(storage_uri: str, job_id: str) -> str:
     """Where a job's own working files lie under the storage root (normalized input, checkpoints, output)."""
     return f"{storage_uri.rstrip('/')}/jobs/{job_id}"

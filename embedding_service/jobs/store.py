@@ -169,6 +169,11 @@ class JobRecord:
     times: dict = field(default_factory=dict)
 
 
+def _file_row(owner: str, purpose: str, filename: str, size: int, location: str, expires_at: int | None) -> _FileRow:
+    return _FileRow(id=f"file-{uuid.uuid4().hex}", owner=owner, purpose=purpose, filename=filename, bytes=size,
+                    created_at=now_ms(), expires_at=expires_at, location=location)
+
+
 def _record(cls, row) -> Any:
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
 
@@ -211,8 +216,7 @@ class JobStore:
         limits = self.limits
         if size > limits.max_file_bytes:
             raise LimitReached("max_file_bytes", limits.max_file_bytes)
-        row = _FileRow(id=f"file-{uuid.uuid4().hex}", owner=owner, purpose=purpose, filename=filename, bytes=size,
-                       created_at=now_ms(), expires_at=expires_at, location=location)
+        row = _file_row(owner, purpose, filename, size, location, expires_at)
         with self._session() as session:
             held = session.scalar(select(func.count()).select_from(_FileRow).where(_FileRow.owner == owner))
             if held >= limits.max_files_per_key:
@@ -292,8 +296,7 @@ class JobStore:
                         expires_at: int | None = None) -> FileRecord:
         """A file the service wrote for the owner (a batch's output or errors): outside the owner's bounds, which
         are for what a caller uploads."""
-        row = _FileRow(id=f"file-{uuid.uuid4().hex}", owner=owner, purpose="batch_output", filename=filename,
-                       bytes=size, created_at=now_ms(), expires_at=expires_at, location=location)
+        row = _file_row(owner, "batch_output", filename, size, location, expires_at)
         with self._session() as session:
             session.add(row)
             session.flush()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import AppArgs, JobsSettings
-from embedding_service.jobs.spec import JobSpec, output_of
+from embedding_service.jobs.spec import JobSpec, metadata_refusal, output_of
 from embedding_service.jobs.storage import within
 from embedding_service.jobs.store import FINAL, JobRecord, JobStore, LimitReached, open_store, owner_of
 from embedding_service.router.validation import check_kind, resolve_model_name
@@ -21,7 +21,6 @@ from embedding_service.wire.auth import given_key
 from embedding_service.wire.reasons import Reason, ServiceError
 
 TENANT_METADATA = "embedding-tenant"
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_PAGE, DEFAULT_PAGE = 100, 20
 WATCH_POLL_S = 0.5
 FORMATS = {pb.DATASET_FORMAT_JSONL: "jsonl", pb.DATASET_FORMAT_PARQUET: "parquet"}
@@ -72,10 +71,9 @@ class JobDesk:
         model = await info(name)
         spec = self._spec(request, name, model)
         metadata = dict(request.metadata)
-        if len(metadata) > MAX_METADATA_PAIRS or any(len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE
-                                                     for k, v in metadata.items()):
-            raise _invalid(f"metadata holds at most {MAX_METADATA_PAIRS} pairs, keys of at most {MAX_METADATA_KEY} "
-                           f"characters and values of at most {MAX_METADATA_VALUE}", "metadata")
+        refusal = metadata_refusal(metadata)
+        if refusal is not None:
+            raise _invalid(refusal, "metadata")
         try:
             record = await asyncio.to_thread(store.add_job, owner, "dataset", "", name, metadata, None,
                                              spec.model_dump())
