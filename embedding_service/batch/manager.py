@@ -60,10 +60,11 @@ class JobManager:
 
     def round(self) -> None:
         unfinished = self.store.unfinished()
-        running = [j for j in unfinished if j.status != "validating" or runner_of(j.id) is not None]
+        runners = {j.id: runner_of(j.id) for j in unfinished}  # one lookup in Ray's names per job and round
+        running = [j for j in unfinished if j.status != "validating" or runners[j.id] is not None]
         slots = self.jobs.max_running_jobs - len(running)
         for job in unfinished:
-            runner = runner_of(job.id)
+            runner = runners[job.id]
             if job.cancel_requested:
                 self._cancel(job, runner)
             elif runner is None and job.status == "validating":
