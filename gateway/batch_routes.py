@@ -195,9 +195,6 @@ class CreateBatch(BaseModel):
     metadata: dict[StrictStr, StrictStr] | None = Field(None)
 
 
-COMPLETION_WINDOW_MS = 24 * 3600 * 1000
-
-
 def batch_object(record: JobRecord) -> dict:
     times = record.times or {}
     errors_data = {"object": "list", "data": record.errors} if record.errors else None
@@ -207,7 +204,7 @@ def batch_object(record: JobRecord) -> dict:
         "output_file_id": record.output_file_id, "error_file_id": record.error_file_id,
         "created_at": _seconds(record.created_at),
         "in_progress_at": _seconds(times.get("in_progress")),
-        "expires_at": _seconds(record.created_at + COMPLETION_WINDOW_MS),
+        "expires_at": _seconds(record.spec.get("deadline_ms")),
         "finalizing_at": _seconds(times.get("finalizing")), "completed_at": _seconds(times.get("completed")),
         "failed_at": _seconds(times.get("failed")), "expired_at": _seconds(times.get("expired")),
         "cancelling_at": _seconds(times.get("cancelling")), "cancelled_at": _seconds(times.get("cancelled")),
@@ -239,7 +236,9 @@ async def create_batch(request: Request) -> JSONResponse:
         raise _not_found("file", body.input_file_id)
     if source.purpose != "batch":
         raise errors.invalid_request("input_file_id must name a file uploaded with purpose batch", "input_file_id")
-    spec = JobSpec(source="openai", model="", input_uri=source.location)
+    deadline = now_ms() + int(desk.settings.batch_completion_window_s * 1000)
+    spec = JobSpec(source="openai", model="", input_uri=source.location, endpoint=body.endpoint,
+                   deadline_ms=deadline)
     try:
         record = await desk.run(JobStore.add_job, owner, body.endpoint, source.id, "", metadata, None,
                                 spec.model_dump())

@@ -9,8 +9,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from embedding_client.errors import EmbeddingError
-from embedding_service.wire.openai_bodies import error_body
 from embedding_service.wire.reasons import Reason
+from embedding_service.wire.rest_bodies import error_body
 
 logger = logging.getLogger("gateway")
 

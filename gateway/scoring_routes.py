@@ -5,13 +5,12 @@ errors.py, metrics.py)."""
 
 from __future__ import annotations
 
-import uuid
-
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.wire.rest_bodies import rerank_body
 from gateway import errors
 from gateway.routes import ERROR_RESPONSES, call, read_body
 from gateway.scoring_schema import (
@@ -52,16 +51,8 @@ async def _rerank(request: Request) -> Response:
     if body.top_n is not None:
         message.top_n = _positive(body.top_n, "top_n")
     reply: pb.RerankResponse = await call(request, "Rerank", message)
-    results = []
-    for r in reply.results:
-        result: dict = {"index": r.index, "relevance_score": r.score}
-        if body.return_documents:
-            result["document"] = {"text": r.document}
-        results.append(result)
-    tokens = reply.usage.total_tokens
-    return _json({"id": str(uuid.uuid4()), "model": reply.model, "results": results,
-                  "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-                  "usage": {"total_tokens": tokens}})
+    ranked = ((r.index, r.score, r.document if body.return_documents else None) for r in reply.results)
+    return _json(rerank_body(reply.model, ranked, reply.usage.total_tokens))
 
 
 for path in ("/v1/rerank", "/v2/rerank"):

@@ -192,6 +192,9 @@ class GatewaySettings(BaseSettings):
     max_running_jobs_per_key: int = Field(
         JobLimits().max_running_jobs_per_key, ge=1,
         description="Batches of one key not yet final (429 past it; args.jobs.limits.max_running_jobs_per_key).")
+    batch_completion_window_s: float = Field(
+        24 * 3600.0, gt=0, description="Seconds a batch has to finish from its creation (OpenAI's completion_window "
+        "24h): past them an unfinished batch ends expired, its lines done in its output files, the rest not run.")
     files_retention_s: float = Field(
         30 * 86400.0, gt=0, description="Seconds an uploaded file is kept; then deleted (args.jobs.retention_s).")
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from embedding_client.encodings import OUTPUTS
 from embedding_client.v1 import embedding_pb2 as pb
-from embedding_service.wire.openai_bodies import embeddings_body
+from embedding_service.wire.rest_bodies import embeddings_body
 from gateway import errors
 from gateway.bounded_lists import INT32_MAX
 from gateway.coalescing import Reply

@@ -1,12 +1,13 @@
 """A batch job's model actor: what Ray Data's `map_batches` runs in each actor of the job's pool.
 
-It loads the model with the replicas' own path (model/forward.py load_model: backend, precision, the start-up
-canary and accuracy gate) and computes with their forward passes (embed_texts: passes within the model's token
-budget), then cuts, normalizes and packs the vectors as a replica's `shape` does. Two row shapes:
+It loads the model with the replicas' own path (an embedding model: model/forward.py load_model, with its backend,
+precision, start-up canary and accuracy gate; a reranker: model/scoring.py RerankScorer) and refuses to run what
+the gate refused. It computes with their forward passes (passes within the model's token budget), then cuts,
+normalizes and packs vectors as a replica's `shape` does, or ranks scores as the router does. Row shapes:
 
 - a dataset's rows (id, text) -> (id, embedding: a fixed-size list of the encoding's type, tokens);
-- an OpenAI batch's lines (row, custom_id, inputs, dimensions, output_dtype, base64) -> (row, custom_id,
-  status_code, body: the /v1/embeddings body as JSON, tokens).
+- an OpenAI batch's lines (row, custom_id, then the endpoint's columns: openai_input.SCHEMAS) -> (row, custom_id,
+  status_code, body: the /v1/embeddings or /v1/rerank body as JSON, tokens).
 """
 
 from __future__ import annotations
@@ -16,24 +17,37 @@ import orjson
 import pyarrow as pa
 
 from embedding_service.config import ModelSettings
+from embedding_service.jobs.openai_batch import RERANK
 from embedding_service.jobs.spec import JobSpec
-from embedding_service.model.forward import embed_texts, load_model, reference_vectors
+from embedding_service.model.forward import embed_texts, load_model, plan_passes, reference_vectors
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
-from embedding_service.wire.openai_bodies import embeddings_body, error_body
+from embedding_service.model.scoring import RerankScorer, truncated
+from embedding_service.wire.rest_bodies import embeddings_body, error_body, rerank_body
 
 RANGED = ("int8", "uint8")
 ARROW_TYPES = {"float": pa.float32(), "int8": pa.int8(), "uint8": pa.uint8(), "binary": pa.int8(),
                "ubinary": pa.uint8()}
 
 
+class ModelRefused(RuntimeError):
+    """The model's start-up check (canary, accuracy gate) refused it: a job does not run what no replica serves."""
+
+
 class Encoder:
     def __init__(self, settings: ModelSettings, spec: JobSpec) -> None:
         self.settings, self.spec = settings, spec
-        self.loaded = load_model(settings)
-        self.dimension = self.loaded.dimension
-        self._reference: np.ndarray | None = None
-        self._ranges: dict[int | None, np.ndarray] = {}
-        self.prompt = self.loaded.model.prompts.get(spec.prompt_name) if spec.prompt_name else None
+        if spec.source == "openai" and spec.endpoint == RERANK:
+            self.scorer = RerankScorer(settings)
+            verification = self.scorer.loaded.info.verification
+        else:
+            self.loaded = load_model(settings)
+            self.dimension = self.loaded.dimension
+            self._reference: np.ndarray | None = None
+            self._ranges: dict[int | None, np.ndarray] = {}
+            self.prompt = self.loaded.model.prompts.get(spec.prompt_name) if spec.prompt_name else None
+            verification = self.loaded.verification
+        if verification is not None and verification.refused:
+            raise ModelRefused(f"model {settings.name!r} failed its start-up check: {verification.refused}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.spec.source == "openai":
@@ -76,29 +90,72 @@ class Encoder:
 
     def _lines(self, batch: pa.Table) -> pa.Table:
         lines = batch.to_pylist()
-        texts = [text for line in lines for text in line["inputs"]]
-        pooled, tokens = embed_texts(self.loaded, self.settings, texts, "end") if texts else (None, [])
-        statuses, bodies, counts = [], [], []
-        start = 0
-        for line in lines:
-            end = start + len(line["inputs"])
-            used = int(sum(tokens[start:end]))
-            status, body = self._answer(line, pooled[start:end], used)
-            statuses.append(status)
-            bodies.append(orjson.dumps(body).decode())
-            counts.append(used)
-            start = end
+        answers = self._rerank_answers(lines) if self.spec.endpoint == RERANK else self._embedding_answers(lines)
+        statuses, bodies, counts = zip(*answers) if answers else ((), (), ())
         return pa.table({
             "row": batch.column("row"),
             "custom_id": batch.column("custom_id"),
             "status_code": pa.array(statuses, type=pa.int32()),
-            "body": pa.array(bodies, type=pa.string()),
+            "body": pa.array([orjson.dumps(b).decode() for b in bodies], type=pa.string()),
             "tokens": pa.array(counts, type=pa.int32()),
         })
 
-    def _answer(self, line: dict, pooled: np.ndarray, tokens: int) -> tuple[int, dict]:
+    def _embedding_answers(self, lines: list[dict]) -> list[tuple[int, dict, int]]:
+        texts = [text for line in lines for text in line["inputs"]]
+        pooled, tokens = embed_texts(self.loaded, self.settings, texts, "end") if texts else (None, [])
+        answers, start = [], 0
+        for line in lines:
+            end = start + len(line["inputs"])
+            used = int(sum(tokens[start:end]))
+            answers.append((*self._embedding_answer(line, pooled[start:end], used), used))
+            start = end
+        return answers
+
+    def _embedding_answer(self, line: dict, pooled: np.ndarray, tokens: int) -> tuple[int, dict]:
         dimensions = line["dimensions"]
         if dimensions is not None and dimensions > self.dimension:
             return 400, error_body(f"dimensions must be at most the model's {self.dimension}", param="dimensions")
         vectors = self._shaped(pooled, dimensions, line["output_dtype"], True)
         return 200, embeddings_body(vectors, line["base64"], self.settings.name, tokens)
+
+    def _rerank_answers(self, lines: list[dict]) -> list[tuple[int, dict, int]]:
+        """Each line's pairs tokenized as a rerank replica tokenizes a shard, all the lines' pairs run in passes
+        within the token budget, each line's scores ranked as the router ranks them."""
+        scorer, info = self.scorer, self.scorer.loaded.info
+        maximum = info.max_sequence_length
+        rows: list = []
+        lengths: list[int] = []
+        answers: list[tuple[int, dict, int] | None] = []  # a refused line's answer; None: its pairs run
+        spans: list[tuple[int, np.ndarray]] = []  # each running line's first row and its pairs' tokens
+        for line in lines:
+            pairs = scorer.pairs.pairs(line["query"], line["documents"])
+            counts, too_long = truncated(pairs.full, maximum, "end" if line["truncate"] else "reject")
+            if too_long:
+                k = too_long[0]
+                answers.append((400, error_body(
+                    f"document {k} with the query has {int(counts[k])} tokens; model {self.settings.name!r} takes "
+                    f"at most {maximum} and truncate is false", param="documents", code="input_too_long"), 0))
+                continue
+            answers.append(None)
+            spans.append((len(rows), counts))
+            rows.extend(pairs.rows)
+            lengths.extend(int(c) for c in counts)
+        raw = np.empty(len(rows), dtype=np.float32)
+        budget = self.settings.forward_token_budget(info.device)
+        for group in plan_passes(lengths, self.settings.forward_batch_size, budget):
+            raw[group] = scorer.raw_scores([rows[k] for k in group])
+        running = iter(spans)
+        for i, line in enumerate(lines):
+            if answers[i] is not None:
+                continue
+            start, counts = next(running)
+            scores = raw[start : start + len(counts)]
+            if line["activation"]:
+                scores = scorer.activated(scores)
+            # Highest first, ties in document order (as the router and CrossEncoder.rank sort).
+            order = np.argsort(-scores, kind="stable")[: line["top_n"] or len(counts)]
+            documents = line["documents"] if line["return_documents"] else None
+            ranked = ((int(k), float(scores[k]), documents[k] if documents else None) for k in order)
+            used = int(counts.sum())
+            answers[i] = (200, rerank_body(self.settings.name, ranked, used), used)
+        return answers

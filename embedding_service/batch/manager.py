@@ -7,7 +7,8 @@ the manager. Each round (jobs.poll_s) it:
 - starts again the runner of a job in progress whose runner is gone (its node lost, the head restarted, the actor
   killed): Ray Data's checkpoints resume it from the rows written, none twice;
 - carries out cancels: the runner is killed (its pool with it, within seconds) and the job ends cancelled with
-  the output written so far, marked partial;
+  the output written so far, marked partial; a job past its deadline (an OpenAI batch's completion window) ends
+  the same way, expired;
 - deletes what retention ended (files, jobs and their folders);
 - sets the job metrics from the store.
 
@@ -21,11 +22,11 @@ from collections import Counter
 
 import ray
 
-from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_cancelled, runner_name
+from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_stopped, runner_name
 from embedding_service.config import ON_HEAD, JobsSettings, ModelSettings
 from embedding_service.jobs.spec import job_folder
 from embedding_service.jobs.storage import StorageRoot
-from embedding_service.jobs.store import FINAL, STATUSES, JobRecord, open_store
+from embedding_service.jobs.store import FINAL, STATUSES, JobRecord, now_ms, open_store
 from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import JobMetrics
 
@@ -38,6 +39,12 @@ def runner_of(job_id: str):
         return ray.get_actor(runner_name(job_id), namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def _past_deadline(job: JobRecord, now: int) -> bool:
+    """Unfinished at its deadline; a job writing its output files already is left to finish."""
+    deadline = job.spec.get("deadline_ms")
+    return deadline is not None and now >= deadline and job.status != "finalizing"
 
 
 class JobManager:
@@ -63,10 +70,13 @@ class JobManager:
         runners = {j.id: runner_of(j.id) for j in unfinished}  # one lookup in Ray's names per job and round
         running = [j for j in unfinished if j.status != "validating" or runners[j.id] is not None]
         slots = self.jobs.max_running_jobs - len(running)
+        now = now_ms()
         for job in unfinished:
             runner = runners[job.id]
             if job.cancel_requested:
-                self._cancel(job, runner)
+                self._stop(job, runner, "cancelled")
+            elif _past_deadline(job, now):
+                self._stop(job, runner, "expired")
             elif runner is None and job.status == "validating":
                 if slots > 0:
                     slots -= 1
@@ -84,11 +94,11 @@ class JobManager:
         actor.run.remote()
         self.metrics.runners_started.inc(tags={"reason": reason})
 
-    def _cancel(self, job: JobRecord, runner) -> None:
+    def _stop(self, job: JobRecord, runner, status: str) -> None:
         if runner is not None:
             ray.kill(runner, no_restart=True)  # its pool's actors die with their owner
-            logger.info("jobs: job %s cancelled: its runner was stopped", job.id)
-        ended = finish_cancelled(self.store, self.root, job, self.jobs.retention_s, self.jobs.s3_endpoint)
+        logger.info("jobs: job %s %s: its runner was stopped", job.id, status)
+        ended = finish_stopped(self.store, self.root, job, status, self.jobs.retention_s, self.jobs.s3_endpoint)
         self.metrics.jobs_ended.inc(tags={"status": ended.status})
 
     def _expire(self) -> None:
@@ -104,15 +114,16 @@ class JobManager:
             if status not in FINAL:
                 self.metrics.jobs.set(counts.get(status, 0), tags={"status": status})
         running = {j.id for j in unfinished}
-        for job in unfinished:
+        ended = [self.store.job_by_id(gone) for gone in self._seen_running - running]
+        ended = [j for j in ended if j is not None and j.status in FINAL]
+        for job in unfinished + ended:  # an ended job's gauges keep its final values
             tags = {"job": job.id}
             self.metrics.job_rows_done.set(job.completed, tags=tags)
             self.metrics.job_rows_total.set(job.total, tags=tags)
             self.metrics.job_rows_per_second.set(job.rows_per_s, tags=tags)
-        for gone in self._seen_running - running:
-            ended = self.store.job_by_id(gone)
-            if ended is not None and ended.status in FINAL and not ended.cancel_requested:
-                self.metrics.jobs_ended.inc(tags={"status": ended.status})
+        for job in ended:
+            if job.status not in ("cancelled", "expired"):  # those counted where they were stopped
+                self.metrics.jobs_ended.inc(tags={"status": job.status})
         self._seen_running = running
 
     async def check_health(self) -> None:

@@ -12,13 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedding_service.config import JobLimits
-from embedding_service.jobs.openai_batch import BadLine, FileRefused, parse_line, result_line
+from embedding_service.jobs.openai_batch import EMBEDDINGS, RERANK, BadLine, FileRefused, parse_line, result_line
 from embedding_service.jobs.storage import StorageRoot
-from embedding_service.wire.openai_bodies import error_body
+from embedding_service.wire.rest_bodies import error_body
 
 ROW_GROUP = 1024
-SCHEMA = pa.schema([("row", pa.int64()), ("custom_id", pa.string()), ("inputs", pa.list_(pa.string())),
-                    ("dimensions", pa.int32()), ("output_dtype", pa.string()), ("base64", pa.bool_())])
+_LINE = [("row", pa.int64()), ("custom_id", pa.string())]
+SCHEMAS = {  # each endpoint's runnable lines: the line's number and custom_id, then its body's columns
+    EMBEDDINGS: pa.schema(_LINE + [("inputs", pa.list_(pa.string())), ("dimensions", pa.int32()),
+                                   ("output_dtype", pa.string()), ("base64", pa.bool_())]),
+    RERANK: pa.schema(_LINE + [("query", pa.string()), ("documents", pa.list_(pa.string())), ("top_n", pa.int32()),
+                               ("return_documents", pa.bool_()), ("activation", pa.bool_()), ("truncate", pa.bool_())]),
+}
 
 
 @dataclass(frozen=True)
@@ -45,14 +50,15 @@ def lines_of(chunks: Iterator[bytes]) -> Iterator[bytes]:
 def validate(root: StorageRoot, input_uri: str, runnable_uri: str, errors_uri: str, endpoint: str,
              limits: JobLimits, served: frozenset[str]) -> Validated:
     """Writes the runnable lines to `runnable_uri` (Parquet) and the refused ones to `errors_uri` (OpenAI's error
-    lines); FileRefused when the file cannot be a batch."""
+    lines); FileRefused when the file cannot be a batch. `served`: the models of the endpoint's kind."""
     fs = root.filesystem
+    schema = SCHEMAS[endpoint]
     seen: set[str] = set()
     model = None
     total = runnable = refused = 0
     pending: list[dict] = []
     fs.create_dir(root.path_of(runnable_uri).rpartition("/")[0], recursive=True)
-    with pq.ParquetWriter(root.path_of(runnable_uri), SCHEMA, filesystem=fs) as writer, \
+    with pq.ParquetWriter(root.path_of(runnable_uri), schema, filesystem=fs) as writer, \
             fs.open_output_stream(root.path_of(errors_uri)) as errors:
         for number, raw in enumerate(lines_of(root.read_chunks(input_uri)), start=1):
             total = number
@@ -74,20 +80,19 @@ def validate(root: StorageRoot, input_uri: str, runnable_uri: str, errors_uri: s
                                       f"{number} names {line.model!r}, earlier lines {model!r}", number, "model")
                 if line.model not in served:
                     line = BadLine(custom_id, 404, error_body(f"The model '{line.model}' does not exist or is not "
-                                                              "an embedding model served here", param="model",
+                                                              f"a model served here for {endpoint}", param="model",
                                                               code="model_not_found"))
             if isinstance(line, BadLine):
                 errors.write(result_line(line.custom_id, line.status_code, line.body))
                 refused += 1
                 continue
-            pending.append({"row": number, "custom_id": line.custom_id, "inputs": line.inputs,
-                            "dimensions": line.dimensions, "output_dtype": line.output_dtype, "base64": line.base64})
+            pending.append({"row": number, "custom_id": line.custom_id, **line.row})
             runnable += 1
             if len(pending) >= ROW_GROUP:
-                writer.write_table(pa.Table.from_pylist(pending, schema=SCHEMA))
+                writer.write_table(pa.Table.from_pylist(pending, schema=schema))
                 pending = []
         if pending:
-            writer.write_table(pa.Table.from_pylist(pending, schema=SCHEMA))
+            writer.write_table(pa.Table.from_pylist(pending, schema=schema))
     if total == 0:
         raise FileRefused("empty_file", "the file holds no lines")
     return Validated(total, runnable, refused, model or "")

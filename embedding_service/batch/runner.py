@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from embedding_service.batch.openai_input import Validated, lines_of, validate
 from embedding_service.batch.pipeline import Plan, rows_written, run_pool
 from embedding_service.config import JobsSettings, ModelSettings
-from embedding_service.jobs.openai_batch import EMBEDDINGS, FileRefused, result_line
+from embedding_service.jobs.openai_batch import KIND_OF_ENDPOINT, FileRefused, result_line
 from embedding_service.jobs.spec import JobSpec, job_folder, output_of
 from embedding_service.jobs.storage import StorageRoot, filesystem_for
 from embedding_service.jobs.store import JobRecord, JobStore, now_ms, open_store
@@ -136,10 +136,11 @@ class JobRunner:
         found = read_validated(root, paths)
         if found is not None:
             return found
-        served = frozenset(name for name, m in self.models.items() if m.kind == "embedding")
+        kind = KIND_OF_ENDPOINT[spec.endpoint]
+        served = frozenset(name for name, m in self.models.items() if m.kind == kind)
         try:
-            checked = validate(root, spec.input_uri, paths.runnable, paths.refused, job.endpoint or EMBEDDINGS,
-                               self.jobs.limits, served)
+            checked = validate(root, spec.input_uri, paths.runnable, paths.refused, spec.endpoint, self.jobs.limits,
+                               served)
         except FileRefused as refused:
             store.update_job(job.id, status="failed", errors=[refused.data])
             return None
@@ -231,18 +232,19 @@ def finish_openai(store: JobStore, root: StorageRoot, job: JobRecord, paths: Pat
                             error_file_id=error_id, rows_per_s=0.0, expires_at=expires)
 
 
-def finish_cancelled(store: JobStore, root: StorageRoot, job: JobRecord, retention_s: float,
-                     s3_endpoint: str | None = None) -> JobRecord:
-    """A cancelled job's end once its runner is stopped: an OpenAI batch gets the output of the lines done; a
-    dataset's output folder gets a _PARTIAL marker (its files hold only some rows)."""
+def finish_stopped(store: JobStore, root: StorageRoot, job: JobRecord, status: str, retention_s: float,
+                   s3_endpoint: str | None = None) -> JobRecord:
+    """A job's end once its runner is stopped (status cancelled, or expired past its deadline): an OpenAI batch gets
+    the output of the lines done; a dataset's output folder gets a _PARTIAL marker (its files hold only some
+    rows)."""
     spec = JobSpec.model_validate(job.spec)
     paths = Paths(job_folder(root.uri, job.id))
     if spec.source == "openai":
-        return finish_openai(store, root, job, paths, "cancelled", retention_s)
+        return finish_openai(store, root, job, paths, status, retention_s)
     done = rows_written(root, paths.checkpoints)
     fs, folder = filesystem_for(output_of(spec, root.uri, job.id), s3_endpoint)
     fs.create_dir(folder, recursive=True)
     with fs.open_output_stream(f"{folder}/{PARTIAL_MARKER}") as marker:
-        marker.write(f"cancelled: {done} rows of {job.total} written\n".encode())
-    return store.update_job(job.id, status="cancelled", completed=done, rows_per_s=0.0,
+        marker.write(f"{status}: {done} rows of {job.total} written\n".encode())
+    return store.update_job(job.id, status=status, completed=done, rows_per_s=0.0,
                             expires_at=now_ms() + int(retention_s * 1000))

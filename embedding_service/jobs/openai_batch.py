@@ -1,9 +1,10 @@
 """OpenAI's batch files, line for line: an input line read and checked, an output or error line written as
 OpenAI writes them (`custom_id`, `response.status_code`, `response.body`).
 
-A line that cannot be run (not JSON, a wrong body, too many inputs) is an error line of its own, with the status
-and error body /v1/embeddings would have answered; only a file that cannot be a batch fails it (no lines, too many,
-a custom_id twice, several models), with OpenAI's `errors.data`.
+A batch's endpoint is /v1/embeddings (OpenAI's body) or /v1/rerank (Cohere's v2 body, as the gateway's /v1/rerank
+takes it). A line that cannot be run (not JSON, a wrong body, too many inputs) is an error line of its own, with the
+status and error body the endpoint would have answered; only a file that cannot be a batch fails it (no lines, too
+many, a custom_id twice, several models), with OpenAI's `errors.data`.
 """
 
 from __future__ import annotations
@@ -13,24 +14,25 @@ from dataclasses import dataclass
 
 import orjson
 
-from embedding_service.wire.openai_bodies import error_body
+from embedding_service.wire.rest_bodies import error_body
 
 EMBEDDINGS = "/v1/embeddings"
-ENDPOINTS = (EMBEDDINGS,)
+RERANK = "/v1/rerank"
+ENDPOINTS = (EMBEDDINGS, RERANK)
+KIND_OF_ENDPOINT = {EMBEDDINGS: "embedding", RERANK: "rerank"}  # the model kind an endpoint's lines run on
+RERANK_KEYS = frozenset({"model", "query", "documents", "top_n", "return_documents", "raw_scores", "truncate",
+                         "priority"})
 OUTPUT_DTYPES = ("float", "int8", "uint8", "binary", "ubinary")
 MAX_CUSTOM_ID = 512
 
 
 @dataclass(frozen=True)
 class Line:
-    """A line that runs: its inputs and options."""
+    """A line that runs: its model, and its inputs and options as the endpoint's columns (openai_input.SCHEMAS)."""
 
     custom_id: str
     model: str
-    inputs: list[str]
-    dimensions: int | None
-    output_dtype: str
-    base64: bool
+    row: dict
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def _bad(custom_id: str | None, message: str, param: str | None = None, code: st
 
 
 def parse_line(raw: bytes, endpoint: str, max_inputs: int) -> Line | BadLine:
-    """One line of the input file, checked as /v1/embeddings checks its body."""
+    """One line of the input file, checked as its endpoint (the batch's) checks a body."""
     try:
         line = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -76,6 +78,12 @@ def parse_line(raw: bytes, endpoint: str, max_inputs: int) -> Line | BadLine:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return _bad(custom_id, "body.model must be a string", "model")
+    parse = _embedding_row if endpoint == EMBEDDINGS else _rerank_row
+    row = parse(custom_id, body, max_inputs)
+    return row if isinstance(row, BadLine) else Line(custom_id, model, row)
+
+
+def _embedding_row(custom_id: str, body: dict, max_inputs: int) -> dict | BadLine:
     value = body.get("input")
     inputs = [value] if isinstance(value, str) else value
     if not isinstance(inputs, list) or not inputs:
@@ -90,12 +98,50 @@ def parse_line(raw: bytes, endpoint: str, max_inputs: int) -> Line | BadLine:
     if encoding not in ("float", "base64"):
         return _bad(custom_id, "encoding_format must be float or base64", "encoding_format")
     dimensions = body.get("dimensions")
-    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1):
+    if dimensions is not None and not _positive(dimensions):
         return _bad(custom_id, "dimensions must be a positive integer", "dimensions")
     dtype = body.get("output_dtype", "float")
     if dtype not in OUTPUT_DTYPES:
         return _bad(custom_id, f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}", "output_dtype")
-    return Line(custom_id, model, inputs, dimensions, dtype, encoding == "base64")
+    return {"inputs": inputs, "dimensions": dimensions, "output_dtype": dtype, "base64": encoding == "base64"}
+
+
+def _rerank_row(custom_id: str, body: dict, max_documents: int) -> dict | BadLine:
+    """Cohere's v2 rerank body as the gateway's /v1/rerank takes it (its unknown keys refused: an option not served
+    must not be dropped without a word)."""
+    unknown = sorted(set(body) - RERANK_KEYS)
+    if unknown:
+        return _bad(custom_id, f"unknown field {unknown[0]!r}", unknown[0])
+    query = body.get("query")
+    if not isinstance(query, str) or not query:
+        return _bad(custom_id, "query must be a non-empty string", "query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not documents:
+        return _bad(custom_id, "documents must be a non-empty array", "documents")
+    if len(documents) > max_documents:
+        return _bad(custom_id, f"documents holds {len(documents)} items; at most {max_documents} per line",
+                    "documents")
+    texts = []
+    for i, document in enumerate(documents):
+        text = document.get("text") if isinstance(document, dict) else document
+        if not isinstance(text, str) or not text:
+            return _bad(custom_id, f'documents[{i}] must be a non-empty string or an object with a "text"',
+                        "documents")
+        texts.append(text)
+    top_n = body.get("top_n")
+    if top_n is not None and not (_positive(top_n) and top_n <= len(texts)):
+        return _bad(custom_id, f"top_n must be between 1 and the {len(texts)} documents", "top_n")
+    flags = {key: body.get(key, default) for key, default in
+             (("return_documents", False), ("raw_scores", False), ("truncate", True))}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            return _bad(custom_id, f"{key} must be a boolean", key)
+    return {"query": query, "documents": texts, "top_n": top_n, "return_documents": flags["return_documents"],
+            "activation": not flags["raw_scores"], "truncate": flags["truncate"]}
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def result_line(custom_id: str | None, status_code: int, body: dict) -> bytes:

@@ -19,6 +19,8 @@ class JobSpec(BaseModel):
         description="openai: an uploaded file of OpenAI batch lines (each its own options); dataset: a JSONL or "
         "Parquet dataset with a text and an id column.")
     model: str
+    endpoint: Literal["/v1/embeddings", "/v1/rerank"] = Field(
+        "/v1/embeddings", description="An OpenAI batch's endpoint: the shape of its lines and what they run on.")
     input_uri: str = Field(description="The uploaded file's location, or the dataset's URI (a file or a folder).")
     input_format: Literal["openai", "jsonl", "parquet"] = "openai"
     text_column: str = "text"
@@ -27,6 +29,8 @@ class JobSpec(BaseModel):
     encoding: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
     normalize: bool = True
     prompt_name: str | None = None
+    deadline_ms: int | None = Field(None, description="When an unfinished job expires (ms since the epoch): an OpenAI "
+                                    "batch's completion_window from its creation; None: never.")
     output_uri: str = Field("", description="The folder the Parquet output is written to; empty: the job's own "
                             "folder's `output` (output_of).")
 

@@ -65,18 +65,18 @@ def truncated(full: np.ndarray, max_tokens: int, truncation: str) -> tuple[np.nd
     return np.minimum(full, max_tokens), []
 
 
-class RerankModel(ServedKind):
-    """A CrossEncoder: documents scored against a query."""
+class RerankScorer:
+    """A CrossEncoder loaded (and, below fp32, checked against its fp32 self) as a rerank replica loads it, and its
+    scores of (query, document) pairs as sentence-transformers computes them: the replica's and a batch job's
+    model actors' one path."""
 
-    kind = "rerank"
-    span = "rerank"
-
-    def load(self, settings: ModelSettings) -> Loaded:
+    def __init__(self, settings: ModelSettings) -> None:
         import torch
         from sentence_transformers import CrossEncoder
 
         torch_threads(settings)
         device = resolve_device(settings.device)
+        self.settings = settings
         self.model = CrossEncoder(model_source(settings.path), device=device, max_length=settings.max_seq_length,
                                   trust_remote_code=settings.trust_remote_code)
         self.model.eval()
@@ -93,31 +93,22 @@ class RerankModel(ServedKind):
             verification = verify_scoring(settings, reference, outputs,
                                           lambda ours, theirs: rerank_accuracy(ours, theirs, per_query))
         tokenizer = self.model.tokenizer
-        self._pairs = PairEncoder(self.model)
-        return Loaded(ModelInfo(
+        self.pairs = PairEncoder(self.model)
+        self.loaded = Loaded(ModelInfo(
             name=settings.name, dimension=1, max_sequence_length=int(self.model.max_length), prompts={},
             device=device, backend="torch", vocab_size=int(tokenizer.vocab_size), source=settings.path,
             verification=verification, tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="rerank",
             decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))))
 
-    async def prepare(self, request: ShardRequest) -> Rows:
-        options: RerankOptions = request.options
-        # Off the event loop: the query is the router's to bound (max_query_tokens), yet even one within it is
-        # tokenized once per shard here, and its documents with it.
-        pairs = await asyncio.to_thread(self._pairs.pairs, options.query, request.inputs)
-        counts, too_long = truncated(pairs.full, self.info.max_sequence_length, options.truncation)
-        return Rows(pairs.rows, counts, counts, too_long)
+    def raw_scores(self, rows: list) -> np.ndarray:
+        """One pass over pairs (PairEncoder rows): their raw logits."""
+        return self._joined_scores(rows) if self.pairs.from_ids else self._raw_scores(rows)
 
-    def forward(self, rows: list, group: Hashable) -> np.ndarray:
-        return self._joined_scores(rows) if self._pairs.from_ids else self._raw_scores(rows)
+    def activated(self, scores: np.ndarray) -> np.ndarray:
+        """The model's activation on raw scores, as CrossEncoder.predict applies it (sigmoid for one label)."""
+        import torch
 
-    async def shape(self, out: np.ndarray, rows: Rows, request: ShardRequest) -> ShardResult:
-        scores = out
-        if request.options.activation:
-            import torch
-
-            scores = self.model.activation_fn(torch.from_numpy(scores)).numpy()
-        return ShardResult(scores.astype(np.float32, copy=False), rows.counts)
+        return self.model.activation_fn(torch.from_numpy(scores)).numpy().astype(np.float32, copy=False)
 
     def _raw_scores(self, pairs: list[list[str]], batch: int | None = None) -> np.ndarray:
         return self.model.predict(pairs, batch_size=batch or len(pairs), activation_fn=self._identity,
@@ -128,13 +119,40 @@ class RerankModel(ServedKind):
         features, the tokenization done."""
         import torch
 
-        features = self._pairs.features(rows)
+        features = self.pairs.features(rows)
         features = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         with torch.inference_mode():
             scores = self.model(features)["scores"]
         if scores.ndim > 1 and self.model.num_labels == 1:
             scores = scores.squeeze(-1)
         return scores.float().cpu().numpy()
+
+
+class RerankModel(ServedKind):
+    """A CrossEncoder: documents scored against a query."""
+
+    kind = "rerank"
+    span = "rerank"
+
+    def load(self, settings: ModelSettings) -> Loaded:
+        self.scorer = RerankScorer(settings)
+        self._pairs = self.scorer.pairs
+        return self.scorer.loaded
+
+    async def prepare(self, request: ShardRequest) -> Rows:
+        options: RerankOptions = request.options
+        # Off the event loop: the query is the router's to bound (max_query_tokens), yet even one within it is
+        # tokenized once per shard here, and its documents with it.
+        pairs = await asyncio.to_thread(self._pairs.pairs, options.query, request.inputs)
+        counts, too_long = truncated(pairs.full, self.info.max_sequence_length, options.truncation)
+        return Rows(pairs.rows, counts, counts, too_long)
+
+    def forward(self, rows: list, group: Hashable) -> np.ndarray:
+        return self.scorer.raw_scores(rows)
+
+    async def shape(self, out: np.ndarray, rows: Rows, request: ShardRequest) -> ShardResult:
+        scores = self.scorer.activated(out) if request.options.activation else out
+        return ShardResult(scores.astype(np.float32, copy=False), rows.counts)
 
 
 class SparseModel(ServedKind):

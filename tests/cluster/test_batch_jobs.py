@@ -12,19 +12,23 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import openai
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.batch.runner import NAMESPACE, runner_name
+from embedding_service.wire.messages import JOBS_DEPLOYMENT
 from tests.helpers.gateways import running_gateway
 from tests.helpers.grpc_errors import error_info
 from tests.helpers.models import MINILM, RERANKER, TINY, TINY_DIM
-from tests.helpers.observe import total, wait_until
+from tests.helpers.observe import scrape, total, wait_until
+from tests.helpers.replicas import replica_actors
 from tests.helpers.session import BATCH_RESOURCE
 from tests.helpers.texts import make_texts
 
@@ -63,6 +67,10 @@ def _finished(client: openai.OpenAI, batch_id: str, timeout_s: float = 180):
 
 def _jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in client.files.content(file_id).content.splitlines()] if file_id else []
+
+
+def _gauge(name: str, job_id: str) -> float:
+    return max((s.value for s in scrape() if s.name == name and s.labels.get("job") == job_id), default=0.0)
 
 
 def _pool_nodes() -> list[str]:
@@ -137,6 +145,53 @@ def test_a_bad_file_fails_its_batch_and_an_unknown_model_fails_its_lines(client)
     assert lines[0]["response"]["body"]["error"]["code"] == "model_not_found"
 
 
+def test_rerank_lines_equal_the_gateways_rerank_and_cross_encoder(client, cross_encoder):
+    """A /v1/rerank batch: each line's body is what the gateway's /v1/rerank answers for the same body, its scores
+    CrossEncoder.predict's."""
+    queries = ["what do cats eat", "how do planes fly", "where is the sun"]
+    documents = make_texts(7, seed=21)
+    bodies = {
+        "plain": {"query": queries[0], "documents": documents},
+        "top": {"query": queries[1], "documents": documents, "top_n": 3, "return_documents": True},
+        "raw": {"query": queries[2], "documents": [{"text": d} for d in documents[:4]], "raw_scores": True},
+    }
+    lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/rerank",
+                         "body": {"model": RERANKER, **body}}).encode() + b"\n" for cid, body in bodies.items()]
+    refused = {"long": {"query": "q", "documents": ["word " * 3000], "truncate": False},
+               "unknown": {"query": "q", "documents": ["d"], "relevant_spans": True},
+               "top-too-big": {"query": "q", "documents": ["d"], "top_n": 2}}
+    lines += [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/rerank",
+                          "body": {"model": RERANKER, **body}}).encode() + b"\n" for cid, body in refused.items()]
+    source = client.files.create(file=("rerank.jsonl", io.BytesIO(b"".join(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/rerank", completion_window="24h")
+    done = _finished(client, batch.id)
+    assert done.status == "completed", done.errors
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (6, 3, 3)
+    out = {line["custom_id"]: line["response"] for line in _jsonl(client, done.output_file_id)}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    base = str(client.base_url).removesuffix("/v1/").removesuffix("/v1")
+    for cid, body in bodies.items():
+        online = httpx.post(f"{base}/v1/rerank", json={"model": RERANKER, **body}, headers=headers, timeout=60)
+        assert online.status_code == 200, online.text
+        expected, got = online.json(), out[cid]["body"]
+        assert out[cid]["status_code"] == 200 and got["model"] == expected["model"] == RERANKER
+        assert [r["index"] for r in got["results"]] == [r["index"] for r in expected["results"]]
+        assert [r.get("document") for r in got["results"]] == [r.get("document") for r in expected["results"]]
+        np.testing.assert_allclose([r["relevance_score"] for r in got["results"]],
+                                   [r["relevance_score"] for r in expected["results"]], atol=TOL)
+        assert got["usage"] == expected["usage"] and got["meta"] == expected["meta"]
+        texts = [d["text"] if isinstance(d, dict) else d for d in body["documents"]]
+        activation = torch.nn.Identity() if body.get("raw_scores") else None  # None: the model's own
+        scores = cross_encoder.predict([[body["query"], t] for t in texts], activation_fn=activation)
+        np.testing.assert_allclose([r["relevance_score"] for r in got["results"]],
+                                   scores[[r["index"] for r in got["results"]]], atol=TOL)
+    assert len(out["top"]["body"]["results"]) == 3
+    errors = {e["custom_id"]: e["response"] for e in _jsonl(client, done.error_file_id)}
+    assert {cid: (e["status_code"], e["body"]["error"]["param"]) for cid, e in errors.items()} == {
+        "long": (400, "documents"), "unknown": (400, "relevant_spans"), "top-too-big": (400, "top_n")}
+    assert errors["long"]["body"]["error"]["code"] == "input_too_long"
+
+
 def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
     texts = make_texts(20000, seed=5, max_words=30)
     source = client.files.create(file=("big.jsonl", io.BytesIO(b"".join(_line(f"c{i}", t, TINY) for i, t in
@@ -153,6 +208,24 @@ def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
     ids = [line["custom_id"] for line in lines]
     assert 0 < len(ids) < len(texts) and len(set(ids)) == len(ids)
     assert done.request_counts.completed == len(ids)
+
+
+def test_a_batch_past_its_completion_window_expires_with_the_lines_done(service, jobs):
+    window_s = 4.0  # the tiny model needs some 10 s for these lines here
+    texts = make_texts(20000, seed=6, max_words=30)
+    with running_gateway(targets=[service.target], api_keys=[KEY], jobs_storage_root=jobs.storage_root,
+                         batch_completion_window_s=window_s) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        source = client.files.create(file=("late.jsonl", io.BytesIO(b"".join(_line(f"e{i}", t, TINY) for i, t in
+                                                                           enumerate(texts)))), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+        assert batch.expires_at - batch.created_at == pytest.approx(window_s, abs=1)
+        done = _finished(client, batch.id, 60)
+        assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at - 1
+        wait_until(lambda: not _pool_nodes(), 15, "the pool stopped")
+        ids = [line["custom_id"] for line in _jsonl(client, done.output_file_id)]
+    assert len(ids) < len(texts) and len(set(ids)) == len(ids) and done.request_counts.completed == len(ids)
+    assert all(i.startswith("e") for i in ids)
 
 
 @pytest.fixture
@@ -205,9 +278,12 @@ def test_a_job_survives_a_node_and_its_runner_lost_writing_each_row_once(service
         written = progress().rows_done
         assert written < len(texts), "the node was lost mid-job"
         wait_until(lambda: progress().rows_done > written, 120, "the pool going on elsewhere")
-        # The runner (the job's Ray Data driver) killed: its pool dies with it; the manager starts it again, and
-        # Ray Data's checkpoints resume it from the rows written.
+        # The runner (the job's Ray Data driver) and the job manager's replica killed together: the pool dies with
+        # the runner; Serve starts the manager again, which starts the runner again, and Ray Data's checkpoints
+        # resume the job from the rows written.
         ray.kill(ray.get_actor(runner_name(job.id), namespace=NAMESPACE), no_restart=True)
+        for replica in replica_actors(JOBS_DEPLOYMENT):
+            ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
         written = progress().rows_done
         assert written < len(texts), "the runner was lost mid-job"
         follow.join(300)
@@ -227,6 +303,10 @@ def test_a_job_survives_a_node_and_its_runner_lost_writing_each_row_once(service
                                atol=TOL)
     wait_until(lambda: total("ray_embedding_job_runners_started_total", reason="resumed") > resumed_before, 30,
                "the resumed runner counted")
+    # Its progress, as Prometheus scrapes it per job from the (restarted) manager's gauges, ends at every row.
+    # (the killed manager's series may linger beside the new one's: the newest is the largest)
+    wait_until(lambda: _gauge("ray_embedding_job_rows_done", job.id) == len(texts), 30, "the job's rows scraped")
+    assert _gauge("ray_embedding_job_rows_total", job.id) == len(texts)
     status = subprocess.run([sys.executable, "-m", "embedding_client", "job", "status", job.id, "--target",
                              service.target], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr

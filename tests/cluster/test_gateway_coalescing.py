@@ -56,13 +56,31 @@ def test_merged_calls_return_what_separate_calls_return(service):
         assert got["usage"]["prompt_tokens"] == got["usage"]["total_tokens"] == alone.usage.prompt_tokens
 
 
+async def _post_behind_a_slow_call(base: str, slow: dict, bodies: list[dict]) -> list[httpx.Response]:
+    """`bodies` posted at once while `slow` holds the one merged call allowed out, so they all queue and leave merged
+    (posted alone, the first to arrive would leave alone; which one that is, is up to the connections)."""
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        slow_reply = asyncio.create_task(client.post("/v1/embeddings", json=slow))
+        for _ in range(3000):
+            scrape = (await client.get("/metrics")).text
+            if 'embedding_gateway_coalesced_callers_count 1.0' in scrape:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the slow call never left the gateway")
+        replies = await asyncio.gather(*(client.post("/v1/embeddings", json=b) for b in bodies))
+        assert (await slow_reply).status_code == 200
+        return replies
+
+
 def test_a_refused_input_fails_only_its_own_caller(service):
     texts = make_texts(31, seed=78)
     bodies = [{"model": MINILM, "input": [t], "encoding_format": "float"} for t in texts]
     bad = 13
     bodies.insert(bad, {"model": MINILM, "input": [[101, 2_000_000_000, 102]], "encoding_format": "float"})
+    slow = {"model": MINILM, "input": ["long " * 300] * 32, "encoding_format": "float"}
     with running_gateway(targets=[service.target], coalesce_max_in_flight=1) as base:
-        replies = asyncio.run(_post_all(base, bodies))
+        replies = asyncio.run(_post_behind_a_slow_call(base, slow, bodies))
         calls, callers = _callers_histogram(base)
 
     refused = replies[bad]
@@ -74,8 +92,9 @@ def test_a_refused_input_fails_only_its_own_caller(service):
     vectors = np.array([r.json()["data"][0]["embedding"] for r in others], dtype=np.float32)
     expected = vectors_of(service.stub.Embed(pb.EmbedRequest(model=MINILM, inputs=text_inputs(texts))))
     assert np.abs(vectors - expected).max() < 1e-6
-    # The callers merged with the refused one went again, each alone: more callers sent than came.
-    assert callers > len(bodies) and calls < callers
+    # The callers merged with the refused one went again, each alone: more callers sent than came (the slow one and
+    # the 32).
+    assert callers > len(bodies) + 1 and calls < callers, (calls, callers)
 
 
 def test_requests_past_the_queue_bound_get_429_and_the_rest_their_vectors(service):

@@ -96,7 +96,7 @@ def test_a_device_fault_in_a_rerank_or_sparse_replica_is_reported_as_one(tmp_pat
         cls = RerankModel if kind == "rerank" else SparseModel
         replica = cls(settings, recycler, heartbeat_s=3600, placement=Placement("node-1", "replica-1"))
         if kind == "rerank":
-            replica.model.forward = broken  # the model itself: its pairs come joined from token ids (model/pairs.py)
+            replica.scorer.model.forward = broken  # the model itself: its pairs come joined from token ids (model/pairs.py)
             request = ShardRequest(["a document"], RerankOptions("a query"))
             call = replica.compute
         else:
