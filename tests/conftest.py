@@ -54,7 +54,11 @@ def pytest_collection_modifyitems(items):
     network, takes Ray's default ports, 6379 and the image's 9000 and 8080, which the session's Ray leaves free)."""
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item)))
-    items.sort(key=lambda item: (tier_of(item) != "unit", item.path.name == "test_image.py"))
+    # Within the cluster tier, the modules that never use the session's service run before it starts: they have the
+    # machine without its idle cluster (a third of a core here), and `serve run`'s own Ray runs alone.
+    needs_service = {item.path for item in items if "service" in item.fixturenames}
+    items.sort(key=lambda item: (tier_of(item) != "unit", item.path.name == "test_image.py",
+                                 item.path in needs_service))
 
 
 def pytest_collection_finish(session):

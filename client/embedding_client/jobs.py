@@ -11,6 +11,7 @@ The dataset lies where the service can read it (one of its dataset roots); nothi
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 from embedding_client.errors import DeadlineExceeded, Unavailable
@@ -32,8 +33,9 @@ def status_name(status: int) -> str:
 
 def create_request(input_uri: str, *, input_format: str, model: str = "", text_column: str = "text",
                    id_column: str = "id", dimensions: int | None = None, encoding: str = "float",
-                   output_uri: str = "", prompt_name: str = "", metadata: dict[str, str] | None = None
-                   ) -> pb.CreateJobRequest:
+                   output_uri: str = "", prompt_name: str = "", metadata: dict[str, str] | None = None,
+                   request_id: str | None = None) -> pb.CreateJobRequest:
+    """The CreateJob request; `request_id` (default: a new one) makes its retries return the job it made."""
     if input_format not in FORMATS:
         raise ValueError(f"input_format must be one of {sorted(FORMATS)}")
     if encoding not in ENCODINGS:
@@ -41,7 +43,7 @@ def create_request(input_uri: str, *, input_format: str, model: str = "", text_c
     return pb.CreateJobRequest(model=model, input_uri=input_uri, input_format=FORMATS[input_format],
                                text_column=text_column, id_column=id_column, dimensions=dimensions,
                                encoding=ENCODINGS[encoding], output_uri=output_uri, prompt_name=prompt_name,
-                               metadata=metadata or {})
+                               metadata=metadata or {}, request_id=request_id or uuid.uuid4().hex)
 
 
 class JobFailed(Exception):

@@ -1,8 +1,13 @@
-"""The blocking client: the asyncio client run on a private event loop thread (one implementation)."""
+"""The blocking client: the asyncio client run on an event loop thread of the library's own (one implementation).
+
+Every blocking client of a process shares that one loop, which runs as long as the process: gRPC's asyncio layer
+keeps polling on the loop it first ran on, so a loop per client, closed with it, left gRPC's poller posting to a
+closed loop ("Event loop is closed" printed by the next client's calls)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -15,14 +20,27 @@ from embedding_client.scoring import RerankResult, SparseResult
 from embedding_client.tokenizing import DetokenizeResult, TokenizeResult
 from embedding_client.v1 import embedding_pb2 as pb
 
+_shared: tuple[int, asyncio.AbstractEventLoop] | None = None
+_shared_lock = threading.Lock()
+
+
+def _client_loop() -> asyncio.AbstractEventLoop:
+    """The process's loop thread for blocking clients, started on first use (again in a forked child)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="embedding-client", daemon=True).start()
+            _shared = (os.getpid(), loop)
+        return _shared[1]
+
 
 class EmbedClient:
     """Thread-safe; takes AsyncEmbedClient's arguments. Use as a context manager, or call close()."""
 
     def __init__(self, targets: str | Sequence[str], **options) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="embedding-client", daemon=True)
-        self._thread.start()
+        self._loop = _client_loop()
+        self._closed = False
 
         async def make() -> AsyncEmbedClient:
             return AsyncEmbedClient(targets, **options)
@@ -127,19 +145,9 @@ class EmbedClient:
         return self._run(self.aio.wait_serving(timeout_s))
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self._shutdown())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
-
-    async def _shutdown(self) -> None:
-        await self.aio.close()
-        # gRPC's own bookkeeping tasks end once their calls have: let them, then cancel what is left.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        if not self._closed:
+            self._closed = True
+            self._run(self.aio.close())
 
     def __enter__(self) -> EmbedClient:
         return self

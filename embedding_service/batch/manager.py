@@ -24,7 +24,7 @@ import ray
 
 from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_stopped, runner_name
 from embedding_service.config import ON_HEAD, JobsSettings, ModelSettings
-from embedding_service.jobs.spec import job_folder
+from embedding_service.jobs.spec import deadline_of, job_folder
 from embedding_service.jobs.storage import StorageRoot
 from embedding_service.jobs.store import FINAL, STATUSES, JobRecord, now_ms, open_store
 from embedding_service.observability.logs import service_logger
@@ -43,7 +43,7 @@ def runner_of(job_id: str):
 
 def _past_deadline(job: JobRecord, now: int) -> bool:
     """Unfinished at its deadline; a job writing its output files already is left to finish."""
-    deadline = job.spec.get("deadline_ms")
+    deadline = deadline_of(job.spec, job.created_at)
     return deadline is not None and now >= deadline and job.status != "finalizing"
 
 

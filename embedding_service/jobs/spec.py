@@ -29,11 +29,15 @@ class JobSpec(BaseModel):
     encoding: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
     normalize: bool = True
     prompt_name: str | None = None
-    deadline_ms: int | None = Field(None, description="When an unfinished job expires (ms since the epoch): an OpenAI "
-                                    "batch's completion_window from its creation; None: never.")
+    completion_window_s: float | None = Field(
+        None, gt=0, description="Seconds from its creation an unfinished job has before it expires: an OpenAI "
+        "batch's completion_window; None: never.")
     output_uri: str = Field("", description="The folder the Parquet output is written to; empty: the job's own "
                             "folder's `output` (output_of).")
 
+
+# A create's idempotency key (CreateJob's request_id, the gateway's Idempotency-Key header).
+MAX_REQUEST_KEY = 128
 
 # A job's metadata, as OpenAI bounds a batch's.
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -57,3 +61,9 @@ def output_of(spec: dict | JobSpec, storage_uri: str, job_id: str) -> str:
     """Where a job's Parquet output lies: the folder its request named, else its own folder's `output`."""
     named = spec.output_uri if isinstance(spec, JobSpec) else spec.get("output_uri", "")
     return named or f"{job_folder(storage_uri, job_id)}/output"
+
+
+def deadline_of(spec: dict, created_at_ms: int) -> int | None:
+    """When a job still unfinished expires (ms since the epoch), or None."""
+    window = spec.get("completion_window_s")
+    return None if window is None else created_at_ms + int(window * 1000)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    UniqueConstraint,
     and_,
     create_engine,
     delete,
@@ -36,6 +37,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from embedding_service.config import JobLimits, JobsSettings
@@ -109,6 +111,8 @@ class _FileRow(_Base):
 
 class _JobRow(_Base):
     __tablename__ = "batch_jobs"
+    # One job per owner and idempotency key (NULL, no key, repeats freely in SQLite and PostgreSQL).
+    __table_args__ = (UniqueConstraint("owner", "request_key"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), index=True)
@@ -131,6 +135,7 @@ class _JobRow(_Base):
     rows_per_s: Mapped[float] = mapped_column(Float, default=0.0)
     # When the job entered each status it went through: {status: ms since the epoch}.
     times: Mapped[dict] = mapped_column(JSON, default=dict)
+    request_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 @dataclass(frozen=True)
@@ -251,23 +256,44 @@ class JobStore:
     # ---- jobs --------------------------------------------------------------
 
     def add_job(self, owner: str, endpoint: str, input_file_id: str, model: str, metadata: dict | None = None,
-                expires_at: int | None = None, spec: dict | None = None) -> JobRecord:
+                expires_at: int | None = None, spec: dict | None = None, request_key: str | None = None) -> JobRecord:
+        """A new job; or, when the owner made one with `request_key` already (a create sent again), that one."""
         limits = self.limits
         stamp = now_ms()
         row = _JobRow(id=f"batch_{uuid.uuid4().hex}", owner=owner, endpoint=endpoint, input_file_id=input_file_id,
                       model=model, spec=dict(spec or {}), status="validating", created_at=stamp, updated_at=stamp,
                       expires_at=expires_at,
                       job_metadata=dict(metadata or {}), total=0, completed=0, failed=0, errors=[],
-                      cancel_requested=False, rows_per_s=0.0, times={"validating": stamp})
-        with self._session() as session:
-            mine = select(func.count()).select_from(_JobRow).where(_JobRow.owner == owner)
-            if session.scalar(mine) >= limits.max_jobs_per_key:
-                raise LimitReached("max_jobs_per_key", limits.max_jobs_per_key)
-            if session.scalar(mine.where(_JobRow.status.not_in(FINAL))) >= limits.max_running_jobs_per_key:
-                raise LimitReached("max_running_jobs_per_key", limits.max_running_jobs_per_key)
-            session.add(row)
-            session.flush()
-            return _record(JobRecord, row)
+                      cancel_requested=False, rows_per_s=0.0, times={"validating": stamp},
+                      request_key=request_key or None)
+        try:
+            with self._session() as session:
+                made = self._made(session, owner, request_key)
+                if made is not None:
+                    return made
+                mine = select(func.count()).select_from(_JobRow).where(_JobRow.owner == owner)
+                if session.scalar(mine) >= limits.max_jobs_per_key:
+                    raise LimitReached("max_jobs_per_key", limits.max_jobs_per_key)
+                if session.scalar(mine.where(_JobRow.status.not_in(FINAL))) >= limits.max_running_jobs_per_key:
+                    raise LimitReached("max_running_jobs_per_key", limits.max_running_jobs_per_key)
+                session.add(row)
+                session.flush()
+                return _record(JobRecord, row)
+        except IntegrityError:  # the same key's create, committed by another process meanwhile
+            if not request_key:
+                raise
+            with self._session() as session:
+                made = self._made(session, owner, request_key)
+                if made is None:
+                    raise
+                return made
+
+    @staticmethod
+    def _made(session: Session, owner: str, request_key: str | None) -> JobRecord | None:
+        if not request_key:
+            return None
+        row = session.scalar(select(_JobRow).where(_JobRow.owner == owner, _JobRow.request_key == request_key))
+        return _record(JobRecord, row) if row is not None else None
 
     def job(self, owner: str, job_id: str) -> JobRecord | None:
         """The owner's job, or None: missing, or another owner's."""

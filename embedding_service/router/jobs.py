@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import AppArgs, JobsSettings
-from embedding_service.jobs.spec import JobSpec, metadata_refusal, output_of
+from embedding_service.jobs.spec import MAX_REQUEST_KEY, JobSpec, metadata_refusal, output_of
 from embedding_service.jobs.storage import within
 from embedding_service.jobs.store import FINAL, JobRecord, JobStore, LimitReached, open_store, owner_of
 from embedding_service.router.validation import check_kind, resolve_model_name
@@ -74,9 +74,11 @@ class JobDesk:
         refusal = metadata_refusal(metadata)
         if refusal is not None:
             raise _invalid(refusal, "metadata")
+        if len(request.request_id) > MAX_REQUEST_KEY:
+            raise _invalid(f"request_id is longer than {MAX_REQUEST_KEY} characters", "request_id")
         try:
             record = await asyncio.to_thread(store.add_job, owner, "dataset", "", name, metadata, None,
-                                             spec.model_dump())
+                                             spec.model_dump(), request.request_id)
         except LimitReached as reached:
             raise ServiceError(Reason.JOB_LIMIT_REACHED, f"this key holds as many jobs as args.jobs.limits."
                                f"{reached.bound} allows ({reached.limit})", bound=reached.bound,

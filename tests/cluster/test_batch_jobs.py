@@ -323,11 +323,16 @@ def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, da
             call()
         return caught.value.code(), error_info(caught.value).reason
 
-    mine = _create(service, path, tenant="alice", encoding=pb.VECTOR_ENCODING_INT8, dimensions=32)
+    mine = _create(service, path, tenant="alice", encoding=pb.VECTOR_ENCODING_INT8, dimensions=32,
+                   request_id="create-1")
     assert _create(service, path, tenant="alice").id != mine.id
-    # The running bound (2 per key): the third is refused.
+    # The running bound (2 per key): the third is refused; the first create sent again (its request_id) is answered
+    # with the job it made.
     assert refused(lambda: _create(service, path, tenant="alice")) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                                        "JOB_LIMIT_REACHED")
+    assert _create(service, path, tenant="alice", request_id="create-1").id == mine.id
+    assert refused(lambda: _create(service, path, tenant="alice", request_id="r" * 129)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_JOB")
     bob = (("embedding-tenant", "bob"),)
     assert refused(lambda: stub.GetJob(pb.GetJobRequest(id=mine.id), metadata=bob)) == (
         grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")

@@ -198,6 +198,6 @@ def test_grafana_dashboard_parses_and_every_metric_it_queries_is_in_a_real_scrap
         assert post(base, {"model": "no-such-model", "input": ["x"]}).status_code == 404
         gateway = {s.name for s in gateway_samples(base)}
     wait_until(lambda: total("ray_embedding_requests_total", code="NOT_FOUND") > 0, 30, "the failed call reported")
-    names = {s.name for s in scrape()} | gateway
+    names = {s.name for s in scrape(prefix="")} | gateway
     missing = sorted(m for m in queried if m not in names)
     assert not missing, missing

@@ -134,7 +134,7 @@ class GaugeSampler:
             self.unhealthy_nodes.append(total("ray_embedding_nodes", samples, state="quarantined")
                                         + total("ray_embedding_nodes", samples, state="draining"))
             self.tiny_serving.append(total("ray_embedding_health_serving", samples, service=TINY))
-            self._stop.wait(0.2)
+            self._stop.wait(0.5)  # the states it must catch last seconds
 
     def stop(self) -> None:
         self._stop.set()
@@ -238,20 +238,21 @@ def test_cuda_fault_quarantines_drains_and_recycles_the_node_without_losing_requ
 
     # The metrics told the same story: the node left the healthy count and the tiny model's health
     # gauge went to 0 and back; one fault (by its reason's head), one drain started and finished.
-    def delta(name: str, **labels: str) -> float:
-        return total(name, **labels) - total(name, before, **labels)
+    def delta(name: str, samples: list | None = None, **labels: str) -> float:
+        return total(name, samples, **labels) - total(name, before, **labels)
 
     wait_until(lambda: delta("ray_embedding_node_drains_finished_total") >= 1 and gauges.tiny_serving
                and gauges.tiny_serving[-1] == 1, 30, "the recycler's metrics reported")
     gauges.stop()
+    after = scrape()
     assert total("ray_embedding_nodes", before, state="quarantined") == 0
     assert total("ray_embedding_health_serving", before, service=TINY) == 1
     assert max(gauges.unhealthy_nodes) >= 1, gauges.unhealthy_nodes
     assert min(gauges.tiny_serving) == 0, gauges.tiny_serving
-    assert delta("ray_embedding_node_faults_total", reason="CUDA error") >= 1
-    assert delta("ray_embedding_node_drains_started_total", action="drain") == 1
-    assert delta("ray_embedding_node_drains_finished_total") == 1
-    assert total("ray_embedding_nodes", state="recycled") >= 1
+    assert delta("ray_embedding_node_faults_total", after, reason="CUDA error") >= 1
+    assert delta("ray_embedding_node_drains_started_total", after, action="drain") == 1
+    assert delta("ray_embedding_node_drains_finished_total", after) == 1
+    assert total("ray_embedding_nodes", after, state="recycled") >= 1
 
     # Capacity comes back: a new worker is tracked afresh, healthy.
     (service.fault_dir / victim).unlink()

@@ -26,11 +26,16 @@ def serve_logs(caplog) -> Iterator[None]:
         logger.removeHandler(caplog.handler)
 
 
-def scrape() -> list:
-    """Every sample on every live node's endpoint (prometheus_client's parser)."""
+def scrape(prefix: str = "ray_embedding_") -> list:
+    """Every sample of the metrics named `prefix`... on every live node's endpoint (prometheus_client's parser; the
+    rest of each page, Ray's own metrics, skipped unparsed: "" parses it all)."""
     samples = []
     for url in metrics_endpoints():
-        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        text = httpx.get(url, timeout=10).text
+        if prefix:
+            text = "\n".join(line for line in text.splitlines()
+                             if line.startswith(prefix) or line.startswith((f"# HELP {prefix}", f"# TYPE {prefix}")))
+        for family in text_string_to_metric_families(text):
             samples.extend(family.samples)
     return samples
 

@@ -15,7 +15,7 @@ import pytest
 from embedding_service.jobs.store import JobStore, owner_of, store_url
 from tests.helpers.gateways import running_gateway
 
-KEYS = ["key-a", "key-b"]
+KEYS = ["key-a", "key-b", "key-c", "key-d"]
 
 
 def _lines(n: int, model: str = "m") -> bytes:
@@ -158,3 +158,25 @@ def test_the_batch_api_is_off_without_a_storage_root():
     with running_gateway(targets=["127.0.0.1:1"], api_keys=KEYS) as base:
         with pytest.raises(openai.NotFoundError):
             _client(base).batches.list()
+
+
+def test_a_create_sent_again_with_its_idempotency_key_returns_the_batch_it_made(gateway):
+    base, _ = gateway
+    client = _client(base, "key-c")
+    source = client.files.create(file=("input.jsonl", io.BytesIO(_lines(2))), purpose="batch")
+
+    def create(key: str):
+        return client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h",
+                                     extra_headers={"Idempotency-Key": key})
+
+    first = create("nightly-2026-12-06")
+    assert create("nightly-2026-12-06").id == first.id
+    assert create("nightly-2026-12-07").id != first.id
+    assert [b.id for b in client.batches.list()].count(first.id) == 1
+    with pytest.raises(openai.BadRequestError):
+        create("k" * 129)
+    # Another key's create with the same Idempotency-Key is its own.
+    other = _client(base, "key-d")
+    theirs = other.files.create(file=("input.jsonl", io.BytesIO(_lines(2))), purpose="batch")
+    assert other.batches.create(input_file_id=theirs.id, endpoint="/v1/embeddings", completion_window="24h",
+                                extra_headers={"Idempotency-Key": "nightly-2026-12-06"}).id != first.id

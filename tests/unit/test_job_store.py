@@ -148,3 +148,19 @@ def test_retention_deletes_expired_files_and_final_jobs_only(make_store):
     assert [f.id for f in files] == [old.id] and [j.id for j in jobs] == [done.id]
     assert store.file(ALICE, kept.id) is not None and store.job(ALICE, running.id) is not None
     assert store.file(ALICE, old.id) is None and store.job(ALICE, done.id) is None
+
+
+def test_a_create_sent_again_with_its_key_returns_the_job_it_made(make_store):
+    store = make_store(max_running_jobs_per_key=1)
+    first = store.add_job(ALICE, "dataset", "", "m", request_key="create-1")
+    # The running bound is full, yet the same create sent again is answered: it makes nothing.
+    again = store.add_job(ALICE, "dataset", "", "m", request_key="create-1")
+    assert again.id == first.id
+    with pytest.raises(LimitReached):
+        store.add_job(ALICE, "dataset", "", "m", request_key="create-2")
+    # Another key's create with the same id is its own.
+    theirs = store.add_job(BOB, "dataset", "", "m", request_key="create-1")
+    assert theirs.id != first.id and store.job(BOB, first.id) is None
+    assert [j.id for j in store.jobs(ALICE)[0]] == [first.id]
+    store.update_job(first.id, status="completed")
+    assert store.add_job(ALICE, "dataset", "", "m").id != first.id  # no key: a new job each time

@@ -645,7 +645,7 @@ class DetokenizeResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("model", "input_uri", "input_format", "text_column", "id_column", "dimensions", "encoding", "output_uri", "prompt_name", "metadata")
+    __slots__ = ("model", "input_uri", "input_format", "text_column", "id_column", "dimensions", "encoding", "output_uri", "prompt_name", "metadata", "request_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -663,6 +663,7 @@ class CreateJobRequest(_message.Message):
     OUTPUT_URI_FIELD_NUMBER: _ClassVar[int]
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_uri: str
     input_format: DatasetFormat
@@ -673,7 +674,8 @@ class CreateJobRequest(_message.Message):
     output_uri: str
     prompt_name: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_format: _Optional[_Union[DatasetFormat, str]] = ..., text_column: _Optional[str] = ..., id_column: _Optional[str] = ..., dimensions: _Optional[int] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., output_uri: _Optional[str] = ..., prompt_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_format: _Optional[_Union[DatasetFormat, str]] = ..., text_column: _Optional[str] = ..., id_column: _Optional[str] = ..., dimensions: _Optional[int] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., output_uri: _Optional[str] = ..., prompt_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message", "line")

@@ -1,0 +1,217 @@
+"""`python -m benchmarks --jobs`: one corpus embedded three ways on one machine, in one run.
+
+- in-process: the model loaded with the replicas' own path (model/forward.py load_model: the config's backend,
+  precision and threads) and run over a sample of the corpus with embed_texts, as a job's model actor runs it: the
+  limit of that backend here;
+- the bulk CLI (`python -m embedding_client embed`) through the online service (its proxy, router and replica);
+- a batch job on Ray Data (client.submit_job, Parquet in and out) on the same service, first on a quarter of the
+  corpus, then on all of it: its rows/s, and the peak memory of its processes, which must not grow with the
+  corpus (the job streams it).
+
+The corpus is the packaged sentences (the accuracy gate's and calibration's, 5,199 of news and documentation
+prose) repeated to --jobs-rows rows, each with its own id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedding_service.ops.servefile import ServeFile
+
+ROW_GROUP = 10_000
+SAMPLE_S = 0.25
+
+
+def packaged_sentences() -> list[str]:
+    from embedding_service.model.accuracy import corpus
+
+    packaged = corpus()
+    return list(packaged.gate) + list(packaged.calibration)
+
+
+def write_corpus(path: Path, rows: int, sentences: list[str]) -> Path:
+    """`rows` rows (id, text) of the sentences repeated, written a row group at a time."""
+    schema = pa.schema([("id", pa.string()), ("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, ROW_GROUP):
+            ids = range(start, min(rows, start + ROW_GROUP))
+            writer.write_table(pa.table({"id": [f"r{i}" for i in ids],
+                                         "text": [sentences[i % len(sentences)] for i in ids]}, schema=schema))
+    return path
+
+
+def in_process(config: ServeFile, sentences: list[str], sample: int, batch: int) -> dict:
+    """Rows/s of the config's first model, loaded and run as a job's model actor loads and runs it."""
+    from embedding_service.model.forward import embed_texts, load_model
+
+    settings = config.args.models[0]
+    loaded = load_model(settings)
+    texts = [sentences[i % len(sentences)] for i in range(sample)]
+    embed_texts(loaded, settings, texts[:batch])  # warm
+    start = time.perf_counter()
+    for i in range(0, sample, batch):
+        embed_texts(loaded, settings, texts[i : i + batch])
+    took = time.perf_counter() - start
+    out = {"rows": sample, "seconds": took, "rows_per_s": sample / took, "backend": loaded.backend,
+           "threads": settings.threads, "batch": batch}
+    del loaded
+    gc.collect()
+    return out
+
+
+# Ray's processes that are not the job's: the online service's, Ray's own, and workers idle between tasks.
+NOT_THE_JOBS = ("ray::IDLE", "ray::ServeReplica", "ray::ServeController", "ray::ProxyActor", "ray::DashboardAgent",
+                "ray::RuntimeEnvAgent", "ray::JobManager")
+
+
+class PeakMemory:
+    """The most resident memory the job's processes held at once, sampled every SAMPLE_S: Ray's worker processes
+    busy with anything but the online service (the job's runner, its model actor, its read, checkpoint-filter and
+    write tasks)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _total() -> int:
+        total = 0
+        for process in psutil.process_iter(["cmdline", "memory_info"]):
+            title = " ".join(process.info["cmdline"] or [])
+            if title.startswith("ray::") and not title.startswith(NOT_THE_JOBS) and process.info["memory_info"]:
+                total += process.info["memory_info"].rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self.peak = max(self.peak, self._total())
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_job(target: str, model: str, corpus: Path, output: Path) -> dict:
+    from embedding_client import EmbedClient
+
+    rows = pq.read_metadata(corpus).num_rows
+    with EmbedClient(target) as client, PeakMemory() as memory:
+        start = time.perf_counter()
+        job = client.submit_job(str(corpus), input_format="parquet", model=model, text_column="text",
+                                id_column="id", output_uri=str(output))
+        job.wait(timeout_s=6 * 3600, progress=False)
+        took = time.perf_counter() - start
+    written = sum(pq.read_metadata(p).num_rows for p in output.glob("*.parquet"))
+    if job.status != "completed" or written != rows:
+        raise RuntimeError(f"job {job.id} ended {job.status} with {written} of {rows} rows: {job.message.errors}")
+    times = job.message.status_times_ms
+    running_s = (times["completed"] - times["in_progress"]) / 1000  # the pool's time, without the job's start
+    return {"rows": rows, "seconds": took, "rows_per_s": rows / took, "in_progress_s": running_s,
+            "in_progress_rows_per_s": rows / running_s, "peak_rss_mib": memory.peak / 2**20, "job_id": job.id}
+
+
+def run_bulk_cli(target: str, model: str, corpus: Path, output: Path) -> dict:
+    rows = pq.read_metadata(corpus).num_rows
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "embedding_client", "embed", str(corpus), str(output), "--target", target,
+                    "--model", model, "--field", "text", "--no-progress"], check=True)
+    took = time.perf_counter() - start
+    written = pq.read_metadata(output).num_rows
+    if written != rows:
+        raise RuntimeError(f"the bulk CLI wrote {written} of {rows} rows")
+    return {"rows": rows, "seconds": took, "rows_per_s": rows / took}
+
+
+def with_jobs(config: ServeFile, work: Path) -> ServeFile:
+    """The config with batch jobs on: their files under `work`, one model actor per job."""
+    raw = config.raw
+    app = next(a for a in raw["applications"] if a["import_path"].endswith(":build_app"))
+    app["args"]["jobs"] = {"storage_root": str(work / "jobs"), "dataset_roots": [str(work)], "min_actors": 1,
+                           "max_actors": 1, "num_cpus_per_actor": 0}
+    return ServeFile.parse(raw)
+
+
+def main(opts: argparse.Namespace, config: ServeFile, ray_init_kwargs: dict) -> dict:
+    from embedding_service.ops import launcher
+
+    work = Path(tempfile.mkdtemp(prefix="jobs-benchmark-"))
+    config = with_jobs(config, work)
+    config.export_app_env()
+    model = config.args.models[0].name
+    rows = opts.jobs_rows
+    sentences = packaged_sentences()
+    corpus = write_corpus(work / "corpus.parquet", rows, sentences)
+    quarter = write_corpus(work / "corpus-quarter.parquet", rows // 4, sentences)
+    jobs_settings = config.args.jobs
+    results: dict = {"mode": "jobs", "rows": rows, "machine": {"cpus": os.cpu_count()},
+                     "model": model, "packaged_sentences": len(sentences),
+                     "jobs": jobs_settings.model_dump(mode="json")}
+    sample = min(rows, opts.jobs_sample or len(sentences))  # a whole cycle: the corpus's mix of lengths
+    results["in_process"] = in_process(config, sentences, sample, jobs_settings.rows_per_batch)
+    target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False,
+                                                     **ray_init_kwargs})
+    try:
+        results["job_quarter"] = run_job(target, model, quarter, work / "out-quarter")
+        results["job"] = run_job(target, model, corpus, work / "out")
+        results["bulk_cli"] = run_bulk_cli(target, model, corpus, work / "bulk.parquet")
+    finally:
+        launcher.stop()
+    job, limit, bulk = results["job"], results["in_process"], results["bulk_cli"]
+    results["ratios"] = {"job_to_in_process": job["rows_per_s"] / limit["rows_per_s"],
+                         "job_to_bulk_cli": job["rows_per_s"] / bulk["rows_per_s"],
+                         "bulk_cli_to_in_process": bulk["rows_per_s"] / limit["rows_per_s"],
+                         "peak_memory_full_to_quarter": job["peak_rss_mib"]
+                         / max(results["job_quarter"]["peak_rss_mib"], 1e-9)}
+    return results
+
+
+def table(r: dict) -> str:
+    ip, job, quarter, bulk, ratio = r["in_process"], r["job"], r["job_quarter"], r["bulk_cli"], r["ratios"]
+    return "\n".join([
+        f"{r['rows']:,} rows of {r['packaged_sentences']:,} packaged sentences, model {r['model']}, "
+        f"{r['machine']['cpus']} CPUs",
+        f"in-process ({ip['backend']}, {ip['threads']} threads, {ip['rows']:,} rows in batches of {ip['batch']}): "
+        f"{ip['rows_per_s']:.0f} rows/s",
+        f"batch job on Ray Data: {job['rows_per_s']:.0f} rows/s ({job['seconds']:.0f} s from submit to completed), "
+        f"{ratio['job_to_in_process']:.2f}x in-process, {ratio['job_to_bulk_cli']:.2f}x the bulk CLI; "
+        f"{job['in_progress_rows_per_s']:.0f} rows/s in progress ({job['in_progress_s']:.0f} s, without its start)",
+        f"bulk CLI through the service: {bulk['rows_per_s']:.0f} rows/s ({bulk['seconds']:.0f} s), "
+        f"{ratio['bulk_cli_to_in_process']:.2f}x in-process",
+        f"the job's processes' peak memory (RSS): {job['peak_rss_mib']:.0f} MiB for {job['rows']:,} rows, "
+        f"{quarter['peak_rss_mib']:.0f} MiB for {quarter['rows']:,} "
+        f"({ratio['peak_memory_full_to_quarter']:.2f}x)",
+    ])
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["in-process", "batch job", "bulk CLI"]
+    rates = [r["in_process"]["rows_per_s"], r["job"]["rows_per_s"], r["bulk_cli"]["rows_per_s"]]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.bar(names, rates, color=["#888888", "#1f77b4", "#ff7f0e"])
+    axes.set_ylabel("rows/s")
+    axes.set_title(f"{r['rows']:,} rows, {r['model']}")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
