@@ -9,6 +9,7 @@ the manager. Each round (jobs.poll_s) it:
 - carries out cancels: the runner is killed (its pool with it, within seconds) and the job ends cancelled with
   the output written so far, marked partial; a job past its deadline (an OpenAI batch's completion window) ends
   the same way, expired;
+- stops the runners of jobs that ended (a detached actor lives, its model's memory held, until it is killed);
 - deletes what retention ended (files, jobs and their folders);
 - sets the job metrics from the store.
 
@@ -83,6 +84,7 @@ class JobManager:
                     self._start(job, "new")
             elif runner is None:
                 self._start(job, "resumed")
+        self._reap({j.id for j in unfinished})
         self._expire()
         self._report(unfinished)
 
@@ -100,6 +102,22 @@ class JobManager:
         logger.info("jobs: job %s %s: its runner was stopped", job.id, status)
         ended = finish_stopped(self.store, self.root, job, status, self.jobs.retention_s, self.jobs.s3_endpoint)
         self.metrics.jobs_ended.inc(tags={"status": ended.status})
+
+    def _reap(self, unfinished: set[str]) -> None:
+        """Kills the runners whose job this store holds in a final status: their run returned."""
+        prefix = runner_name("")
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] != NAMESPACE or not entry["name"].startswith(prefix):
+                continue
+            job_id = entry["name"].removeprefix(prefix)
+            if job_id in unfinished:
+                continue
+            job = self.store.job_by_id(job_id)
+            if job is not None and job.status in FINAL:
+                runner = runner_of(job_id)
+                if runner is not None:
+                    ray.kill(runner, no_restart=True)
+                    logger.info("jobs: the runner of job %s stopped (the job %s)", job_id, job.status)
 
     def _expire(self) -> None:
         files, jobs = self.store.expire()

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from embedding_client.v1 import embedding_pb2 as pb
+from embedding_service.batch.manager import runner_of
 from embedding_service.batch.runner import NAMESPACE, runner_name
 from embedding_service.wire.messages import JOBS_DEPLOYMENT
 from tests.helpers.gateways import running_gateway
@@ -95,6 +96,8 @@ def test_an_openai_batch_through_the_sdk_equals_sentence_transformers_line_by_li
     done = _finished(client, batch.id)
     assert done.status == "completed", done.errors
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (46, 43, 3)
+    # Its runner (a detached actor) stopped once the job ended: nothing of it holds memory on.
+    wait_until(lambda: runner_of(batch.id) is None, 30, "the ended job's runner stopped")
     assert done.in_progress_at and done.finalizing_at and done.completed_at and done.model == MINILM
     out = {line["custom_id"]: line for line in _jsonl(client, done.output_file_id)}
     errors = _jsonl(client, done.error_file_id)
