@@ -21,16 +21,18 @@ from embedding_client.tokenizing import DetokenizeResult, TokenizeResult
 from embedding_client.v1 import embedding_pb2 as pb
 
 _shared: tuple[int, asyncio.AbstractEventLoop] | None = None
+_shared_thread: threading.Thread | None = None
 _shared_lock = threading.Lock()
 
 
 def _client_loop() -> asyncio.AbstractEventLoop:
     """The process's loop thread for blocking clients, started on first use (again in a forked child)."""
-    global _shared
+    global _shared, _shared_thread
     with _shared_lock:
         if _shared is None or _shared[0] != os.getpid():
             loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="embedding-client", daemon=True).start()
+            _shared_thread = threading.Thread(target=loop.run_forever, name="embedding-client", daemon=True)
+            _shared_thread.start()
             _shared = (os.getpid(), loop)
         return _shared[1]
 
@@ -48,6 +50,10 @@ class EmbedClient:
         self.aio = self._run(make())
 
     def _run(self, coro):
+        if threading.current_thread() is _shared_thread:
+            coro.close()
+            raise RuntimeError("a blocking EmbedClient call from the client's own loop thread (an on_retry or "
+                               "progress callback) would wait forever: call it from another thread")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     @property

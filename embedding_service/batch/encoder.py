@@ -25,6 +25,7 @@ from embedding_service.model.scoring import RerankScorer, truncated
 from embedding_service.wire.rest_bodies import embeddings_body, error_body, rerank_body
 
 RANGED = ("int8", "uint8")
+PAIRS_AT_ONCE = 4096  # rerank pairs tokenized and held at once in a model actor
 ARROW_TYPES = {"float": pa.float32(), "int8": pa.int8(), "uint8": pa.uint8(), "binary": pa.int8(),
                "ubinary": pa.uint8()}
 
@@ -119,6 +120,20 @@ class Encoder:
         return 200, embeddings_body(vectors, line["base64"], self.settings.name, tokens)
 
     def _rerank_answers(self, lines: list[dict]) -> list[tuple[int, dict, int]]:
+        """The lines' answers, scored a group of lines at a time: at most PAIRS_AT_ONCE pairs (or one line) held
+        tokenized at once, whatever the batch's lines hold."""
+        answers: list[tuple[int, dict, int]] = []
+        group: list[dict] = []
+        pairs = 0
+        for line in lines:
+            if group and pairs + len(line["documents"]) > PAIRS_AT_ONCE:
+                answers += self._rerank_group(group)
+                group, pairs = [], 0
+            group.append(line)
+            pairs += len(line["documents"])
+        return answers + (self._rerank_group(group) if group else [])
+
+    def _rerank_group(self, lines: list[dict]) -> list[tuple[int, dict, int]]:
         """Each line's pairs tokenized as a rerank replica tokenizes a shard, all the lines' pairs run in passes
         within the token budget, each line's scores ranked as the router ranks them."""
         scorer, info = self.scorer, self.scorer.loaded.info

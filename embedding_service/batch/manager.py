@@ -19,6 +19,7 @@ Restarting the manager loses nothing: what it knows is the store's and Ray's (th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import ray
@@ -32,6 +33,8 @@ from embedding_service.observability.logs import service_logger
 from embedding_service.observability.metrics import JobMetrics
 
 logger = service_logger(__name__)
+
+STOP_WAIT_S = 10.0  # how long a stop waits for the killed runner to be gone before it writes the job's files
 
 
 def runner_of(job_id: str):
@@ -56,6 +59,7 @@ class JobManager:
         self.root = await asyncio.to_thread(StorageRoot.of, jobs)
         self.metrics = JobMetrics()
         self._seen_running: set[str] = set()
+        self._counted: set[str] = set()  # jobs whose end _stop counted already
         self._loop = asyncio.create_task(self._rounds())
 
     async def _rounds(self) -> None:
@@ -74,16 +78,19 @@ class JobManager:
         now = now_ms()
         for job in unfinished:
             runner = runners[job.id]
-            if job.cancel_requested:
-                self._stop(job, runner, "cancelled")
-            elif _past_deadline(job, now):
-                self._stop(job, runner, "expired")
-            elif runner is None and job.status == "validating":
-                if slots > 0:
-                    slots -= 1
-                    self._start(job, "new")
-            elif runner is None:
-                self._start(job, "resumed")
+            try:
+                if job.cancel_requested:
+                    self._stop(job, runner, "cancelled")
+                elif _past_deadline(job, now):
+                    self._stop(job, runner, "expired")
+                elif runner is None and job.status == "validating":
+                    if slots > 0:
+                        slots -= 1
+                        self._start(job, "new")
+                elif runner is None:
+                    self._start(job, "resumed")
+            except Exception:  # one job's failure (its files unreachable) holds up no other job
+                logger.exception("jobs: the job manager could not act on job %s", job.id)
         self._reap({j.id for j in unfinished})
         self._expire()
         self._report(unfinished)
@@ -97,10 +104,17 @@ class JobManager:
         self.metrics.runners_started.inc(tags={"reason": reason})
 
     def _stop(self, job: JobRecord, runner, status: str) -> None:
+        current = self.store.job_by_id(job.id)  # the runner may have gone on since the round began
+        if current is None or current.status in FINAL or (status == "expired" and current.status == "finalizing"):
+            return
         if runner is not None:
             ray.kill(runner, no_restart=True)  # its pool's actors die with their owner
+            deadline = time.monotonic() + STOP_WAIT_S
+            while runner_of(job.id) is not None and time.monotonic() < deadline:  # never two writers of its files
+                time.sleep(0.1)
         logger.info("jobs: job %s %s: its runner was stopped", job.id, status)
-        ended = finish_stopped(self.store, self.root, job, status, self.jobs.retention_s, self.jobs.s3_endpoint)
+        ended = finish_stopped(self.store, self.root, current, status, self.jobs.retention_s, self.jobs.s3_endpoint)
+        self._counted.add(job.id)
         self.metrics.jobs_ended.inc(tags={"status": ended.status})
 
     def _reap(self, unfinished: set[str]) -> None:
@@ -140,8 +154,9 @@ class JobManager:
             self.metrics.job_rows_total.set(job.total, tags=tags)
             self.metrics.job_rows_per_second.set(job.rows_per_s, tags=tags)
         for job in ended:
-            if job.status not in ("cancelled", "expired"):  # those counted where they were stopped
+            if job.id not in self._counted:  # a stopped job's end was counted where it was stopped
                 self.metrics.jobs_ended.inc(tags={"status": job.status})
+            self._counted.discard(job.id)
         self._seen_running = running
 
     async def check_health(self) -> None:

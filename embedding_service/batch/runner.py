@@ -201,6 +201,7 @@ def finish_openai(store: JobStore, root: StorageRoot, job: JobRecord, paths: Pat
     """Writes an OpenAI batch's output and error files from what the pool wrote (all of it, or what a cancelled
     job had written) and ends the job in `status`."""
     fs = root.filesystem
+    fs.create_dir(root.path_of(paths.folder), recursive=True)  # a batch stopped before its runner ever ran has none
     out_uri, err_uri = f"{paths.folder}/output.jsonl", f"{paths.folder}/errors.jsonl"
     ok = bad = 0
     with fs.open_output_stream(root.path_of(out_uri)) as out, fs.open_output_stream(root.path_of(err_uri)) as err:

@@ -33,11 +33,13 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     or_,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from embedding_service.config import JobLimits, JobsSettings
@@ -188,6 +190,31 @@ _PROGRESS = frozenset({"status", "total", "completed", "failed", "output_file_id
                        "expires_at", "model", "rows_per_s"})
 
 
+# Columns added to a table after its first release, with what adds them to a store that predates them (create_all
+# makes missing tables only): the column, then its statements.
+_ADDED_COLUMNS = {
+    "batch_jobs": [("request_key", ("ALTER TABLE batch_jobs ADD COLUMN request_key VARCHAR(128)",
+                                    "CREATE UNIQUE INDEX IF NOT EXISTS uq_batch_jobs_owner_request_key "
+                                    "ON batch_jobs (owner, request_key)"))],
+}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Brings a store made by an earlier release up to the current tables. Several processes open the store at
+    once: a column another added meanwhile is taken as added."""
+    for table, columns in _ADDED_COLUMNS.items():
+        for column, statements in columns:
+            if column in {c["name"] for c in inspect(engine).get_columns(table)}:
+                continue
+            try:
+                with engine.begin() as connection:
+                    for statement in statements:
+                        connection.execute(text(statement))
+            except (OperationalError, ProgrammingError):
+                if column not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                    raise
+
+
 def _sqlite_pragmas(connection, _record) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -205,6 +232,7 @@ class JobStore:
             # writer, and a writer waits for another rather than failing.
             event.listen(self.engine, "connect", _sqlite_pragmas)
         _Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

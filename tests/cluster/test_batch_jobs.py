@@ -222,13 +222,14 @@ def test_a_batch_past_its_completion_window_expires_with_the_lines_done(service,
         source = client.files.create(file=("late.jsonl", io.BytesIO(b"".join(_line(f"e{i}", t, TINY) for i, t in
                                                                            enumerate(texts)))), purpose="batch")
         batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
-        assert batch.expires_at - batch.created_at == pytest.approx(window_s, abs=1)
+        assert batch.expires_at - batch.created_at == window_s
         done = _finished(client, batch.id, 60)
-        assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at - 1
-        wait_until(lambda: not _pool_nodes(), 15, "the pool stopped")
+        assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at
+        wait_until(lambda: not _pool_nodes() and runner_of(batch.id) is None, 15, "the pool and the runner stopped")
         ids = [line["custom_id"] for line in _jsonl(client, done.output_file_id)]
+    # Whatever it had done when it expired (on a loaded machine, maybe nothing yet) is in its output, once each.
     assert len(ids) < len(texts) and len(set(ids)) == len(ids) and done.request_counts.completed == len(ids)
-    assert all(i.startswith("e") for i in ids)
+    assert set(ids) <= {f"e{i}" for i in range(len(texts))}
 
 
 @pytest.fixture

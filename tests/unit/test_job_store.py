@@ -164,3 +164,35 @@ def test_a_create_sent_again_with_its_key_returns_the_job_it_made(make_store):
     assert [j.id for j in store.jobs(ALICE)[0]] == [first.id]
     store.update_job(first.id, status="completed")
     assert store.add_job(ALICE, "dataset", "", "m").id != first.id  # no key: a new job each time
+
+
+def test_a_store_of_the_release_before_idempotency_keys_gains_them(store_url):
+    """A store that outlived an upgrade (PostgreSQL, or SQLite under the storage root) has batch_jobs without
+    request_key: opened, it gains the column and its uniqueness, and keeps its jobs."""
+    from sqlalchemy import MetaData, Table, create_engine, text
+
+    from embedding_service.jobs.store import _JobRow
+
+    engine = create_engine(store_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS batch_jobs"))
+    before = MetaData()
+    Table("batch_jobs", before, *[c._copy() for c in _JobRow.__table__.columns if c.name != "request_key"])
+    before.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO batch_jobs (id, owner, endpoint, input_file_id, model, spec, status, "
+                                "created_at, updated_at, job_metadata, total, completed, failed, errors, "
+                                "cancel_requested, rows_per_s, times) VALUES ('batch_old', :owner, 'dataset', '', "
+                                "'m', '{}', 'completed', 1, 1, '{}', 0, 0, 0, '[]', false, 0, '{}')"),
+                           {"owner": ALICE})
+    engine.dispose()
+    store = JobStore(store_url)
+    try:
+        assert store.job(ALICE, "batch_old").status == "completed"
+        first = store.add_job(ALICE, "dataset", "", "m", request_key="k")
+        assert store.add_job(ALICE, "dataset", "", "m", request_key="k").id == first.id
+        JobStore(store_url).close()  # opened again: nothing left to add
+    finally:
+        with store.engine.begin() as connection:
+            connection.execute(text("DELETE FROM batch_jobs"))
+        store.close()
