@@ -20,9 +20,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from embedding_service.jobs.openai_batch import ENDPOINTS
-from embedding_service.jobs.spec import MAX_REQUEST_KEY, JobSpec, deadline_of, metadata_refusal
+from embedding_service.jobs.spec import JobSpec, deadline_of, metadata_refusal, request_key_refusal
 from embedding_service.jobs.storage import StorageRoot
-from embedding_service.jobs.store import FileRecord, JobRecord, JobStore, LimitReached, now_ms, owner_of, store_url
+from embedding_service.jobs.store import (
+    FileRecord,
+    JobRecord,
+    JobStore,
+    LimitReached,
+    RequestKeyReused,
+    now_ms,
+    owner_of,
+    store_url,
+)
 from embedding_service.wire.bearer import bearer_key
 from gateway import errors
 from gateway.settings import GatewaySettings
@@ -240,11 +249,16 @@ async def create_batch(request: Request) -> JSONResponse:
                    completion_window_s=desk.settings.batch_completion_window_s)
     # Stripe's and OpenAI's header: a create sent again with the same key returns the batch the first made.
     request_key = request.headers.get("idempotency-key") or None
-    if request_key is not None and len(request_key) > MAX_REQUEST_KEY:
-        raise errors.invalid_request(f"Idempotency-Key is longer than {MAX_REQUEST_KEY} characters")
+    refusal = request_key_refusal(request_key, "Idempotency-Key")
+    if refusal is not None:
+        raise errors.invalid_request(refusal)
     try:
         record = await desk.run(JobStore.add_job, owner, body.endpoint, source.id, "", metadata, None,
                                 spec.model_dump(), request_key)
+    except RequestKeyReused as reused:  # 422, as the IETF's Idempotency-Key draft answers a key reused
+        raise errors.OpenAIError(422, f"Idempotency-Key was sent before with another request (batch "
+                                 f"{reused.job_id}); a new batch needs a new key", "invalid_request_error", None,
+                                 "idempotency_key_reused") from None
     except LimitReached as reached:
         raise _limit(reached) from None
     return JSONResponse(batch_object(record))

@@ -15,6 +15,7 @@ fallback (`embedding_client.fallback`), and a bulk command line (`python -m embe
 from embedding_client.aio import AsyncEmbedClient, ClientStats, EmbedResult, RetryPolicy, Usage
 from embedding_client.classifying import Classification, ClassifyResult, LabelScore
 from embedding_client.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     EmbeddingError,
     FailedPrecondition,
@@ -32,7 +33,7 @@ from embedding_client.sync import EmbedClient
 from embedding_client.tokenizing import DetokenizeResult, Tokenized, TokenizeResult
 
 __all__ = [
-    "AsyncEmbedClient", "Classification", "ClassifyResult", "ClientStats", "DeadlineExceeded", "DetokenizeResult",
+    "AlreadyExists", "AsyncEmbedClient", "Classification", "ClassifyResult", "ClientStats", "DeadlineExceeded", "DetokenizeResult",
     "EmbedClient", "EmbedResult", "EmbeddingError", "FailedPrecondition", "InvalidArgument", "Job", "JobFailed",
     "LabelScore",
     "LocalFallback", "NotFound", "PermissionDenied", "Ranked", "RerankResult", "ResourceExhausted", "RetryPolicy",

@@ -102,6 +102,10 @@ class PermissionDenied(EmbeddingError):
     """The API key may not make this call."""
 
 
+class AlreadyExists(EmbeddingError):
+    """What the call would create exists already (a job's request_id spent on another request)."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
@@ -112,6 +116,7 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
 }
 
 

@@ -22,6 +22,7 @@ from embedding_service.jobs.spec import JobSpec
 from embedding_service.model.forward import embed_texts, load_model, plan_passes, reference_vectors
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
 from embedding_service.model.scoring import RerankScorer, truncated
+from embedding_service.wire.ranking import pair_too_long, ranked
 from embedding_service.wire.rest_bodies import embeddings_body, error_body, rerank_body
 
 RANGED = ("int8", "uint8")
@@ -147,9 +148,8 @@ class Encoder:
             counts, too_long = truncated(pairs.full, maximum, "end" if line["truncate"] else "reject")
             if too_long:
                 k = too_long[0]
-                answers.append((400, error_body(
-                    f"document {k} with the query has {int(counts[k])} tokens; model {self.settings.name!r} takes "
-                    f"at most {maximum} and truncate is false", param="documents", code="input_too_long"), 0))
+                message = pair_too_long(k, int(counts[k]), self.settings.name, maximum, "truncate is false")
+                answers.append((400, error_body(message, param="documents", code="input_too_long"), 0))
                 continue
             answers.append(None)
             spans.append((len(rows), counts))
@@ -167,10 +167,9 @@ class Encoder:
             scores = raw[start : start + len(counts)]
             if line["activation"]:
                 scores = scorer.activated(scores)
-            # Highest first, ties in document order (as the router and CrossEncoder.rank sort).
-            order = np.argsort(-scores, kind="stable")[: line["top_n"] or len(counts)]
+            order = ranked(scores, line["top_n"])
             documents = line["documents"] if line["return_documents"] else None
-            ranked = ((int(k), float(scores[k]), documents[k] if documents else None) for k in order)
+            results = ((int(k), float(scores[k]), documents[k] if documents else None) for k in order)
             used = int(counts.sum())
-            answers[i] = (200, rerank_body(self.settings.name, ranked, used), used)
+            answers[i] = (200, rerank_body(self.settings.name, results, used), used)
         return answers

@@ -9,6 +9,8 @@ the manager. Each round (jobs.poll_s) it:
 - carries out cancels: the runner is killed (its pool with it, within seconds) and the job ends cancelled with
   the output written so far, marked partial; a job past its deadline (an OpenAI batch's completion window) ends
   the same way, expired;
+- releases what Ray Data still reserves for a runner it killed or found gone (ray_data_internals.py): a killed
+  driver never cancels its resource request, which would shrink every later job's share until it expired;
 - stops the runners of jobs that ended (a detached actor lives, its model's memory held, until it is killed);
 - deletes what retention ended (files, jobs and their folders);
 - sets the job metrics from the store.
@@ -24,6 +26,7 @@ from collections import Counter
 
 import ray
 
+from embedding_service.batch.ray_data_internals import release_requests
 from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_stopped, runner_name
 from embedding_service.config import ON_HEAD, JobsSettings, ModelSettings
 from embedding_service.jobs.spec import deadline_of, job_folder
@@ -46,9 +49,9 @@ def runner_of(job_id: str):
 
 
 def _past_deadline(job: JobRecord, now: int) -> bool:
-    """Unfinished at its deadline; a job writing its output files already is left to finish."""
+    """Unfinished at its deadline (whether it is stopped is _stop's to say, from the job read again)."""
     deadline = deadline_of(job.spec, job.created_at)
-    return deadline is not None and now >= deadline and job.status != "finalizing"
+    return deadline is not None and now >= deadline
 
 
 class JobManager:
@@ -97,6 +100,8 @@ class JobManager:
 
     def _start(self, job: JobRecord, reason: str) -> None:
         logger.info("jobs: starting the runner of job %s (%s)", job.id, reason)
+        if reason == "resumed":
+            self._release(job.id)  # the lost runner's, before the new one's is made
         actor = ray.remote(JobRunner).options(
             name=runner_name(job.id), namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=0,
             resources=dict(ON_HEAD), get_if_exists=True).remote(self.jobs, self.models, job.id)
@@ -105,6 +110,7 @@ class JobManager:
 
     def _stop(self, job: JobRecord, runner, status: str) -> None:
         current = self.store.job_by_id(job.id)  # the runner may have gone on since the round began
+        # A batch writing its output files already is left to finish: its lines are all done.
         if current is None or current.status in FINAL or (status == "expired" and current.status == "finalizing"):
             return
         if runner is not None:
@@ -112,10 +118,24 @@ class JobManager:
             deadline = time.monotonic() + STOP_WAIT_S
             while runner_of(job.id) is not None and time.monotonic() < deadline:  # never two writers of its files
                 time.sleep(0.1)
+        self._release(job.id)  # also a runner lost before the stop: its requests outlive it
         logger.info("jobs: job %s %s: its runner was stopped", job.id, status)
         ended = finish_stopped(self.store, self.root, current, status, self.jobs.retention_s, self.jobs.s3_endpoint)
         self._counted.add(job.id)
         self.metrics.jobs_ended.inc(tags={"status": ended.status})
+
+    def _release(self, job_id: str) -> None:
+        """Releases what Ray Data still reserves for the job's runner that is gone (ray_data_internals.py)."""
+        try:
+            released = release_requests(runner_name(job_id))
+        except Exception as error:  # the job goes on; other jobs get a smaller share until the request expires
+            logger.warning("jobs: the Ray Data resource requests of job %s's runner, gone, were not released (%s); "
+                           "they hold their share of the cluster until they expire", job_id, error)
+            self.metrics.reservations_released.inc(tags={"outcome": "failed"})
+            return
+        if released:
+            logger.info("jobs: released the Ray Data resource requests of job %s's runner, gone: %s", job_id, released)
+            self.metrics.reservations_released.inc(len(released), tags={"outcome": "released"})
 
     def _reap(self, unfinished: set[str]) -> None:
         """Kills the runners whose job this store holds in a final status: their run returned."""

@@ -39,6 +39,13 @@ class JobSpec(BaseModel):
 # A create's idempotency key (CreateJob's request_id, the gateway's Idempotency-Key header).
 MAX_REQUEST_KEY = 128
 
+def request_key_refusal(key: str | None, name: str) -> str | None:
+    """Why a create's idempotency key (`name`: how the caller's API calls it) is refused, or None."""
+    if key is not None and len(key) > MAX_REQUEST_KEY:
+        return f"{name} is longer than {MAX_REQUEST_KEY} characters"
+    return None
+
+
 # A job's metadata, as OpenAI bounds a batch's.
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 

@@ -57,6 +57,15 @@ class LimitReached(Exception):
         self.bound, self.limit = bound, limit
 
 
+class RequestKeyReused(Exception):
+    """A create's idempotency key names a job the owner made with other parameters: a second request under a key
+    already spent, not the first sent again."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"the key was used for job {job_id}, made with other parameters")
+        self.job_id = job_id
+
+
 def owner_of(api_key: str | bytes, tenant: str | bytes = b"") -> str:
     """The owner a key's jobs and files are kept under: a digest of the key, so the store never holds a key. A
     caller may name a tenant of its own (the gateway names the key its caller gave it): the owner is then the
@@ -285,7 +294,8 @@ class JobStore:
 
     def add_job(self, owner: str, endpoint: str, input_file_id: str, model: str, metadata: dict | None = None,
                 expires_at: int | None = None, spec: dict | None = None, request_key: str | None = None) -> JobRecord:
-        """A new job; or, when the owner made one with `request_key` already (a create sent again), that one."""
+        """A new job; or, when the owner made one with `request_key` already (a create sent again), that one.
+        RequestKeyReused: the key's job was made with other parameters."""
         limits = self.limits
         stamp = now_ms()
         row = _JobRow(id=f"batch_{uuid.uuid4().hex}", owner=owner, endpoint=endpoint, input_file_id=input_file_id,
@@ -296,7 +306,7 @@ class JobStore:
                       request_key=request_key or None)
         try:
             with self._session() as session:
-                made = self._made(session, owner, request_key)
+                made = self._made(session, owner, request_key, row)
                 if made is not None:
                     return made
                 mine = select(func.count()).select_from(_JobRow).where(_JobRow.owner == owner)
@@ -311,17 +321,24 @@ class JobStore:
             if not request_key:
                 raise
             with self._session() as session:
-                made = self._made(session, owner, request_key)
+                made = self._made(session, owner, request_key, row)
                 if made is None:
                     raise
                 return made
 
     @staticmethod
-    def _made(session: Session, owner: str, request_key: str | None) -> JobRecord | None:
+    def _made(session: Session, owner: str, request_key: str | None, asked: _JobRow) -> JobRecord | None:
+        """The job the owner's create with this key made already, when `asked` is that create sent again."""
         if not request_key:
             return None
         row = session.scalar(select(_JobRow).where(_JobRow.owner == owner, _JobRow.request_key == request_key))
-        return _record(JobRecord, row) if row is not None else None
+        if row is None:
+            return None
+        # (not the model column: a batch's is set once its file is read)
+        if (row.endpoint, row.input_file_id, row.spec, row.job_metadata) != (
+                asked.endpoint, asked.input_file_id, asked.spec, asked.job_metadata):
+            raise RequestKeyReused(row.id)
+        return _record(JobRecord, row)
 
     def job(self, owner: str, job_id: str) -> JobRecord | None:
         """The owner's job, or None: missing, or another owner's."""

@@ -201,6 +201,10 @@ class JobMetrics(_Group):
                               "or reason=resumed (its runner was lost: it goes on from its checkpoints).",
                               ("reason",))
     jobs_ended = counter("jobs_ended", "Jobs that reached a final status, by status.", ("status",))
+    reservations_released = counter(
+        "job_reservations_released", "Ray Data resource requests of killed runners the manager released, by outcome "
+        "(released; failed: logged, and the request holds its share of the cluster until it expires).",
+        ("outcome",))
 
 
 class FleetMetrics(_Group):

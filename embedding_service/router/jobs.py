@@ -13,9 +13,17 @@ from collections.abc import AsyncIterator, Iterable
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.config import AppArgs, JobsSettings
-from embedding_service.jobs.spec import MAX_REQUEST_KEY, JobSpec, metadata_refusal, output_of
+from embedding_service.jobs.spec import JobSpec, metadata_refusal, output_of, request_key_refusal
 from embedding_service.jobs.storage import within
-from embedding_service.jobs.store import FINAL, JobRecord, JobStore, LimitReached, open_store, owner_of
+from embedding_service.jobs.store import (
+    FINAL,
+    JobRecord,
+    JobStore,
+    LimitReached,
+    RequestKeyReused,
+    open_store,
+    owner_of,
+)
 from embedding_service.router.validation import check_kind, resolve_model_name
 from embedding_service.wire.auth import given_key
 from embedding_service.wire.reasons import Reason, ServiceError
@@ -74,11 +82,15 @@ class JobDesk:
         refusal = metadata_refusal(metadata)
         if refusal is not None:
             raise _invalid(refusal, "metadata")
-        if len(request.request_id) > MAX_REQUEST_KEY:
-            raise _invalid(f"request_id is longer than {MAX_REQUEST_KEY} characters", "request_id")
+        refusal = request_key_refusal(request.request_id, "request_id")
+        if refusal is not None:
+            raise _invalid(refusal, "request_id")
         try:
             record = await asyncio.to_thread(store.add_job, owner, "dataset", "", name, metadata, None,
                                              spec.model_dump(), request.request_id)
+        except RequestKeyReused as reused:
+            raise ServiceError(Reason.REQUEST_ID_REUSED, f"request_id was sent before with other parameters (job "
+                               f"{reused.job_id}); a new job needs a new request_id", job=reused.job_id) from None
         except LimitReached as reached:
             raise ServiceError(Reason.JOB_LIMIT_REACHED, f"this key holds as many jobs as args.jobs.limits."
                                f"{reached.bound} allows ({reached.limit})", bound=reached.bound,

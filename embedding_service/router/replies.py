@@ -13,6 +13,7 @@ from embedding_service.router import convert
 from embedding_service.router.fanout import Shard
 from embedding_service.router.validation import Job, top_n
 from embedding_service.wire.messages import ShardResult
+from embedding_service.wire.ranking import ranked
 
 
 class Reply(abc.ABC):
@@ -56,8 +57,7 @@ class RerankReply(_Rows):
         self.keep = top_n(request, self.n)  # checked before any document is scored
 
     def message(self, counts: np.ndarray) -> pb.RerankResponse:
-        # Highest first, ties in document order (as CrossEncoder.rank's stable sort).
-        order = np.argsort(-self.rows, kind="stable")[: self.keep]
+        order = ranked(self.rows, self.keep)
         response = pb.RerankResponse(model=self.job.model)
         convert.fill_scores(response.results, order, self.rows[order], counts[order],
                             self.request.documents if self.request.return_documents else None)

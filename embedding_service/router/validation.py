@@ -19,6 +19,7 @@ from embedding_service.wire.messages import (
     RerankOptions,
     SparseOptions,
 )
+from embedding_service.wire.ranking import pair_too_long
 from embedding_service.wire.reasons import Reason, ServiceError
 
 _POLICIES = {
@@ -235,8 +236,7 @@ def too_long(index: int, tokens: int, model: ModelInfo, truncation: str) -> Serv
     if model.kind == "rerank":
         return ServiceError(
             Reason.INPUT_TOO_LONG,
-            f"document {index} with the query has {tokens} tokens; model {model.name!r} takes at most "
-            f"{model.max_sequence_length} and truncation is REJECT",
+            pair_too_long(index, tokens, model.name, model.max_sequence_length, "truncation is REJECT"),
             index=index, tokens=tokens, max_tokens=model.max_sequence_length, field="documents")
     return ServiceError(
         Reason.INPUT_TOO_LONG,

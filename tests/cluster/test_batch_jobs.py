@@ -23,6 +23,7 @@ import torch
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_service.batch.manager import runner_of
+from embedding_service.batch.ray_data_internals import requests_of
 from embedding_service.batch.runner import NAMESPACE, runner_name
 from embedding_service.wire.messages import JOBS_DEPLOYMENT
 from tests.helpers.gateways import running_gateway
@@ -207,28 +208,37 @@ def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
     assert done.status == "cancelled" and done.cancelled_at
     wait_until(lambda: not _pool_nodes(), 15, "the pool stopped")
     assert time.monotonic() - asked < 20
+    # What Ray Data reserved for the killed runner's execution is released (else it would shrink the next jobs'
+    # share of the cluster for minutes).
+    assert requests_of(runner_name(batch.id)) == []
     lines = _jsonl(client, done.output_file_id)
     ids = [line["custom_id"] for line in lines]
     assert 0 < len(ids) < len(texts) and len(set(ids)) == len(ids)
     assert done.request_counts.completed == len(ids)
 
 
-def test_a_batch_past_its_completion_window_expires_with_the_lines_done(service, jobs):
-    window_s = 4.0  # the tiny model needs some 10 s for these lines here
+def test_a_batch_past_its_completion_window_expires_with_the_lines_done(client, jobs):
+    """Mid-pool, the batch's creation moved a day back in the store: the manager's next round finds it past its
+    window, stops its runner and pool, and ends it expired with the lines it had done."""
+    import sqlalchemy as sa
+
     texts = make_texts(20000, seed=6, max_words=30)
-    with running_gateway(targets=[service.target], api_keys=[KEY], jobs_storage_root=jobs.storage_root,
-                         batch_completion_window_s=window_s) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
-        source = client.files.create(file=("late.jsonl", io.BytesIO(b"".join(_line(f"e{i}", t, TINY) for i, t in
-                                                                           enumerate(texts)))), purpose="batch")
-        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
-        assert batch.expires_at - batch.created_at == window_s
-        done = _finished(client, batch.id, 60)
-        assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at
-        wait_until(lambda: not _pool_nodes() and runner_of(batch.id) is None, 15, "the pool and the runner stopped")
-        ids = [line["custom_id"] for line in _jsonl(client, done.output_file_id)]
-    # Whatever it had done when it expired (on a loaded machine, maybe nothing yet) is in its output, once each.
-    assert len(ids) < len(texts) and len(set(ids)) == len(ids) and done.request_counts.completed == len(ids)
+    source = client.files.create(file=("late.jsonl", io.BytesIO(b"".join(_line(f"e{i}", t, TINY) for i, t in
+                                                                       enumerate(texts)))), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert batch.expires_at - batch.created_at == 24 * 3600
+    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 120, "lines done")
+    engine = sa.create_engine(f"sqlite:///{jobs.storage_root}/jobs.db")
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE batch_jobs SET created_at = created_at - :day WHERE id = :id"),
+                           {"day": 24 * 3600 * 1000, "id": batch.id})
+    engine.dispose()
+    done = _finished(client, batch.id, 60)
+    assert done.status == "expired" and done.expired_at and done.expired_at >= done.expires_at
+    wait_until(lambda: not _pool_nodes() and runner_of(batch.id) is None, 15, "the pool and the runner stopped")
+    assert requests_of(runner_name(batch.id)) == []
+    ids = [line["custom_id"] for line in _jsonl(client, done.output_file_id)]
+    assert 0 < len(ids) < len(texts) and len(set(ids)) == len(ids) and done.request_counts.completed == len(ids)
     assert set(ids) <= {f"e{i}" for i in range(len(texts))}
 
 
@@ -307,6 +317,9 @@ def test_a_job_survives_a_node_and_its_runner_lost_writing_each_row_once(service
                                atol=TOL)
     wait_until(lambda: total("ray_embedding_job_runners_started_total", reason="resumed") > resumed_before, 30,
                "the resumed runner counted")
+    # The killed runner's Ray Data resource request was released (it would hold for 180 s): none of the job's is left.
+    assert requests_of(runner_name(job.id)) == []
+    assert total("ray_embedding_job_reservations_released_total", outcome="failed") == 0
     # Its progress, as Prometheus scrapes it per job from the (restarted) manager's gauges, ends at every row.
     # (the killed manager's series may linger beside the new one's: the newest is the largest)
     wait_until(lambda: _gauge("ray_embedding_job_rows_done", job.id) == len(texts), 30, "the job's rows scraped")
@@ -334,7 +347,11 @@ def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, da
     # with the job it made.
     assert refused(lambda: _create(service, path, tenant="alice")) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                                        "JOB_LIMIT_REACHED")
-    assert _create(service, path, tenant="alice", request_id="create-1").id == mine.id
+    assert _create(service, path, tenant="alice", encoding=pb.VECTOR_ENCODING_INT8, dimensions=32,
+                   request_id="create-1").id == mine.id
+    # Sent with another request (float vectors here), the id is refused.
+    assert refused(lambda: _create(service, path, tenant="alice", request_id="create-1")) == (
+        grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
     assert refused(lambda: _create(service, path, tenant="alice", request_id="r" * 129)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_JOB")
     bob = (("embedding-tenant", "bob"),)

@@ -175,6 +175,17 @@ def test_a_create_sent_again_with_its_idempotency_key_returns_the_batch_it_made(
     assert [b.id for b in client.batches.list()].count(first.id) == 1
     with pytest.raises(openai.BadRequestError):
         create("k" * 129)
+    # The key sent with another request (another file, other metadata) is refused, naming the batch it made.
+    other_source = client.files.create(file=("other.jsonl", io.BytesIO(_lines(3))), purpose="batch")
+    for call in (lambda: client.batches.create(input_file_id=other_source.id, endpoint="/v1/embeddings",
+                                               completion_window="24h",
+                                               extra_headers={"Idempotency-Key": "nightly-2026-12-06"}),
+                 lambda: client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings",
+                                               completion_window="24h", metadata={"run": "2"},
+                                               extra_headers={"Idempotency-Key": "nightly-2026-12-06"})):
+        with pytest.raises(openai.UnprocessableEntityError) as reused:
+            call()
+        assert reused.value.code == "idempotency_key_reused" and first.id in reused.value.message
     # Another key's create with the same Idempotency-Key is its own.
     other = _client(base, "key-d")
     theirs = other.files.create(file=("input.jsonl", io.BytesIO(_lines(2))), purpose="batch")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from embedding_service.config import JobLimits
-from embedding_service.jobs.store import FINAL, JobStore, LimitReached, now_ms, owner_of
+from embedding_service.jobs.store import FINAL, JobStore, LimitReached, RequestKeyReused, now_ms, owner_of
 from tests.helpers import postgres
 
 ALICE, BOB = owner_of("sk-alice"), owner_of("sk-bob")
@@ -164,6 +164,24 @@ def test_a_create_sent_again_with_its_key_returns_the_job_it_made(make_store):
     assert [j.id for j in store.jobs(ALICE)[0]] == [first.id]
     store.update_job(first.id, status="completed")
     assert store.add_job(ALICE, "dataset", "", "m").id != first.id  # no key: a new job each time
+
+
+def test_a_key_sent_again_with_another_request_is_refused(make_store):
+    """A key names one request: sent with other parameters it is refused (never another job's answer), while the
+    same create sent again still gets its job once its runner set the batch's model."""
+    store = make_store()
+    spec = {"source": "dataset", "model": "m", "input_uri": "/data/a.parquet"}
+    first = store.add_job(ALICE, "dataset", "", "m", {"team": "a"}, spec=spec, request_key="k")
+    store.update_job(first.id, model="m2", status="in_progress")
+    assert store.add_job(ALICE, "dataset", "", "m", {"team": "a"}, spec=spec, request_key="k").id == first.id
+    for other in ({"spec": {**spec, "input_uri": "/data/b.parquet"}}, {"metadata": {"team": "b"}, "spec": spec}):
+        with pytest.raises(RequestKeyReused) as reused:
+            store.add_job(ALICE, "dataset", "", "m", other.get("metadata", {"team": "a"}), spec=other["spec"],
+                          request_key="k")
+        assert reused.value.job_id == first.id
+    with pytest.raises(RequestKeyReused):
+        store.add_job(ALICE, "/v1/embeddings", "file-x", "", {"team": "a"}, spec=spec, request_key="k")
+    assert [j.id for j in store.jobs(ALICE)[0]] == [first.id]
 
 
 def test_a_store_of_the_release_before_idempotency_keys_gains_them(store_url):

@@ -4,6 +4,8 @@
   around Serve's handler factory, the passthrough health service, and the proxy's report of the options;
 - the fleet's (fleet/ray_internals.py): Ray's node drain;
 - the driver's (ops/ray_internals.py): the preload setting, Serve's message-size variable, `_system_config`;
+- the jobs manager's (batch/ray_data_internals.py): Ray Data's resource requests, released for a killed runner
+  (exercised on the session's cluster by tests/cluster/test_batch_jobs.py);
 - the router's request router: a pending request's `call_method`.
 
 The proxy-side ones run in fresh interpreters, as in a Ray worker, on Ray's own gRPC server class.
@@ -184,7 +186,7 @@ def test_the_request_router_tells_methods_apart_and_backs_off_when_no_replica_fi
 
 
 @pytest.mark.parametrize("fence", ["embedding_service.proxy.serve_internals", "embedding_service.fleet.ray_internals",
-                                   "embedding_service.ops.ray_internals"])
+                                   "embedding_service.ops.ray_internals", "embedding_service.batch.ray_data_internals"])
 def test_a_fence_that_finds_ray_changed_stops_loudly_with_rays_version(fence):
     """Each fence's check fails when what it checks is gone (here: removed on purpose before the import)."""
     breaks = {
@@ -194,11 +196,14 @@ def test_a_fence_that_finds_ray_changed_stops_loudly_with_rays_version(fence):
         "embedding_service.ops.ray_internals":
             "import pathlib; real = pathlib.Path.read_text; "
             "pathlib.Path.read_text = lambda p, *a, **k: '' if p.name == 'default_worker.py' else real(p, *a, **k)",
+        "embedding_service.batch.ray_data_internals":
+            "from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as c; "
+            "c._AutoscalingCoordinatorActor.cancel_request = lambda self, requester_id, force: None",
     }
     done = subprocess.run([sys.executable, "-c", f"{breaks[fence]}\nimport {fence}"], capture_output=True, check=False,
                           text=True, timeout=180, cwd=ROOT)
     assert done.returncode != 0
-    assert "RayInternalsChanged" in done.stderr and "Ray 2." in done.stderr, done.stderr[-2000:]
+    assert "InternalsChanged" in done.stderr and "Ray 2." in done.stderr, done.stderr[-2000:]
 
 
 def test_replicas_inter_deployment_servers_bind_loopback_on_a_loopback_ray(monkeypatch):

@@ -42,6 +42,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_JOB_LIMIT_REACHED: _ClassVar[ErrorReason]
     ERROR_REASON_DATASET_NOT_ALLOWED: _ClassVar[ErrorReason]
     ERROR_REASON_INVALID_JOB: _ClassVar[ErrorReason]
+    ERROR_REASON_REQUEST_ID_REUSED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason
 ERROR_REASON_NO_INPUTS: ErrorReason
@@ -77,5 +78,6 @@ ERROR_REASON_JOBS_DISABLED: ErrorReason
 ERROR_REASON_JOB_LIMIT_REACHED: ErrorReason
 ERROR_REASON_DATASET_NOT_ALLOWED: ErrorReason
 ERROR_REASON_INVALID_JOB: ErrorReason
+ERROR_REASON_REQUEST_ID_REUSED: ErrorReason
 STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
 status_code: _descriptor.FieldDescriptor

@@ -1,0 +1,19 @@
+"""What a rerank answer is, wherever it is made (the router's replies, a batch job's rerank lines): documents
+ranked highest first, and the wording of a pair refused for its length."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranked(scores: np.ndarray, keep: int | None = None) -> np.ndarray:
+    """The documents' indices, highest score first, ties in document order (CrossEncoder.rank's stable sort), the
+    first `keep` of them (all when None)."""
+    return np.argsort(-scores, kind="stable")[:keep]
+
+
+def pair_too_long(index: int, tokens: int, model: str, max_tokens: int, setting: str) -> str:
+    """A document whose pair with the query is longer than the model takes, under a setting that refuses it
+    (`setting`: how the caller's API names it, as "truncation is REJECT" or "truncate is false")."""
+    return (f"document {index} with the query has {tokens} tokens; model {model!r} takes at most {max_tokens} "
+            f"and {setting}")
