@@ -32,7 +32,7 @@ from tests.helpers.texts import make_texts
 
 KEYS_ENV = "EMBEDDING_TEST_HEAD_KEYS"
 KEY = "head-restart-key"
-ROWS = 40_000
+ROWS = 30_000
 
 
 def _start(config_path: Path, log: Path, env: dict) -> subprocess.Popen:

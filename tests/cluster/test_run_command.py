@@ -45,7 +45,7 @@ USER_KEY = "gateway-user-key"
 # Long enough for the stream below to finish within it on a slow 2-core CPU (AVX2 only), where 30 s cut it; the
 # run command exits as soon as its calls in flight are done, so a fast machine does not wait it out.
 GRACE_S = 120
-STREAM_INPUTS = 60_000
+STREAM_INPUTS = 30_000
 # The service's bound per call here: short, for a Watch to be seen outliving it in seconds.
 REQUEST_TIMEOUT_S = 5
 EMBED = "/embedding_service.v1.EmbedService/Embed"
