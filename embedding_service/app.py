@@ -143,7 +143,7 @@ def _jobs_app(args: AppArgs) -> Application | None:
         serve.deployment(JobManager)
         .options(name=JOBS_DEPLOYMENT, num_replicas=1,
                  ray_actor_options={"num_cpus": 0, "resources": place_on_head(dict(ON_HEAD))})
-        .bind(args.jobs, list(args.models))
+        .bind(args.jobs, list(args.models), args.limits)
     )
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from embedding_service.config import ModelSettings
+from embedding_service.config import Limits, ModelSettings
 from embedding_service.jobs.openai_batch import RERANK
 from embedding_service.jobs.spec import JobSpec
 from embedding_service.model.forward import embed_texts, load_model, plan_passes, reference_vectors
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
 from embedding_service.model.scoring import RerankScorer, truncated
-from embedding_service.wire.ranking import pair_too_long, ranked
+from embedding_service.wire.ranking import pair_too_long, query_too_long, ranked
 from embedding_service.wire.rest_bodies import embeddings_body, error_body, rerank_body
 
 RANGED = ("int8", "uint8")
@@ -36,8 +36,9 @@ class ModelRefused(RuntimeError):
 
 
 class Encoder:
-    def __init__(self, settings: ModelSettings, spec: JobSpec) -> None:
-        self.settings, self.spec = settings, spec
+    def __init__(self, settings: ModelSettings, spec: JobSpec, calls: Limits) -> None:
+        """`calls`: the service's bounds on one call (a rerank line's query tokens: max_query_tokens)."""
+        self.settings, self.spec, self.calls = settings, spec, calls
         if spec.source == "openai" and spec.endpoint == RERANK:
             self.scorer = RerankScorer(settings)
             verification = self.scorer.loaded.info.verification
@@ -144,6 +145,11 @@ class Encoder:
         answers: list[tuple[int, dict, int] | None] = []  # a refused line's answer; None: its pairs run
         spans: list[tuple[int, np.ndarray]] = []  # each running line's first row and its pairs' tokens
         for line in lines:
+            query_tokens = scorer.pairs.content_tokens(line["query"])
+            if query_tokens > self.calls.max_query_tokens:  # as the router refuses it, before any pair is scored
+                message = query_too_long(query_tokens, self.calls.max_query_tokens, self.settings.name)
+                answers.append((400, error_body(message, param="query", code="input_too_long"), 0))
+                continue
             pairs = scorer.pairs.pairs(line["query"], line["documents"])
             counts, too_long = truncated(pairs.full, maximum, "end" if line["truncate"] else "reject")
             if too_long:

@@ -28,7 +28,7 @@ import ray
 
 from embedding_service.batch.ray_data_internals import release_requests
 from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_stopped, runner_name
-from embedding_service.config import ON_HEAD, JobsSettings, ModelSettings
+from embedding_service.config import ON_HEAD, JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.spec import deadline_of, job_folder
 from embedding_service.jobs.storage import StorageRoot
 from embedding_service.jobs.store import FINAL, STATUSES, JobRecord, now_ms, open_store
@@ -55,8 +55,8 @@ def _past_deadline(job: JobRecord, now: int) -> bool:
 
 
 class JobManager:
-    async def __init__(self, jobs: JobsSettings, models: list[ModelSettings]) -> None:
-        self.jobs = jobs
+    async def __init__(self, jobs: JobsSettings, models: list[ModelSettings], calls: Limits) -> None:
+        self.jobs, self.calls = jobs, calls
         self.models = {m.name: m for m in models}
         self.store = await asyncio.to_thread(open_store, jobs)
         self.root = await asyncio.to_thread(StorageRoot.of, jobs)
@@ -104,7 +104,7 @@ class JobManager:
             self._release(job.id)  # the lost runner's, before the new one's is made
         actor = ray.remote(JobRunner).options(
             name=runner_name(job.id), namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=0,
-            resources=dict(ON_HEAD), get_if_exists=True).remote(self.jobs, self.models, job.id)
+            resources=dict(ON_HEAD), get_if_exists=True).remote(self.jobs, self.models, self.calls, job.id)
         actor.run.remote()
         self.metrics.runners_started.inc(tags={"reason": reason})
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedding_service.config import JobLimits
+from embedding_service.config import JobLimits, Limits
 from embedding_service.jobs.openai_batch import EMBEDDINGS, RERANK, BadLine, FileRefused, parse_line, result_line
 from embedding_service.jobs.storage import StorageRoot
 from embedding_service.wire.rest_bodies import error_body
@@ -48,9 +48,10 @@ def lines_of(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def validate(root: StorageRoot, input_uri: str, runnable_uri: str, errors_uri: str, endpoint: str,
-             limits: JobLimits, served: frozenset[str]) -> Validated:
+             limits: JobLimits, calls: Limits, served: frozenset[str]) -> Validated:
     """Writes the runnable lines to `runnable_uri` (Parquet) and the refused ones to `errors_uri` (OpenAI's error
-    lines); FileRefused when the file cannot be a batch. `served`: the models of the endpoint's kind."""
+    lines); FileRefused when the file cannot be a batch. `calls`: the service's bounds on one call, which a line
+    (one call's body) keeps too. `served`: the models of the endpoint's kind."""
     fs = root.filesystem
     schema = SCHEMAS[endpoint]
     seen: set[str] = set()
@@ -65,7 +66,7 @@ def validate(root: StorageRoot, input_uri: str, runnable_uri: str, errors_uri: s
             if total > limits.max_lines_per_file:
                 raise FileRefused("too_many_lines", f"the file holds more than {limits.max_lines_per_file} lines "
                                   "(limits.max_lines_per_file)", number)
-            line = parse_line(raw, endpoint, limits.max_inputs_per_line)
+            line = parse_line(raw, endpoint, limits, calls)
             custom_id = line.custom_id
             if custom_id is not None:
                 if custom_id in seen:

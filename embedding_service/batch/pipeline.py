@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from embedding_service.config import JobsSettings, ModelSettings
+from embedding_service.config import JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.spec import JobSpec
 from embedding_service.jobs.storage import StorageRoot, filesystem_for
 
@@ -37,7 +37,7 @@ class Plan:
     checkpoint_uri: str
 
 
-def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings, root: StorageRoot,
+def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings, calls: Limits, root: StorageRoot,
              plan: Plan) -> None:
     """Runs the job's pipeline to its end, resuming from the checkpoints a previous run left."""
     import ray
@@ -76,7 +76,7 @@ def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings,
         dataset = ray.data.read_json(source, filesystem=in_fs, num_cpus=IO_TASK_CPUS,  # JSON lines (pyarrow)
                                      file_extensions=None)
     dataset = dataset.map_batches(
-        Encoder, fn_constructor_args=(model, spec), batch_format="pyarrow", batch_size=jobs.rows_per_batch,
+        Encoder, fn_constructor_args=(model, spec, calls), batch_format="pyarrow", batch_size=jobs.rows_per_batch,
         compute=ActorPoolStrategy(min_size=jobs.min_actors, max_size=jobs.max_actors),
         num_cpus=jobs.num_cpus_per_actor, num_gpus=jobs.num_gpus_per_actor,
         resources=dict(jobs.actor_resources) or None)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from embedding_service.batch.openai_input import Validated, lines_of, validate
 from embedding_service.batch.pipeline import Plan, rows_written, run_pool
-from embedding_service.config import JobsSettings, ModelSettings
+from embedding_service.config import JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.openai_batch import KIND_OF_ENDPOINT, FileRefused, result_line
 from embedding_service.jobs.spec import JobSpec, job_folder, output_of
 from embedding_service.jobs.storage import StorageRoot, filesystem_for
@@ -86,8 +86,9 @@ def failure(error: BaseException) -> dict:
 
 
 class JobRunner:
-    def __init__(self, jobs: JobsSettings, models: dict[str, ModelSettings], job_id: str) -> None:
-        self.jobs, self.models, self.job_id = jobs, models, job_id
+    def __init__(self, jobs: JobsSettings, models: dict[str, ModelSettings], calls: Limits, job_id: str) -> None:
+        """`calls`: the service's bounds on one call (args.limits), which an OpenAI batch's lines keep too."""
+        self.jobs, self.models, self.calls, self.job_id = jobs, models, calls, job_id
 
     def run(self) -> str:
         """Runs the job to a final status (or until it is killed); the status."""
@@ -140,7 +141,7 @@ class JobRunner:
         served = frozenset(name for name, m in self.models.items() if m.kind == kind)
         try:
             checked = validate(root, spec.input_uri, paths.runnable, paths.refused, spec.endpoint, self.jobs.limits,
-                               served)
+                               self.calls, served)
         except FileRefused as refused:
             store.update_job(job.id, status="failed", errors=[refused.data])
             return None
@@ -154,7 +155,7 @@ class JobRunner:
 
         def pool() -> None:
             try:
-                run_pool(runner_name(job.id), spec, model, self.jobs, root, plan)
+                run_pool(runner_name(job.id), spec, model, self.jobs, self.calls, root, plan)
                 outcome.append(None)
             except BaseException as error:  # handed to the runner's thread
                 outcome.append(error)

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
 from embedding_service.wire.rest_bodies import error_body
+
+if TYPE_CHECKING:
+    from embedding_service.config import JobLimits, Limits
 
 EMBEDDINGS = "/v1/embeddings"
 RERANK = "/v1/rerank"
@@ -57,8 +61,10 @@ def _bad(custom_id: str | None, message: str, param: str | None = None, code: st
     return BadLine(custom_id, status, error_body(message, "invalid_request_error", param, code))
 
 
-def parse_line(raw: bytes, endpoint: str, max_inputs: int) -> Line | BadLine:
-    """One line of the input file, checked as its endpoint (the batch's) checks a body."""
+def parse_line(raw: bytes, endpoint: str, lines: JobLimits, calls: Limits) -> Line | BadLine:
+    """One line of the input file, checked as its endpoint (the batch's) checks a body: within the batch's bound on
+    a line's inputs (`lines`) and the service's own bounds on one call (`calls`: characters of an input, a query and
+    each document; documents of a rerank)."""
     try:
         line = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -78,12 +84,20 @@ def parse_line(raw: bytes, endpoint: str, max_inputs: int) -> Line | BadLine:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return _bad(custom_id, "body.model must be a string", "model")
-    parse = _embedding_row if endpoint == EMBEDDINGS else _rerank_row
-    row = parse(custom_id, body, max_inputs)
+    row = (_embedding_row(custom_id, body, lines.max_inputs_per_line, calls) if endpoint == EMBEDDINGS
+           else _rerank_row(custom_id, body, calls))
     return row if isinstance(row, BadLine) else Line(custom_id, model, row)
 
 
-def _embedding_row(custom_id: str, body: dict, max_inputs: int) -> dict | BadLine:
+def _too_large(custom_id: str, what: str, text: str, calls: Limits, param: str) -> BadLine | None:
+    """A text past the service's bound on one input's characters (as the gateway's routes refuse it), or None."""
+    if len(text) <= calls.max_chars_per_input:
+        return None
+    return _bad(custom_id, f"{what} has {len(text)} characters; the limit is {calls.max_chars_per_input}", param,
+                "input_too_large")
+
+
+def _embedding_row(custom_id: str, body: dict, max_inputs: int, calls: Limits) -> dict | BadLine:
     value = body.get("input")
     inputs = [value] if isinstance(value, str) else value
     if not isinstance(inputs, list) or not inputs:
@@ -94,6 +108,9 @@ def _embedding_row(custom_id: str, body: dict, max_inputs: int) -> dict | BadLin
         return _bad(custom_id, "input must hold strings (token-id inputs are not taken in batch files)", "input")
     if any(not i for i in inputs):
         return _bad(custom_id, "input must not hold empty strings", "input")
+    for i, text in enumerate(inputs):
+        if (refused := _too_large(custom_id, f"input {i}", text, calls, "input")) is not None:
+            return refused
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         return _bad(custom_id, "encoding_format must be float or base64", "encoding_format")
@@ -106,7 +123,7 @@ def _embedding_row(custom_id: str, body: dict, max_inputs: int) -> dict | BadLin
     return {"inputs": inputs, "dimensions": dimensions, "output_dtype": dtype, "base64": encoding == "base64"}
 
 
-def _rerank_row(custom_id: str, body: dict, max_documents: int) -> dict | BadLine:
+def _rerank_row(custom_id: str, body: dict, calls: Limits) -> dict | BadLine:
     """Cohere's v2 rerank body as the gateway's /v1/rerank takes it (its unknown keys refused: an option not served
     must not be dropped without a word)."""
     unknown = sorted(set(body) - RERANK_KEYS)
@@ -115,18 +132,22 @@ def _rerank_row(custom_id: str, body: dict, max_documents: int) -> dict | BadLin
     query = body.get("query")
     if not isinstance(query, str) or not query:
         return _bad(custom_id, "query must be a non-empty string", "query")
+    if (refused := _too_large(custom_id, "query", query, calls, "query")) is not None:
+        return refused
     documents = body.get("documents")
     if not isinstance(documents, list) or not documents:
         return _bad(custom_id, "documents must be a non-empty array", "documents")
-    if len(documents) > max_documents:
-        return _bad(custom_id, f"documents holds {len(documents)} items; at most {max_documents} per line",
-                    "documents")
+    if len(documents) > calls.max_documents_per_rerank:
+        return _bad(custom_id, f"documents holds {len(documents)} items; at most {calls.max_documents_per_rerank} "
+                    "per line (limits.max_documents_per_rerank)", "documents")
     texts = []
     for i, document in enumerate(documents):
         text = document.get("text") if isinstance(document, dict) else document
         if not isinstance(text, str) or not text:
             return _bad(custom_id, f'documents[{i}] must be a non-empty string or an object with a "text"',
                         "documents")
+        if (refused := _too_large(custom_id, f"document {i}", text, calls, "documents")) is not None:
+            return refused
         texts.append(text)
     top_n = body.get("top_n")
     if top_n is not None and not (_positive(top_n) and top_n <= len(texts)):

@@ -75,6 +75,10 @@ class PairEncoder:
             logger.warning("rerank pairs: CrossEncoder's features for this model are not its tokenizer's join of a "
                            "query's and a document's tokens; each pair is tokenized as text by CrossEncoder")
 
+    def content_tokens(self, text: str) -> int:
+        """One text's tokens, special tokens left out (a query's, for max_query_tokens)."""
+        return len(self._content.encode(text, add_special_tokens=False))
+
     def pairs(self, query: str, documents: Sequence[str]) -> Pairs:
         """The pairs of `query` with each document, the query tokenized once."""
         rows, full = self._joined(query, documents)

@@ -19,7 +19,7 @@ from embedding_service.wire.messages import (
     RerankOptions,
     SparseOptions,
 )
-from embedding_service.wire.ranking import pair_too_long
+from embedding_service.wire.ranking import pair_too_long, query_too_long
 from embedding_service.wire.reasons import Reason, ServiceError
 
 _POLICIES = {
@@ -149,9 +149,8 @@ def check_query_tokens(tokens: int, model: str, limits: Limits) -> None:
     """A rerank query within max_query_tokens (its content tokens by the model's tokenizer): every pair carries it,
     so an unbounded one would be tokenized and cut again for every document."""
     if tokens > limits.max_query_tokens:
-        raise ServiceError(Reason.INPUT_TOO_LONG, f"query has {tokens} tokens; the limit is "
-                           f"{limits.max_query_tokens} (by model {model!r}'s tokenizer)", field="query",
-                           tokens=tokens, max_tokens=limits.max_query_tokens)
+        raise ServiceError(Reason.INPUT_TOO_LONG, query_too_long(tokens, limits.max_query_tokens, model),
+                           field="query", tokens=tokens, max_tokens=limits.max_query_tokens)
 
 
 def top_n(request, documents: int) -> int:

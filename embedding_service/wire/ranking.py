@@ -1,5 +1,5 @@
 """What a rerank answer is, wherever it is made (the router's replies, a batch job's rerank lines): documents
-ranked highest first, and the wording of a pair refused for its length."""
+ranked highest first, and the wording of a query or a pair refused for its length."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def pair_too_long(index: int, tokens: int, model: str, max_tokens: int, setting:
     (`setting`: how the caller's API names it, as "truncation is REJECT" or "truncate is false")."""
     return (f"document {index} with the query has {tokens} tokens; model {model!r} takes at most {max_tokens} "
             f"and {setting}")
+
+
+def query_too_long(tokens: int, max_tokens: int, model: str) -> str:
+    """A query past max_query_tokens, its content tokens counted by the model's own tokenizer."""
+    return f"query has {tokens} tokens; the limit is {max_tokens} (by model {model!r}'s tokenizer)"

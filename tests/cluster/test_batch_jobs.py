@@ -162,6 +162,7 @@ def test_rerank_lines_equal_the_gateways_rerank_and_cross_encoder(client, cross_
     lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/rerank",
                          "body": {"model": RERANKER, **body}}).encode() + b"\n" for cid, body in bodies.items()]
     refused = {"long": {"query": "q", "documents": ["word " * 3000], "truncate": False},
+               "long-query": {"query": "word " * 600, "documents": ["d"]},  # past max_query_tokens (512)
                "unknown": {"query": "q", "documents": ["d"], "relevant_spans": True},
                "top-too-big": {"query": "q", "documents": ["d"], "top_n": 2}}
     lines += [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/rerank",
@@ -170,7 +171,7 @@ def test_rerank_lines_equal_the_gateways_rerank_and_cross_encoder(client, cross_
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/rerank", completion_window="24h")
     done = _finished(client, batch.id)
     assert done.status == "completed", done.errors
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (6, 3, 3)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (7, 3, 4)
     out = {line["custom_id"]: line["response"] for line in _jsonl(client, done.output_file_id)}
     headers = {"Authorization": f"Bearer {KEY}"}
     base = str(client.base_url).removesuffix("/v1/").removesuffix("/v1")
@@ -192,8 +193,14 @@ def test_rerank_lines_equal_the_gateways_rerank_and_cross_encoder(client, cross_
     assert len(out["top"]["body"]["results"]) == 3
     errors = {e["custom_id"]: e["response"] for e in _jsonl(client, done.error_file_id)}
     assert {cid: (e["status_code"], e["body"]["error"]["param"]) for cid, e in errors.items()} == {
-        "long": (400, "documents"), "unknown": (400, "relevant_spans"), "top-too-big": (400, "top_n")}
-    assert errors["long"]["body"]["error"]["code"] == "input_too_long"
+        "long": (400, "documents"), "long-query": (400, "query"), "unknown": (400, "relevant_spans"),
+        "top-too-big": (400, "top_n")}
+    # A query or a pair too long: the error the gateway's /v1/rerank answers for the same body.
+    for cid in ("long", "long-query"):
+        online = httpx.post(f"{base}/v1/rerank", json={"model": RERANKER, **refused[cid]}, headers=headers, timeout=60)
+        assert online.status_code == errors[cid]["status_code"] == 400
+        mine, theirs = errors[cid]["body"]["error"], online.json()["error"]
+        assert (mine["code"], mine["param"]) == (theirs["code"], theirs["param"]) and mine["code"] == "input_too_long"
 
 
 def test_cancel_stops_the_pool_within_seconds_and_keeps_the_lines_done(client):
@@ -414,9 +421,8 @@ def test_a_job_runs_on_an_s3_storage_root_dataset_checkpoints_and_output(service
         record = store.add_job(owner_of("s3-key"), "dataset", "", TINY, spec=spec.model_dump())
         models = {m.name: m for m in service.config.args.models}
         runner = ray.remote(JobRunner).options(
-            num_cpus=0, resources=HEAD,
-            runtime_env={"env_vars": {**aws_env(s3), "JOBS_STORE_URL_FOR_TEST": url}}).remote(settings, models,
-                                                                                              record.id)
+            num_cpus=0, resources=HEAD, runtime_env={"env_vars": {**aws_env(s3), "JOBS_STORE_URL_FOR_TEST": url}},
+        ).remote(settings, models, service.config.args.limits, record.id)
         assert ray.get(runner.run.remote(), timeout=240) == "completed", store.job_by_id(record.id).errors
         ray.kill(runner)
         done = store.job_by_id(record.id)

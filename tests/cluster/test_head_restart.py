@@ -7,7 +7,6 @@ run's files kept (never from zero)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,10 +22,9 @@ import yaml
 
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
-from embedding_service.cli import TEARDOWN_S
-from tests.cluster.test_run_command import SESSION_ONLY, bearer
 from tests.helpers.models import TINY
 from tests.helpers.observe import wait_until
+from tests.helpers.run_command import bearer, own_environment
 from tests.helpers.session import one_model_config
 from tests.helpers.texts import make_texts
 
@@ -49,22 +47,20 @@ def _start(config_path: Path, log: Path, env: dict) -> subprocess.Popen:
 def _kill_head(process: subprocess.Popen) -> None:
     """Every process of the run command's Ray, killed at once without a word (SIGKILL): nothing of it drains,
     cancels or writes on its way out."""
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:  # killed already
+        return
     for member in tree:
         try:
             member.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(tree, timeout=30)
+    process.wait(timeout=30)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60 + TEARDOWN_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -79,7 +75,7 @@ def head(tmp_path, tiny_model_dir):
                     "block_bytes": 256 * 1024, "poll_s": 0.5}
     config_path = tmp_path / "serve-config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in SESSION_ONLY} | {KEYS_ENV: KEY}
+    env = own_environment(**{KEYS_ENV: KEY})
     running: list[subprocess.Popen] = []
 
     def start(name: str) -> subprocess.Popen:
@@ -88,9 +84,9 @@ def head(tmp_path, tiny_model_dir):
 
     try:
         yield start, f"127.0.0.1:{grpc_port}", tmp_path
-    finally:
+    finally:  # nothing to drain: what the test proves is a head killed outright
         for process in running:
-            _stop(process)
+            _kill_head(process)
 
 
 def test_a_job_resumes_from_its_rows_written_when_its_head_is_killed_and_started_again(head, reference_models):

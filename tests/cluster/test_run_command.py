@@ -27,14 +27,13 @@ from embedding_client.errors import read_details
 from embedding_client.v1 import embedding_pb2 as pb
 from embedding_client.v1 import embedding_pb2_grpc
 from embedding_service.cli import TEARDOWN_S
-from embedding_service.ops import ray_internals
-from embedding_service.wire import node_env
 from embedding_service.wire.reasons import Reason
 from tests.helpers.classifiers import CLASSIFIER
 from tests.helpers.gateways import readiness, running_gateway
 from tests.helpers.models import RERANKER, SPLADE, TINY
 from tests.helpers.observe import wait_until
 from tests.helpers.ports import free_port
+from tests.helpers.run_command import bearer, own_environment
 from tests.helpers.session import REFUSING, one_model_config
 from tests.helpers.tcp_relay import relay
 
@@ -49,10 +48,6 @@ STREAM_INPUTS = 30_000
 # The service's bound per call here: short, for a Watch to be seen outliving it in seconds.
 REQUEST_TIMEOUT_S = 5
 EMBED = "/embedding_service.v1.EmbedService/Embed"
-# What the test session put in its own environment for its own Ray: the run command derives its own.
-SESSION_ONLY = ("RAY_ADDRESS", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
-                node_env.PROXY_OPTIONS_ENV, node_env.PROXY_SETTINGS_ENV, node_env.AUTH_SETTINGS_ENV,
-                node_env.AUTH_MODE_ENV, ray_internals.PRELOAD_ENV)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -70,10 +65,6 @@ class RunCommand:
 
     def stub(self, target: str | None = None):
         return embedding_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(target or self.target))
-
-
-def bearer(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
 
 
 def refusal(call) -> tuple[grpc.StatusCode, object]:
@@ -96,8 +87,7 @@ def run_command(tmp_path_factory, tiny_model_dir):
     args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
     config_path = folder / "serve-config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in SESSION_ONLY}
-    env |= {KEYS_ENV: ENV_KEY, ADMIN_KEYS_ENV: ADMIN_KEY, "GATEWAY_API_KEYS": json.dumps([USER_KEY])}
+    env = own_environment(**{KEYS_ENV: ENV_KEY, ADMIN_KEYS_ENV: ADMIN_KEY, "GATEWAY_API_KEYS": json.dumps([USER_KEY])})
     log = folder / "run.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
