@@ -22,7 +22,7 @@ from embedding_service.jobs.spec import JobSpec
 from embedding_service.model.forward import embed_texts, load_model, plan_passes, reference_vectors
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
 from embedding_service.model.scoring import RerankScorer, truncated
-from embedding_service.wire.ranking import pair_too_long, query_too_long, ranked
+from embedding_service.wire.refusals import pair_too_long, query_too_long, ranked
 from embedding_service.wire.rest_bodies import embeddings_body, error_body, rerank_body
 
 RANGED = ("int8", "uint8")

@@ -26,7 +26,6 @@ from collections import Counter
 
 import ray
 
-from embedding_service.batch.ray_data_internals import release_requests
 from embedding_service.batch.runner import NAMESPACE, JobRunner, finish_stopped, runner_name
 from embedding_service.config import ON_HEAD, JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.spec import deadline_of, job_folder
@@ -49,9 +48,10 @@ def runner_of(job_id: str):
 
 
 def _past_deadline(job: JobRecord, now: int) -> bool:
-    """Unfinished at its deadline (whether it is stopped is _stop's to say, from the job read again)."""
+    """Unfinished at its deadline. A batch writing its output files already is left to finish (and, its runner
+    lost, is resumed): its lines are all done. _stop reads the job again for the race with its runner."""
     deadline = deadline_of(job.spec, job.created_at)
-    return deadline is not None and now >= deadline
+    return deadline is not None and now >= deadline and job.status != "finalizing"
 
 
 class JobManager:
@@ -61,6 +61,10 @@ class JobManager:
         self.store = await asyncio.to_thread(open_store, jobs)
         self.root = await asyncio.to_thread(StorageRoot.of, jobs)
         self.metrics = JobMetrics()
+        # The fence checks Ray Data's shape when imported: here, so a change stops this deployment only.
+        from embedding_service.batch.ray_data_internals import release_requests
+
+        self._release_requests = release_requests
         self._seen_running: set[str] = set()
         self._counted: set[str] = set()  # jobs whose end _stop counted already
         self._loop = asyncio.create_task(self._rounds())
@@ -110,7 +114,6 @@ class JobManager:
 
     def _stop(self, job: JobRecord, runner, status: str) -> None:
         current = self.store.job_by_id(job.id)  # the runner may have gone on since the round began
-        # A batch writing its output files already is left to finish: its lines are all done.
         if current is None or current.status in FINAL or (status == "expired" and current.status == "finalizing"):
             return
         if runner is not None:
@@ -127,7 +130,7 @@ class JobManager:
     def _release(self, job_id: str) -> None:
         """Releases what Ray Data still reserves for the job's runner that is gone (ray_data_internals.py)."""
         try:
-            released = release_requests(runner_name(job_id))
+            released = self._release_requests(runner_name(job_id))
         except Exception as error:  # the job goes on; other jobs get a smaller share until the request expires
             logger.warning("jobs: the Ray Data resource requests of job %s's runner, gone, were not released (%s); "
                            "they hold their share of the cluster until they expire", job_id, error)
@@ -152,6 +155,7 @@ class JobManager:
                 if runner is not None:
                     ray.kill(runner, no_restart=True)
                     logger.info("jobs: the runner of job %s stopped (the job %s)", job_id, job.status)
+                    self._release(job_id)  # its run returned, its requests with it; unless its pool was still up
 
     def _expire(self) -> None:
         files, jobs = self.store.expire()

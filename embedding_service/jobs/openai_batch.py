@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from embedding_service.wire.refusals import too_many_characters
 from embedding_service.wire.rest_bodies import error_body
 
 if TYPE_CHECKING:
@@ -84,8 +85,8 @@ def parse_line(raw: bytes, endpoint: str, lines: JobLimits, calls: Limits) -> Li
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return _bad(custom_id, "body.model must be a string", "model")
-    row = (_embedding_row(custom_id, body, lines.max_inputs_per_line, calls) if endpoint == EMBEDDINGS
-           else _rerank_row(custom_id, body, calls))
+    row = (_embedding_row(custom_id, body, min(lines.max_inputs_per_line, calls.max_inputs_per_request), calls)
+           if endpoint == EMBEDDINGS else _rerank_row(custom_id, body, calls))
     return row if isinstance(row, BadLine) else Line(custom_id, model, row)
 
 
@@ -93,8 +94,7 @@ def _too_large(custom_id: str, what: str, text: str, calls: Limits, param: str) 
     """A text past the service's bound on one input's characters (as the gateway's routes refuse it), or None."""
     if len(text) <= calls.max_chars_per_input:
         return None
-    return _bad(custom_id, f"{what} has {len(text)} characters; the limit is {calls.max_chars_per_input}", param,
-                "input_too_large")
+    return _bad(custom_id, too_many_characters(what, len(text), calls.max_chars_per_input), param, "input_too_large")
 
 
 def _embedding_row(custom_id: str, body: dict, max_inputs: int, calls: Limits) -> dict | BadLine:

@@ -13,7 +13,7 @@ from embedding_service.router import convert
 from embedding_service.router.fanout import Shard
 from embedding_service.router.validation import Job, top_n
 from embedding_service.wire.messages import ShardResult
-from embedding_service.wire.ranking import ranked
+from embedding_service.wire.refusals import ranked
 
 
 class Reply(abc.ABC):

@@ -19,8 +19,8 @@ from embedding_service.wire.messages import (
     RerankOptions,
     SparseOptions,
 )
-from embedding_service.wire.ranking import pair_too_long, query_too_long
 from embedding_service.wire.reasons import Reason, ServiceError
+from embedding_service.wire.refusals import pair_too_long, query_too_long, too_many_characters
 
 _POLICIES = {
     pb.TRUNCATION_POLICY_UNSPECIFIED: "end",
@@ -138,8 +138,9 @@ def build_rerank_job(request, model: ModelInfo, limits: Limits) -> Job:
     if not request.query:
         raise ServiceError(Reason.EMPTY_QUERY, "query is an empty string", field="query")
     if len(request.query) > limits.max_chars_per_input:
-        raise ServiceError(Reason.INPUT_TOO_LARGE, f"query has {len(request.query)} characters; the limit is "
-                           f"{limits.max_chars_per_input}", field="query", limit=limits.max_chars_per_input)
+        raise ServiceError(Reason.INPUT_TOO_LARGE, too_many_characters("query", len(request.query),
+                                                                       limits.max_chars_per_input),
+                           field="query", limit=limits.max_chars_per_input)
     documents = [text_within_limits(d, i, "document", limits, "documents") for i, d in enumerate(request.documents)]
     options = RerankOptions(request.query, _scoring_policy(request.truncation, model), bool(request.activation))
     return Job(model.name, documents, options, raw_bytes=False, dimension=1)
@@ -209,8 +210,9 @@ def text_within_limits(text: str, index: int, noun: str, limits: Limits, field: 
     if not text:
         raise ServiceError(Reason.EMPTY_INPUT, f"{noun} {index} is an empty string", index=index, **named)
     if len(text) > limits.max_chars_per_input:
-        raise ServiceError(Reason.INPUT_TOO_LARGE, f"{noun} {index} has {len(text)} characters; the limit is "
-                           f"{limits.max_chars_per_input}", index=index, limit=limits.max_chars_per_input, **named)
+        raise ServiceError(Reason.INPUT_TOO_LARGE, too_many_characters(f"{noun} {index}", len(text),
+                                                                       limits.max_chars_per_input),
+                           index=index, limit=limits.max_chars_per_input, **named)
     return text
 
 

@@ -39,3 +39,10 @@ def test_a_line_past_a_bound_is_an_error_line_naming_its_param(url, body, param,
 ])
 def test_a_line_at_its_bounds_runs(url, body):
     assert isinstance(parse_line(_line(url, **body), url, LINES, CALLS), Line)
+
+
+def test_a_line_takes_no_more_inputs_than_a_call():
+    calls = Limits(max_inputs_per_request=2)
+    line = parse_line(_line(EMBEDDINGS, input=["a", "b", "c"]), EMBEDDINGS, LINES, calls)
+    assert isinstance(line, BadLine) and line.body["error"]["param"] == "input"
+    assert isinstance(parse_line(_line(EMBEDDINGS, input=["a", "b"]), EMBEDDINGS, LINES, calls), Line)

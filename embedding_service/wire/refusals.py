@@ -1,5 +1,5 @@
-"""What a rerank answer is, wherever it is made (the router's replies, a batch job's rerank lines): documents
-ranked highest first, and the wording of a query or a pair refused for its length."""
+"""What the router's calls and a batch job's lines share, so that both say the same: documents ranked highest
+first, and the wording of an input refused for its characters, and of a query or a pair refused for its tokens."""
 
 from __future__ import annotations
 
@@ -22,3 +22,8 @@ def pair_too_long(index: int, tokens: int, model: str, max_tokens: int, setting:
 def query_too_long(tokens: int, max_tokens: int, model: str) -> str:
     """A query past max_query_tokens, its content tokens counted by the model's own tokenizer."""
     return f"query has {tokens} tokens; the limit is {max_tokens} (by model {model!r}'s tokenizer)"
+
+
+def too_many_characters(what: str, chars: int, limit: int) -> str:
+    """An input, a query or a document past max_chars_per_input (`what`: as "input 3" or "query")."""
+    return f"{what} has {chars} characters; the limit is {limit}"
