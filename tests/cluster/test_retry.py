@@ -24,17 +24,19 @@ def forwarded_by_replica() -> dict[str, float]:
 
 # The call lasts about this long at the model's measured speed (both replicas): long enough that its shards are seen
 # at both replicas (Ray reports metrics every half second, then a scrape) before it ends, however fast the machine
-# (1,000 inputs once ended first; 3 s of work once, in a whole suite's run); and within the service's request bound
-# with a replica lost, however slow.
-TARGET_S = 6.0
+# (1,000 inputs once ended first); and within the service's request bound with a replica lost, however slow.
+TARGET_S = 3.0
 
 
 def sized_for(service, seconds: float) -> int:
     """Inputs of make_texts(max_words=40) the model embeds in about `seconds` on both replicas, measured now."""
     probe = make_texts(256, seed=22, max_words=40)
-    started = time.perf_counter()
-    service.stub.Embed(pb.EmbedRequest(inputs=text_inputs(probe)), timeout=60)
-    rate = len(probe) / (time.perf_counter() - started)
+    took = []
+    for _ in range(3):  # the fastest of three: replicas just started (the recycler's tests) run their first calls slow
+        started = time.perf_counter()
+        service.stub.Embed(pb.EmbedRequest(inputs=text_inputs(probe)), timeout=60)
+        took.append(time.perf_counter() - started)
+    rate = len(probe) / min(took)
     most = rate / 2 * REQUEST_TIMEOUT_S / 3  # a third of the bound on one replica
     return int(max(500, min(rate * seconds, most)))
 
@@ -62,7 +64,7 @@ def test_killed_replica_mid_request_is_retried(service, reference_models):
         return sum(now[r] > before.get(r, 0) for r in now) >= 2
 
     wait_until(both_replicas_working, 60, "shards at both replicas")
-    assert caller.is_alive(), "the request finished before a replica could be killed"
+    assert caller.is_alive(), f"the request ({len(texts)} inputs) finished before a replica could be killed"
     victim = replicas[0]
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     caller.join(timeout=300)
