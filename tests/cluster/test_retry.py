@@ -24,9 +24,9 @@ def forwarded_by_replica() -> dict[str, float]:
 
 # The call lasts about this long at the model's measured speed (both replicas): long enough that its shards are seen
 # at both replicas (Ray reports metrics every half second, then a scrape) before it ends, however fast the machine
-# (1,000 inputs once ended first; 3 s of work ended first in 3 of 4 whole runs of the suite, whose scrapes were
-# slower); and within the service's request bound with a replica lost, however slow.
-TARGET_S = 10.0
+# (1,000 inputs once ended first; 3 s of work ended first in whole runs of the suite); and within the service's
+# request bound with a replica lost, however slow. (10 s failed otherwise: the second replica never seen at work.)
+TARGET_S = 6.0
 
 
 def sized_for(service, seconds: float) -> int:
@@ -38,7 +38,7 @@ def sized_for(service, seconds: float) -> int:
         service.stub.Embed(pb.EmbedRequest(inputs=text_inputs(probe)), timeout=60)
         took.append(time.perf_counter() - started)
     rate = len(probe) / min(took)
-    most = rate / 2 * REQUEST_TIMEOUT_S / 2  # half the bound on one replica
+    most = rate / 2 * REQUEST_TIMEOUT_S / 3  # a third of the bound on one replica
     return int(max(500, min(rate * seconds, most)))
 
 
