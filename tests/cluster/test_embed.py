@@ -23,7 +23,7 @@ def test_large_sharded_batch_equals_sentence_transformers_in_order(service, refe
     assert response.model == MINILM
     assert response.dimensions == 384
     assert [e.index for e in response.embeddings] == list(range(len(texts)))
-    expected = reference_models[MINILM].encode(texts, normalize_embeddings=True, batch_size=64)
+    expected = reference_models[MINILM].encode(texts, normalize_embeddings=True)
     got = vectors_of(response)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < TOL

@@ -81,7 +81,7 @@ def test_killed_replica_mid_request_is_retried(service, reference_models):
     assert "error" not in outcome, outcome.get("error")
     response = outcome["response"]
     assert [e.index for e in response.embeddings] == list(range(len(texts)))
-    expected = reference_models[MINILM].encode(texts, normalize_embeddings=True, batch_size=64)
+    expected = reference_models[MINILM].encode(texts, normalize_embeddings=True)
     assert np.abs(vectors_of(response) - expected).max() < 1e-5
     # The kill took shards with it: the router sent them again (counted by the error's class).
     wait_until(lambda: total(RETRIED, model=MINILM) > retried_before, 30, "the lost shards counted as retried")

@@ -103,7 +103,7 @@ def make_test_config(tiny_model_dir: Path, fault_dir: Path, otlp_endpoint: str |
                      "max_node_watchers_per_caller": NODE_WATCHERS}
     args["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES
     args["limits"]["request_timeout_s"] = REQUEST_TIMEOUT_S
-    args["recycler"].update(tick_s=0.5, heartbeat_s=0.5, replica_ttl_s=5, grace_cycles=1)
+    args["recycler"].update(tick_s=0.5, heartbeat_s=2, replica_ttl_s=5, grace_cycles=1)
     for model in args["models"]:
         model.update(
             gpu_check="embedding_service.fleet.gpu_checks:fault_file_check",
