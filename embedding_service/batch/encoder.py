@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedding_service.config import Limits, ModelSettings
 from embedding_service.jobs.openai_batch import RERANK
@@ -22,7 +23,7 @@ from embedding_service.jobs.spec import JobSpec
 from embedding_service.model.forward import embed_texts, load_model, plan_passes, reference_vectors
 from embedding_service.model.quantization import postprocess, quantize, ranges_for
 from embedding_service.model.scoring import RerankScorer, truncated
-from embedding_service.wire.refusals import pair_too_long, query_too_long, ranked
+from embedding_service.wire.refusals import pair_too_long, query_too_long, ranked, too_many_characters
 from embedding_service.wire.rest_bodies import embeddings_body, error_body, rerank_body
 
 RANGED = ("int8", "uint8")
@@ -33,6 +34,11 @@ ARROW_TYPES = {"float": pa.float32(), "int8": pa.int8(), "uint8": pa.uint8(), "b
 
 class ModelRefused(RuntimeError):
     """The model's start-up check (canary, accuracy gate) refused it: a job does not run what no replica serves."""
+
+
+class BadRow(ValueError):
+    """A dataset row the job cannot embed: its text missing or empty, or past max_chars_per_input. The job fails
+    with it (a dataset job has no error file), naming the row by its id."""
 
 
 class Encoder:
@@ -77,9 +83,9 @@ class Encoder:
 
     def _rows(self, batch: pa.Table) -> pa.Table:
         spec = self.spec
+        self._check_rows(batch)
         texts = batch.column(spec.text_column).to_pylist()
-        pooled, tokens = embed_texts(self.loaded, self.settings, [t if isinstance(t, str) else "" for t in texts],
-                                     "end", self.prompt)
+        pooled, tokens = embed_texts(self.loaded, self.settings, texts, "end", self.prompt)
         vectors = self._shaped(pooled, spec.dimensions, spec.encoding, spec.normalize)
         width = vectors.shape[1]
         flat = pa.array(vectors.reshape(-1), type=ARROW_TYPES[spec.encoding])
@@ -88,6 +94,24 @@ class Encoder:
             "embedding": pa.FixedSizeListArray.from_arrays(flat, width),
             "tokens": pa.array(np.asarray(tokens, dtype=np.int32)),
         })
+
+    def _check_rows(self, batch: pa.Table) -> None:
+        """Every row's text there, not empty, and within the characters an input may have (counted by Arrow before
+        any of it is tokenized): an online call refuses such an input, and a job does not embed it either."""
+        spec, limit = self.spec, self.calls.max_chars_per_input
+        column = batch.column(spec.text_column)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise BadRow(f"column {spec.text_column!r} holds {column.type}, not text")
+        lengths = pc.fill_null(pc.utf8_length(column), 0)
+        bad = pc.or_(pc.equal(lengths, 0), pc.greater(lengths, limit))
+        if not pc.any(bad).as_py():
+            return
+        first = pc.index(bad, True).as_py()
+        row = batch.column(spec.id_column)[first].as_py()
+        chars = lengths[first].as_py()
+        if chars == 0:
+            raise BadRow(f"row {row!r}: its {spec.text_column!r} is empty or missing")
+        raise BadRow(f"row {row!r}: " + too_many_characters(f"its {spec.text_column!r}", chars, limit))
 
     # ---- an OpenAI batch's lines -------------------------------------------------
 

@@ -53,6 +53,9 @@ def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings,
     # Parquet's V2 reader lists files in a 1-CPU task and reads footers in 32 actors: on a small cluster those
     # took the CPUs the job's own reads needed (a resumed job waited minutes). V1 reads a file in a task.
     context.use_datasource_v2 = False
+    # A failing block's own error, not Ray Data's UserCodeException around it: that wrapper reaches the runner
+    # without its cause (the job's error would say only "UDF failed to process a data block").
+    context.raise_original_map_exception = True
     checkpoints = CheckpointConfig(
         id_column=plan.id_column, checkpoint_path=root.path_of(plan.checkpoint_uri),
         override_filesystem=root.filesystem, delete_checkpoint_on_success=False)

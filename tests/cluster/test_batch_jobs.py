@@ -338,6 +338,26 @@ def test_a_job_survives_a_node_and_its_runner_lost_writing_each_row_once(service
     assert (shown["id"], shown["status"], int(shown["rows_done"])) == (job.id, "JOB_STATUS_COMPLETED", len(texts))
 
 
+def test_a_dataset_row_past_the_bounds_fails_its_job_naming_the_row(service, jobs):
+    """A row's text past max_chars_per_input (the session's default, 100,000) is refused in the model actor before
+    it is tokenized, as an online input is: the job fails, and its error names the row."""
+    root = Path(jobs.dataset_roots[0])
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"long-row-{time.monotonic_ns()}.parquet"
+    pq.write_table(pa.table({"doc_id": ["d0", "d1", "d2"], "body": ["fine", "x" * 100_001, "fine too"]}), path)
+    job = _create(service, str(path))
+
+    def ended() -> pb.Job:
+        return service.stub.GetJob(pb.GetJobRequest(id=job.id), timeout=30).job
+
+    wait_until(lambda: ended().status in (pb.JOB_STATUS_FAILED, pb.JOB_STATUS_COMPLETED), 120, "the job ended")
+    done = ended()
+    assert done.status == pb.JOB_STATUS_FAILED
+    assert [e.code for e in done.errors] == ["job_failed"]
+    # The row's own error, whole, without Ray Data's wrapper or its advice on retries.
+    assert done.errors[0].message == "BadRow: row 'd1': its 'body' has 100001 characters; the limit is 100000"
+
+
 def test_jobs_belong_to_their_key_and_bad_requests_get_their_reasons(service, dataset, jobs):
     path, _ = dataset
     stub = service.stub
