@@ -52,8 +52,7 @@ class BatchDesk:
     async def opened(self) -> tuple[JobStore, StorageRoot]:
         settings = self.settings
         if settings.jobs_storage_root is None:
-            raise errors.OpenAIError(404, "the Batch API is not configured on this gateway (jobs_storage_root)",
-                                     "invalid_request_error", None, "not_configured")
+            raise errors.batch_api_off()
         async with self._lock:
             if self._opened is None:
                 url = settings.jobs_store_url.get_secret_value() if settings.jobs_store_url else None
@@ -89,17 +88,6 @@ def _page(data: list[dict], more: bool) -> JSONResponse:
                          "last_id": data[-1]["id"] if data else None, "has_more": more})
 
 
-def _not_found(kind: str, object_id: str) -> errors.OpenAIError:
-    return errors.OpenAIError(404, f"No {kind} found with id '{object_id}'.", "invalid_request_error", None,
-                              "not_found")
-
-
-def _limit(reached: LimitReached) -> errors.OpenAIError:
-    return errors.OpenAIError(429 if "running" in reached.bound else 400,
-                              f"this key holds as many as {reached.bound} allows ({reached.limit})",
-                              "invalid_request_error", None, reached.bound)
-
-
 # ---- files ----------------------------------------------------------------------
 
 
@@ -116,8 +104,7 @@ async def create_file(request: Request) -> JSONResponse:
     limits = desk.settings.job_limits
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_file_bytes + 64 * 1024:
-        raise errors.OpenAIError(413, f"the file is larger than {limits.max_file_bytes} bytes (the batch input "
-                                 "file bound)", "invalid_request_error", "file", "file_too_large")
+        raise errors.file_too_large(limits.max_file_bytes)
     owner = _owner(request)
     location = root.uri_of("files", owner, uuid.uuid4().hex)
     sink = await asyncio.to_thread(root.open_writer, location)
@@ -138,7 +125,7 @@ async def create_file(request: Request) -> JSONResponse:
         raise refused.error from None
     except LimitReached as reached:
         await asyncio.to_thread(root.delete, location)
-        raise _limit(reached) from None
+        raise errors.key_bound_reached(reached.bound, reached.limit) from None
     except BaseException:
         await asyncio.to_thread(root.delete, location)
         raise
@@ -155,7 +142,7 @@ async def list_files(request: Request, after: str | None = None, limit: int = Qu
 async def _file(request: Request, file_id: str) -> FileRecord:
     record = await _desk(request).run(JobStore.file, _owner(request), file_id)
     if record is None:
-        raise _not_found("file", file_id)
+        raise errors.no_such_object("file", file_id)
     return record
 
 
@@ -186,7 +173,7 @@ async def delete_file(request: Request, file_id: str) -> JSONResponse:
     desk = _desk(request)
     record = await desk.run(JobStore.delete_file, _owner(request), file_id)
     if record is None:
-        raise _not_found("file", file_id)
+        raise errors.no_such_object("file", file_id)
     _, root = await desk.opened()
     await asyncio.to_thread(root.delete, record.location)
     return JSONResponse({"id": record.id, "object": "file", "deleted": True})
@@ -242,7 +229,7 @@ async def create_batch(request: Request) -> JSONResponse:
     desk = _desk(request)
     source = await desk.run(JobStore.file, owner, body.input_file_id)
     if source is None:
-        raise _not_found("file", body.input_file_id)
+        raise errors.no_such_object("file", body.input_file_id)
     if source.purpose != "batch":
         raise errors.invalid_request("input_file_id must name a file uploaded with purpose batch", "input_file_id")
     spec = JobSpec(source="openai", model="", input_uri=source.location, endpoint=body.endpoint,
@@ -255,12 +242,10 @@ async def create_batch(request: Request) -> JSONResponse:
     try:
         record = await desk.run(JobStore.add_job, owner, body.endpoint, source.id, "", metadata, None,
                                 spec.model_dump(), request_key)
-    except RequestKeyReused as reused:  # 422, as the IETF's Idempotency-Key draft answers a key reused
-        raise errors.OpenAIError(422, f"Idempotency-Key was sent before with another request (batch "
-                                 f"{reused.job_id}); a new batch needs a new key", "invalid_request_error", None,
-                                 "idempotency_key_reused") from None
+    except RequestKeyReused as reused:
+        raise errors.idempotency_key_reused(reused.job_id) from None
     except LimitReached as reached:
-        raise _limit(reached) from None
+        raise errors.key_bound_reached(reached.bound, reached.limit) from None
     return JSONResponse(batch_object(record))
 
 
@@ -268,7 +253,7 @@ async def create_batch(request: Request) -> JSONResponse:
 async def retrieve_batch(request: Request, batch_id: str) -> JSONResponse:
     record = await _desk(request).run(JobStore.job, _owner(request), batch_id)
     if record is None:
-        raise _not_found("batch", batch_id)
+        raise errors.no_such_object("batch", batch_id)
     return JSONResponse(batch_object(record))
 
 
@@ -276,7 +261,7 @@ async def retrieve_batch(request: Request, batch_id: str) -> JSONResponse:
 async def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
     record = await _desk(request).run(JobStore.request_cancel, _owner(request), batch_id)
     if record is None:
-        raise _not_found("batch", batch_id)
+        raise errors.no_such_object("batch", batch_id)
     return JSONResponse(batch_object(record))
 
 

@@ -57,6 +57,36 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return OpenAIError(400, message, "invalid_request_error", param, code)
 
 
+# ---- the Batch API's (batch_routes.py) -----------------------------------------
+
+
+def batch_api_off() -> OpenAIError:
+    return OpenAIError(404, "the Batch API is not configured on this gateway (jobs_storage_root)",
+                       "invalid_request_error", None, "not_configured")
+
+
+def no_such_object(kind: str, object_id: str) -> OpenAIError:
+    """As OpenAI answers an id this key does not own, or that does not exist: the same 404 for both."""
+    return OpenAIError(404, f"No {kind} found with id '{object_id}'.", "invalid_request_error", None, "not_found")
+
+
+def key_bound_reached(bound: str, limit: int) -> OpenAIError:
+    """A key's bound on its batches or files: 429 for its running batches (it frees itself), else 400."""
+    return OpenAIError(429 if "running" in bound else 400, f"this key holds as many as {bound} allows ({limit})",
+                       "invalid_request_error", None, bound)
+
+
+def file_too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"the file is larger than {limit} bytes (the batch input file bound)",
+                       "invalid_request_error", "file", "file_too_large")
+
+
+def idempotency_key_reused(job_id: str) -> OpenAIError:
+    """422, as the IETF's Idempotency-Key draft answers a key sent again with another request."""
+    return OpenAIError(422, f"Idempotency-Key was sent before with another request (batch {job_id}); a new batch "
+                       "needs a new key", "invalid_request_error", None, "idempotency_key_reused")
+
+
 def unauthorized(message: str) -> OpenAIError:
     return OpenAIError(401, message, "invalid_request_error", None, "invalid_api_key")
 
