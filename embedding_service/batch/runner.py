@@ -79,11 +79,11 @@ def failure(error: BaseException) -> dict:
     while error is not None and error not in seen:
         seen.append(error)
         error = getattr(error, "cause", None) or error.__cause__
-    root = next((e for e in reversed(seen) if not type(e).__module__.startswith("ray.")), None)
-    lines = [line for line in str(root or seen[-1]).splitlines() if line.strip()]
-    # Its own message is the first line (Ray Data appends its retry advice below it); a Ray error's, the last.
-    said = (lines[0] if root is not None else lines[-1]) if lines else ""
-    message = f"{type(root or seen[-1]).__name__}: {said}"
+    own = next((e for e in reversed(seen) if not type(e).__module__.startswith("ray.")), None)
+    # A block's own error says it on its first line (Ray Data appends its retry advice below); a Ray error, last.
+    root, line = (own, 0) if own is not None else (seen[-1], -1)
+    lines = [text for text in str(root).splitlines() if text.strip()]
+    message = f"{type(root).__name__}: {lines[line] if lines else ''}"
     return {"code": "job_failed", "message": ANSI.sub("", message)[:MAX_ERROR_CHARS], "param": None, "line": None}
 
 
