@@ -20,6 +20,7 @@ from embedding_service.model.calibration import Calibration, calibration_for
 from embedding_service.model.runtimes import (
     Runtime,
     TorchRuntime,
+    bf16_emulated,
     falls_back_to_torch,
     load_runtime,
     resolve_backend,
@@ -94,6 +95,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     missed = not_applied(settings, device, backend)
     if "cpu_pinning" in missed:  # a fallen-back backend was logged with its cause by load_runtime or checked_runtime
         logger.warning("cpu_pinning applies to OpenVINO only: backend %s on %s runs without it", backend, device)
+    if "precision" in missed:
+        warn_bf16_emulated(settings.name)
     return LoadedModel(model, device, backend, runtime, encoder, verification, calibration, missed)
 
 
@@ -116,13 +119,30 @@ def checked_runtime(model, encoder: InputEncoder, calibration: Calibration, sett
 def not_applied(settings: ModelSettings, device: str, backend: str) -> tuple[str, ...]:
     """The settings a model loaded on `device` with `backend` runs without: cpu_pinning where its backend is not
     OpenVINO (backend auto on a GPU, or fallen back to torch), and backend auto that fell back to torch (its
-    compiled backend failed to compile or failed the start-up check)."""
+    compiled backend failed to compile or failed the start-up check), and precision bf16 where it runs without
+    the speed it is chosen for (torch on a CPU without bf16 units)."""
     missed = []
     if settings.cpu_pinning and backend != "openvino":
         missed.append("cpu_pinning")
     if settings.backend == "auto" and backend != resolve_backend("auto", device):
         missed.append("backend")
+    if bf16_emulated(settings.precision, device, backend):
+        missed.append("precision")
     return tuple(missed)
+
+
+def torch_kind_not_applied(settings: ModelSettings, device: str) -> tuple[str, ...]:
+    """What a kind that runs its own torch module (rerank, sparse) runs without, logged once at WARNING: precision
+    bf16 on a CPU without bf16 units."""
+    if not bf16_emulated(settings.precision, device, "torch"):
+        return ()
+    warn_bf16_emulated(settings.name)
+    return ("precision",)
+
+
+def warn_bf16_emulated(model: str) -> None:
+    logger.warning("model %s: precision bf16 on a CPU without bf16 units (AMX or AVX512-BF16): torch emulates it, "
+                   "several times slower than fp32; run fp32 on this CPU", model)
 
 
 def text_embedder(runtime: Runtime, encoder: InputEncoder, settings: ModelSettings, device: str,

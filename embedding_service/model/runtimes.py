@@ -14,6 +14,7 @@ running the graph with the runtime's own API needs neither.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -169,6 +170,18 @@ class OnnxRuntime(_CompiledTransformer):
         return self.session.run(["last_hidden_state"], inputs)[0]
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 units (AMX or AVX512-BF16), as OpenVINO reports them: OpenVINO's bf16 needs them,
+    and without them torch computes bf16 by conversions, several times slower than fp32 (docs/precision.md)."""
+    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def bf16_emulated(precision: str, device: str, backend: str) -> bool:
+    """torch's bf16 on a CPU without bf16 units: it runs, slower than fp32 would."""
+    return precision == "bf16" and backend == "torch" and device == "cpu" and not cpu_has_bf16()
+
+
 def import_openvino():
     """`openvino`, without its usage telemetry.
 
@@ -211,7 +224,7 @@ class OpenVinoRuntime(_CompiledTransformer):
             raise ValueError("backend openvino runs on cpu here; use backend torch or onnx on cuda")
         ov = import_openvino()
         core = ov.Core()
-        has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        has_bf16 = cpu_has_bf16()
         if precision == "bf16" and not has_bf16:
             raise ValueError("precision bf16 needs a CPU with bf16 (AMX or AVX512-BF16); this one has none")
         if precision == "int8" and not samples:

@@ -21,7 +21,7 @@ from collections.abc import Hashable
 import numpy as np
 
 from embedding_service.config import ModelSettings
-from embedding_service.model.forward import model_source, resolve_device
+from embedding_service.model.forward import model_source, resolve_device, torch_kind_not_applied
 from embedding_service.model.pairs import PairEncoder
 from embedding_service.model.replica import Loaded, Rows, ServedKind
 from embedding_service.model.scoring_accuracy import (
@@ -98,7 +98,8 @@ class RerankScorer:
             name=settings.name, dimension=1, max_sequence_length=int(self.model.max_length), prompts={},
             device=device, backend="torch", vocab_size=int(tokenizer.vocab_size), source=settings.path,
             verification=verification, tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="rerank",
-            decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))))
+            decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))),
+            torch_kind_not_applied(settings, device))
 
     def raw_scores(self, rows: list) -> np.ndarray:
         """One pass over pairs (PairEncoder rows): their raw logits."""
@@ -193,7 +194,8 @@ class SparseModel(ServedKind):
             max_sequence_length=int(self.model.max_seq_length), prompts={}, device=device, backend="torch",
             vocab_size=int(tokenizer.vocab_size), source=settings.path, verification=verification,
             tokenizer_json=tokenizer.backend_tokenizer.to_str(), kind="sparse",
-            decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))))
+            decode_cleanup=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))),
+            torch_kind_not_applied(settings, device))
 
     async def prepare(self, request: ShardRequest) -> Rows:
         texts = list(request.inputs)

@@ -179,7 +179,8 @@ class ModelMetrics(_Group):
     settings_not_applied = counter("settings_not_applied", "Counted once as a replica starts without a setting it "
                                    "was given: setting=cpu_pinning (its backend is not OpenVINO), setting=backend "
                                    "(backend auto runs the model with torch: its compiled backend could not compile "
-                                   "it or failed the start-up canary or gate).",
+                                   "it or failed the start-up canary or gate), setting=precision (bf16 on torch on a CPU "
+                                   "without bf16 units: emulated, slower than fp32).",
                                    (*REPLICA, "setting"))
     sequences_dropped = counter("sequences_dropped", "Queued inputs dropped before tokenization or forward: their "
                                 "caller had left (reason=cancelled) or their deadline had passed (reason=deadline).",

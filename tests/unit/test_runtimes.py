@@ -17,6 +17,7 @@ import pytest
 
 from embedding_service.model.runtimes import OnnxRuntime, OpenVinoRuntime, TorchRuntime, load_runtime, resolve_backend
 from embedding_service.model.tokenization import InputEncoder
+from tests.helpers.cpu import CPU_HAS_BF16
 from tests.helpers.models import MINILM, TINY
 from tests.helpers.observe import serve_logs
 
@@ -142,6 +143,10 @@ def test_a_setting_the_replica_runs_without_is_named_for_its_metric():
     assert not_applied(plain, "cpu", "torch") == ("backend",)
     assert not_applied(plain, "cuda", "torch") == ()
     assert not_applied(ModelSettings(name="m", path="p", backend="torch"), "cpu", "torch") == ()
+    # bf16 on torch runs everywhere, but on a CPU without bf16 units (the kernel's flags) slower than fp32.
+    bf16 = ModelSettings(name="m", path="p", backend="torch", precision="bf16")
+    assert not_applied(bf16, "cpu", "torch") == (() if CPU_HAS_BF16 else ("precision",))
+    assert not_applied(bf16, "cuda", "torch") == ()
 
 
 def test_a_replica_image_without_openvino_falls_back_to_torch_and_names_what_it_runs_without(

@@ -14,7 +14,9 @@ from embedding_service.model.scoring import RerankModel, SparseModel
 from embedding_service.model.scoring_accuracy import PASSAGES, QUERIES, SPARSE_SENTENCES, rerank_accuracy
 from embedding_service.model.watchdog import Placement
 from embedding_service.wire.messages import ReplicaRefused, RerankOptions, ShardRequest, SparseOptions
+from tests.helpers.cpu import CPU_HAS_BF16
 from tests.helpers.models import RERANKER, SPLADE
+from tests.helpers.observe import serve_logs
 from tests.helpers.recycler import RecyclerHandle
 
 DOCUMENTS = ["cats sleep most of the day", "the stock market fell", "kittens chase string", "rain in spain"]
@@ -39,7 +41,8 @@ def _serve(settings: ModelSettings, call):
     return asyncio.run(main())
 
 
-def test_a_bf16_reranker_serves_near_fp32_within_its_gate_and_refuses_past_it(tmp_path, scoring_model_dirs):
+def test_a_bf16_reranker_serves_near_fp32_within_its_gate_and_refuses_past_it(tmp_path, scoring_model_dirs,
+                                                                               caplog):
     from sentence_transformers import CrossEncoder
 
     # The tiny random model's scores lie close together, so bf16 reorders its top 10 (a trained reranker's far
@@ -54,7 +57,12 @@ def test_a_bf16_reranker_serves_near_fp32_within_its_gate_and_refuses_past_it(tm
     measured = replica.info.verification.accuracy.recall_at_10
     assert measured < 1.0 and replica.refused.startswith("bf16 on torch: accuracy gate missed on 10 sentences")
     settings = _settings(tmp_path, scoring_model_dirs, "rerank", min_recall_at_10=measured)
-    replica, result = _serve(settings, lambda r: r.compute(ShardRequest(DOCUMENTS, RerankOptions("cats"))))
+    with serve_logs(caplog):
+        replica, result = _serve(settings, lambda r: r.compute(ShardRequest(DOCUMENTS, RerankOptions("cats"))))
+    # On a CPU without bf16 units it serves, said once at WARNING (and counted: settings_not_applied{precision}).
+    emulated = [r.getMessage() for r in caplog.records if "torch emulates it" in r.getMessage()]
+    assert len(emulated) == (0 if CPU_HAS_BF16 else 1), emulated
+    assert replica.scorer.loaded.not_applied == (() if CPU_HAS_BF16 else ("precision",))
     v = replica.info.verification
     assert v.refused is None and v.precision == "bf16" and v.accuracy.sentences == QUERIES
     assert v.accuracy.recall_at_10 == measured  # the same weights, the same figure
