@@ -176,6 +176,10 @@ def _render_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gpu-tolerations", action="store_true",
                         help="no toleration of the nvidia.com/gpu taint on GPU workers")
     parser.add_argument("--gateway-replicas", type=_bounds, default=defaults.gateway_replicas, metavar="MIN:MAX")
+    parser.add_argument("--batch-workers", type=_bounds, default=None, metavar="MIN:MAX",
+                        help="batch jobs' worker pods, one model actor each (default: 0 to the jobs' most actors)")
+    parser.add_argument("--jobs-secret", default=defaults.jobs_secret,
+                        help="Secret with the jobs' store URL (key store-url) and S3 keys (default: %(default)s)")
     parser.add_argument("--ray-token-secret", default=defaults.ray_token_secret,
                         help="Secret (key auth_token) with Ray's token; '' lets KubeRay make one (default: %(default)s)")
     parser.add_argument("--operator-namespace", default=defaults.operator_namespace,
@@ -195,11 +199,16 @@ def render_command(opts: argparse.Namespace) -> int:
     options = kubernetes.KubernetesOptions(
         name=opts.name, namespace=opts.namespace, image=opts.image, gpu_image=opts.gpu_image,
         cpu_workers=opts.cpu_workers, gpu_workers=opts.gpu_workers, gpu_type=opts.gpu_type,
-        gateway_replicas=opts.gateway_replicas, ray_token_secret=opts.ray_token_secret or None,
+        gateway_replicas=opts.gateway_replicas, batch_workers=opts.batch_workers, jobs_secret=opts.jobs_secret,
+        ray_token_secret=opts.ray_token_secret or None,
         operator_namespace=opts.operator_namespace, monitoring_namespace=opts.monitoring_namespace or None,
         gateway_client_namespaces=opts.gateway_clients, grpc_client_namespaces=opts.grpc_clients,
         **({"gpu_tolerations": []} if opts.no_gpu_tolerations else {}))
-    rendered = kubernetes.render(ServeFile.load(opts.config), options)
+    try:
+        rendered = kubernetes.render(ServeFile.load(opts.config), options)
+    except kubernetes.Unrenderable as refused:
+        print(f"{opts.config}: {refused}", file=sys.stderr)
+        return 2
     out = Path(opts.out)
     if opts.check:
         stale = kubernetes.stale_files(rendered, out)

@@ -45,6 +45,11 @@ def arguments() -> argparse.ArgumentParser:
                         help="the batch jobs' storage root (the service's args.jobs.storage_root): turns on /v1/files "
                         "and /v1/batches")
     parser.add_argument("--jobs-s3-endpoint", dest="jobs_s3_endpoint")
+    parser.add_argument("--max-file-bytes", type=int, dest="max_file_bytes")
+    parser.add_argument("--max-files-per-key", type=int, dest="max_files_per_key")
+    parser.add_argument("--max-jobs-per-key", type=int, dest="max_jobs_per_key")
+    parser.add_argument("--max-running-jobs-per-key", type=int, dest="max_running_jobs_per_key")
+    parser.add_argument("--files-retention-s", type=float, dest="files_retention_s")
     parser.add_argument("--parent-pid", type=int, dest="parent_pid",
                         help="stop (as on SIGTERM) once this process, the one that started the gateway, is gone")
     return parser

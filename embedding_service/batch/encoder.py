@@ -169,12 +169,12 @@ class Encoder:
         answers: list[tuple[int, dict, int] | None] = []  # a refused line's answer; None: its pairs run
         spans: list[tuple[int, np.ndarray]] = []  # each running line's first row and its pairs' tokens
         for line in lines:
-            query_tokens = scorer.pairs.content_tokens(line["query"])
-            if query_tokens > self.calls.max_query_tokens:  # as the router refuses it, before any pair is scored
-                message = query_too_long(query_tokens, self.calls.max_query_tokens, self.settings.name)
+            head = scorer.pairs.query_tokens(line["query"])
+            if len(head) > self.calls.max_query_tokens:  # as the router refuses it, before any pair is scored
+                message = query_too_long(len(head), self.calls.max_query_tokens, self.settings.name)
                 answers.append((400, error_body(message, param="query", code="input_too_long"), 0))
                 continue
-            pairs = scorer.pairs.pairs(line["query"], line["documents"])
+            pairs = scorer.pairs.pairs(line["query"], line["documents"], head)
             counts, too_long = truncated(pairs.full, maximum, "end" if line["truncate"] else "reject")
             if too_long:
                 k = too_long[0]

@@ -172,7 +172,9 @@ class JobManager:
         running = {j.id for j in unfinished}
         ended = [self.store.job_by_id(gone) for gone in self._seen_running - running]
         ended = [j for j in ended if j is not None and j.status in FINAL]
-        for job in unfinished + ended:  # an ended job's gauges keep its final values
+        # An ended job's gauges are set once more, to its final values, then no more: Ray stops exporting a gauge
+        # left unset for about 20 s, so the `job` label holds the running jobs and those just ended.
+        for job in unfinished + ended:
             tags = {"job": job.id}
             self.metrics.job_rows_done.set(job.completed, tags=tags)
             self.metrics.job_rows_total.set(job.total, tags=tags)

@@ -121,16 +121,19 @@ class JobRunner:
                                 expires_at=now_ms() + int(self.jobs.retention_s * 1000)).status
 
     def _run_openai(self, store: JobStore, root: StorageRoot, job: JobRecord, spec: JobSpec, paths: Paths) -> str:
-        checked = self._validated(store, root, job, spec, paths)
-        if checked is None:
-            return "failed"
-        store.update_job(job.id, status="in_progress", total=checked.total, failed=checked.refused,
-                         model=checked.model)
-        if checked.runnable:
-            spec = spec.model_copy(update={"model": checked.model})
-            plan = Plan(paths.runnable, "parquet", "row", paths.output, paths.checkpoints)
-            self._pool(store, root, job, spec, self.models[checked.model], plan, checked.refused)
-        store.update_job(job.id, status="finalizing")
+        # A runner lost while finalizing had done every line: its successor writes the files again, and neither
+        # goes back to in_progress (which its deadline would then expire) nor starts a pool.
+        if job.status != "finalizing":
+            checked = self._validated(store, root, job, spec, paths)
+            if checked is None:
+                return "failed"
+            store.update_job(job.id, status="in_progress", total=checked.total, failed=checked.refused,
+                             model=checked.model)
+            if checked.runnable:
+                spec = spec.model_copy(update={"model": checked.model})
+                plan = Plan(paths.runnable, "parquet", "row", paths.output, paths.checkpoints)
+                self._pool(store, root, job, spec, self.models[checked.model], plan, checked.refused)
+            store.update_job(job.id, status="finalizing")
         return finish_openai(store, root, store.job_by_id(job.id), paths, "completed", self.jobs.retention_s).status
 
     def _validated(self, store: JobStore, root: StorageRoot, job: JobRecord, spec: JobSpec,

@@ -366,10 +366,16 @@ class JobStore:
     def add_output_file(self, owner: str, filename: str, size: int, location: str,
                         expires_at: int | None = None) -> FileRecord:
         """A file the service wrote for the owner (a batch's output or errors): outside the owner's bounds, which
-        are for what a caller uploads."""
-        row = _file_row(owner, "batch_output", filename, size, location, expires_at)
+        are for what a caller uploads. One record per file: a job's files written again (its runner lost while it
+        finalized, and resumed) keep the record they had, with the new size."""
         with self._session() as session:
-            session.add(row)
+            row = session.scalars(select(_FileRow).where(
+                _FileRow.owner == owner, _FileRow.purpose == "batch_output", _FileRow.location == location)).first()
+            if row is None:
+                row = _file_row(owner, "batch_output", filename, size, location, expires_at)
+                session.add(row)
+            else:
+                row.bytes, row.expires_at = size, expires_at
             session.flush()
             return _record(FileRecord, row)
 

@@ -75,19 +75,20 @@ class PairEncoder:
             logger.warning("rerank pairs: CrossEncoder's features for this model are not its tokenizer's join of a "
                            "query's and a document's tokens; each pair is tokenized as text by CrossEncoder")
 
-    def content_tokens(self, text: str) -> int:
-        """One text's tokens, special tokens left out (a query's, for max_query_tokens)."""
-        return len(self._content.encode(text, add_special_tokens=False))
+    def query_tokens(self, query: str) -> Encoding:
+        """A query's tokens, special tokens left out: their count is what max_query_tokens bounds, and pairs() takes
+        them so that the query is tokenized once."""
+        return self._content.encode(query, add_special_tokens=False)
 
-    def pairs(self, query: str, documents: Sequence[str]) -> Pairs:
-        """The pairs of `query` with each document, the query tokenized once."""
-        rows, full = self._joined(query, documents)
+    def pairs(self, query: str, documents: Sequence[str], head: Encoding | None = None) -> Pairs:
+        """The pairs of `query` with each document, the query tokenized once (`head`: its query_tokens already)."""
+        rows, full = self._joined(query if head is None else head, documents)
         return Pairs(rows if self.from_ids else [[query, d] for d in documents], full)
 
-    def _joined(self, query: str, documents: Sequence[str]) -> tuple[list[Encoding], np.ndarray]:
+    def _joined(self, query: str | Encoding, documents: Sequence[str]) -> tuple[list[Encoding], np.ndarray]:
         """Each pair's encoding as the tokenizer makes it of the pair's texts (truncated, its special tokens in),
         and each pair's untruncated length."""
-        head = self._content.encode(query, add_special_tokens=False)
+        head = self.query_tokens(query) if isinstance(query, str) else query
         tails = self._content.encode_batch(list(documents), add_special_tokens=False)
         full = np.fromiter((len(head) + len(d) + self._special for d in tails), dtype=np.int64, count=len(tails))
         self._cut_query(head, tails)

@@ -21,6 +21,13 @@ kept in sync by a test). What comes from where:
   operator read), and a NetworkPolicy (networkpolicy.yaml) that denies ingress to this service's pods but for
   Ray's own traffic between its Ray pods, the gateway's calls, the operator's dashboard and proxy checks, the
   metrics scrape and the gateway's users.
+- Batch jobs (args.jobs), where the config turns them on: their store is PostgreSQL (the URL from a Secret, in the
+  head's environment under jobs.store_url_env: the manager, the runners and the router's CreateJob run there) and
+  their storage root and dataset roots are S3 URIs (pods share no folder, and KubeRay replaces the head pod at
+  each upgrade); the S3 credentials, optional in that Secret, reach every Ray pod (a job's reads and writes run
+  wherever Ray places them) and the gateway, whose Files and Batches routes use the same store and root. The
+  pools run in a worker group of their own, one model actor a pod, which declares jobs.actor_resources and scales
+  from zero. The render refuses a jobs config that cannot work there, saying why.
 - Every pod runs as the image's user with no privilege, no capability, the runtime's seccomp profile, a read-only
   root filesystem (writable emptyDirs where Ray and the libraries write) and no Kubernetes API token but the
   autoscaler's. The service's API keys reach only the Ray pods, whose proxy and router check them; the gateway
@@ -53,6 +60,13 @@ GATEWAY_PORT = 8080
 API_KEYS_KEY = "api-keys"  # the key of the service's Secret that holds its API keys
 GATEWAY_KEY = "gateway-key"  # ... and the one key the gateway calls the service with
 RAY_TOKEN_KEY = "auth_token"  # the key KubeRay v1.7 reads Ray's token from in authOptions.secretName's Secret
+JOBS_STORE_KEY = "store-url"  # the key of the jobs' Secret that holds the store's SQLAlchemy URL
+# ... and the S3 credentials, optional there (pods may get them otherwise: IRSA, workload identity).
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "aws-access-key-id", "AWS_SECRET_ACCESS_KEY": "aws-secret-access-key"}
+BATCH_GROUP = "batch-workers"
+# A batch pod's Ray CPUs beyond its model actor's: a resumed job's checkpoint filter (1) and its read and write
+# tasks (pipeline.py's FILTER_ACTORS and IO_TASK_CPUS).
+BATCH_POD_SPARE_CPUS = 2
 # The image's user (deploy/docker/Dockerfile: USER 1000:1000) and its home (HOME=/home/ray).
 IMAGE_UID = 1000
 IMAGE_HOME = "/home/ray"
@@ -99,6 +113,14 @@ class KubernetesOptions(Strict):
     worker_memory: str = "4Gi"
     gpu_worker_memory: str = "16Gi"
     gateway_replicas: Bounds = Bounds(min=2, max=8)
+    batch_workers: Bounds | None = Field(
+        None, description="Pods of the batch jobs' worker group, one model actor each; None: 0 to "
+        "jobs.max_actors x jobs.max_running_jobs (the pools scale it from zero).")
+    batch_worker_memory: str = "4Gi"
+    jobs_secret: str = Field(
+        "embedding-service-jobs",
+        description="Secret (created by hand) of the batch jobs: the store's URL (key store-url, "
+        "postgresql+psycopg://...) and, optionally, the S3 credentials (aws-access-key-id, aws-secret-access-key).")
     # Secrets, created by hand (README): the service's keys (API_KEYS_KEY, GATEWAY_KEY), the gateway's own keys.
     api_keys_secret: str = "embedding-service-api-keys"
     gateway_keys_secret: str = "embedding-gateway-api-keys"
@@ -126,6 +148,40 @@ class KubernetesOptions(Strict):
         "besides the gateway's pods (always allowed).")
 
 
+class Unrenderable(ValueError):
+    """The config asks for what cannot work on Kubernetes; the message says what to change."""
+
+
+def jobs_refusal(config: ServeFile) -> str | None:
+    """Why the config's batch jobs cannot run on Kubernetes as configured, or None (also None: jobs off)."""
+    jobs = config.args.jobs
+    if jobs is None:
+        return None
+    local = [r for r in [jobs.storage_root, *jobs.dataset_roots] if not r.startswith("s3://")]
+    if local:
+        return (f"jobs.storage_root and jobs.dataset_roots must be s3:// URIs on Kubernetes, where pods share no "
+                f"folder: {', '.join(local)}")
+    # (an S3 root needs jobs.store_url_env already: the store is then PostgreSQL, which outlives the head pod)
+    if not jobs.actor_resources:
+        return ("jobs.actor_resources must name a resource (e.g. {\"batch\": 1}) that the batch worker group "
+                "declares: without one a job's model actors could take the pods of the online replicas")
+    return None
+
+
+def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _s3_env(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any]]:
+    """The S3 credentials of the jobs' storage root, where jobs are on."""
+    if config.args.jobs is None:
+        return []
+    return [_secret_env(name, options.jobs_secret, key, optional=True) for name, key in S3_CREDENTIALS.items()]
+
+
 def _labels(options: KubernetesOptions, component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": options.name, "app.kubernetes.io/component": component}
 
@@ -146,7 +202,7 @@ def _env(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any]]:
     if args.tracing.headers_env:
         env.append({"name": args.tracing.headers_env, "valueFrom": {"secretKeyRef": {
             "name": options.api_keys_secret, "key": "otlp-headers", "optional": True}}})
-    return env
+    return env + _s3_env(config, options)
 
 
 def _key_file_mount(args: AppArgs, options: KubernetesOptions) -> tuple[list[dict], list[dict]]:
@@ -267,16 +323,65 @@ def _worker_group(name: str, models: list[ModelSettings], image: str, memory: st
     }
 
 
+def _batch_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> dict[str, Any]:
+    """The batch jobs' worker group: a pod per model actor, declaring the resources the actors ask for
+    (jobs.actor_resources) so that the pools run there and nowhere else, from zero pods to the jobs' most."""
+    jobs = config.args.jobs
+    gpu = jobs.num_gpus_per_actor > 0
+    claim = jobs.num_cpus_per_actor + BATCH_POD_SPARE_CPUS
+    threads = max((m.threads or 1 for m in config.args.models), default=1)
+    bounds = options.batch_workers or Bounds(min=0, max=jobs.max_actors * jobs.max_running_jobs)
+    resources = {"cpu": str(max(math.ceil(claim), threads)), "memory": options.batch_worker_memory}
+    if gpu:
+        resources["nvidia.com/gpu"] = "1"
+    container = {
+        "name": "ray-worker",
+        "image": options.gpu_image if gpu else options.image,
+        "env": pods.env,
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        # No proxy serves calls here (a pod with no replica has none): its raylet's health is its readiness too.
+        "readinessProbe": {"httpGet": {"path": "/api/local_raylet_healthz", "port": DASHBOARD_AGENT_PORT},
+                           "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/api/local_raylet_healthz", "port": DASHBOARD_AGENT_PORT},
+                          "initialDelaySeconds": 30, "periodSeconds": 10, "timeoutSeconds": 5,
+                          "failureThreshold": 6},
+    }
+    spec = pods.spec(container)
+    if gpu and options.gpu_type:
+        spec["nodeSelector"] = {"nvidia.com/gpu.product": options.gpu_type}
+    if gpu and options.gpu_tolerations:
+        spec["tolerations"] = [dict(t) for t in options.gpu_tolerations]
+    # One actor's share of each resource it asks for, so that a pod holds one actor (JSON quoted for the shell).
+    declared = {name: amount for name, amount in jobs.actor_resources.items()}
+    start = {"num-cpus": _number(claim), "metrics-export-port": str(METRICS_PORT),
+             "resources": json.dumps(json.dumps(declared))}
+    if gpu:
+        start["num-gpus"] = "1"
+    return {
+        "groupName": BATCH_GROUP,
+        "replicas": bounds.min,
+        "minReplicas": bounds.min,
+        "maxReplicas": bounds.max,
+        "rayStartParams": start,
+        "template": {"metadata": {"labels": _labels(options, BATCH_GROUP)}, "spec": spec},
+    }
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _head_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> dict[str, Any]:
     resources = {"cpu": options.head_cpu, "memory": options.head_memory}
+    env = list(pods.env)
+    jobs = config.args.jobs
+    if jobs is not None and jobs.store_url_env:  # the jobs' manager, runners and the router's CreateJob: the head's
+        env.append(_secret_env(jobs.store_url_env, options.jobs_secret, JOBS_STORE_KEY))
     container = {
         "name": "ray-head",
         "image": options.image,
-        "env": pods.env,
+        "env": env,
         "ports": [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                   {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": config.http_port},
                   {"name": GRPC_PORT_NAME, "containerPort": pods.grpc_port},
@@ -347,7 +452,7 @@ def ray_service(config: ServeFile, options: KubernetesOptions) -> dict[str, Any]
                                   options.cpu_workers, pods, gpu=False, options=options),
                     _worker_group("gpu-workers", gpu_models, options.gpu_image, options.gpu_worker_memory,
                                   options.gpu_workers, pods, gpu=True, options=options),
-                ],
+                ] + ([_batch_group(config, pods, options)] if config.args.jobs is not None else []),
             },
         },
     }
@@ -366,6 +471,9 @@ def gateway(config: ServeFile, options: KubernetesOptions) -> list[dict[str, Any
     if config.args.auth.configured:
         env.append({"name": "GATEWAY_UPSTREAM_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": options.api_keys_secret, "key": GATEWAY_KEY}}})
+    if config.args.jobs is not None:  # its Files and Batches routes: the jobs' store and storage root
+        env.append(_secret_env("GATEWAY_JOBS_STORE_URL", options.jobs_secret, JOBS_STORE_KEY))
+        env += _s3_env(config, options)
     resources = {"cpu": "1", "memory": "1Gi"}
     volumes, mounts = _writable(GATEWAY_WRITABLE)
     container = {
@@ -492,7 +600,10 @@ _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
 
 
 def render(config: ServeFile, options: KubernetesOptions) -> dict[str, str]:
-    """File name -> YAML text."""
+    """File name -> YAML text. Unrenderable: the config asks for what cannot work on Kubernetes."""
+    refusal = jobs_refusal(config)
+    if refusal is not None:
+        raise Unrenderable(refusal)
     def dump(documents: list[dict[str, Any]]) -> str:
         return HEADER + "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120) for d in documents)
 

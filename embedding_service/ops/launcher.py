@@ -146,7 +146,7 @@ def start_gateway(config: ServeFile, target: str, port: int, drain_delay_s: floa
     """The gateway as its own process (it scales apart from Ray), with the service's limits.
 
     With the service's API keys configured, it calls the service with one of them (in its environment, not
-    its command line, which `ps` shows).
+    its command line, which `ps` shows); with batch jobs on, it serves OpenAI's Files and Batches on their store.
     """
     from embedding_service.wire.auth import Authenticator
 
@@ -154,6 +154,9 @@ def start_gateway(config: ServeFile, target: str, port: int, drain_delay_s: floa
     auth = Authenticator(config.args.auth)
     if auth.enabled:
         environ["GATEWAY_UPSTREAM_API_KEY"] = auth.keys()[0].decode()
+    jobs = config.args.jobs
+    if jobs is not None and jobs.store_url_env and environ.get(jobs.store_url_env):
+        environ["GATEWAY_JOBS_STORE_URL"] = environ[jobs.store_url_env]  # the service's store, the same secret
     command = [sys.executable, "-m", "gateway", *config.gateway_args([target], port, drain_delay_s=drain_delay_s),
                "--parent-pid", str(os.getpid())]  # it stops if this process is killed outright
     return subprocess.Popen(command, env=environ, **popen)

@@ -107,9 +107,11 @@ class ServeFile:
 
     def gateway_args(self, targets: list[str], port: int, host: str = "127.0.0.1",
                      drain_delay_s: float = 1.0) -> list[str]:
-        """The gateway's command line (after `python -m gateway`), bound by the service's own limits and grace."""
+        """The gateway's command line (after `python -m gateway`), bound by the service's own limits and grace;
+        with batch jobs on, its Files and Batches routes on the jobs' storage root and bounds (the store's URL,
+        a secret, reaches it in its environment: GATEWAY_JOBS_STORE_URL)."""
         limits = self.args.limits
-        return ["--host", host, "--port", str(port), "--targets", *targets,
+        args = ["--host", host, "--port", str(port), "--targets", *targets,
                 "--max-inputs", str(limits.max_inputs_per_request),
                 "--max-token-ids", str(limits.max_token_ids_per_input),
                 "--max-documents", str(limits.max_documents_per_rerank),
@@ -117,6 +119,17 @@ class ServeFile:
                 "--max-body-bytes", str(limits.max_request_bytes),
                 "--drain-delay-s", _number(drain_delay_s),
                 "--shutdown-timeout-s", _number(self.args.shutdown.grace_s)]
+        jobs = self.args.jobs
+        if jobs is not None:
+            args += ["--jobs-storage-root", jobs.storage_root]
+            if jobs.s3_endpoint:
+                args += ["--jobs-s3-endpoint", jobs.s3_endpoint]
+            args += ["--max-file-bytes", str(jobs.limits.max_file_bytes),
+                     "--max-files-per-key", str(jobs.limits.max_files_per_key),
+                     "--max-jobs-per-key", str(jobs.limits.max_jobs_per_key),
+                     "--max-running-jobs-per-key", str(jobs.limits.max_running_jobs_per_key),
+                     "--files-retention-s", _number(jobs.retention_s)]
+        return args
 
 
 def _number(value: float) -> str:

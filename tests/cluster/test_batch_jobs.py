@@ -336,6 +336,10 @@ def test_a_job_survives_a_node_and_its_runner_lost_writing_each_row_once(service
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)
     assert (shown["id"], shown["status"], int(shown["rows_done"])) == (job.id, "JOB_STATUS_COMPLETED", len(texts))
+    # The manager set the ended job's gauges once more, with its final values; Ray exports a gauge no longer set
+    # for about 20 s, so a job's series leave the scrape after it ends (the `job` label grows no series).
+    wait_until(lambda: not [s for s in scrape("ray_embedding_job_rows") if s.labels.get("job") == job.id], 90,
+               "the ended job's series gone from the scrape")
 
 
 def test_a_dataset_row_past_the_bounds_fails_its_job_naming_the_row(service, jobs):

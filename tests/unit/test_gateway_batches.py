@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import httpx
 import openai
 import pytest
 
 from embedding_service.jobs.store import JobStore, owner_of, store_url
-from tests.helpers.gateways import running_gateway
+from embedding_service.ops import launcher, servefile
+from embedding_service.ops.servefile import ServeFile
+from tests.helpers.gateways import readiness, running_gateway
+from tests.helpers.observe import wait_until
+from tests.helpers.ports import free_port
 
 KEYS = ["key-a", "key-b", "key-c", "key-d"]
 
@@ -191,3 +196,40 @@ def test_a_create_sent_again_with_its_idempotency_key_returns_the_batch_it_made(
     theirs = other.files.create(file=("input.jsonl", io.BytesIO(_lines(2))), purpose="batch")
     assert other.batches.create(input_file_id=theirs.id, endpoint="/v1/embeddings", completion_window="24h",
                                 extra_headers={"Idempotency-Key": "nightly-2026-12-06"}).id != first.id
+
+
+def test_the_run_commands_gateway_serves_the_batch_api_of_the_configs_jobs(tmp_path):
+    """The gateway the run command starts (launcher.start_gateway, the same command line the Kubernetes manifests
+    give it): with jobs on in the config, its Files and Batches routes use the jobs' storage root, bounds and store
+    (its URL from the variable jobs.store_url_env names, as the service reads it)."""
+    raw = servefile.read()
+    raw["applications"][0]["args"]["jobs"] = {"storage_root": str(tmp_path / "jobs"), "store_url_env": "TEST_STORE",
+                                              "limits": {"max_file_bytes": 4096}}
+    config = ServeFile.parse(raw)
+    elsewhere = tmp_path / "store" / "jobs.db"
+    elsewhere.parent.mkdir()
+    env = {**os.environ, "TEST_STORE": f"sqlite:///{elsewhere}", "GATEWAY_API_KEYS": '["key-a"]'}
+    env.pop("EMBEDDING_API_KEYS", None)
+    port = free_port()
+    process = launcher.start_gateway(config, "127.0.0.1:1", port, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # Listening (not ready: no service answers at its target, which the Batch API does not need).
+        wait_until(lambda: readiness(base) != 0 or process.poll() is not None, 60, "the gateway listening")
+        assert process.poll() is None, f"the gateway exited with {process.returncode}"
+        client = _client(base)
+        created = client.files.create(file=("in.jsonl", io.BytesIO(_lines(3))), purpose="batch")
+        assert [f.id for f in client.files.list()] == [created.id]
+        with pytest.raises(openai.APIStatusError) as too_big:  # the config's bound, not the gateway's default
+            client.files.create(file=("big.jsonl", io.BytesIO(_lines(100))), purpose="batch")
+        assert too_big.value.status_code == 413
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert any((tmp_path / "jobs" / "files").rglob("*"))  # the upload under the jobs' root
+    store = JobStore(f"sqlite:///{elsewhere}")
+    try:  # its record in the store the variable names, not in <root>/jobs.db
+        assert store.file(owner_of("key-a"), created.id) is not None
+    finally:
+        store.close()
+    assert not (tmp_path / "jobs" / "jobs.db").exists()

@@ -214,3 +214,15 @@ def test_a_store_of_the_release_before_idempotency_keys_gains_them(store_url):
         with store.engine.begin() as connection:
             connection.execute(text("DELETE FROM batch_jobs"))
         store.close()
+
+
+def test_a_file_the_service_writes_again_keeps_its_one_record(make_store):
+    """A batch's output written again (its runner resumed while finalizing) updates its record: the owner never
+    lists two records of one file."""
+    store = make_store()
+    first = store.add_output_file(ALICE, "b_output.jsonl", 10, "jobs/b/output.jsonl", 1000)
+    again = store.add_output_file(ALICE, "b_output.jsonl", 25, "jobs/b/output.jsonl", 2000)
+    assert again.id == first.id and (again.bytes, again.expires_at) == (25, 2000)
+    other = store.add_output_file(BOB, "b_output.jsonl", 5, "jobs/b/output.jsonl", 1000)
+    assert other.id != first.id
+    assert [f.id for f in store.files(ALICE, purpose="batch_output")[0]] == [first.id]

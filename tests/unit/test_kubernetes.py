@@ -389,3 +389,86 @@ def test_the_services_api_keys_reach_only_the_pods_that_check_them():
     for template in templates(rendered(config)["rayservice.yaml"][0]):
         (keys,) = [v["secret"] for v in template["spec"]["volumes"] if "secret" in v]
         assert keys["secretName"] == "embedding-service-api-keys" and keys["items"][0]["key"] == "api-keys"
+
+
+STORE_ENV = "EMBEDDING_JOBS_STORE_URL"
+
+
+def jobs_config(**jobs) -> dict:
+    """The shipped config with batch jobs on, as they can run on Kubernetes."""
+    config = servefile.read()
+    config["applications"][0]["args"]["jobs"] = {
+        "storage_root": "s3://corpora/embedding", "s3_endpoint": "http://seaweedfs.storage.svc:8333",
+        "store_url_env": STORE_ENV, "dataset_roots": ["s3://corpora/datasets"], "actor_resources": {"batch": 1},
+        **jobs}
+    return config
+
+
+def _env_refs(container: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+
+
+def test_batch_jobs_get_a_pool_group_and_their_store_and_root_from_a_secret(crd_validator):
+    manifests = rendered(jobs_config())
+    service = manifests["rayservice.yaml"][0]
+    assert [e.message for e in crd_validator.iter_errors(service)] == []
+    for template in templates(service):
+        assert round_trip(template, "V1PodTemplateSpec") == template
+    # The pools' group: from zero to a pod per actor of the most jobs running, each pod declaring one actor's
+    # resources (which no other group declares) and its CPU with the read, write and filter work beside it.
+    batch = groups(service)["batch-workers"]
+    assert (batch["replicas"], batch["minReplicas"], batch["maxReplicas"]) == (0, 0, 2 * 2)
+    assert json.loads(json.loads(batch["rayStartParams"]["resources"])) == {"batch": 1}
+    assert batch["rayStartParams"]["num-cpus"] == "3"
+    (pod,) = batch["template"]["spec"]["containers"]
+    assert pod["resources"]["limits"]["cpu"] == "3" and "nvidia.com/gpu" not in pod["resources"]["limits"]
+    for name, group in groups(service).items():
+        if name != "batch-workers":
+            assert "batch" not in group["rayStartParams"].get("resources", ""), name
+    # The store's URL: from the Secret, in the head's environment alone (the manager, runners and router).
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _env_refs(head)[STORE_ENV] == {"name": "embedding-service-jobs", "key": "store-url"}
+    for group in groups(service).values():
+        assert STORE_ENV not in {e["name"] for e in group["template"]["spec"]["containers"][0]["env"]}
+    # The S3 credentials, optional in the Secret: in every Ray pod, wherever Ray runs a job's reads and writes.
+    for container in containers(service):
+        refs = _env_refs(container)
+        assert refs["AWS_ACCESS_KEY_ID"] == {"name": "embedding-service-jobs", "key": "aws-access-key-id",
+                                             "optional": True}
+        assert refs["AWS_SECRET_ACCESS_KEY"]["key"] == "aws-secret-access-key"
+    # The gateway's Files and Batches: the same root and bounds on its command line, the same store and keys.
+    deployment = next(o for o in manifests["gateway.yaml"] if o["kind"] == "Deployment")
+    (gateway,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = gateway["args"]
+    assert args[args.index("--jobs-storage-root") + 1] == "s3://corpora/embedding"
+    assert args[args.index("--jobs-s3-endpoint") + 1] == "http://seaweedfs.storage.svc:8333"
+    refs = _env_refs(gateway)
+    assert refs["GATEWAY_JOBS_STORE_URL"] == {"name": "embedding-service-jobs", "key": "store-url"}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(refs)
+    assert round_trip(deployment, "V1Deployment") == deployment
+    # The Serve config names the variable, never the URL.
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["args"]["jobs"]["store_url_env"] == STORE_ENV
+    # GPU actors: the group's pods take a GPU and the CUDA image.
+    gpu = groups(rayservice(jobs_config(num_gpus_per_actor=1), batch_workers={"min": 1, "max": 3}))["batch-workers"]
+    assert (gpu["minReplicas"], gpu["maxReplicas"], gpu["rayStartParams"]["num-gpus"]) == (1, 3, "1")
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["template"]["spec"]["containers"][0]["image"] == k8s.KubernetesOptions().gpu_image
+    # Jobs off (the shipped config): no group, no jobs' Secret anywhere.
+    assert "batch-workers" not in groups(rayservice())
+    assert "embedding-service-jobs" not in json.dumps(rendered())
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"storage_root": "/data/jobs"}, "must be s3:// URIs on Kubernetes, where pods share no folder: /data/jobs"),
+    ({"dataset_roots": ["s3://ok", "/mnt/corpora"]}, "must be s3:// URIs on Kubernetes.*: /mnt/corpora"),
+    ({"actor_resources": {}}, "jobs.actor_resources must name a resource"),
+])
+def test_a_jobs_config_that_cannot_work_on_kubernetes_is_refused_saying_why(change, why, tmp_path, capsys):
+    with pytest.raises(k8s.Unrenderable, match=why):
+        rendered(jobs_config(**change))
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(jobs_config(**change)))
+    assert cli.main(["render-k8s", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert re.search(why, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
