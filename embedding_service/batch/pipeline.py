@@ -87,14 +87,28 @@ def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings,
     dataset.write_parquet(target, filesystem=out_fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
 
 
+class WrittenRows:
+    """Rows whose output is written: the committed checkpoints' row counts, as a job goes on. A committed
+    checkpoint is never written again, so each file's footer is read once: a count costs a listing and the new
+    files' footers, not a read of every file each second of a long job."""
+
+    def __init__(self, root: StorageRoot, checkpoint_uri: str) -> None:
+        self.root, self.checkpoint_uri = root, checkpoint_uri
+        self._rows: dict[str, int] = {}
+
+    def count(self) -> int:
+        committed = [p for p in self.root.listing(self.checkpoint_uri, ".parquet") if not p.endswith(PENDING)]
+        for path in committed:
+            if path not in self._rows:
+                try:
+                    self._rows[path] = pq.read_metadata(path, filesystem=self.root.filesystem).num_rows
+                except (OSError, ValueError):  # deleted or being renamed meanwhile: counted next time
+                    continue
+        kept = set(committed)
+        self._rows = {path: rows for path, rows in self._rows.items() if path in kept}
+        return sum(self._rows.values())
+
+
 def rows_written(root: StorageRoot, checkpoint_uri: str) -> int:
-    """Rows whose output is written: the committed checkpoints' row counts."""
-    total = 0
-    for path in root.listing(checkpoint_uri, ".parquet"):
-        if path.endswith(PENDING):
-            continue
-        try:
-            total += pq.read_metadata(path, filesystem=root.filesystem).num_rows
-        except (OSError, ValueError):  # deleted or being renamed meanwhile: counted next time
-            continue
-    return total
+    """Rows whose output is written, counted once."""
+    return WrittenRows(root, checkpoint_uri).count()

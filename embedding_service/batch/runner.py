@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from embedding_service.batch.openai_input import Validated, lines_of, validate
-from embedding_service.batch.pipeline import Plan, rows_written, run_pool
+from embedding_service.batch.pipeline import Plan, WrittenRows, rows_written, run_pool
 from embedding_service.config import JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.openai_batch import KIND_OF_ENDPOINT, FileRefused, result_line
 from embedding_service.jobs.spec import JobSpec, job_folder, output_of
@@ -166,16 +166,17 @@ class JobRunner:
                 outcome.append(error)
 
         thread = threading.Thread(target=pool, name=f"job-{job.id}", daemon=True)
-        started, first = time.monotonic(), rows_written(root, plan.checkpoint_uri)
+        written = WrittenRows(root, plan.checkpoint_uri)
+        started, first = time.monotonic(), written.count()
         thread.start()
         while thread.is_alive():
             thread.join(PROGRESS_S)
-            done = rows_written(root, plan.checkpoint_uri)
+            done = written.count()
             rate = (done - first) / max(time.monotonic() - started, 1e-9)
             store.update_job(job.id, completed=done, rows_per_s=round(rate, 3))
         if outcome and outcome[0] is not None:
             raise outcome[0]
-        return rows_written(root, plan.checkpoint_uri)
+        return written.count()
 
 
 def count_rows(spec: JobSpec, s3_endpoint: str | None) -> int:

@@ -67,3 +67,30 @@ def test_a_batch_lost_while_finalizing_resumes_to_completed_past_its_deadline(fi
     assert files[done.output_file_id].bytes == sum(len(line) + 1 for line in output)
     assert sorted(orjson.loads(line)["custom_id"] for line in output) == ["a", "c"]
     assert [orjson.loads(line)["response"]["status_code"] for line in errors] == [400]
+
+
+def test_a_jobs_rows_written_are_its_committed_checkpoints_each_footer_read_once(tmp_path):
+    """The runner counts progress each second: committed checkpoints only (a pending one's rows are not written
+    yet), each file's footer read once (a long job's count does not reread every file), a file gone uncounted."""
+    from embedding_service.batch.pipeline import PENDING, WrittenRows
+
+    root = StorageRoot.open(str(tmp_path / "jobs"))
+    folder = f"{root.uri}/checkpoints"
+    root.filesystem.create_dir(root.path_of(folder), recursive=True)
+
+    def checkpoint(name: str, rows: int) -> str:
+        path = root.path_of(f"{folder}/{name}")
+        pq.write_table(pa.table({"id": [f"{name}-{i}" for i in range(rows)]}), path)
+        return path
+
+    written = WrittenRows(root, folder)
+    assert written.count() == 0
+    first = checkpoint("a.parquet", 5)
+    checkpoint("b" + PENDING, 7)
+    assert written.count() == 5
+    with open(first, "wb") as damaged:  # were its footer read again, the count would lose its rows
+        damaged.write(b"not parquet")
+    checkpoint("c.parquet", 3)
+    assert written.count() == 8
+    (tmp_path / "jobs" / "checkpoints" / "c.parquet").unlink()
+    assert written.count() == 5
