@@ -353,9 +353,8 @@ def _batch_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> 
     if gpu and options.gpu_tolerations:
         spec["tolerations"] = [dict(t) for t in options.gpu_tolerations]
     # One actor's share of each resource it asks for, so that a pod holds one actor (JSON quoted for the shell).
-    declared = {name: amount for name, amount in jobs.actor_resources.items()}
     start = {"num-cpus": _number(claim), "metrics-export-port": str(METRICS_PORT),
-             "resources": json.dumps(json.dumps(declared))}
+             "resources": json.dumps(json.dumps(dict(jobs.actor_resources)))}
     if gpu:
         start["num-gpus"] = "1"
     return {
