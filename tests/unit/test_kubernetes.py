@@ -24,6 +24,7 @@ from embedding_service.ops import kubernetes as k8s
 from embedding_service.ops import servefile
 from embedding_service.ops.servefile import ServeFile
 from embedding_service.wire.messages import LIVENESS
+from gateway import main as gateway_main
 from tests.helpers.paths import ROOT
 
 KUBERAY = ROOT / "tests" / "data" / "kuberay"  # copied from KubeRay v1.7.0 (the CRD gzipped)
@@ -409,7 +410,8 @@ def _env_refs(container: dict) -> dict[str, dict]:
 
 
 def test_batch_jobs_get_a_pool_group_and_their_store_and_root_from_a_secret(crd_validator):
-    manifests = rendered(jobs_config())
+    manifests = rendered(jobs_config(retention_s=3600, limits={
+        "max_file_bytes": 12345, "max_files_per_key": 7, "max_jobs_per_key": 8, "max_running_jobs_per_key": 2}))
     service = manifests["rayservice.yaml"][0]
     assert [e.message for e in crd_validator.iter_errors(service)] == []
     for template in templates(service):
@@ -442,6 +444,11 @@ def test_batch_jobs_get_a_pool_group_and_their_store_and_root_from_a_secret(crd_
     args = gateway["args"]
     assert args[args.index("--jobs-storage-root") + 1] == "s3://corpora/embedding"
     assert args[args.index("--jobs-s3-endpoint") + 1] == "http://seaweedfs.storage.svc:8333"
+    settings = gateway_main.parse_args([*args, "--api-keys", "k"])  # as the gateway reads its command line
+    assert (settings.jobs_storage_root, settings.jobs_s3_endpoint) == ("s3://corpora/embedding",
+                                                                       "http://seaweedfs.storage.svc:8333")
+    assert (settings.max_file_bytes, settings.max_files_per_key, settings.max_jobs_per_key,
+            settings.max_running_jobs_per_key, settings.files_retention_s) == (12345, 7, 8, 2, 3600.0)
     refs = _env_refs(gateway)
     assert refs["GATEWAY_JOBS_STORE_URL"] == {"name": "embedding-service-jobs", "key": "store-url"}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(refs)
