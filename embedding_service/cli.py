@@ -86,7 +86,12 @@ def run_command(opts: argparse.Namespace) -> int:
               "(args.auth): the gRPC API serves callers on loopback only", flush=True)
     gateway = None
     if not opts.no_gateway:
-        gateway = launcher.start_gateway(config, target, opts.gateway_port, opts.gateway_drain_delay_s)
+        try:
+            gateway = launcher.start_gateway(config, target, opts.gateway_port, opts.gateway_drain_delay_s)
+        except RuntimeError as refused:  # what it needs is missing here: nothing is left running
+            print(f"the gateway was not started: {refused}", file=sys.stderr, flush=True)
+            launcher.stop(graceful=opts.address is not None)
+            return 2
         print(f"OpenAI gateway: http://127.0.0.1:{opts.gateway_port}/v1 (POST /v1/embeddings); "
               f"its metrics: http://127.0.0.1:{opts.gateway_port}/metrics", flush=True)
     signalled, drained = _serve_until_signalled(config, gateway)

@@ -155,8 +155,11 @@ def start_gateway(config: ServeFile, target: str, port: int, drain_delay_s: floa
     if auth.enabled:
         environ["GATEWAY_UPSTREAM_API_KEY"] = auth.keys()[0].decode()
     jobs = config.args.jobs
-    if jobs is not None and jobs.store_url_env and environ.get(jobs.store_url_env):
-        environ["GATEWAY_JOBS_STORE_URL"] = environ[jobs.store_url_env]  # the service's store, the same secret
+    if jobs is not None and jobs.store_url_env:  # the service's store, the same secret; never SQLite beside it
+        if not environ.get(jobs.store_url_env):
+            raise RuntimeError(f"jobs.store_url_env names {jobs.store_url_env}, which is not set here: the gateway's "
+                               "Batch API needs the jobs' store")
+        environ["GATEWAY_JOBS_STORE_URL"] = environ[jobs.store_url_env]
     command = [sys.executable, "-m", "gateway", *config.gateway_args([target], port, drain_delay_s=drain_delay_s),
                "--parent-pid", str(os.getpid())]  # it stops if this process is killed outright
     return subprocess.Popen(command, env=environ, **popen)

@@ -208,9 +208,12 @@ def test_the_run_commands_gateway_serves_the_batch_api_of_the_configs_jobs(tmp_p
     config = ServeFile.parse(raw)
     elsewhere = tmp_path / "store" / "jobs.db"
     elsewhere.parent.mkdir()
-    env = {**os.environ, "TEST_STORE": f"sqlite:///{elsewhere}", "GATEWAY_API_KEYS": '["key-a"]'}
+    env = {**os.environ, "GATEWAY_API_KEYS": '["key-a"]'}
     env.pop("EMBEDDING_API_KEYS", None)
     port = free_port()
+    with pytest.raises(RuntimeError, match="TEST_STORE, which is not set here"):  # not a store of its own
+        launcher.start_gateway(config, "127.0.0.1:1", port, env=env)
+    env["TEST_STORE"] = f"sqlite:///{elsewhere}"
     process = launcher.start_gateway(config, "127.0.0.1:1", port, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
