@@ -289,6 +289,36 @@ def _worker_group(name: str, models: list[ModelSettings], image: str, memory: st
         low, high = (sum(math.ceil(_replica_bounds(m)[end] * (m.num_gpus if gpu else 1)) for m in models)
                      for end in (0, 1))
         bounds = Bounds(min=low, max=high)
+    # This pod's proxy is up and the service serves: only then does the serve Service send it calls.
+    return _ray_workers(name, image, memory, bounds, claim, threads, gpu, pods, options,
+                        ports=[{"name": GRPC_PORT_NAME, "containerPort": pods.grpc_port}],
+                        readiness=_grpc_probe(pods.grpc_port, "", periodSeconds=5, failureThreshold=2))
+
+
+def _batch_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> dict[str, Any]:
+    """The batch jobs' worker group: a pod per model actor, declaring the resources the actors ask for
+    (jobs.actor_resources) so that the pools run there and nowhere else, from zero pods to the jobs' most."""
+    jobs = config.args.jobs
+    gpu = jobs.num_gpus_per_actor > 0
+    threads = max((m.threads or 1 for m in config.args.models), default=1)
+    bounds = options.batch_workers or Bounds(min=0, max=jobs.max_actors * jobs.max_running_jobs)
+    # No proxy serves calls here (a pod with no replica has none): its raylet's health is its readiness too.
+    # One actor's share of each resource it asks for, so that a pod holds one actor.
+    return _ray_workers(BATCH_GROUP, options.gpu_image if gpu else options.image, options.batch_worker_memory,
+                        bounds, jobs.num_cpus_per_actor + BATCH_POD_SPARE_CPUS, threads, gpu, pods, options,
+                        ports=[], readiness={"httpGet": dict(_RAYLET_HEALTH), "periodSeconds": 5, "timeoutSeconds": 5,
+                                             "failureThreshold": 2},
+                        declared=dict(jobs.actor_resources))
+
+
+_RAYLET_HEALTH = {"path": "/api/local_raylet_healthz", "port": DASHBOARD_AGENT_PORT}  # a worker pod's liveness
+
+
+def _ray_workers(name: str, image: str, memory: str, bounds: Bounds, claim: float, threads: int, gpu: bool,
+                 pods: _Pods, options: KubernetesOptions, ports: list[dict[str, Any]], readiness: dict[str, Any],
+                 declared: dict[str, float] | None = None) -> dict[str, Any]:
+    """A worker group of Ray pods: Ray's `num-cpus` the claim, the pod's CPU the larger of it and the threads, a
+    whole GPU (the GPU nodes' selector and tolerations) where `gpu`, and the custom resources `declared`."""
     resources = {"cpu": str(max(math.ceil(claim), threads, 1)), "memory": memory}
     if gpu:
         resources["nvidia.com/gpu"] = "1"
@@ -296,14 +326,11 @@ def _worker_group(name: str, models: list[ModelSettings], image: str, memory: st
         "name": "ray-worker",
         "image": image,
         "env": pods.env,
-        "ports": [{"name": GRPC_PORT_NAME, "containerPort": pods.grpc_port},
-                  {"name": "metrics", "containerPort": METRICS_PORT}],
+        "ports": [*ports, {"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        # This pod's proxy is up and the service serves: only then does the serve Service send it calls.
-        "readinessProbe": _grpc_probe(pods.grpc_port, "", periodSeconds=5, failureThreshold=2),
-        "livenessProbe": {"httpGet": {"path": "/api/local_raylet_healthz", "port": DASHBOARD_AGENT_PORT},
-                          "initialDelaySeconds": 30, "periodSeconds": 10, "timeoutSeconds": 5,
-                          "failureThreshold": 6},
+        "readinessProbe": readiness,
+        "livenessProbe": {"httpGet": dict(_RAYLET_HEALTH), "initialDelaySeconds": 30, "periodSeconds": 10,
+                          "timeoutSeconds": 5, "failureThreshold": 6},
     }
     spec = pods.spec(container)
     if gpu and options.gpu_type:
@@ -311,6 +338,8 @@ def _worker_group(name: str, models: list[ModelSettings], image: str, memory: st
     if gpu and options.gpu_tolerations:
         spec["tolerations"] = [dict(t) for t in options.gpu_tolerations]
     start = {"num-cpus": _number(claim), "metrics-export-port": str(METRICS_PORT)}
+    if declared:
+        start["resources"] = json.dumps(json.dumps(declared))  # JSON quoted for `ray start`'s shell
     if gpu:
         start["num-gpus"] = "1"
     return {
@@ -320,50 +349,6 @@ def _worker_group(name: str, models: list[ModelSettings], image: str, memory: st
         "maxReplicas": bounds.max,
         "rayStartParams": start,
         "template": {"metadata": {"labels": _labels(options, name)}, "spec": spec},
-    }
-
-
-def _batch_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> dict[str, Any]:
-    """The batch jobs' worker group: a pod per model actor, declaring the resources the actors ask for
-    (jobs.actor_resources) so that the pools run there and nowhere else, from zero pods to the jobs' most."""
-    jobs = config.args.jobs
-    gpu = jobs.num_gpus_per_actor > 0
-    claim = jobs.num_cpus_per_actor + BATCH_POD_SPARE_CPUS
-    threads = max((m.threads or 1 for m in config.args.models), default=1)
-    bounds = options.batch_workers or Bounds(min=0, max=jobs.max_actors * jobs.max_running_jobs)
-    resources = {"cpu": str(max(math.ceil(claim), threads)), "memory": options.batch_worker_memory}
-    if gpu:
-        resources["nvidia.com/gpu"] = "1"
-    container = {
-        "name": "ray-worker",
-        "image": options.gpu_image if gpu else options.image,
-        "env": pods.env,
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
-        "resources": {"requests": dict(resources), "limits": dict(resources)},
-        # No proxy serves calls here (a pod with no replica has none): its raylet's health is its readiness too.
-        "readinessProbe": {"httpGet": {"path": "/api/local_raylet_healthz", "port": DASHBOARD_AGENT_PORT},
-                           "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": "/api/local_raylet_healthz", "port": DASHBOARD_AGENT_PORT},
-                          "initialDelaySeconds": 30, "periodSeconds": 10, "timeoutSeconds": 5,
-                          "failureThreshold": 6},
-    }
-    spec = pods.spec(container)
-    if gpu and options.gpu_type:
-        spec["nodeSelector"] = {"nvidia.com/gpu.product": options.gpu_type}
-    if gpu and options.gpu_tolerations:
-        spec["tolerations"] = [dict(t) for t in options.gpu_tolerations]
-    # One actor's share of each resource it asks for, so that a pod holds one actor (JSON quoted for the shell).
-    start = {"num-cpus": _number(claim), "metrics-export-port": str(METRICS_PORT),
-             "resources": json.dumps(json.dumps(dict(jobs.actor_resources)))}
-    if gpu:
-        start["num-gpus"] = "1"
-    return {
-        "groupName": BATCH_GROUP,
-        "replicas": bounds.min,
-        "minReplicas": bounds.min,
-        "maxReplicas": bounds.max,
-        "rayStartParams": start,
-        "template": {"metadata": {"labels": _labels(options, BATCH_GROUP)}, "spec": spec},
     }
 
 
