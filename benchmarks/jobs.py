@@ -5,6 +5,9 @@
   limit of that backend here. It runs before the service starts and again after it stops, and the limit is the
   mean of the two: a shared VM's rate drifts over the minutes between them (185, 173 and 157 rows/s seen in three
   runs in a row on the AVX2-only EPYC);
+- in-process in the job's layout: as many processes of one thread each as the machine has cores, run at once
+  (the job's pool here is one model actor of one thread per core): the limit of that layout without Ray, measured
+  before and after the service as above;
 - the bulk CLI (`python -m embedding_client embed`) through the online service (its proxy, router and replica);
 - a batch job on Ray Data (client.submit_job, Parquet in and out) on the same service, first on a quarter of the
   corpus, then on all of it: its rows/s, and the peak memory of its processes, which must not grow with the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -34,6 +38,7 @@ import pyarrow.parquet as pq
 from embedding_service.ops.servefile import ServeFile
 
 ROW_GROUP = 10_000
+ACTOR_THREADS = 1  # a job's model actors on CPU: one thread each, one actor per core
 SAMPLE_S = 1.0  # the job's memory is a plateau; sampling oftener took CPU from the job it measures
 
 
@@ -55,23 +60,52 @@ def write_corpus(path: Path, rows: int, sentences: list[str]) -> Path:
     return path
 
 
-def in_process(config: ServeFile, sentences: list[str], sample: int, batch: int) -> dict:
-    """Rows/s of the config's first model, loaded and run as a job's model actor loads and runs it."""
+def in_process(config: ServeFile, sentences: list[str], sample: int, batch: int, threads: int | None = None,
+               start=None) -> dict:
+    """Rows/s of the config's first model (with `threads` where given), loaded and run as a job's model actor loads
+    and runs it. `start`: a barrier the run waits at once the model is loaded and warm."""
     from embedding_service.model.forward import embed_texts, load_model
 
     settings = config.args.models[0]
+    if threads is not None:
+        settings = settings.model_copy(update={"threads": threads})
     loaded = load_model(settings)
     texts = [sentences[i % len(sentences)] for i in range(sample)]
     embed_texts(loaded, settings, texts[:batch])  # warm
-    start = time.perf_counter()
+    if start is not None:
+        start.wait()
+    begin = time.perf_counter()
     for i in range(0, sample, batch):
         embed_texts(loaded, settings, texts[i : i + batch])
-    took = time.perf_counter() - start
+    took = time.perf_counter() - begin
     out = {"rows": sample, "seconds": took, "rows_per_s": sample / took, "backend": loaded.backend,
            "threads": settings.threads, "batch": batch}
     del loaded
     gc.collect()
     return out
+
+
+def _in_process_worker(raw: dict, sentences: list[str], sample: int, batch: int, threads: int, start, out) -> None:
+    out.put(in_process(ServeFile.parse(raw), sentences, sample, batch, threads, start))
+
+
+def in_process_layout(config: ServeFile, sentences: list[str], sample: int, batch: int, processes: int,
+                      threads: int) -> dict:
+    """Rows/s of `processes` processes of `threads` threads each, started together once all are loaded: the job's
+    layout of model actors without Ray, the limit of that layout on this machine."""
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=_in_process_worker,
+                               args=(config.raw, sentences, sample, batch, threads, start, out))
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    runs = [out.get(timeout=3600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return {"processes": processes, "threads": threads, "rows": sample * processes, "batch": batch,
+            "backend": runs[0]["backend"], "rows_per_s": sum(run["rows_per_s"] for run in runs),
+            "seconds": max(run["seconds"] for run in runs)}
 
 
 # Ray's processes that are not the job's: the online service's, Ray's own, and workers idle between tasks.
@@ -142,12 +176,14 @@ def run_bulk_cli(target: str, model: str, corpus: Path, output: Path) -> dict:
     return {"rows": rows, "seconds": took, "rows_per_s": rows / took}
 
 
-def with_jobs(config: ServeFile, work: Path) -> ServeFile:
-    """The config with batch jobs on: their files under `work`, one model actor per job."""
+def with_jobs(config: ServeFile, work: Path, actors: int) -> ServeFile:
+    """The config with batch jobs on: their files under `work`; a job's pool laid out for a CPU node, `actors`
+    model actors of one thread each (docs/batch-jobs.md), reserving no CPUs (the online replicas hold this
+    machine's)."""
     raw = config.raw
     app = next(a for a in raw["applications"] if a["import_path"].endswith(":build_app"))
-    app["args"]["jobs"] = {"storage_root": str(work / "jobs"), "dataset_roots": [str(work)], "min_actors": 1,
-                           "max_actors": 1, "num_cpus_per_actor": 0}
+    app["args"]["jobs"] = {"storage_root": str(work / "jobs"), "dataset_roots": [str(work)], "min_actors": actors,
+                           "max_actors": actors, "num_cpus_per_actor": 0, "threads_per_actor": ACTOR_THREADS}
     return ServeFile.parse(raw)
 
 
@@ -155,7 +191,8 @@ def main(opts: argparse.Namespace, config: ServeFile, ray_init_kwargs: dict) -> 
     from embedding_service.ops import launcher
 
     work = Path(tempfile.mkdtemp(prefix="jobs-benchmark-"))
-    config = with_jobs(config, work)
+    actors = max(1, (os.cpu_count() or 1) // ACTOR_THREADS)
+    config = with_jobs(config, work, actors)
     config.export_app_env()
     model = config.args.models[0].name
     rows = opts.jobs_rows
@@ -167,7 +204,9 @@ def main(opts: argparse.Namespace, config: ServeFile, ray_init_kwargs: dict) -> 
                      "model": model, "packaged_sentences": len(sentences),
                      "jobs": jobs_settings.model_dump(mode="json")}
     sample = min(rows, opts.jobs_sample or len(sentences))  # a whole cycle: the corpus's mix of lengths
-    before = in_process(config, sentences, sample, jobs_settings.rows_per_batch)
+    batch = jobs_settings.rows_per_batch
+    before = in_process(config, sentences, sample, batch)
+    before_layout = in_process_layout(config, sentences, sample, batch, actors, ACTOR_THREADS)
     target = launcher.start(config, ray_init_kwargs={"include_dashboard": False, "log_to_driver": False,
                                                      **ray_init_kwargs})
     try:
@@ -177,11 +216,17 @@ def main(opts: argparse.Namespace, config: ServeFile, ray_init_kwargs: dict) -> 
     finally:
         launcher.stop()
         shutil.rmtree(work, ignore_errors=True)  # the corpora and outputs: hundreds of MB
-    after = in_process(config, sentences, sample, jobs_settings.rows_per_batch)
+    after = in_process(config, sentences, sample, batch)
+    after_layout = in_process_layout(config, sentences, sample, batch, actors, ACTOR_THREADS)
     results["in_process_runs"] = [before, after]
     results["in_process"] = {**before, "rows_per_s": (before["rows_per_s"] + after["rows_per_s"]) / 2}
+    results["in_process_layout_runs"] = [before_layout, after_layout]
+    results["in_process_layout"] = {**before_layout,
+                                    "rows_per_s": (before_layout["rows_per_s"] + after_layout["rows_per_s"]) / 2}
     job, limit, bulk = results["job"], results["in_process"], results["bulk_cli"]
+    layout = results["in_process_layout"]
     results["ratios"] = {"job_to_in_process": job["rows_per_s"] / limit["rows_per_s"],
+                         "job_to_in_process_layout": job["rows_per_s"] / layout["rows_per_s"],
                          "job_to_bulk_cli": job["rows_per_s"] / bulk["rows_per_s"],
                          "bulk_cli_to_in_process": bulk["rows_per_s"] / limit["rows_per_s"],
                          "peak_memory_full_to_quarter": job["peak_rss_mib"]
@@ -191,6 +236,7 @@ def main(opts: argparse.Namespace, config: ServeFile, ray_init_kwargs: dict) -> 
 
 def table(r: dict) -> str:
     ip, job, quarter, bulk, ratio = r["in_process"], r["job"], r["job_quarter"], r["bulk_cli"], r["ratios"]
+    lay = r["in_process_layout"]
     return "\n".join([
         f"{r['rows']:,} rows of {r['packaged_sentences']:,} packaged sentences, model {r['model']}, "
         f"{r['machine']['cpus']} CPUs",
@@ -198,8 +244,13 @@ def table(r: dict) -> str:
         f"{ip['rows_per_s']:.0f} rows/s"
         + (" (before the service, after it: " + ", ".join(f"{run['rows_per_s']:.0f}" for run in r["in_process_runs"])
            + ")" if "in_process_runs" in r else ""),
-        f"batch job on Ray Data: {job['rows_per_s']:.0f} rows/s ({job['seconds']:.0f} s from submit to completed), "
-        f"{ratio['job_to_in_process']:.2f}x in-process, {ratio['job_to_bulk_cli']:.2f}x the bulk CLI; "
+        f"in-process in the job's layout ({lay['processes']} processes of {lay['threads']} threads at once): "
+        f"{lay['rows_per_s']:.0f} rows/s (before the service, after it: "
+        + ", ".join(f"{run['rows_per_s']:.0f}" for run in r["in_process_layout_runs"]) + ")",
+        f"batch job on Ray Data ({r['jobs']['max_actors']} model actors of {r['jobs']['threads_per_actor']} "
+        f"threads): {job['rows_per_s']:.0f} rows/s ({job['seconds']:.0f} s from submit to completed), "
+        f"{ratio['job_to_in_process']:.2f}x in-process, {ratio['job_to_in_process_layout']:.2f}x in-process in its "
+        f"layout, {ratio['job_to_bulk_cli']:.2f}x the bulk CLI; "
         f"{job['in_progress_rows_per_s']:.0f} rows/s in progress ({job['in_progress_s']:.0f} s, without its start)",
         f"bulk CLI through the service: {bulk['rows_per_s']:.0f} rows/s ({bulk['seconds']:.0f} s), "
         f"{ratio['bulk_cli_to_in_process']:.2f}x in-process",
@@ -215,10 +266,11 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["in-process", "batch job", "bulk CLI"]
-    rates = [r["in_process"]["rows_per_s"], r["job"]["rows_per_s"], r["bulk_cli"]["rows_per_s"]]
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.bar(names, rates, color=["#888888", "#1f77b4", "#ff7f0e"])
+    names = ["in-process", "in-process,\njob's layout", "batch job", "bulk CLI"]
+    rates = [r["in_process"]["rows_per_s"], r["in_process_layout"]["rows_per_s"], r["job"]["rows_per_s"],
+             r["bulk_cli"]["rows_per_s"]]
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.bar(names, rates, color=["#888888", "#bbbbbb", "#1f77b4", "#ff7f0e"])
     axes.set_ylabel("rows/s")
     axes.set_title(f"{r['rows']:,} rows, {r['model']}")
     figure.tight_layout()

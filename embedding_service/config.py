@@ -610,6 +610,12 @@ class JobsSettings(Strict):
     max_actors: int = Field(2, ge=1, description="Most model actors of a job's pool (ActorPoolStrategy max_size).")
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs Ray reserves for each model actor.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each model actor.")
+    threads_per_actor: int | None = Field(
+        None, ge=1,
+        description="Threads each model actor runs its model with (the model's `threads`, in the job's actors only); "
+        "None: the model's own `threads`. On CPU nodes, actors of one thread each, as many as the node's cores "
+        "(memory allowing: each holds its own copy of the model), keep the cores busier than one actor of many "
+        "threads, whose threads wait for each other at every layer of every pass (docs/batch-jobs.md).")
     actor_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each model actor needs, e.g. {\"batch\": 1} to run the pools only on a "

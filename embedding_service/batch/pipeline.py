@@ -2,7 +2,8 @@
 row-level checkpoints (a restarted job skips the rows written already, and never writes one twice).
 
     read (JSONL / Parquet, through the storage root's pyarrow filesystem)
-      -> map_batches(Encoder, ActorPoolStrategy(min_actors, max_actors), num_cpus/num_gpus per actor)
+      -> map_batches(ModelActor, ActorPoolStrategy(min_actors, max_actors), num_cpus/num_gpus per actor,
+                     the model's threads per actor)
       -> write_parquet (two-phase: pending checkpoint, data file, committed checkpoint)
 
 The job's execution is bounded to a share of the cluster's CPUs (jobs.cluster_cpu_share) and its actors hold their
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
+from embedding_service.batch.model_actor import ModelActor, actor_model
 from embedding_service.config import JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.spec import JobSpec
 from embedding_service.jobs.storage import StorageRoot, filesystem_for
@@ -42,10 +44,8 @@ def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings,
     """Runs the job's pipeline to its end, resuming from the checkpoints a previous run left."""
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
+    from ray.data import DataContext, ExecutionResources
     from ray.data.checkpoint import CheckpointConfig
-
-    from embedding_service.batch.encoder import Encoder  # the model's code: loaded in the runner only
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
@@ -78,13 +78,22 @@ def run_pool(name: str, spec: JobSpec, model: ModelSettings, jobs: JobsSettings,
     else:
         dataset = ray.data.read_json(source, filesystem=in_fs, num_cpus=IO_TASK_CPUS,  # JSON lines (pyarrow)
                                      file_extensions=None)
-    dataset = dataset.map_batches(
-        Encoder, fn_constructor_args=(model, spec, calls), batch_format="pyarrow", batch_size=jobs.rows_per_batch,
-        compute=ActorPoolStrategy(min_size=jobs.min_actors, max_size=jobs.max_actors),
-        num_cpus=jobs.num_cpus_per_actor, num_gpus=jobs.num_gpus_per_actor,
-        resources=dict(jobs.actor_resources) or None)
+    dataset = dataset.map_batches(**embedding_stage(spec, model, jobs, calls))
     dataset.set_name(name)  # how the pool shows in Ray's dashboard
     dataset.write_parquet(target, filesystem=out_fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+
+
+def embedding_stage(spec: JobSpec, model: ModelSettings, jobs: JobsSettings, calls: Limits) -> dict:
+    """map_batches' arguments for the job's pool: the model actor (the model's threads per actor), its pool's
+    bounds and each actor's resources. Ray sends the class by reference, so the runner imports its module: that
+    module imports the model's code only in the actor."""
+    from ray.data import ActorPoolStrategy
+
+    return {"fn": ModelActor, "fn_constructor_args": (actor_model(model, jobs), spec, calls),
+            "batch_format": "pyarrow", "batch_size": jobs.rows_per_batch,
+            "compute": ActorPoolStrategy(min_size=jobs.min_actors, max_size=jobs.max_actors),
+            "num_cpus": jobs.num_cpus_per_actor, "num_gpus": jobs.num_gpus_per_actor,
+            "resources": dict(jobs.actor_resources) or None}
 
 
 class WrittenRows:

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from embedding_service.batch.encoder import BadRow, Encoder
-from embedding_service.config import Limits, ModelSettings
+from embedding_service.batch.model_actor import ModelActor, actor_model
+from embedding_service.config import JobsSettings, Limits, ModelSettings
 from embedding_service.jobs.spec import JobSpec
 from tests.helpers.models import TINY
 
@@ -51,3 +52,22 @@ def test_a_bad_row_fails_the_batch_naming_its_id(encoder, texts, message):
 def test_a_column_that_is_not_text_is_refused(encoder):
     with pytest.raises(BadRow, match="column 'body' holds int64, not text"):
         encoder(pa.table({"doc_id": ["d0"], "body": [7]}))
+
+
+def test_a_model_actor_runs_its_model_with_the_jobs_threads_per_actor(tiny_model_dir, reference_models):
+    """jobs.threads_per_actor reaches the backend in a job's model actor (OpenVINO's compiled model says how many
+    threads it runs), and the vectors are the same; unset, the actor keeps the model's own threads."""
+    import torch
+
+    model = ModelSettings(name=TINY, path=str(tiny_model_dir), device="cpu", backend="openvino", threads=2)
+    assert actor_model(model, JobsSettings(storage_root="/unused")).threads == 2
+    kept = torch.get_num_threads()  # load_model sets torch's threads process-wide
+    try:
+        actor = ModelActor(actor_model(model, JobsSettings(storage_root="/unused", threads_per_actor=1)), SPEC,
+                           Limits(max_chars_per_input=LIMIT))
+        assert actor.encoder.loaded.runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        texts = ["one thread", "the same vectors"]
+        got = np.stack(actor(_batch(texts)).column("embedding").to_numpy(zero_copy_only=False))
+    finally:
+        torch.set_num_threads(kept)
+    assert np.abs(got - reference_models[TINY].encode(texts, normalize_embeddings=True)).max() < 1e-5

@@ -149,9 +149,25 @@ def test_the_gateway_loads_no_torch_transformers_or_ray():
     "embedding_service.router.replica_routing",  # its request router for the model handles
     "embedding_service.proxy.ingress",  # what runs in Serve's proxy
     "embedding_service.fleet.recycler",  # the recycler replica
+    "embedding_service.batch.manager",  # the job manager replica
+    "embedding_service.batch.runner",  # a job's runner: its Ray Data driver
 ])
 def test_the_thin_processes_load_no_torch_or_transformers(module):
     assert not set(_loads(f"import {module}")) & set(HEAVY)
+
+
+def test_a_jobs_runner_hands_ray_data_its_pool_without_loading_the_model_code():
+    """Ray sends map_batches' class by reference, so the runner (a job's Ray Data driver) imports the module that
+    names it: what the runner hands Ray Data for the pool pickles with no torch or transformers loaded."""
+    code = ("import embedding_service.batch.runner, ray.cloudpickle\n"
+            "from embedding_service.batch.pipeline import embedding_stage\n"
+            "from embedding_service.config import JobsSettings, Limits, ModelSettings\n"
+            "from embedding_service.jobs.spec import JobSpec\n"
+            "spec = JobSpec(source='dataset', model='m', input_uri='unused', input_format='parquet', "
+            "text_column='text', id_column='id')\n"
+            "stage = embedding_stage(spec, ModelSettings(name='m'), JobsSettings(storage_root='/unused'), Limits())\n"
+            "ray.cloudpickle.dumps(stage)")
+    assert not set(_loads(code)) & set(HEAVY)
 
 
 def test_the_drivers_modules_import_no_ray_serve_before_the_apps_environment_is_exported():
