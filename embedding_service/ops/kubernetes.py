@@ -300,7 +300,8 @@ def _batch_group(config: ServeFile, pods: _Pods, options: KubernetesOptions) -> 
     (jobs.actor_resources) so that the pools run there and nowhere else, from zero pods to the jobs' most."""
     jobs = config.args.jobs
     gpu = jobs.num_gpus_per_actor > 0
-    threads = max((m.threads or 1 for m in config.args.models), default=1)
+    # The actor's model runs jobs.threads_per_actor threads where set, else its own.
+    threads = jobs.threads_per_actor or max((m.threads or 1 for m in config.args.models), default=1)
     bounds = options.batch_workers or Bounds(min=0, max=jobs.max_actors * jobs.max_running_jobs)
     # No proxy serves calls here (a pod with no replica has none): its raylet's health is its readiness too.
     # One actor's share of each resource it asks for, so that a pod holds one actor.

@@ -461,6 +461,10 @@ def test_batch_jobs_get_a_pool_group_and_their_store_and_root_from_a_secret(crd_
     assert (gpu["minReplicas"], gpu["maxReplicas"], gpu["rayStartParams"]["num-gpus"]) == (1, 3, "1")
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu["template"]["spec"]["containers"][0]["image"] == k8s.KubernetesOptions().gpu_image
+    # The pod's CPU covers the threads the actor's model runs: jobs.threads_per_actor where set, not the model's.
+    wide = groups(rayservice(jobs_config(threads_per_actor=6)))["batch-workers"]
+    assert wide["rayStartParams"]["num-cpus"] == "3"
+    assert wide["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "6"
     # Jobs off (the shipped config): no group, no jobs' Secret anywhere.
     assert "batch-workers" not in groups(rayservice())
     assert "embedding-service-jobs" not in json.dumps(rendered())
