@@ -108,6 +108,11 @@ def in_process_layout(config: ServeFile, sentences: list[str], sample: int, batc
             "seconds": max(run["seconds"] for run in runs)}
 
 
+def bracketed(before: dict, after: dict) -> dict:
+    """An in-process limit: the run before the service with the mean rate of it and the run after."""
+    return {**before, "rows_per_s": (before["rows_per_s"] + after["rows_per_s"]) / 2}
+
+
 # Ray's processes that are not the job's: the online service's, Ray's own, and workers idle between tasks.
 NOT_THE_JOBS = ("ray::IDLE", "ray::ServeReplica", "ray::ServeController", "ray::ProxyActor", "ray::DashboardAgent",
                 "ray::RuntimeEnvAgent", "ray::JobManager")
@@ -219,10 +224,9 @@ def main(opts: argparse.Namespace, config: ServeFile, ray_init_kwargs: dict) -> 
     after = in_process(config, sentences, sample, batch)
     after_layout = in_process_layout(config, sentences, sample, batch, actors, ACTOR_THREADS)
     results["in_process_runs"] = [before, after]
-    results["in_process"] = {**before, "rows_per_s": (before["rows_per_s"] + after["rows_per_s"]) / 2}
+    results["in_process"] = bracketed(before, after)
     results["in_process_layout_runs"] = [before_layout, after_layout]
-    results["in_process_layout"] = {**before_layout,
-                                    "rows_per_s": (before_layout["rows_per_s"] + after_layout["rows_per_s"]) / 2}
+    results["in_process_layout"] = bracketed(before_layout, after_layout)
     job, limit, bulk = results["job"], results["in_process"], results["bulk_cli"]
     layout = results["in_process_layout"]
     results["ratios"] = {"job_to_in_process": job["rows_per_s"] / limit["rows_per_s"],
